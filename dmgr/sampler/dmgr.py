@@ -1,0 +1,316 @@
+"""The DMGR sampler: DDIM on the global model, rectified toward the local defect manifold.
+
+Follows ALGORITHM.md (and the reference `FJ_DDIMSampler`) with two differences that do not change
+results: every sample has its own class, window and backtracking, and the prediction at an accepted
+point is reused instead of being recomputed (the reference spends one extra forward per iteration).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk, undo_step
+from dmgr.sampler.gates import crop_gate, global_gate
+from dmgr.sampler.loss import disagreement_map, rectification_loss
+from dmgr.sampler.noise import NoiseSource
+from dmgr.sampler.settings import DMGRSettings
+
+
+@dataclass
+class PassCounter:
+    """Network calls per phase: forwards with and without gradient, and backward passes."""
+
+    counts: dict = field(default_factory=dict)
+
+    def add(self, phase: str, kind: str, n: int = 1) -> None:
+        self.counts.setdefault(phase, {}).setdefault(kind, 0)
+        self.counts[phase][kind] += n
+
+
+@dataclass
+class DMGRResult:
+    image: torch.Tensor  # (B, 3, H, W) in [-1, 1] (unclipped final state)
+    crop: torch.Tensor  # (B, 3, w, w) final crop state
+    windows: torch.Tensor  # (B, 2) top-left (x, y)
+    classes: torch.Tensor  # (B,)
+    gate_falloff: float  # f of the last gate update, for the `gate` mask method
+    final_loss: torch.Tensor  # (B,) rectification loss of the last rectified step
+    x0_process: list = field(default_factory=list)  # [(index, x0_g (B,3,H,W))]
+    trace: list = field(default_factory=list)  # per reverse step: dict(t, prev_t, x_prev, crop_prev, loss)
+    pre_undo: list = field(default_factory=list)  # (x, crop) handed to each undo after optimisation
+
+
+def crop_windows(images: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable per-sample crop of `size` at top-left (x, y)."""
+    return torch.stack(
+        [images[i, :, int(y) : int(y) + size, int(x) : int(x) + size] for i, (x, y) in enumerate(windows.tolist())]
+    )
+
+
+def model_eps(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None, precision: str) -> torch.Tensor:
+    """The epsilon channels of a (possibly learned-sigma) guided-diffusion UNet, in float32."""
+    if precision == "fp32":
+        out = model(x, timesteps, y)
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = model(x, timesteps, y)
+    return out[:, : x.shape[1]].float()
+
+
+_FIELDS = ("x", "c", "eps_g", "x0_g", "eps_l", "x0_l")
+
+
+@dataclass
+class _Point:
+    """Predictions of both models at one (x, c), and the autograd leaves they hang from.
+
+    `leaves` holds (batch_rows, leaf_rows, x_leaf, c_leaf): sample batch_rows[i] of the point is
+    row leaf_rows[i] of the leaf tensors, so gradients can be scattered back per sample.
+    """
+
+    x: torch.Tensor
+    c: torch.Tensor
+    eps_g: torch.Tensor
+    x0_g: torch.Tensor
+    eps_l: torch.Tensor
+    x0_l: torch.Tensor
+    leaves: list
+
+    def take(self, rows: torch.Tensor, batch_rows: torch.Tensor) -> "_Point":
+        """Rows of a freshly predicted point (one leaf), relabelled with their batch positions."""
+        (_, _, x_leaf, c_leaf), = self.leaves
+        return _Point(*(getattr(self, n)[rows] for n in _FIELDS), leaves=[(batch_rows, rows, x_leaf, c_leaf)])
+
+    def detached(self) -> "_Point":
+        return _Point(*(getattr(self, n).detach() for n in _FIELDS), leaves=[])
+
+
+def _join(parts: list[tuple[torch.Tensor, _Point]], batch: int) -> _Point:
+    """Put parts (batch_rows, point) back in batch order, keeping the autograd graph."""
+    rows = torch.cat([r for r, _ in parts])
+    order = torch.empty_like(rows)
+    order[rows] = torch.arange(batch, device=rows.device)
+    fields = {n: torch.cat([getattr(p, n) for _, p in parts])[order] for n in _FIELDS}
+    return _Point(**fields, leaves=[leaf for _, p in parts for leaf in p.leaves])
+
+
+def _scatter_grads(leaves: list, grads: tuple, like: torch.Tensor) -> torch.Tensor:
+    full = torch.zeros_like(like)
+    for (batch_rows, leaf_rows, _, _), g in zip(leaves, grads):
+        if g is not None:
+            full[batch_rows] = g[leaf_rows]
+    return full
+
+
+class _Rectifier:
+    """State and helpers for one call of `dmgr_sample`."""
+
+    def __init__(self, global_model, local_model, diffusion, windows, classes, window_size, settings, precision, counter):
+        self.global_model, self.local_model = global_model, local_model
+        self.diffusion, self.s = diffusion, settings
+        self.windows, self.classes, self.w = windows, classes, window_size
+        self.precision, self.counter = precision, counter
+        self.weight_map: torch.Tensor | None = None
+        self.weight_t: int | None = None
+
+    def predict(self, x, c, rows, t, grad_x, grad_c, phase) -> _Point:
+        with torch.set_grad_enabled(grad_x or grad_c):
+            x = x.detach().requires_grad_(grad_x)
+            c = c.detach().requires_grad_(grad_c)
+            abar = self.diffusion.abar(t)
+            steps = self.diffusion.model_timesteps(t, len(rows), x.device)
+            eps_g = model_eps(self.global_model, x, steps, None, self.precision)
+            eps_l = model_eps(self.local_model, c, steps, self.classes[rows], self.precision)
+            point = _Point(x, c, eps_g, predict_x0(x, eps_g, abar), eps_l, predict_x0(c, eps_l, abar), [])
+        point.leaves = [(rows, torch.arange(len(rows), device=x.device), x, c)]
+        if self.counter is not None:
+            self.counter.add(phase, "forward_grad_global" if grad_x else "forward_global")
+            self.counter.add(phase, "forward_grad_local" if grad_c else "forward_local")
+        return point
+
+    def loss(self, p: _Point, rows, t, x_start, c_start, reg, weight_map) -> torch.Tensor:
+        sqrt_abar = math.sqrt(self.diffusion.abar(t))
+        window = crop_windows(p.x0_g, self.windows[rows], self.w)
+        fit = rectification_loss(window, p.x0_l, sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels)
+        drift = ((p.x - x_start[rows]) ** 2).flatten(1).sum(1) + ((p.c - c_start[rows]) ** 2).flatten(1).sum(1)
+        return fit + reg * drift.double()
+
+    def update_weight_map(self, p: _Point, t: int) -> torch.Tensor | None:
+        s = self.s
+        active = s.use_loss_weight and s.multistage and s.loss_weight_until <= t <= s.T_e
+        if active and self.weight_t != t:
+            window = crop_windows(p.x0_g, self.windows, self.w)
+            previous = None if self.weight_map is None else self.weight_map.detach()
+            self.weight_map = disagreement_map(window, p.x0_l, previous)
+            self.weight_t = t
+        return self.weight_map
+
+    def rates(self, t: int, lr_base: float) -> tuple[float, float]:
+        lr = lr_base
+        if self.s.smart_lr:
+            lr = lr_base * math.sqrt(self.diffusion.abar(t)) / math.sqrt(self.diffusion.abar(0))
+        phase = self.s.phase(t)
+        if phase == "anchoring":
+            return lr, 0.0
+        if phase == "free":
+            return 0.0, 0.0
+        return lr, (lr if self.s.gating else 0.0)
+
+    def step(self, x, c, t, lr_base, reg, gate_x, gate_c, need_predictions=True):
+        """Steps 1-5 of ALGORITHM.md at index t. Returns the final point (or None) and per-sample loss."""
+        batch = x.shape[0]
+        all_rows = torch.arange(batch, device=x.device)
+        phase = self.s.phase(t)
+        lr_x, lr_c = self.rates(t, lr_base)
+        if lr_x == 0.0 and lr_c == 0.0:
+            if not need_predictions:
+                return None, x, c, torch.zeros(batch, dtype=torch.float64)
+            with torch.no_grad():
+                p = self.predict(x, c, all_rows, t, False, False, phase)
+            return p, x, c, torch.zeros(batch, dtype=torch.float64)
+
+        grad_c = lr_c > 0
+        x_start, c_start = x.detach(), c.detach()
+        rate_x = torch.full((batch,), lr_x, dtype=torch.float32, device=x.device)
+        rate_c = torch.full((batch,), lr_c, dtype=torch.float32, device=x.device)
+        point = self.predict(x, c, all_rows, t, True, grad_c, phase)
+        weight_map = self.update_weight_map(point, t)
+        for k in range(self.s.iterations):
+            last = k == self.s.iterations - 1
+            with torch.enable_grad():
+                loss = self.loss(point, all_rows, t, x_start, c_start, reg, weight_map)
+                x_leaves = [leaf[2] for leaf in point.leaves]
+                c_leaves = [leaf[3] for leaf in point.leaves] if grad_c else []
+                grads = torch.autograd.grad(loss.sum(), x_leaves + c_leaves, allow_unused=True)
+            if self.counter is not None:
+                self.counter.add(phase, "backward")
+            grad_x = _scatter_grads(point.leaves, grads[: len(x_leaves)], point.x)
+            grad_cc = _scatter_grads(point.leaves, grads[len(x_leaves) :], point.c) if grad_c else None
+            weight_map = None if weight_map is None else weight_map.detach()
+            current_loss = loss.detach()
+            here_x, here_c = point.x.detach(), point.c.detach()
+            accepted: list[tuple[torch.Tensor, _Point]] = []
+            pending = all_rows
+            for attempt in range(self.s.max_backtracks + 1):
+                if attempt == self.s.max_backtracks:
+                    rate_x[pending], rate_c[pending] = 0.0, 0.0
+                rx = rate_x[pending].view(-1, 1, 1, 1)
+                cand_x = here_x[pending] - rx * gate_x[pending] * grad_x[pending]
+                cand_c = here_c[pending]
+                if grad_c:
+                    cand_c = cand_c - rate_c[pending].view(-1, 1, 1, 1) * gate_c * grad_cc[pending]
+                cand = self.predict(cand_x, cand_c, pending, t, not last, grad_c and not last, phase)
+                with torch.no_grad():
+                    new_loss = self.loss(
+                        cand, pending, t, x_start, c_start, reg, None if weight_map is None else weight_map[pending]
+                    )
+                ok = torch.isfinite(new_loss) & (new_loss <= current_loss[pending])
+                if attempt == self.s.max_backtracks:
+                    ok = torch.ones_like(ok)
+                good = ok.nonzero().flatten()
+                if len(good):
+                    accepted.append((pending[good], cand.take(good, pending[good])))
+                pending = pending[~ok]
+                if len(pending) == 0:
+                    break
+                rate_x[pending] *= self.s.backtrack
+                rate_c[pending] *= self.s.backtrack
+            point = _join(accepted, batch)
+        with torch.no_grad():
+            window = crop_windows(point.x0_g, self.windows, self.w)
+            sqrt_abar = math.sqrt(self.diffusion.abar(t))
+            final = rectification_loss(window, point.x0_l, sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels)
+        point = point.detached()
+        return point, point.x, point.c, final
+
+
+def dmgr_sample(
+    global_model: nn.Module,
+    local_model: nn.Module,
+    diffusion: Diffusion,
+    x_T: torch.Tensor,
+    windows: torch.Tensor,
+    classes: torch.Tensor,
+    window_size: int,
+    settings: DMGRSettings,
+    noise: NoiseSource | None = None,
+    precision: str = "fp32",
+    record_process: bool = False,
+    record_trace: bool = False,
+    counter: PassCounter | None = None,
+    progress: bool = False,
+) -> DMGRResult:
+    """Run the DMGR walk from x_T.
+
+    windows: (B, 2) top-left (x, y) of each sample's window; classes: (B,) local-model labels.
+    noise: needed for time travel and eta > 0 (per-sample generators or a replay).
+    The crop state starts as the window of x_T.
+    """
+    s = settings
+    batch, _, height, width = x_T.shape
+    windows = windows.to(x_T.device).long()
+    classes = classes.to(x_T.device).long()
+    if (s.time_travel or s.eta > 0) and noise is None:
+        raise ValueError("time travel and eta > 0 need a noise source (per-sample generators)")
+    rect = _Rectifier(global_model, local_model, diffusion, windows, classes, window_size, s, precision, counter)
+    centers = windows + window_size // 2
+
+    def gates(falloff: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not s.gating:
+            return torch.ones(batch, 1, height, width, device=x_T.device), torch.ones(1, 1, window_size, window_size, device=x_T.device)
+        return global_gate(height, width, centers, s.gate_radius, falloff), crop_gate(window_size, falloff, x_T.device)
+
+    x = x_T.clone()
+    c = crop_windows(x_T, windows, window_size).clone()
+    lr_base, reg = s.lr_xt, s.reg
+    falloff = s.initial_falloff
+    gate_x, gate_c = gates(falloff)
+    walk = time_walk(diffusion.num_steps, s.time_travel, s.jump_length, s.jump_n_sample)
+    result = DMGRResult(x, c, windows, classes, falloff, torch.zeros(batch, dtype=torch.float64))
+    reanchored, previous_move = False, None
+    pairs = list(zip(walk[:-1], walk[1:]))
+    for t, target in tqdm(pairs, desc="dmgr", disable=not progress, leave=False):
+        if s.multistage and t == s.T_e and not reanchored:
+            c = crop_windows(x, windows, window_size).clone()
+            reanchored = True
+        if target < t:
+            if s.gating and target % s.gate_every == 0:
+                falloff = diffusion.abar(target)
+                gate_x, gate_c = gates(falloff)
+            point, x, c, loss = rect.step(x, c, t, lr_base, reg, gate_x, gate_c)
+            if s.phase(t) != "free":
+                result.final_loss = loss
+            abar_t, abar_prev = diffusion.abar(t), diffusion.abar(target)
+            x = ddim_step(point.x0_g, point.eps_g, abar_t, abar_prev, s.eta, noise.draw(x, "ddim_x") if s.eta > 0 else None)
+            c = ddim_step(point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, noise.draw(c, "ddim_crop") if s.eta > 0 else None)
+            if record_process and target % s.record_every == 0:
+                if result.x0_process and result.x0_process[-1][0] == target:
+                    result.x0_process[-1] = (target, point.x0_g)
+                else:
+                    result.x0_process.append((target, point.x0_g))
+            if record_trace:
+                result.trace.append({"t": t, "prev_t": target, "x_prev": x, "crop_prev": c, "loss": loss})
+            lr_base *= s.lr_decay
+            reg *= s.reg_decay
+            previous_move = "reverse"
+        else:
+            if target != t + 1:
+                raise ValueError(f"time travel goes up one index at a time, got {t} -> {target}")
+            if previous_move == "reverse" and s.optimise_before_undo:
+                _, x, c, _ = rect.step(x, c, t, lr_base, reg, gate_x, gate_c, need_predictions=False)
+                if record_trace:
+                    result.pre_undo.append((x, c))
+            previous_move = "undo"
+            beta = float(diffusion.betas[target])
+            x = undo_step(x, beta, noise.draw(x, "undo_x"))
+            c = undo_step(c, beta, noise.draw(c, "undo_crop"))
+            lr_base /= s.lr_decay
+            reg /= s.reg_decay
+    result.image, result.crop, result.gate_falloff = x, c, falloff
+    return result
