@@ -1,5 +1,15 @@
-"""Networks: the guided-diffusion compatible UNet and its checkpoints."""
+"""Networks: the guided-diffusion compatible UNet and its checkpoints. Knows no sampler."""
 
+from dmgr.models.checkpoints import CheckpointError, file_digest, load_unet, read_checkpoint, save_checkpoint
 from dmgr.models.unet import UNetConfig, UNetModel, build_unet
 
-__all__ = ["UNetConfig", "UNetModel", "build_unet"]
+__all__ = [
+    "CheckpointError",
+    "UNetConfig",
+    "UNetModel",
+    "build_unet",
+    "file_digest",
+    "load_unet",
+    "read_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,111 @@
+"""Checkpoint files: published guided-diffusion `.pt` state dicts and the project's safetensors.
+
+The project format is a safetensors file whose metadata holds the UNet config as JSON
+(`dmgr.unet_config`), so a checkpoint describes itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dmgr.models.unet import UNetConfig, UNetModel, build_unet
+
+CONFIG_KEY = "dmgr.unet_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model config."""
+
+
+def save_checkpoint(model: UNetModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {CONFIG_KEY: json.dumps(model.config.to_dict())}
+    meta.update(metadata or {})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConfig | None, dict[str, str]]:
+    """(state_dict, config stored in the file or None, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the model.*.checkpoint setting")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            config = UNetConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
+            return state, config, meta
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear line
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        config = UNetConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else None
+        return obj["state_dict"], config, {}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return obj, None, {}
+
+
+def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise a CheckpointError naming missing keys, unexpected keys and shape conflicts."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    conflicts = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or conflicts):
+        return
+
+    def some(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {some(unexpected)}")
+    if conflicts:
+        parts.append(f"{len(conflicts)} shape conflicts: {some(conflicts)}")
+    raise CheckpointError(
+        f"checkpoint {path} does not fit the model config: " + "; ".join(parts)
+        + ". Fix the architecture settings under model.* to match the checkpoint."
+    )
+
+
+def load_unet(
+    path: str | Path, config: UNetConfig | dict | None = None, device: torch.device | str = "cpu"
+) -> UNetModel:
+    """Build the UNet from `config` (or the config stored in the file) and load the weights strictly."""
+    state, stored, _ = read_checkpoint(path)
+    config = config if config is not None else stored
+    if config is None:
+        raise CheckpointError(f"checkpoint {path} stores no architecture: give the model config")
+    model = build_unet(config)
+    check_fit(model, state, path)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

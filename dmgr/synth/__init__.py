@@ -1,0 +1,1 @@
+"""The synthesis job: Hydra app, config validation, seed plans, workers. Composes everything else."""

@@ -1,0 +1,3 @@
+from dmgr.synth.app import main
+
+main()

@@ -1,0 +1,133 @@
+"""The synthesis job: `python -m dmgr.synth` / `dmgr-synth` / `torchrun ... -m dmgr.synth`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+import webdataset
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from dmgr import __version__
+from dmgr.models import CheckpointError
+from dmgr.shards import write_manifest
+from dmgr.shards.manifest import write_json_atomic
+from dmgr.synth.config import ConfigError, RunSpec, validate
+from dmgr.synth.distributed import barrier, gather, init_workers, shutdown
+from dmgr.synth.engine import load_engine
+from dmgr.synth.plan import worker_index
+from dmgr.synth.worker import all_shards, run_worker
+
+log = logging.getLogger("dmgr.synth")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+class RunError(RuntimeError):
+    pass
+
+
+def _claim_out_dir(spec: RunSpec) -> None:
+    """Record the run's identity in out_dir; refuse to mix two different runs in one directory."""
+    path = spec.out_dir / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text()).get("identity")
+        if previous != spec.identity:
+            raise RunError(
+                f"out_dir={spec.out_dir} holds another run (config {previous}, this one {spec.identity}): "
+                "choose a new out_dir or leave it unset"
+            )
+        return
+    write_json_atomic(path, {"identity": spec.identity, "config": spec.resolved})
+
+
+def _file_logging(spec: RunSpec, worker: int) -> None:
+    logs = spec.out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"worker-{worker:03d}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("dmgr").addHandler(handler)
+
+
+def synthesise(spec: RunSpec) -> dict | None:
+    """Run this process's share; returns the manifest summary on the process that wrote it."""
+    ctx = init_workers(spec.device)
+    try:
+        worker, num_workers = worker_index(ctx.rank, ctx.world_size, spec.task_id, spec.task_count)
+        _file_logging(spec, worker)
+        if ctx.rank == 0:
+            _claim_out_dir(spec)
+        barrier(ctx)
+        if ctx.rank != 0:
+            _claim_out_dir(spec)
+        engine = load_engine(spec, ctx.device)
+        stats = run_worker(spec, engine, worker, num_workers, position=ctx.local_rank)
+        everyone = gather(ctx, asdict(stats))
+        barrier(ctx)
+        if ctx.rank != 0:
+            return None
+        shards = all_shards(spec)
+        missing = [path.name for _, path, _ in shards if not path.exists()]
+        images = sum(s["images"] for s in everyone)
+        seconds = max(s["seconds"] for s in everyone) or 1e-9
+        summary = {
+            "out_dir": str(spec.out_dir),
+            "images_this_run": images,
+            "wall_seconds": round(seconds, 3),
+            "images_per_second": round(images / seconds, 4),
+        }
+        if missing:
+            log.info("%d shards still missing (other array tasks?): manifest not written yet", len(missing))
+            return summary
+        run = {
+            "identity": spec.identity,
+            "config": spec.resolved,
+            "versions": {
+                "dmgr": __version__,
+                "torch": torch.__version__,
+                "webdataset": getattr(webdataset, "__version__", "?"),
+                "python": platform.python_version(),
+            },
+            "checkpoints": engine.digests,
+            "throughput": {**summary, "workers": everyone},
+        }
+        path = write_manifest(spec.out_dir, shards, run)
+        log.info(
+            "done: %d shards, %d samples in %s; this run made %d images in %.1f s (%.3f images/s)",
+            len(shards), len(spec.seeds), spec.out_dir, images, seconds, images / seconds,
+        )
+        log.info("manifest: %s", path)
+        return summary
+    finally:
+        shutdown(ctx)
+
+
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="synth")
+def main(cfg: DictConfig) -> dict | None:
+    try:
+        spec = validate(cfg)
+        return synthesise(spec)
+    except (ConfigError, CheckpointError, RunError) as exc:
+        if _multirun():
+            log.error("skipping this sweep point: %s", exc)
+            return None
+        print(f"dmgr-synth: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Models and samplers composed for the job: seed plans in, finished samples (arrays + metadata) out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dmgr import __version__
+from dmgr.diffusion import Diffusion, make_diffusion
+from dmgr.models import UNetModel, build_unet, file_digest, load_unet
+from dmgr.sampler import PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
+from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask
+from dmgr.synth.config import NetworkSpec, RunSpec
+from dmgr.synth.plan import SamplePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    global_model: UNetModel
+    local_model: UNetModel
+    diffusion: Diffusion
+    digests: dict[str, str]
+    device: torch.device
+
+
+def randomised_unet(config: dict, seed: int) -> UNetModel:
+    """A UNet with small non-zero random weights from its own generator (a fresh one outputs zeros)."""
+    model = build_unet(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:  # norm scales
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _load(spec: NetworkSpec, random_seed: int, device: torch.device) -> tuple[UNetModel, str]:
+    if spec.checkpoint is None:
+        return randomised_unet(spec.config, random_seed).to(device), f"random-init-{random_seed}"
+    return load_unet(spec.checkpoint, spec.config, device), file_digest(spec.checkpoint)
+
+
+def load_engine(spec: RunSpec, device: torch.device) -> Engine:
+    if spec.model.random_init:
+        log.warning(
+            "!!! model=%s: RANDOMLY INITIALISED networks, the images are meaningless noise patterns. "
+            "Use model=demo (trained demo checkpoints) or model=custom for real work !!!",
+            spec.model.name,
+        )
+    global_model, global_digest = _load(spec.model.global_net, 0, device)
+    local_model, local_digest = _load(spec.model.local_net, 1, device)
+    for model in (global_model, local_model):
+        model.requires_grad_(False)
+    diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
+    return Engine(global_model, local_model, diffusion, {"global": global_digest, "local": local_digest}, device)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, guided-diffusion's conversion."""
+    return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """One sampler call for a batch of plans; returns webdataset samples (seed + members)."""
+    d, size, w = spec.dataset, spec.dataset.image_size, spec.dataset.window_size
+    generators = make_generators([p.seed for p in plans])
+    x_T = initial_noise(generators, (3, size, size), engine.device)
+    windows = torch.tensor([p.window for p in plans], device=engine.device)
+    classes = torch.tensor([p.class_id for p in plans], device=engine.device)
+    result = dmgr_sample(
+        engine.global_model, engine.local_model, engine.diffusion, x_T, windows, classes, w, spec.sampler,
+        noise=PerSampleNoise(generators), precision=spec.precision, record_process=spec.extras.get("grid", False),
+    )
+    twin = None
+    if spec.mask_method == "diff" or spec.extras.get("twin", False):
+        twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
+    if spec.mask_method == "diff":
+        masks = diff_mask(result.image, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
+    else:
+        masks = gate_mask(size, size, windows, w, spec.sampler.gate_radius, result.gate_falloff)
+    images = to_uint8(result.image)
+    crops = to_uint8(result.crop)
+    twins = to_uint8(twin) if twin is not None else None
+    grids = None
+    if spec.extras.get("grid", False) and result.x0_process:
+        grids = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
+    schedule = {k: v for k, v in spec.resolved["schedule"].items()}
+    samples = []
+    for i, plan in enumerate(plans):
+        x, y = plan.window
+        mask = masks[i, 0].cpu()
+        meta = {
+            "seed": plan.seed,
+            "class_name": plan.class_name,
+            "class_id": plan.class_id,
+            "window_box": [x, y, x + w, y + w],
+            "mask_box": bounding_box(mask),
+            "mask_area": int(mask.sum()),
+            "mask_method": spec.mask_method,
+            "final_loss": float(result.final_loss[i]),
+            "image_size": size,
+            "dataset": d.name,
+            "schedule": schedule,
+            "respacing": spec.respacing,
+            "checkpoints": {"model": spec.model.name, **engine.digests},
+            "precision": spec.precision,
+            "run_identity": spec.identity,
+            "dmgr_version": __version__,
+        }
+        sample = {
+            "seed": plan.seed,
+            "png": Image.fromarray(images[i]),
+            "mask.png": Image.fromarray(mask.numpy().astype(np.uint8) * 255),
+            "json": meta,
+        }
+        if spec.extras.get("crop", False):
+            sample["crop.png"] = Image.fromarray(crops[i])
+        if twins is not None and spec.extras.get("twin", False):
+            sample["twin.png"] = Image.fromarray(twins[i])
+        if grids is not None:
+            sample["grid.png"] = Image.fromarray(grids[i])
+        samples.append(sample)
+    return samples
