@@ -1,0 +1,79 @@
+"""Contact sheet of a shard: image, mask overlay with the window, and the crop, one sample per row.
+
+    python -m dmgr.preview outputs/<run>/shards/dmgr-000000.tar --out sheet.png --max 16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+LABEL_HEIGHT = 14
+
+
+def overlay(image: Image.Image, mask: Image.Image, window_box: list[int]) -> Image.Image:
+    """The image with the mask tinted red and the window outlined in yellow."""
+    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
+    m = (np.asarray(mask.convert("L")) > 127)[..., None]
+    tinted = np.where(m, 0.45 * rgb + 0.55 * np.array([255, 0, 0]), rgb).astype(np.uint8)
+    out = Image.fromarray(tinted)
+    x0, y0, x1, y1 = window_box
+    ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 220, 0))
+    return out
+
+
+def sample_row(sample: dict, cell: int) -> Image.Image:
+    image, mask, meta = sample["png"], sample["mask.png"], sample["json"]
+    x0, y0, x1, y1 = meta["window_box"]
+    crop = sample.get("crop.png") or image.crop((x0, y0, x1, y1))
+    tiles = [image, overlay(image, mask, meta["window_box"]), crop]
+    if "twin.png" in sample:
+        tiles.append(sample["twin.png"])
+    row = Image.new("RGB", (cell * len(tiles), cell + LABEL_HEIGHT), "white")
+    for i, tile in enumerate(tiles):
+        row.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (i * cell, LABEL_HEIGHT))
+    label = f"seed {meta['seed']}  {meta['class_name']}  mask {meta['mask_area']} px"
+    ImageDraw.Draw(row).text((2, 1), label, fill=(0, 0, 0))
+    return row
+
+
+def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, columns: int = 2) -> Image.Image:
+    dataset = wds.WebDataset(shards, shardshuffle=False).decode("pil")
+    rows = []
+    for sample in dataset:
+        rows.append(sample_row(sample, cell))
+        if len(rows) >= max_samples:
+            break
+    if not rows:
+        raise SystemExit(f"no samples in {shards}")
+    width, height = rows[0].width, max(r.height for r in rows)
+    count_rows = (len(rows) + columns - 1) // columns
+    sheet = Image.new("RGB", (width * min(columns, len(rows)), height * count_rows), "white")
+    for i, row in enumerate(rows):
+        sheet.paste(row, ((i % columns) * width, (i // columns) * height))
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", nargs="+", help="shard tar files (or a run's shards/ folder)")
+    parser.add_argument("--out", default="preview.png", help="output PNG (default: preview.png)")
+    parser.add_argument("--max", type=int, default=16, help="samples to show (default: 16)")
+    parser.add_argument("--cell", type=int, default=128, help="pixel size of each tile (default: 128)")
+    parser.add_argument("--columns", type=int, default=2)
+    args = parser.parse_args(argv)
+    shards = []
+    for item in args.shards:
+        path = Path(item)
+        shards += sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
+    sheet = contact_sheet(shards, args.max, args.cell, args.columns)
+    sheet.save(args.out)
+    print(f"wrote {args.out} ({sheet.width}x{sheet.height}) from {len(shards)} shard(s)")
+
+
+if __name__ == "__main__":
+    main()
