@@ -1,6 +1,6 @@
 """Contact sheet of a shard: image, mask overlay with the window, and the crop, one sample per row.
 
-    python -m dmgr.preview outputs/<run>/shards/dmgr-000000.tar --out sheet.png --max 16
+python -m dmgr.preview outputs/<run>/shards/dmgr-000000.tar --out sheet.png --max 16
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ def beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
         scale = 1000 / num_timesteps
         return torch.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=torch.float64)
     if name == "cosine":
+
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -39,7 +40,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         section_counts = str(section_counts)
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))

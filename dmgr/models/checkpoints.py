@@ -84,7 +84,8 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str 
     if conflicts:
         parts.append(f"{len(conflicts)} shape conflicts: {some(conflicts)}")
     raise CheckpointError(
-        f"checkpoint {path} does not fit the model config: " + "; ".join(parts)
+        f"checkpoint {path} does not fit the model config: "
+        + "; ".join(parts)
         + ". Fix the architecture settings under model.* to match the checkpoint."
     )
 

@@ -52,7 +52,9 @@ def crop_windows(images: torch.Tensor, windows: torch.Tensor, size: int) -> torc
     )
 
 
-def model_eps(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None, precision: str) -> torch.Tensor:
+def model_eps(
+    model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None, precision: str
+) -> torch.Tensor:
     """The epsilon channels of a (possibly learned-sigma) guided-diffusion UNet, in float32."""
     if precision == "fp32":
         out = model(x, timesteps, y)
@@ -84,7 +86,7 @@ class _Point:
 
     def take(self, rows: torch.Tensor, batch_rows: torch.Tensor) -> "_Point":
         """Rows of a freshly predicted point (one leaf), relabelled with their batch positions."""
-        (_, _, x_leaf, c_leaf), = self.leaves
+        ((_, _, x_leaf, c_leaf),) = self.leaves
         return _Point(*(getattr(self, n)[rows] for n in _FIELDS), leaves=[(batch_rows, rows, x_leaf, c_leaf)])
 
     def detached(self) -> "_Point":
@@ -111,7 +113,9 @@ def _scatter_grads(leaves: list, grads: tuple, like: torch.Tensor) -> torch.Tens
 class _Rectifier:
     """State and helpers for one call of `dmgr_sample`."""
 
-    def __init__(self, global_model, local_model, diffusion, windows, classes, window_size, settings, precision, counter):
+    def __init__(
+        self, global_model, local_model, diffusion, windows, classes, window_size, settings, precision, counter
+    ):
         self.global_model, self.local_model = global_model, local_model
         self.diffusion, self.s = diffusion, settings
         self.windows, self.classes, self.w = windows, classes, window_size
@@ -225,7 +229,9 @@ class _Rectifier:
         with torch.no_grad():
             window = crop_windows(point.x0_g, self.windows, self.w)
             sqrt_abar = math.sqrt(self.diffusion.abar(t))
-            final = rectification_loss(window, point.x0_l, sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels)
+            final = rectification_loss(
+                window, point.x0_l, sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels
+            )
         point = point.detached()
         return point, point.x, point.c, final
 
@@ -263,7 +269,9 @@ def dmgr_sample(
 
     def gates(falloff: float) -> tuple[torch.Tensor, torch.Tensor]:
         if not s.gating:
-            return torch.ones(batch, 1, height, width, device=x_T.device), torch.ones(1, 1, window_size, window_size, device=x_T.device)
+            return torch.ones(batch, 1, height, width, device=x_T.device), torch.ones(
+                1, 1, window_size, window_size, device=x_T.device
+            )
         return global_gate(height, width, centers, s.gate_radius, falloff), crop_gate(window_size, falloff, x_T.device)
 
     x = x_T.clone()
@@ -287,8 +295,12 @@ def dmgr_sample(
             if s.phase(t) != "free":
                 result.final_loss = loss
             abar_t, abar_prev = diffusion.abar(t), diffusion.abar(target)
-            x = ddim_step(point.x0_g, point.eps_g, abar_t, abar_prev, s.eta, noise.draw(x, "ddim_x") if s.eta > 0 else None)
-            c = ddim_step(point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, noise.draw(c, "ddim_crop") if s.eta > 0 else None)
+            x = ddim_step(
+                point.x0_g, point.eps_g, abar_t, abar_prev, s.eta, noise.draw(x, "ddim_x") if s.eta > 0 else None
+            )
+            c = ddim_step(
+                point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, noise.draw(c, "ddim_crop") if s.eta > 0 else None
+            )
             if record_process and target % s.record_every == 0:
                 if result.x0_process and result.x0_process[-1][0] == target:
                     result.x0_process[-1] = (target, point.x0_g)

@@ -48,10 +48,15 @@ def multiscale_loss(
     """100 (1 - a) L_lap + a L_pix with a = sqrt(abar_t); L_lap sums squared pyramid differences / levels."""
     if weight_map is not None:
         u, v = u * weight_map, v * weight_map
-    lap = sum(
-        w * _sum_squares(pu, pv)
-        for pu, pv, w in zip(laplacian_pyramid(u, levels), laplacian_pyramid(v, levels), pyramid_weights(sqrt_abar, levels))
-    ) / levels
+    lap = (
+        sum(
+            w * _sum_squares(pu, pv)
+            for pu, pv, w in zip(
+                laplacian_pyramid(u, levels), laplacian_pyramid(v, levels), pyramid_weights(sqrt_abar, levels)
+            )
+        )
+        / levels
+    )
     return 100.0 * (1.0 - sqrt_abar) * lap + sqrt_abar * _sum_squares(u, v)
 
 

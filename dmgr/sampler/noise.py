@@ -5,7 +5,8 @@ No global RNG is touched while sampling: every draw goes through one of these ob
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -50,6 +51,8 @@ def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") ->
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
-def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+def initial_noise(
+    generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str
+) -> torch.Tensor:
     """x_T for each sample from its own generator: shape is per sample, e.g. (3, 256, 256)."""
     return torch.stack([torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]).to(device)

@@ -31,5 +31,7 @@ def ddim_sample(
         steps = diffusion.model_timesteps(t, x.shape[0], x.device)
         eps = model_eps(model, x, steps, y, precision)
         x0 = predict_x0(x, eps, diffusion.abar(t))
-        x = ddim_step(x0, eps, diffusion.abar(t), diffusion.abar(target), eta, noise.draw(x, "ddim") if eta > 0 else None)
+        x = ddim_step(
+            x0, eps, diffusion.abar(t), diffusion.abar(target), eta, noise.draw(x, "ddim") if eta > 0 else None
+        )
     return x

@@ -101,7 +101,12 @@ def synthesise(spec: RunSpec) -> dict | None:
         path = write_manifest(spec.out_dir, shards, run)
         log.info(
             "done: %d shards, %d samples in %s; this run made %d images in %.1f s (%.3f images/s)",
-            len(shards), len(spec.seeds), spec.out_dir, images, seconds, images / seconds,
+            len(shards),
+            len(spec.seeds),
+            spec.out_dir,
+            images,
+            seconds,
+            images / seconds,
         )
         log.info("manifest: %s", path)
         return summary

@@ -156,8 +156,16 @@ def _dataset(cfg: DictConfig) -> DatasetSpec:
             fail("dataset.fixed_window", list(fw), f"the {window} px window must lie inside the {size} px image")
         fixed_window = (int(fw[0]), int(fw[1]))
     return DatasetSpec(
-        str(d.name), size, window, margin, classes, str(d.class_choice),
-        None if d.fixed_class is None else str(d.fixed_class), weights, str(d.window_choice), fixed_window,
+        str(d.name),
+        size,
+        window,
+        margin,
+        classes,
+        str(d.class_choice),
+        None if d.fixed_class is None else str(d.fixed_class),
+        weights,
+        str(d.window_choice),
+        fixed_window,
     )
 
 
@@ -248,15 +256,26 @@ def validate(cfg: DictConfig) -> RunSpec:
     diffusion_steps = _positive_int(cfg, "model.diffusion_steps", 2)
     random_init = bool(m.get("random_init", False))
     model = ModelSpec(
-        str(m.name), random_init, diffusion_steps, str(m.beta_schedule),
-        _network(cfg, "global", random_init), _network(cfg, "local", random_init),
+        str(m.name),
+        random_init,
+        diffusion_steps,
+        str(m.beta_schedule),
+        _network(cfg, "global", random_init),
+        _network(cfg, "local", random_init),
     )
-    for which, spec, size in (("global", model.global_net, dataset.image_size), ("local", model.local_net, dataset.window_size)):
+    for which, spec, size in (
+        ("global", model.global_net, dataset.image_size),
+        ("local", model.local_net, dataset.window_size),
+    ):
         if spec.config and spec.config.get("image_size") not in (None, size):
             fail(f"model.{which}.config.image_size", spec.config["image_size"], f"must equal {size} (dataset)")
     local_classes = (model.local_net.config or {}).get("num_classes")
     if model.local_net.config is not None and (local_classes or 0) < len(dataset.classes):
-        fail("model.local.config.num_classes", local_classes, f"the local model must know all {len(dataset.classes)} dataset classes")
+        fail(
+            "model.local.config.num_classes",
+            local_classes,
+            f"the local model must know all {len(dataset.classes)} dataset classes",
+        )
     from dmgr.diffusion import space_timesteps  # local import keeps config import light
 
     respacing = str(cfg.schedule.respacing)
@@ -274,12 +293,26 @@ def validate(cfg: DictConfig) -> RunSpec:
         out_dir = Path("outputs") / f"{dataset.name}-{model.name}-{cfg.schedule.name}-{identity}"
     check_writable(out_dir)
     return RunSpec(
-        seeds=seeds, samples_per_shard=samples_per_shard, batch_size=batch_size, out_dir=out_dir.resolve(),
-        device=device, precision=str(cfg.precision), shard_prefix=str(cfg.shard_prefix),
-        mask_method=str(cfg.mask.method), mask_sigma=float(cfg.mask.sigma),
-        mask_min_contrast=float(cfg.mask.min_contrast), extras=dict(resolved.get("extras", {})),
-        task_id=task_id, task_count=task_count, writer_queue=_positive_int(cfg, "writer_queue"),
+        seeds=seeds,
+        samples_per_shard=samples_per_shard,
+        batch_size=batch_size,
+        out_dir=out_dir.resolve(),
+        device=device,
+        precision=str(cfg.precision),
+        shard_prefix=str(cfg.shard_prefix),
+        mask_method=str(cfg.mask.method),
+        mask_sigma=float(cfg.mask.sigma),
+        mask_min_contrast=float(cfg.mask.min_contrast),
+        extras=dict(resolved.get("extras", {})),
+        task_id=task_id,
+        task_count=task_count,
+        writer_queue=_positive_int(cfg, "writer_queue"),
         progress=bool(cfg.progress) and os.environ.get("DMGR_NO_PROGRESS") is None,
-        dataset=dataset, model=model, schedule_name=str(cfg.schedule.name), respacing=respacing,
-        sampler=sampler, resolved=resolved, identity=identity,
+        dataset=dataset,
+        model=model,
+        schedule_name=str(cfg.schedule.name),
+        respacing=respacing,
+        sampler=sampler,
+        resolved=resolved,
+        identity=identity,
     )

@@ -30,15 +30,17 @@ class Engine:
 
 
 def randomised_unet(config: dict, seed: int) -> UNetModel:
-    """A UNet with small non-zero random weights from its own generator (a fresh one outputs zeros)."""
-    model = build_unet(config)
+    """A UNet with PyTorch's default initialisation from its own generator, and the layers that
+    guided-diffusion zero-initialises (a fresh one outputs zeros) filled with small noise."""
     g = torch.Generator().manual_seed(seed)
+    model = build_unet(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 1:  # norm scales
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        for p in model.parameters():
+            if p.dim() > 1:
+                bound = 1 / max(1, p[0].numel()) ** 0.5
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+            elif not torch.all(p == 1):
+                p.copy_(0.01 * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -76,8 +78,17 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
     windows = torch.tensor([p.window for p in plans], device=engine.device)
     classes = torch.tensor([p.class_id for p in plans], device=engine.device)
     result = dmgr_sample(
-        engine.global_model, engine.local_model, engine.diffusion, x_T, windows, classes, w, spec.sampler,
-        noise=PerSampleNoise(generators), precision=spec.precision, record_process=spec.extras.get("grid", False),
+        engine.global_model,
+        engine.local_model,
+        engine.diffusion,
+        x_T,
+        windows,
+        classes,
+        w,
+        spec.sampler,
+        noise=PerSampleNoise(generators),
+        precision=spec.precision,
+        record_process=spec.extras.get("grid", False),
     )
     twin = None
     if spec.mask_method == "diff" or spec.extras.get("twin", False):

@@ -57,7 +57,13 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
     total = sum(len(blocks[k]) for k in todo)
     log.info(
         "worker %d/%d: %d shards assigned, %d complete, %d to do (%d images) on %s",
-        worker, num_workers, len(mine), skipped, len(todo), total, engine.device,
+        worker,
+        num_workers,
+        len(mine),
+        skipped,
+        len(todo),
+        total,
+        engine.device,
     )
     writer = ShardWriter(spec.writer_queue)
     start = time.perf_counter()

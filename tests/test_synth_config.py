@@ -1,0 +1,169 @@
+"""Every bad setting fails at start with one line naming the key; nothing is sampled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from synth_support import TINY, run_synth
+
+from dmgr.models import CheckpointError, build_unet, save_checkpoint
+from dmgr.synth.app import CONF_DIR
+from dmgr.synth.config import ConfigError, parse_seeds, validate
+from dmgr.synth.engine import load_engine
+from dmgr.synth.plan import plan_sample, shard_blocks, worker_index, worker_shards
+
+
+def spec_of(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return validate(compose(config_name="synth", overrides=overrides))
+
+
+@pytest.fixture
+def out(tmp_path):
+    return f"out_dir={tmp_path / 'run'}"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("schedule.T_e=30", "schedule.T_e"),  # T_e >= T_s (fast: T_s=30)
+        ("schedule.T_s=50", "schedule.T_s"),  # beyond the 50 respaced steps
+        ("seeds=9-3", "seeds"),
+        ("seeds=abc", "seeds"),
+        ("seeds=-5", "seeds"),
+        ("batch_size=0", "batch_size"),
+        ("samples_per_shard=0", "samples_per_shard"),
+        ("dataset.window_size=60", "dataset.window_size"),
+        ("dataset.window_choice=fixed", "dataset.fixed_window"),
+        ("dataset.class_choice=fixed", "dataset.fixed_class"),
+        ("dataset.class_choice=weighted", "dataset.class_weights"),
+        ("dataset.class_choice=sometimes", "dataset.class_choice"),
+        ("mask.method=paint", "mask.method"),
+        ("precision=fp8", "precision"),
+        ("device=tpu", "device"),
+        ("schedule.respacing=2000", "schedule.respacing"),
+        ("+schedule.lr=1", "schedule.lr"),
+        ("schedule.backtrack=1.5", "schedule.backtrack"),
+        ("model.beta_schedule=quadratic", "model.beta_schedule"),
+        ("model.local.config.num_classes=3", "model.local.config.num_classes"),
+        ("model.global.config.image_size=32", "model.global.config.image_size"),
+        ("array.task_id=2", "array.task_id"),
+    ],
+)
+def test_bad_setting_names_its_key(override, key, out):
+    with pytest.raises(ConfigError) as info:
+        spec_of([override, out])
+    message = str(info.value)
+    assert message.startswith(f"{key}="), message
+    assert "\n" not in message
+
+
+def test_fixed_window_outside_the_image(out):
+    with pytest.raises(ConfigError, match=r"^dataset.fixed_window=\[50, 50\]: the 16 px window must lie inside"):
+        spec_of(["dataset.window_choice=fixed", "dataset.fixed_window=[50,50]", out])
+
+
+def test_unknown_class_name(out):
+    with pytest.raises(ConfigError, match="dataset.fixed_class='scratch'"):
+        spec_of(["dataset.class_choice=fixed", "dataset.fixed_class=scratch", out])
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="^out_dir="):
+        spec_of([f"out_dir={blocker / 'run'}"])
+
+
+def test_missing_checkpoint(out):
+    with pytest.raises(ConfigError, match="^model.global.checkpoint="):
+        spec_of(["model=custom", "model.global.checkpoint=/nonexistent/global.safetensors", out])
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_a_clear_error(tmp_path, out):
+    spec_base = spec_of([out])
+    small = build_unet({**spec_base.model.global_net.config, "num_channels": 64})
+    local = build_unet(spec_base.model.local_net.config)
+    g_path = save_checkpoint(small, tmp_path / "g.safetensors")
+    l_path = save_checkpoint(local, tmp_path / "l.safetensors")
+    global_config = (
+        "{"
+        + ",".join(
+            f"{k}:'{v}'" if isinstance(v, str) else f"{k}:{v}" for k, v in spec_base.model.global_net.config.items()
+        )
+        + "}"
+    )
+    spec = spec_of(
+        [
+            "model=custom",
+            f"model.global.checkpoint={g_path}",
+            f"model.local.checkpoint={l_path}",
+            f"+model.global.config={global_config}",
+            out,
+        ]
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_engine(spec, torch.device("cpu"))
+    assert "shape conflicts" in str(info.value) and "model.*" in str(info.value)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    result = run_synth([*TINY, "schedule.T_e=8", "schedule.T_s=8", f"out_dir={tmp_path}"], check=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["dmgr-synth: error: schedule.T_e=8: must be smaller than schedule.T_s=8"]
+    assert not (tmp_path / "shards").exists()
+
+
+def test_a_run_dir_refuses_a_different_config(tmp_path):
+    run_synth([*TINY, "seeds=0", f"out_dir={tmp_path}"])
+    result = run_synth([*TINY, "seeds=0", "schedule.lr_xt=0.05", f"out_dir={tmp_path}"], check=False)
+    assert result.returncode == 2 and "holds another run" in result.stderr
+
+
+def test_out_dir_is_derived_from_the_config_not_the_clock(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    a, b = spec_of(["seeds=0-3"]), spec_of(["seeds=0-3", "batch_size=2", "device=cpu"])
+    c = spec_of(["seeds=0-4"])
+    assert a.out_dir == b.out_dir != c.out_dir
+    assert a.out_dir.parent == tmp_path / "outputs"
+
+
+def test_seed_forms():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds(7) == [7]
+    assert parse_seeds([5, 2]) == [5, 2]
+
+
+def test_plans_depend_on_the_seed_alone(out):
+    spec = spec_of([out])
+    plans = [plan_sample(s, spec.dataset) for s in range(200)]
+    assert plans[17] == plan_sample(17, spec.dataset)
+    assert {p.class_name for p in plans} == set(spec.dataset.classes)
+    xs = [p.window[0] for p in plans]
+    assert min(xs) >= 5 and max(xs) < 64 - 16 - 5
+    fixed = spec_of(
+        [
+            "dataset.class_choice=fixed",
+            "dataset.fixed_class=short",
+            "dataset.window_choice=fixed",
+            "dataset.fixed_window=[3,4]",
+            out,
+        ]
+    )
+    assert {(p.class_name, p.window) for p in (plan_sample(s, fixed.dataset) for s in range(20))} == {("short", (3, 4))}
+    weighted = spec_of(["dataset.class_choice=weighted", "dataset.class_weights=[0,0,1,0,0,3]", out])
+    names = [plan_sample(s, weighted.dataset).class_name for s in range(400)]
+    assert set(names) == {"opencircuit", "spuriouscopper"}
+    assert 0.65 < names.count("spuriouscopper") / 400 < 0.85
+
+
+def test_shards_split_the_same_way_for_ranks_and_array_tasks():
+    blocks = shard_blocks(list(range(10)), 3)
+    assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert worker_shards(4, 1, 2) == [1, 3]
+    # 2 array tasks x 2 ranks cover every shard exactly once
+    owners = [worker_index(rank, 2, task, 2) for task in range(2) for rank in range(2)]
+    covered = sorted(k for w, n in owners for k in worker_shards(9, w, n))
+    assert covered == list(range(9))
