@@ -21,7 +21,7 @@ from dmgr.models import CheckpointError
 from dmgr.shards import write_manifest
 from dmgr.shards.manifest import write_json_atomic
 from dmgr.synth.config import ConfigError, RunSpec, validate
-from dmgr.synth.distributed import barrier, gather, init_workers, shutdown
+from dmgr.distributed import barrier, gather, init_workers, shutdown
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import worker_index
 from dmgr.synth.worker import all_shards, run_worker

@@ -11,6 +11,7 @@ from PIL import Image
 
 from dmgr import __version__
 from dmgr.diffusion import Diffusion, make_diffusion
+from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.sampler import PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask
@@ -63,11 +64,6 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
         model.requires_grad_(False)
     diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
     return Engine(global_model, local_model, diffusion, {"global": global_digest, "local": local_digest}, device)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, guided-diffusion's conversion."""
-    return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:

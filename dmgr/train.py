@@ -1,0 +1,217 @@
+"""Train the global or the local model, guided-diffusion style: `python -m dmgr.train arch=demo_global`.
+
+Epsilon prediction (plus the improved-DDPM hybrid loss with learned sigma), uniform timesteps, AdamW,
+EMA weights, gradient clipping, optional autocast, DDP under torchrun, resumable from out_dir/state.pt.
+Checkpoints are written in the project format (safetensors + architecture config): `ema.safetensors`
+loads into the synthesis job as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from dmgr.data.dataset import ImageFolderDataset, PatchDataset
+from dmgr.diffusion import make_diffusion
+from dmgr.diffusion.training import diffusion_loss
+from dmgr.distributed import WorkerContext, init_workers, shutdown
+from dmgr.images import to_uint8
+from dmgr.models import UNetModel, build_unet, save_checkpoint
+from dmgr.sampler import ddim_sample
+
+log = logging.getLogger("dmgr.train")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainConfigError(ValueError):
+    pass
+
+
+def check_config(cfg: DictConfig) -> None:
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            raise TrainConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: {allowed}")
+
+    need(cfg.arch.role in ("global", "local"), "arch.role", "allowed: global, local")
+    for key in ("steps", "batch_size", "log_every", "sample_every", "save_every", "sample_steps"):
+        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "must be an integer >= 1")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(0 <= cfg.ema_rate < 1, "ema_rate", "must lie in [0, 1)")
+    need(cfg.precision in PRECISIONS, "precision", "allowed: fp32, bf16, fp16")
+    subdir = Path(cfg.data_root) / cfg.arch.role
+    need(
+        subdir.is_dir(),
+        "data_root",
+        f"no {subdir}: export data with `python -m dmgr.data.export --out {cfg.data_root}`",
+    )
+    if cfg.arch.role == "local":
+        need(
+            cfg.arch.config.get("num_classes") == len(cfg.arch.classes),
+            "arch.config.num_classes",
+            f"must equal the number of arch.classes ({len(cfg.arch.classes)})",
+        )
+
+
+def make_dataset(cfg: DictConfig):
+    root = Path(cfg.data_root) / cfg.arch.role
+    size = int(cfg.arch.config.image_size)
+    if cfg.arch.role == "global":
+        return ImageFolderDataset(root, size, flip=True)
+    return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True)
+
+
+def unwrap(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, (list, tuple)):
+        return batch[0].to(device), batch[1].to(device).long()
+    return batch.to(device), None
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(rate).add_(p.detach(), alpha=1 - rate)
+
+
+@torch.no_grad()
+def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Path) -> None:
+    """A grid of EMA samples: 8 boards, or one row of 8 per class for the local model."""
+    diffusion = make_diffusion(cfg.diffusion_steps, cfg.beta_schedule, f"ddim{cfg.sample_steps}")
+    size = int(cfg.arch.config.image_size)
+    classes = len(cfg.arch.classes) if cfg.arch.role == "local" else 1
+    g = torch.Generator().manual_seed(1234)
+    x_T = torch.randn(8 * classes, 3, size, size, generator=g).to(device)
+    y = torch.arange(classes, device=device).repeat_interleave(8) if cfg.arch.role == "local" else None
+    images = to_uint8(ddim_sample(ema, diffusion, x_T, y=y))
+    rows = images.reshape(classes, 8, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(classes * size, 8 * size, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rows).resize((8 * max(size, 64), classes * max(size, 64)), Image.NEAREST).save(path)
+
+
+def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext) -> None:
+    if ctx.rank != 0:
+        return
+    meta = {"dmgr.step": str(step), "dmgr.role": cfg.arch.role}
+    if cfg.arch.role == "local":
+        meta["dmgr.classes"] = json.dumps(list(cfg.arch.classes))
+    save_checkpoint(ema, out / "ema.safetensors", meta)
+    save_checkpoint(model, out / "model.safetensors", meta)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}
+    torch.save(state, out / "state.pt.tmp")
+    (out / "state.pt.tmp").replace(out / "state.pt")
+
+
+def train(cfg: DictConfig) -> Path:
+    check_config(cfg)
+    ctx = init_workers(str(cfg.device))
+    try:
+        out = Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout and DataLoader shuffling only; the data are on disk
+        model = build_unet(OmegaConf.to_container(cfg.arch.config, resolve=True)).to(ctx.device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        step = 0
+        if cfg.resume and (out / "state.pt").exists():
+            state = torch.load(out / "state.pt", map_location=ctx.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            step = int(state["step"])
+            log.info("resuming %s from step %d", out, step)
+        net = DistributedDataParallel(model) if ctx.distributed else model
+        dataset = make_dataset(cfg)
+        sampler = DistributedSampler(dataset, seed=cfg.seed) if ctx.distributed else None
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(dataset) >= cfg.batch_size,
+            num_workers=cfg.num_workers,
+        )
+        diffusion = make_diffusion(cfg.diffusion_steps, cfg.beta_schedule)
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank + step)
+        dtype = PRECISIONS[cfg.precision]
+        scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ctx.device.type == "cuda")
+        log.info(
+            "training %s (%d parameters) on %d %s images, %s, from step %d to %d",
+            cfg.arch.name,
+            sum(p.numel() for p in model.parameters()),
+            len(dataset),
+            cfg.arch.role,
+            ctx.device,
+            step,
+            cfg.steps,
+        )
+        log_file = open(out / "loss.jsonl", "a") if ctx.rank == 0 else None
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}", disable=not cfg.progress or ctx.rank)
+        window, started, epoch = [], time.perf_counter(), step
+        while step < cfg.steps:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            epoch += 1
+            for batch in loader:
+                x0, y = unwrap(batch, ctx.device)
+                t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
+                noise = torch.randn(x0.shape, generator=g).to(ctx.device)
+                with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    terms = diffusion_loss(net, diffusion, x0, t, noise, y)
+                loss = terms["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                update_ema(ema, model, min(cfg.ema_rate, (1 + step) / (10 + step)))
+                window.append({k: float(v.mean()) for k, v in terms.items()} | {"grad_norm": float(grad_norm)})
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    rate = len(window) * cfg.batch_size * ctx.world_size / (time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rate:.1f}")
+                    if log_file:
+                        log_file.write(json.dumps({"step": step, **mean, "images_per_s": rate}) + "\n")
+                        log_file.flush()
+                    if not math.isfinite(mean["loss"]):
+                        raise FloatingPointError(f"loss is {mean['loss']} at step {step}: lower lr")
+                    window, started = [], time.perf_counter()
+                if ctx.rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    sample_grid(ema, cfg, ctx.device, out / "samples" / f"step-{step:07d}.png")
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save_all(cfg, out, model, ema, opt, step, ctx)
+                if step >= cfg.steps:
+                    break
+        bar.close()
+        log.info("done: %s (EMA weights: %s)", out, out / "ema.safetensors")
+        return out / "ema.safetensors"
+    finally:
+        shutdown(ctx)
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except TrainConfigError as exc:
+        print(f"dmgr-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
