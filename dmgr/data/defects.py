@@ -53,7 +53,7 @@ def add_defect(board: Board, class_id: int | str, seed: int, center: Sequence[fl
         raise ValueError(f"defect seed must be >= 0, got {seed}")
     rng = np.random.default_rng((board.seed, int(seed), cid, board.size))
     target = None if center is None else np.asarray(center, dtype=float)
-    for edits in _PLACERS[cid](board, rng, target):
+    for edits, _ in zip(_PLACERS[cid](board, rng, target), range(MAX_TRIES), strict=False):
         layers = dict(board.layers)
         for name, op, m in edits:
             layers[name] = np.where(m, np.uint8(255 if op == "add" else 0), layers[name])
@@ -115,11 +115,17 @@ def _trace_sites(board: Board, end_margin: float, edge_margin: float) -> list[Si
 
 
 def _sites_in_order(board, rng, target, end_margin, edge_margin) -> Iterator[Site]:
+    """Trace sites nearest the target first; without one, a random order that favours straight
+    horizontal/vertical stretches (a defect on a 45-degree track is hard to read on small boards)."""
     sites = _trace_sites(board, end_margin, edge_margin)
     if not sites:
         return
-    pts = np.array([s[1] for s in sites])
-    for i in _order(len(sites), pts, rng, target)[:MAX_TRIES]:
+    if target is None:
+        diagonal = np.array([abs(s[2][0] * s[2][1]) > 0.1 for s in sites])
+        order = np.argsort(rng.random(len(sites)) + 0.6 * diagonal, kind="stable")
+    else:
+        order = _order(len(sites), np.array([s[1] for s in sites]), rng, target)
+    for i in order:
         yield sites[i]
 
 
@@ -143,29 +149,29 @@ def _missinghole(board: Board, rng, target) -> Iterator[list[Edit]]:
 
 
 def _opencircuit(board: Board, rng, target) -> Iterator[list[Edit]]:
-    """A gap etched across a trace: the solder mask shows through, with ragged slanted edges."""
+    """A gap etched across a trace: the solder mask shows through, between ragged slanted edges."""
     for ti, p, u, n, w in _sites_in_order(board, rng, target, 6 * board.scale, 2 + 8 * board.scale):
         gap = _px(board, rng.uniform(6.0, 11.0), 1.8)
         half = w / 2 + max(board.scale, 0.5)
         slant = rng.uniform(-0.4, 0.4) * w
-        corners = [p + u * (-gap / 2 + rng.uniform(-0.25, 0.25) * gap - slant / 2) - n * half,
-                   p + u * (gap / 2 + rng.uniform(-0.25, 0.25) * gap - slant / 2) - n * half,
-                   p + u * (gap / 2 + rng.uniform(-0.25, 0.25) * gap + slant / 2) + n * half,
-                   p + u * (-gap / 2 + rng.uniform(-0.25, 0.25) * gap + slant / 2) + n * half]
-        cut = _paint(board, lambda d, s, c=corners: draw_polygon(d, [tuple(q) for q in c], s))
+        across = np.array([-1.0, -0.33, 0.33, 1.0])  # four points on each cut edge, jittered along the trace
+        left = [p + u * (-gap / 2 + slant * a / 2 + rng.uniform(-0.18, 0.18) * gap) + n * half * a for a in across]
+        right = [p + u * (gap / 2 + slant * a / 2 + rng.uniform(-0.18, 0.18) * gap) + n * half * a for a in across]
+        poly = left + right[::-1]
+        cut = _paint(board, lambda d, s, c=poly: draw_polygon(d, [tuple(q) for q in c], s))
         yield [("trace", "remove", cut & _own(board, board.traces[ti]))]
 
 
 def _mousebite(board: Board, rng, target) -> Iterator[list[Edit]]:
-    """Small round nibbles bitten out of one edge of a trace."""
-    for ti, p, u, n, w in _sites_in_order(board, rng, target, 10 * board.scale, 2 + 8 * board.scale):
-        k = int(rng.integers(1, 4))
-        r = max(rng.uniform(0.35, 0.5) * w, 1.0)
+    """A row of small round nibbles bitten out of one edge of a trace."""
+    for ti, p, u, n, w in _sites_in_order(board, rng, target, 12 * board.scale, 2 + 8 * board.scale):
+        k = int(rng.integers(2, 5))
+        r = max(rng.uniform(0.28, 0.42) * w, 1.0)
         side = rng.choice([-1.0, 1.0])
-        spacing = r * rng.uniform(1.5, 2.1)
-        centres = [p + side * n * (w / 2 - rng.uniform(-0.1, 0.2) * r) + u * ((i - (k - 1) / 2) * spacing
+        spacing = r * rng.uniform(1.4, 2.0)
+        centres = [p + side * n * (w / 2 - rng.uniform(-0.1, 0.25) * r) + u * ((i - (k - 1) / 2) * spacing
                    + rng.uniform(-0.2, 0.2) * r) for i in range(k)]
-        radii = [r * rng.uniform(0.8, 1.15) for _ in range(k)]
+        radii = [r * rng.uniform(0.75, 1.15) for _ in range(k)]
         bites = _paint(board, lambda d, s, c=centres, rr=radii: [draw_disc(d, tuple(q), ri, s) for q, ri in zip(
             c, rr, strict=True)])
         yield [("trace", "remove", bites & _own(board, board.traces[ti]))]
@@ -174,8 +180,8 @@ def _mousebite(board: Board, rng, target) -> Iterator[list[Edit]]:
 def _spur(board: Board, rng, target) -> Iterator[list[Edit]]:
     """A thin tapering copper finger sticking out of a trace edge into free solder mask."""
     for _, p, u, n, w in _sites_in_order(board, rng, target, 4 * board.scale, 2 + 14 * board.scale):
-        length = _px(board, rng.uniform(8.0, 15.0), 2.2)
-        base = _px(board, rng.uniform(1.6, 3.2), 0.8)
+        length = _px(board, rng.uniform(8.0, 15.0), 2.5)
+        base = _px(board, rng.uniform(1.6, 3.2), 1.0)
         angle = np.deg2rad(rng.uniform(-30, 30))
         for side in rng.permutation([-1.0, 1.0]):
             out = side * n
@@ -210,7 +216,7 @@ def _short(board: Board, rng, target) -> Iterator[list[Edit]]:
     if not sites:
         return
     mids = np.array([(p + q) / 2 for p, q, *_ in sites])
-    for k in _order(len(sites), mids, rng, target)[:MAX_TRIES]:
+    for k in _order(len(sites), mids, rng, target):
         p, q, u, wi, wj = sites[k]
         gap = float(np.hypot(*(q - p)))
         dirn = (q - p) / gap
@@ -228,7 +234,7 @@ def _short(board: Board, rng, target) -> Iterator[list[Edit]]:
 
 def _spuriouscopper(board: Board, rng, target) -> Iterator[list[Edit]]:
     """An isolated irregular copper blob on bare solder mask."""
-    radius = _px(board, rng.uniform(4.5, 9.0), 1.3)
+    radius = _px(board, rng.uniform(4.5, 9.0), 1.6)
     occupied = np.zeros((board.size, board.size), dtype=bool)
     for k in ("trace", "pad", "hole", "silk"):
         occupied |= board.coverage[k] > 0

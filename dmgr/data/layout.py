@@ -137,7 +137,8 @@ def _bus(rng, grid: Grid, layout: Layout, starts: np.ndarray, heading: int, widt
         if len(polys) > 1:
             return False
         end = (round(float(polys[0][-1][0]), 2), round(float(polys[0][-1][1]), 2))
-        vias.append(Pad(end, round(width / 2 + rng.uniform(2.5, 4.0), 2), "round", round(rng.uniform(2.2, 3.2), 2), "via"))
+        ring, hole = round(width / 2 + rng.uniform(2.5, 4.0), 2), round(rng.uniform(2.2, 3.2), 2)
+        vias.append(Pad(end, ring, "round", hole, "via"))
     traces = [_as_trace(p, width) for p in polys]
     if not grid.fits([_as_trace(c, width) for c in checks], vias):
         return False

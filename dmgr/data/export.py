@@ -1,0 +1,146 @@
+"""Write the procedural PCB domain as plain folders for training and evaluation.
+
+    python -m dmgr.data.export --out outputs/pcb-data --size 64 --boards 1000 --patches-per-class 500 --test 60
+
+    OUT/global/NNNNNN.png                    defect-free boards (the global model)
+    OUT/local/<class>/NNNNNN.png, .mask.png  size//4 defect patches centred on the defect (the local model)
+    OUT/local/labels.json                    one entry per patch: file, class, id, seeds, window, box
+    OUT/test/NNNNNN.png, .mask.png, .json    held-out defective boards with class, id and box
+
+The three parts draw boards from disjoint seed streams (offsets of STREAM), so the test boards are never
+seen in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
+from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of, mask_box
+from dmgr.data.images import save_mask
+
+STREAM = 10_000_000
+GLOBAL_OFFSET, LOCAL_OFFSET, TEST_OFFSET = 0, STREAM, 2 * STREAM
+
+
+def board_seed(offset: int, seed: int, index: int) -> int:
+    """The board seed of item `index` of a part (offset) of a run with base `seed`."""
+    if not 0 <= seed + index < STREAM:
+        raise ValueError(f"seed + index must be in [0, {STREAM}) to keep the parts disjoint, got {seed + index}")
+    return offset + seed + index
+
+
+def patch_window(box: list[int], patch: int, size: int) -> list[int]:
+    """[x0, y0, x1, y1] of the patch x patch window centred on `box`, moved inside a size x size image."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = int(min(max(round(cx - patch / 2), 0), size - patch))
+    y0 = int(min(max(round(cy - patch / 2), 0), size - patch))
+    return [x0, y0, x0 + patch, y0 + patch]
+
+
+def _check(size: int, **counts: int) -> None:
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"--size must be in [{MIN_SIZE}, {MAX_SIZE}], got {size}")
+    for name, n in counts.items():
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+
+
+def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: bool = True) -> list[Path]:
+    """Write `n` defect-free boards to OUT/global/NNNNNN.png; returns their paths."""
+    _check(size, boards=n)
+    folder = Path(out) / "global"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in tqdm(range(n), desc="global", disable=not progress):
+        board = make_board(board_seed(GLOBAL_OFFSET, seed, i), size)
+        path = folder / f"{i:06d}.png"
+        Image.fromarray(board.image).save(path)
+        paths.append(path)
+    return paths
+
+
+def export_local(out: str | Path, size: int, per_class: int, seed: int = 0,
+                 classes: tuple[str, ...] = CLASS_NAMES, progress: bool = True) -> list[dict]:
+    """Write `per_class` defect patches of side size//4 per class; returns the labels (also in labels.json).
+
+    Board i carries one defect of every class in turn (each on the clean board), defect seed i.
+    """
+    _check(size, patches_per_class=per_class)
+    patch = size // 4
+    root = Path(out) / "local"
+    ids = [class_id_of(c) for c in classes]
+    for cid in ids:
+        (root / CLASS_NAMES[cid]).mkdir(parents=True, exist_ok=True)
+    labels = []
+    for i in tqdm(range(per_class), desc="local", disable=not progress):
+        bseed = board_seed(LOCAL_OFFSET, seed, i)
+        board = make_board(bseed, size)
+        for cid in ids:
+            image, mask, box = add_defect(board, cid, i)
+            x0, y0, x1, y1 = window = patch_window(box, patch, size)
+            crop, crop_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+            name = f"{CLASS_NAMES[cid]}/{i:06d}"
+            Image.fromarray(crop).save(root / f"{name}.png")
+            save_mask(crop_mask, root / f"{name}.mask.png")
+            labels.append({"file": f"{name}.png", "mask": f"{name}.mask.png", "class_name": CLASS_NAMES[cid],
+                           "class_id": cid, "board_seed": bseed, "defect_seed": i, "window": window,
+                           "box": mask_box(crop_mask)})
+    meta = {"classes": list(CLASS_NAMES), "patch_size": patch, "board_size": size, "items": labels}
+    (root / "labels.json").write_text(json.dumps(meta, indent=1))
+    return labels
+
+
+def export_test(out: str | Path, size: int, n: int, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Write `n` held-out defective boards (classes in turn) with masks and json; returns the metadata."""
+    _check(size, test=n)
+    folder = Path(out) / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    metas = []
+    for i in tqdm(range(n), desc="test", disable=not progress):
+        bseed = board_seed(TEST_OFFSET, seed, i)
+        cid = i % len(CLASS_NAMES)
+        image, mask, box = add_defect(make_board(bseed, size), cid, i)
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+        save_mask(mask, folder / f"{i:06d}.mask.png")
+        meta = {"class_name": CLASS_NAMES[cid], "class_id": cid, "box": box, "mask_area": int(mask.sum()),
+                "board_seed": bseed, "defect_seed": i, "size": size}
+        (folder / f"{i:06d}.json").write_text(json.dumps(meta))
+        metas.append(meta)
+    return metas
+
+
+def export_all(out: str | Path, size: int, boards: int, per_class: int, test: int, seed: int = 0,
+               progress: bool = True) -> None:
+    export_global(out, size, boards, seed, progress)
+    export_local(out, size, per_class, seed, progress=progress)
+    export_test(out, size, test, seed, progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dmgr.data.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--size", type=int, default=64, help="board side in pixels (patches are size//4)")
+    parser.add_argument("--boards", type=int, default=1000, help="defect-free boards for OUT/global")
+    parser.add_argument("--patches-per-class", type=int, default=500, help="defect patches per class for OUT/local")
+    parser.add_argument("--test", type=int, default=60, help="held-out defective boards for OUT/test")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (each part adds its own offset)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        _check(args.size, boards=args.boards, patches_per_class=args.patches_per_class, test=args.test)
+        board_seed(0, args.seed, max(args.boards, args.patches_per_class, args.test, 1) - 1)
+    except ValueError as err:
+        parser.error(str(err))
+    export_all(args.out, args.size, args.boards, args.patches_per_class, args.test, args.seed, not args.quiet)
+    print(json.dumps({"out": str(args.out), "global": args.boards, "local_per_class": args.patches_per_class,
+                      "test": args.test, "size": args.size, "patch": args.size // 4}))
+
+
+if __name__ == "__main__":
+    main()

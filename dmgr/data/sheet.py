@@ -1,0 +1,74 @@
+"""A contact sheet to eyeball the procedural domain: per board size, the clean board and one defect of
+each class (mask outlined in red), then the size//4 patches centred on each defect.
+
+    python -m dmgr.data.sheet --out /tmp/pcb_sheet.png --seed 3 --sizes 256 64
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dmgr.data.board import make_board
+from dmgr.data.defects import CLASS_NAMES, add_defect
+from dmgr.data.export import patch_window
+
+LABEL = 14
+
+
+def _tile(image: np.ndarray, cell: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """`image` scaled (nearest) to cell x cell, with the mask's outline drawn in red outside it."""
+    big = np.asarray(Image.fromarray(image).resize((cell, cell), Image.NEAREST)).copy()
+    if mask is not None:
+        m = np.asarray(Image.fromarray(mask).resize((cell, cell), Image.NEAREST))
+        grown = m.copy()
+        for _ in range(2):
+            grown = grown | np.roll(grown, 1, 0) | np.roll(grown, -1, 0) | np.roll(grown, 1, 1) | np.roll(grown, -1, 1)
+        big[grown & ~m] = (255, 0, 0)
+    return big
+
+
+def contact_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: int = 0, cell: int = 192
+                  ) -> Image.Image:
+    rows = []
+    for size in sizes:
+        board = make_board(seed, size)
+        boards, patches = [_tile(board.image, cell)], [_tile(board.image, cell)]
+        for cid in range(len(CLASS_NAMES)):
+            image, mask, box = add_defect(board, cid, defect_seed)
+            boards.append(_tile(image, cell, mask))
+            x0, y0, x1, y1 = patch_window(box, size // 4, size)
+            patches.append(_tile(image[y0:y1, x0:x1], cell))
+        for tiles, what in ((boards, "board"), (patches, "patch")):
+            row = Image.new("RGB", (cell * len(tiles), cell + LABEL), "white")
+            draw = ImageDraw.Draw(row)
+            for i, tile in enumerate(tiles):
+                row.paste(Image.fromarray(tile), (i * cell, LABEL))
+                name = ("clean",) + CLASS_NAMES
+                draw.text((i * cell + 3, 1), f"{size}px {what} {name[i]}", fill=(0, 0, 0))
+            rows.append(row)
+    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dmgr.data.sheet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("pcb_sheet.png"))
+    parser.add_argument("--seed", type=int, default=3, help="board seed")
+    parser.add_argument("--defect-seed", type=int, default=0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 64])
+    args = parser.parse_args(argv)
+    contact_sheet(args.seed, args.sizes, args.defect_seed).save(args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
