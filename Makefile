@@ -9,7 +9,16 @@ ARGS ?=
 SHARDS ?= $(lastword $(sort $(wildcard outputs/*/shards)))
 OUT ?= preview.png
 
-.PHONY: venv synth test bench lint preview sweep clean-venv
+SWEEP ?= sweep
+SWEEP_ARGS ?= seeds=0-7 schedule.T_s=20,30,40 schedule.T_e=4,8,12
+SLURM_ARRAY ?= 0-3
+SLURM_GPUS ?= 1
+SLURM_CPUS ?= 4
+SLURM_TIME ?= 24:00:00
+SLURM_PARTITION ?=
+SLURM_FLAGS ?=
+
+.PHONY: venv synth test bench lint preview sweep sweep-report slurm clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +42,23 @@ lint: venv
 
 preview: venv
 	$(PY) -m dmgr.preview $(SHARDS) --out $(OUT) $(ARGS)
+
+# Hydra multirun over T_s/T_e (invalid points are reported and skipped), then the report.
+sweep: venv
+	$(PY) -m dmgr.synth -m hydra.sweep.dir=outputs/sweeps/$(SWEEP) $(SWEEP_ARGS) $(ARGS)
+	$(PY) -m dmgr.sweep outputs/sweeps/$(SWEEP)
+
+sweep-report: venv
+	$(PY) -m dmgr.sweep outputs/sweeps/$(SWEEP)
+
+# A Slurm array job: each task takes its share of shards (resubmitting skips complete shards).
+slurm: venv
+	mkdir -p outputs/slurm
+	sbatch --array=$(SLURM_ARRAY) --time=$(SLURM_TIME) --cpus-per-task=$(SLURM_CPUS) \
+	  $(if $(SLURM_PARTITION),--partition=$(SLURM_PARTITION)) \
+	  $(if $(filter 0,$(SLURM_GPUS)),--gres=none,--gres=gpu:$(SLURM_GPUS)) \
+	  --export=ALL,DMGR_NPROC=$(if $(filter 0,$(SLURM_GPUS)),1,$(SLURM_GPUS)) \
+	  $(SLURM_FLAGS) jobs/slurm_array.sbatch $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

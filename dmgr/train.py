@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> Path:
                 scaler.update()
                 step += 1
                 update_ema(ema, model, min(cfg.ema_rate, (1 + step) / (10 + step)))
-                window.append({k: float(v.mean()) for k, v in terms.items()} | {"grad_norm": float(grad_norm)})
+                window.append({k: float(v.detach().mean()) for k, v in terms.items()} | {"grad_norm": float(grad_norm)})
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}

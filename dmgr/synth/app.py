@@ -17,14 +17,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dmgr import __version__
+from dmgr.distributed import barrier, gather, init_workers, shutdown
 from dmgr.models import CheckpointError
 from dmgr.shards import write_manifest
 from dmgr.shards.manifest import write_json_atomic
 from dmgr.synth.config import ConfigError, RunSpec, validate
-from dmgr.distributed import barrier, gather, init_workers, shutdown
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import worker_index
-from dmgr.synth.worker import all_shards, run_worker
+from dmgr.synth.worker import all_shards, run_metrics, run_worker
 
 log = logging.getLogger("dmgr.synth")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -48,20 +48,30 @@ def _claim_out_dir(spec: RunSpec) -> None:
     write_json_atomic(path, {"identity": spec.identity, "config": spec.resolved})
 
 
-def _file_logging(spec: RunSpec, worker: int) -> None:
+def _file_logging(spec: RunSpec, worker: int) -> logging.Handler:
     logs = spec.out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(logs / f"worker-{worker:03d}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("dmgr").addHandler(handler)
+    return handler
+
+
+def _throughput(spec: RunSpec, summary: dict, everyone: list[dict]) -> dict:
+    """This run's throughput; a rerun that only found complete shards keeps the previous figure."""
+    previous = spec.out_dir / "manifest.json"
+    if summary["images_this_run"] == 0 and previous.exists():
+        return json.loads(previous.read_text()).get("throughput", {})
+    return {**summary, "workers": everyone}
 
 
 def synthesise(spec: RunSpec) -> dict | None:
     """Run this process's share; returns the manifest summary on the process that wrote it."""
     ctx = init_workers(spec.device)
+    handler = None
     try:
         worker, num_workers = worker_index(ctx.rank, ctx.world_size, spec.task_id, spec.task_count)
-        _file_logging(spec, worker)
+        handler = _file_logging(spec, worker)
         if ctx.rank == 0:
             _claim_out_dir(spec)
         barrier(ctx)
@@ -96,7 +106,8 @@ def synthesise(spec: RunSpec) -> dict | None:
                 "python": platform.python_version(),
             },
             "checkpoints": engine.digests,
-            "throughput": {**summary, "workers": everyone},
+            "throughput": _throughput(spec, summary, everyone),
+            "metrics": run_metrics(spec.out_dir, [path for _, path, _ in shards]),
         }
         path = write_manifest(spec.out_dir, shards, run)
         log.info(
@@ -109,29 +120,46 @@ def synthesise(spec: RunSpec) -> dict | None:
             images / seconds,
         )
         log.info("manifest: %s", path)
-        return summary
+        return {**summary, "manifest": str(path)}
     finally:
+        if handler is not None:
+            logging.getLogger("dmgr").removeHandler(handler)
+            handler.close()
         shutdown(ctx)
 
 
-def _multirun() -> bool:
+def _sweep_job_dir() -> Path | None:
+    """The Hydra job directory of this sweep point, or None outside a multirun."""
     try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
+        hydra_cfg = HydraConfig.get()
     except ValueError:
-        return False
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.runtime.output_dir)
+
+
+def _record_sweep_point(job_dir: Path, cfg: DictConfig, outcome: dict) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    overrides = list(HydraConfig.get().overrides.task)
+    write_json_atomic(job_dir / "result.json", {"overrides": overrides, **outcome})
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="synth")
 def main(cfg: DictConfig) -> dict | None:
+    job_dir = _sweep_job_dir()
     try:
-        spec = validate(cfg)
-        return synthesise(spec)
+        summary = synthesise(validate(cfg))
     except (ConfigError, CheckpointError, RunError) as exc:
-        if _multirun():
-            log.error("skipping this sweep point: %s", exc)
-            return None
-        print(f"dmgr-synth: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if job_dir is None:
+            print(f"dmgr-synth: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        log.error("skipping this sweep point: %s", exc)
+        _record_sweep_point(job_dir, cfg, {"status": "skipped", "reason": str(exc)})
+        return None
+    if job_dir is not None and summary is not None:
+        _record_sweep_point(job_dir, cfg, {"status": "done", **summary})
+    return summary
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +90,24 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
 def all_shards(spec: RunSpec) -> list[tuple[int, Path, list[int]]]:
     blocks = shard_blocks(spec.seeds, spec.samples_per_shard)
     return [(k, shard_path(spec.out_dir, spec.shard_prefix, k), seeds) for k, seeds in enumerate(blocks)]
+
+
+def run_metrics(out_dir: Path, shards: list[Path]) -> dict:
+    """Means over the run's sample metadata: the final rectification loss and the mask area."""
+    losses, areas, fractions = [], [], []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    losses.append(meta["final_loss"])
+                    areas.append(meta["mask_area"])
+                    box = meta["window_box"]
+                    fractions.append(meta["mask_area"] / ((box[2] - box[0]) * (box[3] - box[1])))
+    count = max(len(losses), 1)
+    return {
+        "final_loss": sum(losses) / count,
+        "mask_area": sum(areas) / count,
+        "mask_window_fraction": sum(fractions) / count,
+        "empty_masks": sum(a == 0 for a in areas),
+    }
