@@ -18,7 +18,11 @@ SLURM_TIME ?= 24:00:00
 SLURM_PARTITION ?=
 SLURM_FLAGS ?=
 
-.PHONY: venv synth test bench lint preview sweep sweep-report slurm clean-venv
+DEMO_DATA ?= outputs/pcb-data
+DEMO_GLOBAL_STEPS ?= 3000
+DEMO_LOCAL_STEPS ?= 6000
+
+.PHONY: venv synth test bench lint preview sweep sweep-report slurm data train-global train-local train-demo clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +46,27 @@ lint: venv
 
 preview: venv
 	$(PY) -m dmgr.preview $(SHARDS) --out $(OUT) $(ARGS)
+
+# The procedural PCB domain on disk: global/ (boards), local/<class>/ (patches), test/ (held out).
+$(DEMO_DATA)/.exported: | venv
+	$(PY) -m dmgr.data.export --out $(DEMO_DATA) --size 64 --boards 3000 --patches-per-class 1000 --test 200 --seed 0
+	touch $@
+
+data: $(DEMO_DATA)/.exported
+
+train-global: data
+	$(PY) -m dmgr.train arch=demo_global data_root=$(DEMO_DATA) $(ARGS)
+
+train-local: data
+	$(PY) -m dmgr.train arch=demo_local data_root=$(DEMO_DATA) $(ARGS)
+
+# Both demo models from scratch (resumable), then their EMA weights into checkpoints/demo/.
+train-demo: data
+	$(PY) -m dmgr.train arch=demo_global data_root=$(DEMO_DATA) steps=$(DEMO_GLOBAL_STEPS) batch_size=16
+	$(PY) -m dmgr.train arch=demo_local data_root=$(DEMO_DATA) steps=$(DEMO_LOCAL_STEPS) batch_size=32
+	mkdir -p checkpoints/demo
+	cp outputs/train-demo_global/ema.safetensors checkpoints/demo/global.safetensors
+	cp outputs/train-demo_local/ema.safetensors checkpoints/demo/local.safetensors
 
 # Hydra multirun over T_s/T_e (invalid points are reported and skipped), then the report.
 sweep: venv

@@ -1,6 +1,13 @@
 """Networks: the guided-diffusion compatible UNet and its checkpoints. Knows no sampler."""
 
-from dmgr.models.checkpoints import CheckpointError, file_digest, load_unet, read_checkpoint, save_checkpoint
+from dmgr.models.checkpoints import (
+    CheckpointError,
+    file_digest,
+    load_unet,
+    read_checkpoint,
+    save_checkpoint,
+    stored_config,
+)
 from dmgr.models.unet import UNetConfig, UNetModel, build_unet
 
 __all__ = [
@@ -12,4 +19,5 @@ __all__ = [
     "load_unet",
     "read_checkpoint",
     "save_checkpoint",
+    "stored_config",
 ]

@@ -60,6 +60,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
     return obj, None, {}
 
 
+def stored_config(path: str | Path) -> UNetConfig | None:
+    """The architecture stored in a project checkpoint's metadata (reads no tensors), else None."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    return UNetConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
+
+
 def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Raise a CheckpointError naming missing keys, unexpected keys and shape conflicts."""
     expected = model.state_dict()

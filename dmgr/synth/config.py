@@ -169,7 +169,22 @@ def _dataset(cfg: DictConfig) -> DatasetSpec:
     )
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _find_checkpoint(value: str) -> Path | None:
+    """A path as given (relative to the working directory), else relative to the project root."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if not path.is_absolute() and (PROJECT_ROOT / path).is_file():
+        return PROJECT_ROOT / path
+    return None
+
+
 def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
+    from dmgr.models import CheckpointError, stored_config
+
     net = cfg.model[which]
     checkpoint = net.get("checkpoint")
     config = OmegaConf.to_container(net.config, resolve=True) if net.get("config") is not None else None
@@ -179,10 +194,18 @@ def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
         return NetworkSpec(None, config)
     if checkpoint in (None, "???", ""):
         fail(f"model.{which}.checkpoint", checkpoint, "give the path of a checkpoint file")
-    path = Path(str(checkpoint)).expanduser()
-    if not path.is_file():
+    path = _find_checkpoint(str(checkpoint))
+    if path is None:
         fail(f"model.{which}.checkpoint", str(checkpoint), "file not found: fix the path or train one (README)")
-    return NetworkSpec(str(path.resolve()), config)
+    if config is None:
+        try:
+            stored = stored_config(path)
+        except CheckpointError as exc:
+            fail(f"model.{which}.checkpoint", str(checkpoint), str(exc))
+        if stored is None:
+            fail(f"model.{which}.config", None, f"{path.name} stores no architecture: give model.{which}.config")
+        config = stored.to_dict()
+    return NetworkSpec(str(path), config)
 
 
 def _sampler(cfg: DictConfig, window_size: int) -> DMGRSettings:
