@@ -15,6 +15,10 @@ import torch
 
 from dmgr.models import build_unet
 
+# The tiny models gain nothing from intra-op threads, and OpenMP threads spinning on shared cores can slow a
+# run down a hundredfold (seen with training jobs running alongside): one thread unless DMGR_TEST_THREADS is set.
+torch.set_num_threads(int(os.environ.get("DMGR_TEST_THREADS", "1")))
+
 FIXTURE_DIR = Path(__file__).parents[1] / ".." / "shared" / "fixtures" / "dmgr-reference"
 FIXTURE_NAMES = ("tiny-64px-100steps.pt", "tiny-64px-100steps-timetravel.pt")
 
@@ -110,3 +114,54 @@ def load_reference():
         return _LOADED[path]
 
     return load
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """A stand-in for a trained model: the exact epsilon for N(0, data_std^2) images plus a small random UNet.
+
+    The sampler's dynamics with it are as tame as with a trained model (a bare random UNet is a chaotic map
+    that amplifies float rounding by orders of magnitude per step), so runs that differ only by the batch
+    they share can be compared to 1e-5. The UNet term keeps it class- and content-dependent.
+    """
+
+    def __init__(self, unet: torch.nn.Module, scale: float = 0.1, data_std: float = 0.5, diffusion_steps: int = 1000):
+        super().__init__()
+        self.unet, self.scale, self.var = unet, scale, data_std**2
+        self.num_classes = getattr(unet, "num_classes", None)
+        betas = torch.linspace(1e-4 * 1000 / diffusion_steps, 0.02 * 1000 / diffusion_steps, diffusion_steps)
+        self.register_buffer("abar", torch.cumprod(1 - betas.double(), 0).float())
+
+    def forward(self, x, timesteps, y=None):
+        out = self.unet(x, timesteps, y)
+        abar = self.abar[timesteps].view(-1, 1, 1, 1).to(x.dtype)
+        eps = (1 - abar).sqrt() * x / (abar * self.var + 1 - abar)
+        return torch.cat([eps + self.scale * out[:, :3], out[:, 3:]], dim=1)
+
+
+@pytest.fixture(scope="session")
+def global_denoiser():
+    return GaussianDenoiser(make_unet(3, **GLOBAL_CONFIG)).eval()
+
+
+@pytest.fixture(scope="session")
+def local_denoiser():
+    return GaussianDenoiser(make_unet(4, **LOCAL_CONFIG)).eval()
+
+
+class OneByOne(torch.nn.Module):
+    """Evaluates a model one sample at a time.
+
+    CPU convolutions round differently for different batch sizes (~1e-6), and the sampler evaluates
+    backtracking candidates on the subset of samples still pending. With this wrapper a sample's numbers no
+    longer depend on its batch-mates at all, so per-sample independence can be checked exactly even where
+    backtracking decisions would amplify rounding differences.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, timesteps, y=None):
+        return torch.cat(
+            [self.model(x[i : i + 1], timesteps[i : i + 1], None if y is None else y[i : i + 1]) for i in range(len(x))]
+        )

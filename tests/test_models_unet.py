@@ -71,7 +71,7 @@ def test_samples_in_a_batch_are_independent(local_model):
     with torch.no_grad():
         batch = local_model(x, torch.tensor([5, 400, 800]), torch.tensor([1, 2, 3]))
         alone = local_model(x[1:2], torch.tensor([400]), torch.tensor([2]))
-    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=0)  # CPU kernels round per batch size
 
 
 def test_config_round_trip():

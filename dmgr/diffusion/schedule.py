@@ -53,7 +53,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(stride * j) for j in range(count)]
+        position = 0.0  # accumulated like guided-diffusion: the float sums decide ties at .5
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 

@@ -56,7 +56,12 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def vb_terms_bpd(
-    diffusion: Diffusion, eps: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    diffusion: Diffusion,
+    eps: torch.Tensor,
+    var_values: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
 ) -> torch.Tensor:
     """The variational bound term (bits/dim) for a learned-range variance; the decoder NLL at t = 0."""
     post = _posterior(diffusion)
