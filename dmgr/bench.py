@@ -7,9 +7,8 @@ at 8; local 16 px, 6 classes). With `--weights auto` the fixture's trained weigh
 ../shared/fixtures/dmgr-reference/ is there, random non-zero weights otherwise; speed does not depend on the
 values, the number of backtracking retries does a little.
 
-Presets (indices are those of the respaced process):
-  paper: DMGRSettings defaults: respacing 250, T_s 150, T_e 40, K 2, time travel (jump 10, 2 samples);
-  fast:  respacing 50, T_s 30, T_e 8, K 1, no time travel.
+Presets are the job's own schedule configs, conf/schedule/paper.yaml (respacing 250, T_s 150, T_e 40, K 2,
+time travel jump 10 x 2) and conf/schedule/fast.yaml (respacing 50, T_s 30, T_e 8, K 2, no time travel).
 Window = image / 4, gate radius 9 * window / 64 (9 px for the reference's 64 px window).
 """
 
@@ -58,13 +57,18 @@ class Preset:
 
 
 def presets(window: int) -> dict[str, Preset]:
-    radius = 9 * window / 64
-    return {
-        "paper": Preset("paper", "250", DMGRSettings(gate_radius=radius)),
-        "fast": Preset(
-            "fast", "50", DMGRSettings(T_s=30, T_e=8, time_travel=False, iterations=1, gate_radius=radius)
-        ),
-    }
+    """The `paper` and `fast` schedules exactly as the synthesis job composes and validates them."""
+    from hydra import compose, initialize_config_dir
+
+    from dmgr.synth.app import CONF_DIR
+    from dmgr.synth.config import sampler_settings
+
+    found = {}
+    for name in ("paper", "fast"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="synth", overrides=[f"schedule={name}", "model=tiny_random"])
+        found[name] = Preset(name, str(cfg.schedule.respacing), sampler_settings(cfg, window))
+    return found
 
 
 def randomise(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:

@@ -208,7 +208,8 @@ def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
     return NetworkSpec(str(path), config)
 
 
-def _sampler(cfg: DictConfig, window_size: int) -> DMGRSettings:
+def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
+    """The validated DMGRSettings of `cfg.schedule` for a window of `window_size` px."""
     s = OmegaConf.to_container(cfg.schedule, resolve=True)
     known = {f.name for f in fields(DMGRSettings)}
     unknown = sorted(set(s) - known - {"name", "respacing"})
@@ -306,7 +307,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         steps = len(space_timesteps(diffusion_steps, respacing))
     except ValueError as exc:
         fail("schedule.respacing", respacing, str(exc))
-    sampler = _sampler(cfg, dataset.window_size)
+    sampler = sampler_settings(cfg, dataset.window_size)
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
     identity = _identity(resolved)
