@@ -15,6 +15,9 @@ from dmgr.synth.plan import plan_sample, shard_blocks, worker_index, worker_shar
 
 
 def spec_of(overrides: list[str]):
+    """Validate the job config; tiny random models unless the overrides pick a model."""
+    if not any(o.startswith("model=") for o in overrides):
+        overrides = ["model=tiny_random", *overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return validate(compose(config_name="synth", overrides=overrides))
 
@@ -167,3 +170,9 @@ def test_shards_split_the_same_way_for_ranks_and_array_tasks():
     owners = [worker_index(rank, 2, task, 2) for task in range(2) for rank in range(2)]
     covered = sorted(k for w, n in owners for k in worker_shards(9, w, n))
     assert covered == list(range(9))
+
+
+def test_the_default_demo_model_describes_itself(out):
+    spec = spec_of(["model=demo", out])
+    assert spec.model.global_net.config["image_size"] == spec.dataset.image_size
+    assert spec.model.local_net.config["num_classes"] == len(spec.dataset.classes)
