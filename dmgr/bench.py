@@ -26,6 +26,7 @@ import torch
 from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, dmgr_sample, initial_noise, make_generators
+from dmgr.synth.engine import randomised_unet
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "dmgr-reference"
 FIXTURE = FIXTURE_DIR / "tiny-64px-100steps.pt"
@@ -71,18 +72,6 @@ def presets(window: int) -> dict[str, Preset]:
     return found
 
 
-def randomise(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Non-zero weights (a fresh guided-diffusion UNet outputs zeros): normal(0, std), norm scales around 1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            noise = torch.randn(param.shape, generator=generator) * std
-            norm_scale = name.endswith("weight") and param.dim() == 1 and "norm" in type(module).__name__.lower()
-            param.copy_(noise + 1 if norm_scale else noise)
-    return model
-
-
 def load_models(weights: str) -> tuple[torch.nn.Module, torch.nn.Module, str]:
     if weights == "fixture" or (weights == "auto" and FIXTURE.is_file()):
         if not FIXTURE.is_file():
@@ -94,8 +83,8 @@ def load_models(weights: str) -> tuple[torch.nn.Module, torch.nn.Module, str]:
             model.load_state_dict(ref[f"{which}_state_dict"], strict=True)
             models.append(model.eval())
         return models[0], models[1], f"trained fixture weights ({FIXTURE.name})"
-    global_model = randomise(build_unet(GLOBAL_CONFIG), 1).eval()
-    local_model = randomise(build_unet(LOCAL_CONFIG), 2).eval()
+    global_model = randomised_unet(GLOBAL_CONFIG, 1)
+    local_model = randomised_unet(LOCAL_CONFIG, 2)
     return global_model, local_model, "random non-zero weights"
 
 
