@@ -6,7 +6,6 @@ The project format is a safetensors file whose metadata holds the UNet config as
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dmgr.digest import sha256_file
 from dmgr.models.unet import UNetConfig, UNetModel, build_unet
 
 CONFIG_KEY = "dmgr.unet_config"
@@ -117,9 +117,4 @@ def load_unet(
     return model.to(device).eval()
 
 
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+file_digest = sha256_file  # a checkpoint's digest, as recorded in sample metadata
