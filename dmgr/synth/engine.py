@@ -14,9 +14,9 @@ from dmgr.diffusion import Diffusion, make_diffusion
 from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.sampler import PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
-from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask
+from dmgr.sampler.masks import MASK_METHODS, bounding_box, diff_mask, gate_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
-from dmgr.synth.plan import SamplePlan
+from dmgr.synth.plan import PASTE_STREAM, SamplePlan
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,30 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
     return Engine(global_model, local_model, diffusion, {"global": global_digest, "local": local_digest}, device)
 
 
+def _mask_image(mask: torch.Tensor) -> Image.Image:
+    return Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255)
+
+
+def paste_local_sample(
+    engine: Engine, spec: RunSpec, plans: list[SamplePlan], twin: torch.Tensor, windows: torch.Tensor
+) -> torch.Tensor:
+    """The no-rectification baseline: a plain local-model DDIM sample of each plan's class pasted into
+    the defect-free twin at the window (the local noise comes from its own per-seed generator)."""
+    w = spec.dataset.window_size
+    generators = make_generators([p.seed + PASTE_STREAM for p in plans])
+    patches = ddim_sample(
+        engine.local_model,
+        engine.diffusion,
+        initial_noise(generators, (3, w, w), engine.device),
+        y=torch.tensor([p.class_id for p in plans], device=engine.device),
+        precision=spec.precision,
+    )
+    pasted = twin.clone()
+    for i, (x, y) in enumerate(p.window for p in plans):
+        pasted[i, :, y : y + w, x : x + w] = patches[i]
+    return pasted
+
+
 def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
     """One sampler call for a batch of plans; returns webdataset samples (seed + members)."""
     d, size, w = spec.dataset, spec.dataset.image_size, spec.dataset.window_size
@@ -86,13 +110,23 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
         precision=spec.precision,
         record_process=spec.extras.get("grid", False),
     )
+    all_masks, paste = spec.extras.get("masks", False), spec.extras.get("paste", False)
     twin = None
-    if spec.mask_method == "diff" or spec.extras.get("twin", False):
+    if spec.mask_method == "diff" or all_masks or paste or spec.extras.get("twin", False):
         twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
-    if spec.mask_method == "diff":
-        masks = diff_mask(result.image, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
-    else:
-        masks = gate_mask(size, size, windows, w, spec.sampler.gate_radius, result.gate_falloff)
+    methods = MASK_METHODS if all_masks else (spec.mask_method,)
+    masks_by_method = {}
+    for method in methods:
+        if method == "diff":
+            masks_by_method[method] = diff_mask(result.image, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
+        else:
+            masks_by_method[method] = gate_mask(size, size, windows, w, spec.sampler.gate_radius, result.gate_falloff)
+    masks = masks_by_method[spec.mask_method]
+    pasted = paste_masks = None
+    if paste:
+        pasted = paste_local_sample(engine, spec, plans, twin, windows)
+        paste_masks = diff_mask(pasted, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
+        pasted = to_uint8(pasted)
     images = to_uint8(result.image)
     crops = to_uint8(result.crop)
     twins = to_uint8(twin) if twin is not None else None
@@ -125,7 +159,7 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
         sample = {
             "seed": plan.seed,
             "png": Image.fromarray(images[i]),
-            "mask.png": Image.fromarray(mask.numpy().astype(np.uint8) * 255),
+            "mask.png": _mask_image(mask),
             "json": meta,
         }
         if spec.extras.get("crop", False):
@@ -134,5 +168,11 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
             sample["twin.png"] = Image.fromarray(twins[i])
         if grids is not None:
             sample["grid.png"] = Image.fromarray(grids[i])
+        if all_masks:
+            for method, method_masks in masks_by_method.items():
+                sample[f"mask_{method}.png"] = _mask_image(method_masks[i, 0])
+        if pasted is not None:
+            sample["paste.png"] = Image.fromarray(pasted[i])
+            sample["paste_mask.png"] = _mask_image(paste_masks[i, 0])
         samples.append(sample)
     return samples

@@ -13,6 +13,7 @@ import torch
 from dmgr.synth.config import DatasetSpec
 
 PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM; the noise generator's is seed
+PASTE_STREAM = 2 << 40  # the paste baseline's local-model noise (extras.paste)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dmgr.sampler.masks import MASK_METHODS
 from dmgr.shards import ShardWriter, shard_path, verify_shard
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import Engine, generate
@@ -30,6 +31,10 @@ class WorkerStats:
 
 def expected_members(spec: RunSpec) -> tuple[str, ...]:
     extra = [f"{name}.png" for name in ("crop", "twin", "grid") if spec.extras.get(name, False)]
+    if spec.extras.get("masks", False):
+        extra += [f"mask_{method}.png" for method in MASK_METHODS]
+    if spec.extras.get("paste", False):
+        extra += ["paste.png", "paste_mask.png"]
     return ("png", "mask.png", "json", *extra)
 
 
