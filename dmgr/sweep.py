@@ -69,7 +69,7 @@ def metric_names(rows: list[dict]) -> list[str]:
     return names
 
 
-def _colour(fraction: float) -> tuple[int, int, int]:
+def colour(fraction: float) -> tuple[int, int, int]:
     fraction = min(max(fraction, 0.0), 1.0) * (len(VIRIDIS) - 1)
     i = min(int(fraction), len(VIRIDIS) - 2)
     a, b, f = VIRIDIS[i], VIRIDIS[i + 1], fraction - i
@@ -97,9 +97,9 @@ def heatmap(rows: list[dict], metric: str, path: Path, cell: int = 72) -> None:
                 draw.rectangle(box, fill=(220, 220, 220))
                 draw.text((box[0] + 6, box[1] + cell // 2 - 6), "skipped", fill=(90, 90, 90))
                 continue
-            colour = _colour((value - lo) / (hi - lo) if hi > lo else 0.5)
-            draw.rectangle(box, fill=colour)
-            ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+            fill = colour((value - lo) / (hi - lo) if hi > lo else 0.5)
+            draw.rectangle(box, fill=fill)
+            ink = (0, 0, 0) if sum(fill) > 380 else (255, 255, 255)
             draw.text((box[0] + 6, box[1] + cell // 2 - 6), f"{value:.4g}", fill=ink)
     image.save(path)
 

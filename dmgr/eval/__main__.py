@@ -1,0 +1,3 @@
+from dmgr.eval.app import main
+
+main()

@@ -1,0 +1,175 @@
+"""`python -m dmgr.eval`: sample metrics of a run, or the downstream benchmark over several sources.
+
+python -m dmgr.eval samples outputs/<run>                      -> outputs/<run>/eval/samples.{md,json,png}
+python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from dmgr.eval.classifier import ClassifierSettings, load_or_train
+from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
+from dmgr.eval.report import write_downstream_report, write_sample_report
+from dmgr.eval.samples import quality_block, real_reference, sample_metrics
+from dmgr.eval.segment import SegmentSettings
+from dmgr.eval.shards import first_sample, read_run
+from dmgr.sampler.masks import MASK_METHODS
+from dmgr.shards.manifest import write_json_atomic
+
+log = logging.getLogger("dmgr.eval")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = PROJECT_ROOT / "outputs" / "eval-cache"
+
+
+def evaluate_samples(
+    run_dir: Path,
+    out_dir: Path | None = None,
+    cache: Path = DEFAULT_CACHE,
+    classifier: ClassifierSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample metrics of a run, written to out_dir (default RUN/eval); returns the metric sets."""
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    first = first_sample(run_dir)
+    size, box = first["png"].size[0], first["json"]["window_box"]
+    settings = classifier or ClassifierSettings(image_size=size, window=box[2] - box[0])
+    model, record = load_or_train(settings, cache, progress)
+    optional = [k for k in ("paste.png", "twin.png") if k in first]
+    synth = read_run(run_dir, images=tuple(optional))
+    real = real_reference(settings.image_size, settings.window)
+    sets = sample_metrics(synth, model, real)
+    written = write_sample_report(Path(out_dir) if out_dir else run_dir / "eval", run_dir, sets, record)
+    log.info("sample metrics of %d images in %.0f s: %s", len(synth), time.perf_counter() - start, written["markdown"])
+    return sets
+
+
+def record_quality(run_dir: Path, sets: dict) -> None:
+    """Add the run's sample metrics to its manifest (`quality`), where the sweep report finds them."""
+    path = Path(run_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["quality"] = quality_block(sets)
+    write_json_atomic(path, manifest)
+
+
+def _named_run(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--run wants NAME=RUN_DIR (e.g. fast=outputs/run), got {text!r}")
+    if not (Path(path) / "shards").is_dir():
+        raise argparse.ArgumentTypeError(f"--run {text}: {path}/shards does not exist; synthesise it first")
+    return name, Path(path)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds wants comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds wants distinct integers, got {text!r}")
+    return seeds
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dmgr.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the patch classifier is cached")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("samples", help="sample metrics of one synthesis run")
+    s.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
+    s.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
+    s.add_argument("--record", action="store_true", help="also write the metrics into RUN_DIR/manifest.json quality")
+    d = sub.add_parser("downstream", help="train the same segmenter on each source, test on real boards")
+    d.add_argument(
+        "--run",
+        type=_named_run,
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="a DMGR run (synthesised with extras.masks=true; the first with extras.paste=true too)",
+    )
+    d.add_argument("--out", type=Path, default=Path("outputs/eval/downstream"), help="report folder")
+    d.add_argument("--n", type=_positive, default=64, help="training pairs per source")
+    d.add_argument("--real-small", type=_positive, default=8, help="the user's few real images")
+    d.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="segmenter seeds, e.g. 0,1,2")
+    d.add_argument("--steps", type=_positive, default=SegmentSettings.steps, help="training steps per model")
+    d.add_argument("--batch-size", type=_positive, default=SegmentSettings.batch_size)
+    d.add_argument("--width", type=_positive, default=SegmentSettings.width, help="U-Net base channels (>= 4)")
+    d.add_argument("--test-defective", type=_positive, default=180, help="held-out real defective test boards")
+    d.add_argument("--test-clean", type=_positive, default=60, help="held-out real clean test boards")
+    d.add_argument("--mask-default", choices=MASK_METHODS, default="diff", help="mask of the real+DMGR mix")
+    return p
+
+
+def mask_winners(results: dict) -> dict[str, dict]:
+    """Per DMGR run: the mask method with the best mean pixel AP (and its margin)."""
+    winners = {}
+    runs = {name.split("/")[0] for name in results["sources"] if name.startswith("dmgr-")}
+    for run in sorted(runs):
+        scores = {
+            m: results["sources"][f"{run}/{m}"]["pixel_ap"]["mean"]
+            for m in MASK_METHODS
+            if f"{run}/{m}" in results["sources"]
+        }
+        if len(scores) > 1:
+            best = max(scores, key=scores.get)
+            winners[run] = {"best": best, "pixel_ap": scores}
+    return winners
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    args = parser().parse_args(argv)
+    progress = not args.quiet
+    if args.command == "samples":
+        if not (args.run_dir / "shards").is_dir():
+            parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
+        sets = evaluate_samples(args.run_dir, args.out, args.cache, progress=progress)
+        if args.record:
+            record_quality(args.run_dir, sets)
+        print(json.dumps(quality_block(sets)))
+        return
+    if args.width < 4 or args.width % 4:
+        parser().error(f"--width must be a multiple of 4 (GroupNorm groups), got {args.width}")
+    settings = DownstreamSettings(
+        n=args.n,
+        real_small=args.real_small,
+        seeds=args.seeds,
+        test_defective=args.test_defective,
+        test_clean=args.test_clean,
+        segment=SegmentSettings(steps=args.steps, batch_size=args.batch_size, width=args.width),
+    )
+    runs = dict(args.run)
+    if runs:
+        first = first_sample(next(iter(runs.values())))
+        box = first["json"]["window_box"]
+        settings = replace(settings, image_size=first["png"].size[0], window=box[2] - box[0])
+    sources = build_sources(runs, settings, args.mask_default)
+    results = run_benchmark(sources, settings, progress)
+    results["mask_winners"] = mask_winners(results)
+    command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    written = write_downstream_report(args.out, results, command, sources)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

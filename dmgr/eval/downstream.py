@@ -1,0 +1,129 @@
+"""The downstream benchmark: train the same segmenter on N pairs from each source, test on real boards.
+
+Sources (each gives N (image, mask) pairs; every one trains with the same steps and batch size):
+  dmgr-<run>/<mask>   a synthesis run's images with each mask method it wrote (extras.masks=true)
+  paste               the first run's no-rectification baseline (extras.paste=true)
+  cut-paste           real defect patches pasted into real defect-free boards
+  perlin              DRAEM-style Perlin anomalies on real defect-free boards
+  real-small          the few real defective boards a user has (`real_small` of them)
+  real-small+dmgr-... those plus the N pairs of the mixing run's default mask
+  real-N              N real defective boards: the ceiling, what real data of the same size gives
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dmgr.eval.real import USER, Boards, defective_boards, test_boards
+from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
+from dmgr.eval.shards import first_sample, read_run
+from dmgr.eval.sources import cut_paste, perlin_anomalies
+from dmgr.sampler.masks import MASK_METHODS
+
+log = logging.getLogger(__name__)
+SCALARS = ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou")
+
+
+@dataclass(frozen=True)
+class DownstreamSettings:
+    n: int = 64  # training pairs per source
+    real_small: int = 8  # the user's few real images
+    seeds: tuple[int, ...] = (0, 1, 2)  # segmenter initialisation and batch order
+    test_defective: int = 180
+    test_clean: int = 60
+    image_size: int = 64
+    window: int = 16
+    margin: int = 5
+    segment: SegmentSettings = field(default_factory=SegmentSettings)
+
+
+def _concat(*parts: Boards) -> Boards:
+    return Boards(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "masks", "classes")))
+
+
+def build_sources(runs: dict[str, Path], settings: DownstreamSettings, mask_default: str = "diff") -> dict[str, Boards]:
+    """Every source's N training pairs. `runs` maps a name (e.g. fast, paper) to a run directory; the
+    first run also gives the paste baseline and the real+DMGR mix (with `mask_default` masks)."""
+    n, size = settings.n, settings.image_size
+    sources: dict[str, Boards] = {}
+    for i, (name, run_dir) in enumerate(runs.items()):
+        first = first_sample(run_dir)
+        masks = tuple(f"mask_{m}.png" for m in MASK_METHODS if f"mask_{m}.png" in first)
+        paste = ("paste.png",) if i == 0 and "paste.png" in first else ()
+        run = read_run(run_dir, images=paste, masks=masks + (("paste_mask.png",) if paste else ()), limit=n)
+        if len(run) < n:
+            raise ValueError(f"{run_dir} holds {len(run)} samples, the benchmark needs n={n}")
+        if settings.image_size != run.images.shape[-1] or settings.window != run.window_size:
+            raise ValueError(
+                f"{run_dir}: {run.images.shape[-1]} px images, {run.window_size} px windows; "
+                f"the benchmark is set for {settings.image_size} / {settings.window}"
+            )
+        by_method = {m: run.masks_by_key[f"mask_{m}.png"] for m in MASK_METHODS if f"mask_{m}.png" in masks}
+        if not by_method:  # a run without extras.masks: its one mask, under its own method
+            by_method = {first["json"]["mask_method"]: run.masks}
+        for method, mask in by_method.items():
+            sources[f"dmgr-{name}/{method}"] = Boards(run.images, mask, run.classes)
+        if paste:
+            sources["paste"] = Boards(run.members["paste.png"], run.masks_by_key["paste_mask.png"], run.classes)
+        if i == 0:
+            mix_key = f"dmgr-{name}/{mask_default if mask_default in by_method else next(iter(by_method))}"
+    sources["cut-paste"] = cut_paste(n, size, settings.window, settings.margin)
+    sources["perlin"] = perlin_anomalies(n, size)
+    small = defective_boards(USER, settings.real_small, size)
+    sources["real-small"] = small
+    if runs:
+        sources[f"real-small+{mix_key}"] = _concat(small, sources[mix_key])
+    sources[f"real-{n}"] = defective_boards(USER, n, size)
+    return sources
+
+
+def _summary(runs: list[dict]) -> dict:
+    def stats(values: list[float]) -> dict:
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0}
+
+    out = {k: stats([r[k] for r in runs]) for k in SCALARS}
+    out["iou"] = {c: stats([r["iou"][c] for r in runs]) for c in runs[0]["iou"]}
+    return out
+
+
+def run_benchmark(sources: dict[str, Boards], settings: DownstreamSettings, progress: bool = True) -> dict:
+    """Train and test every source with every seed; returns per-seed scores and mean/std per source."""
+    test = test_boards(settings.test_defective, settings.test_clean, settings.image_size)
+    results = {}
+    bar = tqdm(total=len(sources) * len(settings.seeds), desc="downstream", unit="model", disable=not progress)
+    for name, train in sources.items():
+        runs = []
+        for seed in settings.seeds:
+            start = time.perf_counter()
+            model = train_segmenter(train, settings.segment, seed)
+            scores = detection_scores(predict_maps(model, test.images), test, settings.segment.threshold)
+            runs.append({"seed": seed, **scores, "seconds": round(time.perf_counter() - start, 1)})
+            bar.update(1)
+        results[name] = {
+            "pairs": len(train),
+            "mask_fraction": float(train.masks.float().mean()),
+            "runs": runs,
+            **_summary(runs),
+        }
+        log.info(
+            "%-28s pixel AP %.3f  image AUROC %.3f  mIoU %.3f (%d seeds, %.0f s per model)",
+            name,
+            results[name]["pixel_ap"]["mean"],
+            results[name]["image_auroc"]["mean"],
+            results[name]["mean_iou"]["mean"],
+            len(runs),
+            sum(r["seconds"] for r in runs) / len(runs),
+        )
+    bar.close()
+    return {
+        "settings": asdict(settings),
+        "test": {"defective": settings.test_defective, "clean": settings.test_clean},
+        "sources": results,
+    }

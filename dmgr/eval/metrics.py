@@ -1,0 +1,134 @@
+"""Evaluation metrics as plain functions of tensors: kernel distance, seams, diversity, detection scores."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kid(x: torch.Tensor, y: torch.Tensor, subsets: int = 50, subset_size: int = 100, seed: int = 0) -> dict:
+    """Kernel Inception Distance between feature sets x (n, d) and y (m, d), in any feature space.
+
+    The unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018),
+    averaged over `subsets` random subsets of min(subset_size, n, m) rows each; returns mean and std.
+    Two samples of one distribution give ~0 (it can go slightly negative); a shift makes it grow.
+    """
+    x, y = x.double(), y.double()
+    size = min(subset_size, len(x), len(y))
+    if size < 2:
+        raise ValueError(f"kid needs at least 2 feature rows on each side, got {len(x)} and {len(y)}")
+    d = x.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(len(x), generator=g)[:size]]
+        b = y[torch.randperm(len(y), generator=g)[:size]]
+        k_aa, k_bb, k_ab = ((a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3)
+        off = size * (size - 1)
+        mmd = (k_aa.sum() - k_aa.diagonal().sum()) / off + (k_bb.sum() - k_bb.diagonal().sum()) / off
+        values.append(float(mmd - 2 * k_ab.mean()))
+    values_t = torch.tensor(values)
+    return {"mean": float(values_t.mean()), "std": float(values_t.std()) if subsets > 1 else 0.0}
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    return images.float().mean(dim=1)
+
+
+def _across(img: torch.Tensor, x: int, y: int, size: int, shift: int) -> list[torch.Tensor]:
+    """Squared differences across the window's four edges moved by `shift` px (edges outside dropped)."""
+    height, width = img.shape
+    out = []
+    for col in (x + shift, x + size + shift):
+        if 1 <= col < width:
+            out.append((img[y : y + size, col] - img[y : y + size, col - 1]) ** 2)
+    for row in (y + shift, y + size + shift):
+        if 1 <= row < height:
+            out.append((img[row, x : x + size] - img[row - 1, x : x + size]) ** 2)
+    return out
+
+
+def seam_energies(
+    images: torch.Tensor, windows: torch.Tensor, size: int, offsets: tuple[int, ...] = (2, 3)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,), (B,): gradient energy across each window's border, and across parallel lines nearby.
+
+    images (B, C, H, W); windows (B, 2) top-left (x, y); size the window side. The energy across a
+    vertical line at column c is the mean of (I[:, c] - I[:, c - 1])^2 over the window's rows, likewise
+    for rows. The border lines are the window's four edges; the nearby lines are the edges moved
+    `offsets` pixels in and out (kept inside the image).
+    """
+    gray = _gray(images)
+    border, nearby = [], []
+    for img, (x, y) in zip(gray, windows.tolist()):
+        border.append(torch.cat(_across(img, x, y, size, 0)).mean())
+        nearby.append(torch.cat([t for o in offsets for s in (o, -o) for t in _across(img, x, y, size, s)]).mean())
+    return torch.stack(border), torch.stack(nearby)
+
+
+def seam_ratio(images: torch.Tensor, windows: torch.Tensor, size: int) -> float:
+    """Gradient energy across the window borders over that across lines nearby, pooled over the set.
+
+    Untouched images score ~1; a pasted patch whose content does not continue its surroundings leaves
+    a frame and scores well above 1. Pooled (ratio of sums), so flat images cannot blow it up.
+    """
+    border, nearby = seam_energies(images, windows, size)
+    return float(border.sum() / nearby.sum().clamp(min=1e-12))
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    """Mean Euclidean distance over all pairs of rows (the diversity of a set; 0 for identical rows)."""
+    if len(features) < 2:
+        return float("nan")
+    distances = torch.cdist(features.double(), features.double())
+    n = len(features)
+    return float(distances.sum() / (n * (n - 1)))
+
+
+def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """(rows, columns) int64 counts: entry [t, p] counts samples of target t predicted as p."""
+    flat = targets.long() * columns + predictions.long()
+    return torch.bincount(flat, minlength=rows * columns).reshape(rows, columns)
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (ties counted half), via ranks; nan without both labels present."""
+    scores, labels = scores.flatten().double(), labels.flatten().bool()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    if len(unique) < len(scores):  # average the ranks of tied scores
+        first = torch.cumsum(counts, 0) - counts + 1
+        mean_rank = first + (counts - 1) / 2
+        ranks[order] = mean_rank[inverse].double()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Average precision (area under precision-recall, step-wise, as scikit-learn computes it)."""
+    scores, labels = scores.flatten().double(), labels.flatten().bool()
+    positives = int(labels.sum())
+    if positives == 0:
+        return float("nan")
+    order = torch.argsort(scores, descending=True)
+    sorted_scores, sorted_labels = scores[order], labels[order].double()
+    true_pos = torch.cumsum(sorted_labels, 0)
+    # thresholds sit at the last index of each run of equal scores
+    last = torch.ones_like(sorted_scores, dtype=torch.bool)
+    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    tp = true_pos[last]
+    predicted = torch.arange(1, len(scores) + 1, dtype=torch.float64)[last]
+    precision = tp / predicted
+    recall = tp / positives
+    previous = torch.cat([torch.zeros(1, dtype=torch.float64), recall[:-1]])
+    return float(((recall - previous) * precision).sum())
+
+
+def intersection_union(prediction: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """Pixel counts (|P & T|, |P | T|) of two bool masks."""
+    prediction, target = prediction.bool(), target.bool()
+    return int((prediction & target).sum()), int((prediction | target).sum())

@@ -1,0 +1,196 @@
+"""Evaluation reports: markdown + JSON + PNG, written next to what they evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.eval.real import PATCH_CLASSES, Boards
+from dmgr.images import to_uint8
+from dmgr.sweep import colour
+
+SAMPLE_COLUMNS = [  # (key, header)
+    ("class_accuracy", "class accuracy (higher)"),
+    ("classified_clean", "read as clean (lower)"),
+    ("kid_defect", "KID defect (lower)"),
+    ("kid_background", "KID background (lower)"),
+    ("seam_ratio", "seam ratio (real ~ 1)"),
+    ("diversity_ratio", "diversity / real (~1)"),
+    ("background_change_vs_twin", "change outside window vs twin"),
+]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def confusion_png(confusion: list[list[int]], path: Path, title: str, cell: int = 44) -> None:
+    """Rows: requested class; columns: what the classifier read (6 defects + clean); row-normalised colour."""
+    left, top = 110, 96
+    rows, cols = len(confusion), len(confusion[0])
+    image = Image.new("RGB", (left + cols * cell + 10, top + rows * cell + 10), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), title, fill=(0, 0, 0))
+    draw.text((4, 20), "rows: requested class, columns: classifier", fill=(0, 0, 0))
+    for j, name in enumerate(PATCH_CLASSES[:cols]):
+        draw.text((left + j * cell + 2, top - 16 - 12 * (j % 2)), name[:8], fill=(0, 0, 0))
+    for i, row in enumerate(confusion):
+        total = max(sum(row), 1)
+        draw.text((4, top + i * cell + cell // 2 - 6), CLASS_NAMES[i], fill=(0, 0, 0))
+        for j, count in enumerate(row):
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
+            fill = colour(count / total)
+            draw.rectangle(box, fill=fill)
+            draw.text((box[0] + 6, box[1] + cell // 2 - 6), str(count), fill=(0, 0, 0) if sum(fill) > 380 else "white")
+    image.save(path)
+
+
+def write_sample_report(out_dir: Path, run_dir: Path, sets: dict, classifier: dict) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / "samples.json", "markdown": out_dir / "samples.md"}
+    written["json"].write_text(json.dumps({"run": str(run_dir), "classifier": classifier, "sets": sets}, indent=1))
+    lines = [
+        f"# Sample metrics: {run_dir}",
+        "",
+        f"{sets['dmgr']['count']} synthesised images. Features and class reads come from the patch classifier "
+        f"(held-out accuracy {classifier['validation_accuracy']:.3f} on real procedural patches). "
+        "`real` is held-out real data scored the same way: the value a perfect generator reaches.",
+        "",
+        "| set | " + " | ".join(h for _, h in SAMPLE_COLUMNS) + " |",
+        "|---|" + "---|" * len(SAMPLE_COLUMNS),
+    ]
+    lines += [
+        "| " + name + " | " + " | ".join(_fmt(s.get(k)) for k, _ in SAMPLE_COLUMNS) + " |" for name, s in sets.items()
+    ]
+    lines += [
+        "",
+        "Class accuracy per requested class:",
+        "",
+        "| set | " + " | ".join(CLASS_NAMES) + " |",
+        "|---|" + "---|" * len(CLASS_NAMES),
+    ]
+    for name, s in sets.items():
+        if "per_class_accuracy" in s:
+            lines.append(f"| {name} | " + " | ".join(_fmt(s["per_class_accuracy"][c]) for c in CLASS_NAMES) + " |")
+    for name, s in sets.items():
+        if "confusion" in s:
+            path = out_dir / f"confusion-{name}.png"
+            confusion_png(s["confusion"], path, f"{name}: class fidelity")
+            written[f"confusion-{name}"] = path
+            lines += ["", f"![{name} confusion]({path.name})"]
+    written["markdown"].write_text("\n".join(lines) + "\n")
+    return written
+
+
+def _pm(stats: dict) -> str:
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def bar_chart(results: dict, metric: str, path: Path, width: int = 360) -> None:
+    """One horizontal bar per source: the mean over seeds, with a line for +- one std."""
+    names = list(results)
+    left, row = 230, 22
+    image = Image.new("RGB", (left + width + 70, 30 + row * len(names)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), f"{metric} (mean ± std over seeds)", fill=(0, 0, 0))
+    for i, name in enumerate(names):
+        stats = results[name][metric]
+        y = 26 + i * row
+        draw.text((4, y + 4), name, fill=(0, 0, 0))
+        mean, std = max(stats["mean"], 0.0), stats["std"]
+        draw.rectangle(
+            [left, y + 2, left + int(width * min(mean, 1.0)), y + row - 4],
+            fill=(33, 145, 140) if name.startswith("dmgr") else (150, 150, 150),
+        )
+        lo, hi = left + int(width * max(mean - std, 0)), left + int(width * min(mean + std, 1))
+        draw.line([lo, y + row // 2 - 1, hi, y + row // 2 - 1], fill=(0, 0, 0), width=2)
+        draw.text((left + width + 6, y + 4), f"{stats['mean']:.3f}", fill=(0, 0, 0))
+    image.save(path)
+
+
+def examples_png(sources: dict[str, Boards], path: Path, per_source: int = 6, scale: int = 2) -> None:
+    """One row per source: its first training pairs, mask outlined in red."""
+    size = next(iter(sources.values())).images.shape[-1] * scale
+    left = 230
+    image = Image.new("RGB", (left + per_source * (size + 4), len(sources) * (size + 4)), "white")
+    draw = ImageDraw.Draw(image)
+    for r, (name, boards) in enumerate(sources.items()):
+        draw.text((4, r * (size + 4) + size // 2 - 6), name, fill=(0, 0, 0))
+        count = min(per_source, len(boards))
+        pictures = to_uint8(boards.images[:count])
+        for c in range(count):
+            picture = pictures[c].copy()
+            mask = boards.masks[c, 0].numpy()
+            edge = mask & ~_erode(mask)
+            picture[edge] = (255, 0, 0)
+            tile = Image.fromarray(picture).resize((size, size), Image.NEAREST)
+            image.paste(tile, (left + c * (size + 4), r * (size + 4)))
+    image.save(path)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    return padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+
+
+def write_downstream_report(
+    out_dir: Path, results: dict, command: str, sources: dict[str, Boards] | None = None
+) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / "downstream.json", "markdown": out_dir / "downstream.md"}
+    written["json"].write_text(json.dumps({"command": command, **results}, indent=1))
+    by_source = results["sources"]
+    s = results["settings"]
+    lines = [
+        "# Downstream benchmark",
+        "",
+        f"`{command}`",
+        "",
+        f"The same U-Net (width {s['segment']['width']}) trained {s['segment']['steps']} steps at batch "
+        f"{s['segment']['batch_size']} on the pairs of each source; tested on {results['test']['defective']} held-out "
+        f"real defective boards and {results['test']['clean']} clean ones. Mean ± std over seeds {list(s['seeds'])}.",
+        "",
+        "| source | pairs | pixel AUROC | pixel AP | image AUROC | mean IoU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in by_source.items():
+        lines.append(
+            f"| {name} | {r['pairs']} | {_pm(r['pixel_auroc'])} | {_pm(r['pixel_ap'])} | "
+            f"{_pm(r['image_auroc'])} | {_pm(r['mean_iou'])} |"
+        )
+    lines += [
+        "",
+        "IoU per defect class (threshold " + str(s["segment"]["threshold"]) + "):",
+        "",
+        "| source | " + " | ".join(CLASS_NAMES) + " |",
+        "|---|" + "---|" * len(CLASS_NAMES),
+    ]
+    for name, r in by_source.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['iou'][c]['mean']:.3f}" for c in CLASS_NAMES) + " |")
+    winners = results.get("mask_winners") or {}
+    if winners:
+        lines += ["", "Mask methods (same images, different masks; best mean pixel AP):", ""]
+        for run, w in winners.items():
+            scores = ", ".join(f"{m} {v:.3f}" for m, v in w["pixel_ap"].items())
+            lines.append(f"- {run}: **{w['best']}** ({scores})")
+    for metric in ("pixel_ap", "image_auroc", "pixel_auroc"):
+        path = out_dir / f"downstream-{metric}.png"
+        bar_chart(by_source, metric, path)
+        written[metric] = path
+        lines += ["", f"![{metric}]({path.name})"]
+    if sources:
+        path = out_dir / "training-pairs.png"
+        examples_png(sources, path)
+        written["examples"] = path
+        lines += ["", "Training pairs (mask outlined in red):", "", f"![training pairs]({path.name})"]
+    written["markdown"].write_text("\n".join(lines) + "\n")
+    return written

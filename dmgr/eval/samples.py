@@ -1,0 +1,146 @@
+"""Sample metrics of a synthesis run: class fidelity, realism (KID), seams, diversity, background.
+
+Everything is measured in the patch classifier's feature space against real procedural data, and the
+same numbers are computed for real data itself (the floor a perfect generator would reach) and, where
+the run wrote them, for the no-rectification paste baseline (`extras.paste`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.eval.classifier import PatchClassifier, predict
+from dmgr.eval.metrics import confusion_matrix, kid, mean_pairwise_distance, seam_ratio
+from dmgr.eval.real import CLEAN, VALIDATION, Patches, clean_boards, defect_patches, defective_boards
+from dmgr.eval.shards import SynthSet, crop_windows, outside_tiles
+
+# the numbers a sweep report shows per run (manifest "quality"), from the DMGR images
+QUALITY_KEYS = ("class_accuracy", "kid_defect", "kid_background", "seam_ratio", "diversity_ratio")
+
+
+@dataclass
+class RealReference:
+    """Held-out real data: defect patches (two halves), defect-free boards (two halves), defective boards."""
+
+    patches_a: Patches
+    patches_b: Patches
+    clean_a: torch.Tensor
+    clean_b: torch.Tensor
+    boards: torch.Tensor
+
+
+def real_reference(
+    image_size: int, window: int, per_class: int = 100, boards: int = 64, jitter: int = 3
+) -> RealReference:
+    """Real data from the VALIDATION stream (never trained on); per_class boards give one patch per class."""
+    patches = defect_patches(VALIDATION, per_class, image_size, window, jitter, seed=7)
+    defect = patches.labels != CLEAN
+    images, labels = patches.images[defect], patches.labels[defect]
+    half = len(labels) // 2
+    clean = clean_boards(VALIDATION + per_class, 2 * boards, image_size).images
+    real_boards = defective_boards(VALIDATION + per_class + 2 * boards, boards, image_size).images
+    none = torch.zeros(0)
+    return RealReference(
+        Patches(images[:half], none, labels[:half]),
+        Patches(images[half:], none, labels[half:]),
+        clean[:boards],
+        clean[boards:],
+        real_boards,
+    )
+
+
+def _diversity(features: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
+    return {name: mean_pairwise_distance(features[classes == c]) for c, name in enumerate(CLASS_NAMES)}
+
+
+def _mean(values) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def score_images(
+    classifier: PatchClassifier,
+    images: torch.Tensor,
+    windows: torch.Tensor,
+    classes: torch.Tensor,
+    window: int,
+    real: RealReference,
+    real_diversity: dict[str, float],
+) -> dict:
+    """All sample metrics of images (N, 3, H, W) whose window (x, y) was meant to hold class `classes`."""
+    logits, features = predict(classifier, crop_windows(images, windows, window))
+    predictions = logits.argmax(1)
+    _, real_features = predict(classifier, real.patches_a.images)
+    _, background = predict(classifier, outside_tiles(images, windows, window))
+    _, real_background = predict(classifier, outside_tiles(real.clean_a, None, window))
+    per_class_accuracy = {
+        name: float((predictions[classes == c] == c).float().mean()) if (classes == c).any() else float("nan")
+        for c, name in enumerate(CLASS_NAMES)
+    }
+    diversity = _diversity(features, classes)
+    return {
+        "count": len(images),
+        "class_accuracy": float((predictions == classes).float().mean()),
+        "classified_clean": float((predictions == CLEAN).float().mean()),
+        "per_class_accuracy": per_class_accuracy,
+        "confusion": confusion_matrix(classes, predictions, len(CLASS_NAMES), len(CLASS_NAMES) + 1).tolist(),
+        "kid_defect": kid(features, real_features)["mean"],
+        "kid_background": kid(background, real_background)["mean"],
+        "seam_ratio": seam_ratio(images, windows, window),
+        "diversity": _mean(diversity.values()),
+        "per_class_diversity": diversity,
+        "diversity_ratio": _mean(diversity[k] / real_diversity[k] for k in diversity if real_diversity[k] > 0),
+    }
+
+
+def score_real(classifier: PatchClassifier, real: RealReference, windows: torch.Tensor, window: int) -> dict:
+    """The same metrics for real data against real data: what a perfect generator would score."""
+    logits, features_b = predict(classifier, real.patches_b.images)
+    _, features_a = predict(classifier, real.patches_a.images)
+    _, background_a = predict(classifier, outside_tiles(real.clean_a, None, window))
+    _, background_b = predict(classifier, outside_tiles(real.clean_b, None, window))
+    boards = real.boards[: len(windows)]
+    diversity = _diversity(features_b, real.patches_b.labels)
+    return {
+        "count": len(real.patches_b.labels),
+        "class_accuracy": float((logits.argmax(1) == real.patches_b.labels).float().mean()),
+        "kid_defect": kid(features_b, features_a)["mean"],
+        "kid_background": kid(background_b, background_a)["mean"],
+        "seam_ratio": seam_ratio(boards, windows[: len(boards)], window),
+        "diversity": _mean(diversity.values()),
+        "per_class_diversity": diversity,
+        "diversity_ratio": 1.0,
+    }
+
+
+def sample_metrics(synth: SynthSet, classifier: PatchClassifier, real: RealReference) -> dict:
+    """Metrics of the run's DMGR images, the real reference and (when present) the paste baseline."""
+    w = synth.window_size
+    real_scores = score_real(classifier, real, synth.windows, w)
+    real_diversity = real_scores["per_class_diversity"]
+    sets = {"dmgr": score_images(classifier, synth.images, synth.windows, synth.classes, w, real, real_diversity)}
+    if "paste.png" in synth.members:
+        sets["paste"] = score_images(
+            classifier, synth.members["paste.png"], synth.windows, synth.classes, w, real, real_diversity
+        )
+    sets["real"] = real_scores
+    if "twin.png" in synth.members:
+        outside = ~_window_masks(synth.images.shape, synth.windows, w)
+        change = (synth.images - synth.members["twin.png"]).abs().mean(1, keepdim=True)
+        sets["dmgr"]["background_change_vs_twin"] = float(change[outside].mean())
+    return sets
+
+
+def _window_masks(shape: torch.Size, windows: torch.Tensor, size: int) -> torch.Tensor:
+    masks = torch.zeros(shape[0], 1, shape[2], shape[3], dtype=torch.bool)
+    for mask, (x, y) in zip(masks, windows.tolist()):
+        mask[:, y : y + size, x : x + size] = True
+    return masks
+
+
+def quality_block(sets: dict) -> dict[str, float]:
+    """The flat numbers the manifest's `quality` holds (and the sweep report tabulates)."""
+    return {key: sets["dmgr"][key] for key in QUALITY_KEYS}

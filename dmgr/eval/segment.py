@@ -1,0 +1,120 @@
+"""The downstream detector: a small U-Net that segments defect pixels, trained the same way on every
+source, and scored on the held-out real test boards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.eval.metrics import auroc, average_precision, intersection_union
+from dmgr.eval.real import Boards
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 3e-3
+    width: int = 16
+    threshold: float = 0.5  # probability above which a pixel counts as defect (IoU)
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.GroupNorm(4, cout),
+        nn.SiLU(),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.GroupNorm(4, cout),
+        nn.SiLU(),
+    )
+
+
+class SegNet(nn.Module):
+    """Three-level U-Net: (B, 3, H, W) in [-1, 1] -> (B, 1, H, W) defect logits (H, W divisible by 4)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+        self.enc1, self.enc2, self.enc3 = _double_conv(3, w), _double_conv(w, 2 * w), _double_conv(2 * w, 4 * w)
+        self.dec2, self.dec1 = _double_conv(6 * w, 2 * w), _double_conv(3 * w, w)
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        e3 = self.enc3(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.out(d1)
+
+
+def _augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    k = int(torch.randint(4, (1,), generator=g))
+    images, masks = torch.rot90(images, k, dims=(2, 3)), torch.rot90(masks, k, dims=(2, 3))
+    if torch.rand(1, generator=g) < 0.5:
+        images, masks = images.flip(3), masks.flip(3)
+    return images, masks
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice (defect pixels are ~1% of a board; Dice keeps them heard)."""
+    target = masks.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return bce + dice
+
+
+def train_segmenter(train: Boards, settings: SegmentSettings, seed: int) -> SegNet:
+    """The same budget for every source: `steps` batches of `batch_size` pairs drawn with replacement."""
+    if len(train) == 0:
+        raise ValueError("train_segmenter needs at least one (image, mask) pair")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SegNet(settings.width)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps)
+    model.train()
+    for _ in range(settings.steps):
+        idx = torch.randint(len(train), (settings.batch_size,), generator=g)
+        images, masks = _augment(train.images[idx], train.masks[idx], g)
+        loss = segmentation_loss(model(images), masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_maps(model: SegNet, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    return torch.cat([torch.sigmoid(model(chunk)) for chunk in images.split(batch)])
+
+
+def detection_scores(probabilities: torch.Tensor, test: Boards, threshold: float = 0.5) -> dict:
+    """Pixel AUROC and AP over every test pixel, image AUROC (score: the max of the 3x3-averaged map;
+    defective boards against clean ones), and IoU at `threshold` per defect class (pooled pixel counts)."""
+    image_scores = F.avg_pool2d(probabilities, 3, 1, 1).amax(dim=(1, 2, 3))
+    defective = test.classes >= 0
+    scores = {
+        "pixel_auroc": auroc(probabilities, test.masks),
+        "pixel_ap": average_precision(probabilities, test.masks),
+        "image_auroc": auroc(image_scores, defective),
+    }
+    predicted = probabilities > threshold
+    ious = {}
+    for c, name in enumerate(CLASS_NAMES):
+        pick = test.classes == c
+        if pick.any():
+            inter, union = intersection_union(predicted[pick], test.masks[pick])
+            ious[name] = inter / union if union else float("nan")
+    scores["iou"] = ious
+    finite = [v for v in ious.values() if v == v]
+    scores["mean_iou"] = sum(finite) / len(finite) if finite else float("nan")
+    return scores

@@ -1,0 +1,109 @@
+"""Read a synthesis run back through webdataset, the way a user's training code would."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from dmgr.eval.real import to_tensor
+
+
+@dataclass
+class SynthSet:
+    """A run's samples in seed order: images (N, 3, H, W) in [-1, 1], masks (N, 1, H, W) bool, windows
+    (N, 2) top-left (x, y), classes (N,), and any other image members asked for (same layout)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    windows: torch.Tensor
+    classes: torch.Tensor
+    window_size: int
+    seeds: list[int]
+    members: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks_by_key: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def shard_paths(run_dir: str | Path) -> list[str]:
+    """The run's shards: those the manifest lists (a finished run), else every tar under shards/."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifest.json"
+    if manifest.exists():
+        return [str(run_dir / "shards" / s["name"]) for s in json.loads(manifest.read_text())["shards"]]
+    paths = sorted(str(p) for p in (run_dir / "shards").glob("*.tar"))
+    if not paths:
+        raise FileNotFoundError(f"no shards in {run_dir}/shards: is this a dmgr synthesis run directory?")
+    return paths
+
+
+def first_sample(run_dir: str | Path) -> dict:
+    """The decoded first sample of a run's first shard (what the run was synthesised with)."""
+    for sample in wds.WebDataset(shard_paths(run_dir)[:1], shardshuffle=False).decode("pil"):
+        return sample
+    raise ValueError(f"{run_dir}: the first shard holds no samples")
+
+
+def _mask(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("L")) > 127)[None]
+
+
+def read_run(
+    run_dir: str | Path, images: tuple[str, ...] = (), masks: tuple[str, ...] = (), limit: int | None = None
+) -> SynthSet:
+    """Samples of a run through `webdataset.WebDataset`, sorted by seed.
+
+    `images` / `masks` name extra members to load (e.g. "twin.png", "paste.png" / "mask_gate.png");
+    a sample without one of them is an error that names the synth option that writes it.
+    """
+    rows = []
+    for sample in wds.WebDataset(shard_paths(run_dir), shardshuffle=False).decode("pil"):
+        for key in (*images, *masks):
+            if key not in sample:
+                option = key.split(".")[0].removeprefix("mask_").removesuffix("_mask")
+                raise KeyError(
+                    f"{run_dir}: sample {sample['__key__']} has no {key}; synthesise with extras.{option}=true"
+                )
+        rows.append(sample)
+    rows.sort(key=lambda s: s["json"]["seed"])
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise ValueError(f"{run_dir}: the shards hold no samples")
+    metas = [s["json"] for s in rows]
+    boxes = torch.tensor([m["window_box"] for m in metas])
+    return SynthSet(
+        images=to_tensor(np.stack([np.asarray(s["png"].convert("RGB")) for s in rows])),
+        masks=torch.stack([_mask(s["mask.png"]) for s in rows]),
+        windows=boxes[:, :2],
+        classes=torch.tensor([m["class_id"] for m in metas]),
+        window_size=int(boxes[0, 2] - boxes[0, 0]),
+        seeds=[m["seed"] for m in metas],
+        members={k: to_tensor(np.stack([np.asarray(s[k].convert("RGB")) for s in rows])) for k in images},
+        masks_by_key={k: torch.stack([_mask(s[k]) for s in rows]) for k in masks},
+    )
+
+
+def crop_windows(images: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, size, size) crops of images (N, C, H, W) at top-left windows (N, 2) (x, y)."""
+    return torch.stack([img[:, y : y + size, x : x + size] for img, (x, y) in zip(images, windows.tolist())])
+
+
+def outside_tiles(images: torch.Tensor, windows: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Every size x size tile of the image grid that does not overlap the sample's window."""
+    tiles = []
+    height, width = images.shape[2:]
+    for i, img in enumerate(images):
+        for y in range(0, height - size + 1, size):
+            for x in range(0, width - size + 1, size):
+                if windows is not None:
+                    wx, wy = windows[i].tolist()
+                    if x < wx + size and wx < x + size and y < wy + size and wy < y + size:
+                        continue
+                tiles.append(img[:, y : y + size, x : x + size])
+    return torch.stack(tiles)
