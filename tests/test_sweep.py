@@ -47,6 +47,7 @@ def test_report_heatmap_marks_missing_points(tmp_path):
             "config": {"schedule": {"T_s": t_s, "T_e": t_e}},
             "throughput": {"images_per_second": speed},
             "metrics": {"final_loss": 10.0 * job, "mask_area": 5, "mask_window_fraction": 0.1},
+            "quality": {"class_accuracy": 0.25 * job, "kid_defect": 0.1},  # from quality.enabled=true runs
         }))
         (sweep / str(job)).mkdir(parents=True)
         (sweep / str(job) / "result.json").write_text(json.dumps({"status": "done", "out_dir": str(run)}))
@@ -54,6 +55,8 @@ def test_report_heatmap_marks_missing_points(tmp_path):
     rows = list(csv.DictReader(open(written["csv"])))
     assert [(r["T_s"], r["T_e"], r["images_per_second"]) for r in rows] == [
         ("100", "20", "1.0"), ("100", "40", "2.0"), ("150", "20", "3.0")]
+    assert [float(r["class_accuracy"]) for r in rows] == [0.0, 0.25, 0.5]
+    assert "class_accuracy" in written["markdown"].read_text() and "heatmap-kid_defect" in written
     image = Image.open(written["heatmap-images_per_second"]).convert("RGB")
     colours = {image.getpixel((70 + 10 + 72 * j, 40 + 10 + 72 * i)) for i in range(2) for j in range(2)}
     assert (220, 220, 220) in colours, "the missing (150, 40) point is drawn grey"

@@ -97,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     s.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     s.add_argument("--record", action="store_true", help="also write the metrics into RUN_DIR/manifest.json quality")
+    s.add_argument("--classifier-steps", type=_positive, default=ClassifierSettings.steps)
+    s.add_argument(
+        "--classifier-boards",
+        type=_positive,
+        default=ClassifierSettings.per_class,
+        help="real boards per class the patch classifier trains on",
+    )
     d = sub.add_parser("downstream", help="train the same segmenter on each source, test on real boards")
     d.add_argument(
         "--run",
@@ -115,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--width", type=_positive, default=SegmentSettings.width, help="U-Net base channels (>= 4)")
     d.add_argument("--test-defective", type=_positive, default=180, help="held-out real defective test boards")
     d.add_argument("--test-clean", type=_positive, default=60, help="held-out real clean test boards")
+    d.add_argument("--jobs", type=_positive, default=1, help="models trained at once (processes of one thread)")
     d.add_argument("--mask-default", choices=MASK_METHODS, default="diff", help="mask of the real+DMGR mix")
     return p
 
@@ -136,13 +144,30 @@ def mask_winners(results: dict) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dmgr-eval: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str] | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     args = parser().parse_args(argv)
     progress = not args.quiet
     if args.command == "samples":
         if not (args.run_dir / "shards").is_dir():
             parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
-        sets = evaluate_samples(args.run_dir, args.out, args.cache, progress=progress)
+        first = first_sample(args.run_dir)
+        box = first["json"]["window_box"]
+        classifier = ClassifierSettings(
+            image_size=first["png"].size[0],
+            window=box[2] - box[0],
+            per_class=args.classifier_boards,
+            steps=args.classifier_steps,
+        )
+        sets = evaluate_samples(args.run_dir, args.out, args.cache, classifier, progress=progress)
         if args.record:
             record_quality(args.run_dir, sets)
         print(json.dumps(quality_block(sets)))
@@ -163,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         box = first["json"]["window_box"]
         settings = replace(settings, image_size=first["png"].size[0], window=box[2] - box[0])
     sources = build_sources(runs, settings, args.mask_default)
-    results = run_benchmark(sources, settings, progress)
+    results = run_benchmark(sources, settings, progress, args.jobs)
     results["mask_winners"] = mask_winners(results)
     command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     written = write_downstream_report(args.out, results, command, sources)

@@ -13,14 +13,16 @@ Sources (each gives N (image, mask) pairs; every one trains with the same steps 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dmgr.eval.real import USER, Boards, defective_boards, test_boards
+from dmgr.eval.real import USER, Boards, defective_boards, heldout_boards
 from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
 from dmgr.eval.shards import first_sample, read_run
 from dmgr.eval.sources import cut_paste, perlin_anomalies
@@ -93,19 +95,42 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def run_benchmark(sources: dict[str, Boards], settings: DownstreamSettings, progress: bool = True) -> dict:
-    """Train and test every source with every seed; returns per-seed scores and mean/std per source."""
-    test = test_boards(settings.test_defective, settings.test_clean, settings.image_size)
-    results = {}
-    bar = tqdm(total=len(sources) * len(settings.seeds), desc="downstream", unit="model", disable=not progress)
-    for name, train in sources.items():
-        runs = []
-        for seed in settings.seeds:
-            start = time.perf_counter()
-            model = train_segmenter(train, settings.segment, seed)
-            scores = detection_scores(predict_maps(model, test.images), test, settings.segment.threshold)
-            runs.append({"seed": seed, **scores, "seconds": round(time.perf_counter() - start, 1)})
+def _train_and_score(train: Boards, test: Boards, segment: SegmentSettings, seed: int, threads: int) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = train_segmenter(train, segment, seed)
+    scores = detection_scores(predict_maps(model, test.images), test, segment.threshold)
+    return {"seed": seed, **scores, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_benchmark(
+    sources: dict[str, Boards], settings: DownstreamSettings, progress: bool = True, jobs: int = 1
+) -> dict:
+    """Train and test every source with every seed; returns per-seed scores and mean/std per source.
+
+    `jobs` > 1 trains that many models at once in spawned processes of one thread each.
+    """
+    test = heldout_boards(settings.test_defective, settings.test_clean, settings.image_size)
+    tasks = [(name, seed) for name in sources for seed in settings.seeds]
+    bar = tqdm(total=len(tasks), desc="downstream", unit="model", disable=not progress)
+    done: dict[tuple[str, int], dict] = {}
+    if jobs <= 1:
+        for name, seed in tasks:
+            done[name, seed] = _train_and_score(sources[name], test, settings.segment, seed, 0)
             bar.update(1)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                pool.submit(_train_and_score, sources[n], test, settings.segment, s, 1): (n, s) for n, s in tasks
+            }
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update(1)
+    bar.close()
+    results = {}
+    for name, train in sources.items():
+        runs = [done[name, seed] for seed in settings.seeds]
         results[name] = {
             "pairs": len(train),
             "mask_fraction": float(train.masks.float().mean()),
@@ -121,7 +146,6 @@ def run_benchmark(sources: dict[str, Boards], settings: DownstreamSettings, prog
             len(runs),
             sum(r["seconds"] for r in runs) / len(runs),
         )
-    bar.close()
     return {
         "settings": asdict(settings),
         "test": {"defective": settings.test_defective, "clean": settings.test_clean},

@@ -62,7 +62,7 @@ def clean_boards(offset: int, n: int, size: int, first: int = 0) -> Boards:
     return Boards(to_tensor(images), torch.zeros(n, 1, size, size, dtype=torch.bool), torch.full((n,), -1))
 
 
-def test_boards(defective: int, clean: int, size: int) -> Boards:
+def heldout_boards(defective: int, clean: int, size: int) -> Boards:
     """The held-out test set: `defective` boards of TEST_OFFSET (classes in turn), then `clean` ones."""
     a, b = defective_boards(TEST_OFFSET, defective, size), clean_boards(CLEAN_TEST, clean, size)
     return Boards(torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks]), torch.cat([a.classes, b.classes]))

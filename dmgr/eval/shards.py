@@ -66,7 +66,7 @@ def read_run(
     for sample in wds.WebDataset(shard_paths(run_dir), shardshuffle=False).decode("pil"):
         for key in (*images, *masks):
             if key not in sample:
-                option = key.split(".")[0].removeprefix("mask_").removesuffix("_mask")
+                option = "masks" if key.startswith("mask_") else key.split(".")[0].removesuffix("_mask")
                 raise KeyError(
                     f"{run_dir}: sample {sample['__key__']} has no {key}; synthesise with extras.{option}=true"
                 )

@@ -120,12 +120,29 @@ def synthesise(spec: RunSpec) -> dict | None:
             images / seconds,
         )
         log.info("manifest: %s", path)
+        if spec.quality.enabled:
+            _measure_quality(spec)
         return {**summary, "manifest": str(path)}
     finally:
         if handler is not None:
             logging.getLogger("dmgr").removeHandler(handler)
             handler.close()
         shutdown(ctx)
+
+
+def _measure_quality(spec: RunSpec) -> None:
+    from dmgr.eval.app import evaluate_samples, record_quality  # only runs that ask pay for the import
+    from dmgr.eval.classifier import ClassifierSettings
+
+    log.info("measuring sample quality (quality.enabled=true)")
+    classifier = ClassifierSettings(
+        image_size=spec.dataset.image_size,
+        window=spec.dataset.window_size,
+        per_class=spec.quality.classifier_boards,
+        steps=spec.quality.classifier_steps,
+    )
+    sets = evaluate_samples(spec.out_dir, cache=spec.quality.cache_dir, classifier=classifier, progress=spec.progress)
+    record_quality(spec.out_dir, sets)
 
 
 def _sweep_job_dir() -> Path | None:

@@ -22,7 +22,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CLASS_CHOICES = ("uniform", "fixed", "weighted")
 WINDOW_CHOICES = ("uniform", "fixed")
 # Keys that change how a run is executed but not what it produces: left out of the run's identity.
-EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array")
+EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality")
 
 
 class ConfigError(ValueError):
@@ -94,6 +94,16 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class QualitySpec:
+    """End the run with the sample metrics (dmgr.eval) and record them in the manifest."""
+
+    enabled: bool = False
+    classifier_steps: int = 1500
+    classifier_boards: int = 600
+    cache_dir: Path = Path("outputs/eval-cache")
+
+
+@dataclass(frozen=True)
 class RunSpec:
     seeds: list[int]
     samples_per_shard: int
@@ -110,6 +120,7 @@ class RunSpec:
     task_count: int
     writer_queue: int
     progress: bool
+    quality: QualitySpec
     dataset: DatasetSpec
     model: ModelSpec
     schedule_name: str
@@ -241,6 +252,20 @@ def _identity(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _quality(cfg: DictConfig) -> QualitySpec:
+    q = cfg.get("quality")
+    if q is None:
+        return QualitySpec()
+    if not isinstance(q.get("enabled", False), bool):
+        fail("quality.enabled", q.enabled, "must be true or false")
+    return QualitySpec(
+        bool(q.get("enabled", False)),
+        _positive_int(cfg, "quality.classifier_steps"),
+        _positive_int(cfg, "quality.classifier_boards"),
+        Path(str(q.get("cache_dir", "outputs/eval-cache"))).expanduser(),
+    )
+
+
 def check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -310,6 +335,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     sampler = sampler_settings(cfg, dataset.window_size)
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
+    quality = _quality(cfg)
     identity = _identity(resolved)
     if cfg.out_dir:
         out_dir = Path(str(cfg.out_dir)).expanduser()
@@ -332,6 +358,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         task_count=task_count,
         writer_queue=_positive_int(cfg, "writer_queue"),
         progress=bool(cfg.progress) and os.environ.get("DMGR_NO_PROGRESS") is None,
+        quality=quality,
         dataset=dataset,
         model=model,
         schedule_name=str(cfg.schedule.name),

@@ -1,0 +1,165 @@
+"""End to end: a tiny synthesis run with the evaluation extras and quality metrics, read back through
+webdataset by `python -m dmgr.eval samples` and `python -m dmgr.eval downstream` on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from synth_support import ROOT, TINY, manifest, read_samples, run_synth
+
+from dmgr.eval.samples import QUALITY_KEYS
+from dmgr.eval.shards import read_run
+from dmgr.sampler.masks import MASK_METHODS
+
+TINY_CLASSIFIER = ["quality.classifier_steps=20", "quality.classifier_boards=3"]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-run")
+    cache = tmp_path_factory.mktemp("eval-cache")
+    run_synth(
+        [
+            *TINY,
+            "seeds=0-7",
+            "samples_per_shard=4",
+            "batch_size=4",
+            f"out_dir={out}",
+            "extras.masks=true",
+            "extras.paste=true",
+            "extras.twin=true",
+            "quality.enabled=true",
+            f"quality.cache_dir={cache}",
+            *TINY_CLASSIFIER,
+        ]
+    )
+    return out
+
+
+def run_eval(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dmgr.eval", "--quiet", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"dmgr.eval {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_evaluation_extras_are_in_the_shards(eval_run):
+    samples = read_samples(eval_run)
+    assert len(samples) == 8
+    for sample in samples.values():
+        for method in MASK_METHODS:
+            assert sample[f"mask_{method}.png"].size == (64, 64)
+        method = sample["json"]["mask_method"]
+        assert sample[f"mask_{method}.png"].tobytes() == sample["mask.png"].tobytes()
+        x0, y0, x1, y1 = sample["json"]["window_box"]
+        paste, twin = sample["paste.png"], sample["twin.png"]
+        outside = [(x, y) for x in range(64) for y in range(64) if not (x0 <= x < x1 and y0 <= y < y1)]
+        assert all(paste.getpixel(p) == twin.getpixel(p) for p in outside[::7]), "paste changes only the window"
+        assert any(paste.getpixel((x, y)) != twin.getpixel((x, y)) for x in range(x0, x1) for y in range(y0, y1))
+        paste_mask = sample["paste_mask.png"].convert("L")
+        assert all(paste_mask.getpixel(p) == 0 for p in outside[::7])
+        assert max(paste_mask.getpixel((x, y)) for x in range(x0, x1) for y in range(y0, y1)) == 255
+
+
+def test_run_ends_with_quality_in_manifest_and_report(eval_run):
+    quality = manifest(eval_run)["quality"]
+    assert set(quality) == set(QUALITY_KEYS)
+    assert 0.0 <= quality["class_accuracy"] <= 1.0 and quality["seam_ratio"] > 0
+    report = json.loads((eval_run / "eval" / "samples.json").read_text())
+    assert set(report["sets"]) == {"dmgr", "paste", "real"}
+    assert report["sets"]["dmgr"]["count"] == 8
+    assert sum(map(sum, report["sets"]["dmgr"]["confusion"])) == 8
+    assert 0.0 <= report["sets"]["real"]["class_accuracy"] <= 1.0
+    assert "background_change_vs_twin" in report["sets"]["dmgr"]
+    assert "| dmgr |" in (eval_run / "eval" / "samples.md").read_text()
+    assert Image.open(eval_run / "eval" / "confusion-dmgr.png").width > 200
+
+
+def test_samples_command_rewrites_the_report(eval_run, tmp_path):
+    out = tmp_path / "report"
+    cache = tmp_path / "cache"
+    result = run_eval(
+        [
+            "--cache",
+            str(cache),
+            "samples",
+            str(eval_run),
+            "--out",
+            str(out),
+            "--classifier-steps",
+            "20",
+            "--classifier-boards",
+            "3",
+        ]
+    )
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(printed) == set(QUALITY_KEYS)
+    assert (out / "samples.md").exists() and list(cache.glob("classifier-*.safetensors"))
+    # the same classifier settings and data give the same numbers as the run's own measurement
+    assert printed == pytest.approx(manifest(eval_run)["quality"])
+
+
+def test_read_run_names_the_missing_extra(tmp_path):
+    out = tmp_path / "plain"
+    run_synth([*TINY, "seeds=0-1", "samples_per_shard=2", f"out_dir={out}"])
+    with pytest.raises(KeyError, match="extras.paste=true"):
+        read_run(out, images=("paste.png",))
+    with pytest.raises(KeyError, match="extras.masks=true"):
+        read_run(out, masks=("mask_gate.png",))
+
+
+def test_downstream_benchmark_end_to_end(eval_run, tmp_path):
+    out = tmp_path / "downstream"
+    args = "--n 8 --real-small 2 --seeds 0,1 --steps 4 --batch-size 4 --width 4 --test-defective 6 --test-clean 2"
+    run_eval(["downstream", "--run", f"tiny={eval_run}", *args.split(), "--jobs", "2", "--out", str(out)])
+    report = json.loads((out / "downstream.json").read_text())
+    sources = report["sources"]
+    expected = {
+        "dmgr-tiny/diff",
+        "dmgr-tiny/gate",
+        "paste",
+        "cut-paste",
+        "perlin",
+        "real-small",
+        "real-small+dmgr-tiny/diff",
+        "real-8",
+    }
+    assert set(sources) == expected
+    assert sources["real-small"]["pairs"] == 2 and sources["real-small+dmgr-tiny/diff"]["pairs"] == 10
+    for name, result in sources.items():
+        assert [r["seed"] for r in result["runs"]] == [0, 1], name
+        for metric in ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou"):
+            values = [r[metric] for r in result["runs"]]
+            assert all(0.0 <= v <= 1.0 for v in values), (name, metric, values)
+            assert result[metric]["mean"] == pytest.approx(sum(values) / 2)
+    assert report["mask_winners"]["dmgr-tiny"]["best"] in MASK_METHODS
+    text = (out / "downstream.md").read_text()
+    assert "| perlin | 8 |" in text and "Mask methods" in text
+    for png in ("downstream-pixel_ap.png", "downstream-image_auroc.png", "training-pairs.png"):
+        assert Image.open(out / png).height > 100
+
+
+def test_downstream_rejects_bad_arguments(eval_run, tmp_path):
+    for args, message in [
+        (["--run", "nothing"], "--run wants NAME=RUN_DIR"),
+        (["--run", f"x={tmp_path}"], "does not exist; synthesise it first"),
+        (["--run", f"x={eval_run}", "--seeds", "1,1"], "--seeds wants distinct integers"),
+        (["--run", f"x={eval_run}", "--n", "0"], "must be >= 1"),
+        (["--run", f"x={eval_run}", "--n", "9"], "holds 8 samples, the benchmark needs n=9"),
+    ]:
+        base = ["downstream", "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o")]
+        result = run_eval([*base, *args], check=False)  # a repeated option: the later one wins
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
