@@ -18,11 +18,17 @@ SLURM_TIME ?= 24:00:00
 SLURM_PARTITION ?=
 SLURM_FLAGS ?=
 
+RUN ?= $(patsubst %/manifest.json,%,$(firstword $(shell ls -t outputs/*/manifest.json 2>/dev/null)))
+EVAL_SEEDS ?= 0-63
+EVAL_N ?= 64
+EVAL_JOBS ?= 2
+EVAL_SYNTH = extras.masks=true extras.paste=true extras.twin=true seeds=$(EVAL_SEEDS)
+
 DEMO_DATA ?= outputs/pcb-data
 DEMO_GLOBAL_STEPS ?= 3000
 DEMO_LOCAL_STEPS ?= 6000
 
-.PHONY: venv synth test bench lint preview sweep sweep-report slurm data train-global train-local train-demo clean-venv
+.PHONY: venv synth test bench lint preview eval eval-runs downstream sweep sweep-report slurm data train-global train-local train-demo clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +52,20 @@ lint: venv
 
 preview: venv
 	$(PY) -m dmgr.preview $(SHARDS) --out $(OUT) $(ARGS)
+
+# Sample metrics of a run (default: the last one under outputs/): RUN/eval/samples.{md,json,png}.
+eval: venv
+	$(PY) -m dmgr.eval samples $(RUN) $(ARGS)
+
+# The downstream benchmark: two DMGR runs with every mask and the paste baseline (resumable),
+# then the same segmenter trained on each source and tested on held-out real boards.
+eval-runs: venv
+	$(PY) -m dmgr.synth schedule=fast $(EVAL_SYNTH) out_dir=outputs/eval-runs/fast
+	$(PY) -m dmgr.synth schedule=paper $(EVAL_SYNTH) out_dir=outputs/eval-runs/paper
+
+downstream: eval-runs
+	$(PY) -m dmgr.eval downstream --run fast=outputs/eval-runs/fast --run paper=outputs/eval-runs/paper \
+	  --n $(EVAL_N) --jobs $(EVAL_JOBS) --out outputs/eval/downstream $(ARGS)
 
 # The procedural PCB domain on disk: global/ (boards), local/<class>/ (patches), test/ (held out).
 $(DEMO_DATA)/.exported: | venv
