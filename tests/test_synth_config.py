@@ -36,6 +36,8 @@ def out(tmp_path):
         ("seeds=abc", "seeds"),
         ("seeds=-5", "seeds"),
         ("batch_size=0", "batch_size"),
+        ("quality.classifier_steps=0", "quality.classifier_steps"),
+        ("quality.enabled=maybe", "quality.enabled"),
         ("samples_per_shard=0", "samples_per_shard"),
         ("dataset.window_size=60", "dataset.window_size"),
         ("dataset.window_choice=fixed", "dataset.fixed_window"),

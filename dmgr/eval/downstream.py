@@ -104,6 +104,11 @@ def _train_and_score(train: Boards, test: Boards, segment: SegmentSettings, seed
     return {"seed": seed, **scores, "seconds": round(time.perf_counter() - start, 1)}
 
 
+def _log_model(name: str, scores: dict, done: int, total: int) -> None:
+    log.info("model %d/%d: %s seed %d: pixel AP %.3f, image AUROC %.3f (%.0f s)", done, total, name,
+             scores["seed"], scores["pixel_ap"], scores["image_auroc"], scores["seconds"])
+
+
 def run_benchmark(
     sources: dict[str, Boards], settings: DownstreamSettings, progress: bool = True, jobs: int = 1
 ) -> dict:
@@ -118,6 +123,7 @@ def run_benchmark(
     if jobs <= 1:
         for name, seed in tasks:
             done[name, seed] = _train_and_score(sources[name], test, settings.segment, seed, 0)
+            _log_model(name, done[name, seed], len(done), len(tasks))
             bar.update(1)
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -125,7 +131,9 @@ def run_benchmark(
                 pool.submit(_train_and_score, sources[n], test, settings.segment, s, 1): (n, s) for n, s in tasks
             }
             for future in as_completed(futures):
-                done[futures[future]] = future.result()
+                name, seed = futures[future]
+                done[name, seed] = future.result()
+                _log_model(name, done[name, seed], len(done), len(tasks))
                 bar.update(1)
     bar.close()
     results = {}
