@@ -44,7 +44,7 @@ def eval_run(tmp_path_factory):
 def run_eval(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "dmgr.eval", "--quiet", *args],
+        [sys.executable, "-m", "dmgr.eval", args[0], "--quiet", *args[1:]],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -92,18 +92,8 @@ def test_samples_command_rewrites_the_report(eval_run, tmp_path):
     out = tmp_path / "report"
     cache = tmp_path / "cache"
     result = run_eval(
-        [
-            "--cache",
-            str(cache),
-            "samples",
-            str(eval_run),
-            "--out",
-            str(out),
-            "--classifier-steps",
-            "20",
-            "--classifier-boards",
-            "3",
-        ]
+        ["samples", "--cache", str(cache), str(eval_run), "--out", str(out)]
+        + ["--classifier-steps", "20", "--classifier-boards", "3"]
     )
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(printed) == set(QUALITY_KEYS)
@@ -134,11 +124,11 @@ def test_downstream_benchmark_end_to_end(eval_run, tmp_path):
         "cut-paste",
         "perlin",
         "real-small",
-        "real-small+dmgr-tiny/diff",
+        "real-small+dmgr-tiny/gate",
         "real-8",
     }
     assert set(sources) == expected
-    assert sources["real-small"]["pairs"] == 2 and sources["real-small+dmgr-tiny/diff"]["pairs"] == 10
+    assert sources["real-small"]["pairs"] == 2 and sources["real-small+dmgr-tiny/gate"]["pairs"] == 10
     for name, result in sources.items():
         assert [r["seed"] for r in result["runs"]] == [0, 1], name
         for metric in ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou"):

@@ -90,10 +90,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dmgr.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the patch classifier is cached")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the patch classifier is cached")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("samples", help="sample metrics of one synthesis run")
+    s = sub.add_parser("samples", parents=[common], help="sample metrics of one synthesis run")
     s.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     s.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     s.add_argument("--record", action="store_true", help="also write the metrics into RUN_DIR/manifest.json quality")
@@ -104,7 +105,9 @@ def parser() -> argparse.ArgumentParser:
         default=ClassifierSettings.per_class,
         help="real boards per class the patch classifier trains on",
     )
-    d = sub.add_parser("downstream", help="train the same segmenter on each source, test on real boards")
+    d = sub.add_parser(
+        "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
+    )
     d.add_argument(
         "--run",
         type=_named_run,
@@ -123,7 +126,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--test-defective", type=_positive, default=180, help="held-out real defective test boards")
     d.add_argument("--test-clean", type=_positive, default=60, help="held-out real clean test boards")
     d.add_argument("--jobs", type=_positive, default=1, help="models trained at once (processes of one thread)")
-    d.add_argument("--mask-default", choices=MASK_METHODS, default="diff", help="mask of the real+DMGR mix")
+    d.add_argument(
+        "--mask-default",
+        choices=MASK_METHODS,
+        default="gate",
+        help="mask of the real+DMGR mix (default: the job's default)",
+    )
     return p
 
 

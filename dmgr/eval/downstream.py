@@ -49,7 +49,7 @@ def _concat(*parts: Boards) -> Boards:
     return Boards(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "masks", "classes")))
 
 
-def build_sources(runs: dict[str, Path], settings: DownstreamSettings, mask_default: str = "diff") -> dict[str, Boards]:
+def build_sources(runs: dict[str, Path], settings: DownstreamSettings, mask_default: str = "gate") -> dict[str, Boards]:
     """Every source's N training pairs. `runs` maps a name (e.g. fast, paper) to a run directory; the
     first run also gives the paste baseline and the real+DMGR mix (with `mask_default` masks)."""
     n, size = settings.n, settings.image_size
@@ -105,8 +105,16 @@ def _train_and_score(train: Boards, test: Boards, segment: SegmentSettings, seed
 
 
 def _log_model(name: str, scores: dict, done: int, total: int) -> None:
-    log.info("model %d/%d: %s seed %d: pixel AP %.3f, image AUROC %.3f (%.0f s)", done, total, name,
-             scores["seed"], scores["pixel_ap"], scores["image_auroc"], scores["seconds"])
+    log.info(
+        "model %d/%d: %s seed %d: pixel AP %.3f, image AUROC %.3f (%.0f s)",
+        done,
+        total,
+        name,
+        scores["seed"],
+        scores["pixel_ap"],
+        scores["image_auroc"],
+        scores["seconds"],
+    )
 
 
 def run_benchmark(
