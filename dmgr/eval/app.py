@@ -25,8 +25,7 @@ from dmgr.sampler.masks import MASK_METHODS
 from dmgr.shards.manifest import write_json_atomic
 
 log = logging.getLogger("dmgr.eval")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE = PROJECT_ROOT / "outputs" / "eval-cache"
+DEFAULT_CACHE = Path("outputs/eval-cache")  # relative to the working directory, like the job's out_dir
 
 
 def evaluate_samples(
