@@ -13,10 +13,10 @@ from dmgr.eval.real import (
     defect_patches,
     defective_boards,
     heldout_boards,
-    to_tensor,
 )
 from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
 from dmgr.eval.sources import cut_paste, perlin_anomalies, perlin_noise
+from dmgr.images import from_uint8
 
 
 def test_test_boards_are_the_exported_test_set_plus_clean_boards():
@@ -25,7 +25,7 @@ def test_test_boards_are_the_exported_test_set_plus_clean_boards():
     assert test.classes.tolist() == [0, 1, 2, 3, 4, 5, 0, -1, -1, -1]
     assert test.masks[:7].flatten(1).any(1).all() and not test.masks[7:].any()
     # the mask marks exactly where the defective board differs from its clean board
-    clean = to_tensor(make_board(TEST_OFFSET + 2, 64).image[None])
+    clean = from_uint8(make_board(TEST_OFFSET + 2, 64).image[None])
     assert torch.equal((test.images[2:3] != clean).any(1, keepdim=True), test.masks[2:3])
 
 

@@ -20,14 +20,16 @@ from dmgr.data.export import patch_window
 LABEL = 14
 
 
-def _tile(image: np.ndarray, cell: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """`image` scaled (nearest) to cell x cell, with the mask's outline drawn in red outside it."""
+def outlined_tile(image: np.ndarray, cell: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """`image` (H, W, 3) uint8 scaled (nearest) to cell x cell, with the outline of the bool `mask`
+    drawn in red just outside it (2 px; it does not wrap around the image edges)."""
     big = np.asarray(Image.fromarray(image).resize((cell, cell), Image.NEAREST)).copy()
     if mask is not None:
         m = np.asarray(Image.fromarray(mask).resize((cell, cell), Image.NEAREST))
         grown = m.copy()
         for _ in range(2):
-            grown = grown | np.roll(grown, 1, 0) | np.roll(grown, -1, 0) | np.roll(grown, 1, 1) | np.roll(grown, -1, 1)
+            p = np.pad(grown, 1)
+            grown = grown | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
         big[grown & ~m] = (255, 0, 0)
     return big
 
@@ -37,12 +39,12 @@ def contact_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: 
     rows = []
     for size in sizes:
         board = make_board(seed, size)
-        boards, patches = [_tile(board.image, cell)], [_tile(board.image, cell)]
+        boards, patches = [outlined_tile(board.image, cell)], [outlined_tile(board.image, cell)]
         for cid in range(len(CLASS_NAMES)):
             image, mask, box = add_defect(board, cid, defect_seed)
-            boards.append(_tile(image, cell, mask))
+            boards.append(outlined_tile(image, cell, mask))
             x0, y0, x1, y1 = patch_window(box, size // 4, size)
-            patches.append(_tile(image[y0:y1, x0:x1], cell))
+            patches.append(outlined_tile(image[y0:y1, x0:x1], cell))
         for tiles, what in ((boards, "board"), (patches, "patch")):
             row = Image.new("RGB", (cell * len(tiles), cell + LABEL), "white")
             draw = ImageDraw.Draw(row)

@@ -20,7 +20,7 @@ from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmar
 from dmgr.eval.report import write_downstream_report, write_sample_report
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
-from dmgr.eval.shards import first_sample, read_run
+from dmgr.eval.shards import first_sample, geometry, read_run
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.shards.manifest import write_json_atomic
 
@@ -35,12 +35,14 @@ def evaluate_samples(
     classifier: ClassifierSettings | None = None,
     progress: bool = True,
 ) -> dict:
-    """Sample metrics of a run, written to out_dir (default RUN/eval); returns the metric sets."""
+    """Sample metrics of a run, written to out_dir (default RUN/eval); returns the metric sets.
+
+    The classifier's image and window sizes are the run's, whatever `classifier` says."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
     first = first_sample(run_dir)
-    size, box = first["png"].size[0], first["json"]["window_box"]
-    settings = classifier or ClassifierSettings(image_size=size, window=box[2] - box[0])
+    size, window = geometry(first)
+    settings = replace(classifier or ClassifierSettings(), image_size=size, window=window)
     model, record = load_or_train(settings, cache, progress)
     optional = [k for k in ("paste.png", "twin.png") if k in first]
     synth = read_run(run_dir, images=tuple(optional))
@@ -166,14 +168,7 @@ def _main(argv: list[str] | None) -> None:
     if args.command == "samples":
         if not (args.run_dir / "shards").is_dir():
             parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
-        first = first_sample(args.run_dir)
-        box = first["json"]["window_box"]
-        classifier = ClassifierSettings(
-            image_size=first["png"].size[0],
-            window=box[2] - box[0],
-            per_class=args.classifier_boards,
-            steps=args.classifier_steps,
-        )
+        classifier = ClassifierSettings(per_class=args.classifier_boards, steps=args.classifier_steps)
         sets = evaluate_samples(args.run_dir, args.out, args.cache, classifier, progress=progress)
         if args.record:
             record_quality(args.run_dir, sets)
@@ -191,9 +186,8 @@ def _main(argv: list[str] | None) -> None:
     )
     runs = dict(args.run)
     if runs:
-        first = first_sample(next(iter(runs.values())))
-        box = first["json"]["window_box"]
-        settings = replace(settings, image_size=first["png"].size[0], window=box[2] - box[0])
+        size, window = geometry(first_sample(next(iter(runs.values()))))
+        settings = replace(settings, image_size=size, window=window)
     sources = build_sources(runs, settings, args.mask_default)
     results = run_benchmark(sources, settings, progress, args.jobs)
     results["mask_winners"] = mask_winners(results)

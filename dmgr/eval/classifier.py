@@ -67,10 +67,13 @@ class PatchClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A random rotation by a multiple of 90 degrees and a random flip, one draw for the batch."""
-    x = torch.rot90(x, int(torch.randint(4, (1,), generator=g)), dims=(2, 3))
-    return x.flip(3) if torch.rand(1, generator=g) < 0.5 else x
+def augment(g: torch.Generator, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One random rotation by a multiple of 90 degrees and one random flip, the same for every
+    (B, C, H, W) batch given (images and their masks move together)."""
+    k = int(torch.randint(4, (1,), generator=g))
+    flip = bool(torch.rand(1, generator=g) < 0.5)
+    rotated = [torch.rot90(x, k, dims=(2, 3)) for x in batches]
+    return tuple(x.flip(3) if flip else x for x in rotated)
 
 
 @torch.no_grad()
@@ -95,7 +98,7 @@ def train_classifier(train: Patches, settings: ClassifierSettings, progress: boo
     model.train()
     for _ in tqdm(range(settings.steps), desc="classifier", disable=not progress, leave=False):
         idx = torch.randint(len(train.labels), (settings.batch_size,), generator=g)
-        loss = nn.functional.cross_entropy(model(augment(train.images[idx], g)), train.labels[idx])
+        loss = nn.functional.cross_entropy(model(*augment(g, train.images[idx])), train.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -84,6 +84,12 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     return float(distances.sum() / (n * (n - 1)))
 
 
+def nan_mean(values) -> float:
+    """Mean of the values that are not nan; nan when none is."""
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     """(rows, columns) int64 counts: entry [t, p] counts samples of target t predicted as p."""
     flat = targets.long() * columns + predictions.long()

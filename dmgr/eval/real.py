@@ -20,17 +20,13 @@ import torch
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
 from dmgr.data.export import STREAM, TEST_OFFSET
+from dmgr.images import from_uint8
 
 CLEAN_TEST = TEST_OFFSET + STREAM // 2
 VALIDATION = 3 * STREAM
 USER = 4 * STREAM
 CLEAN = len(CLASS_NAMES)  # the classifier's extra class: a defect-free patch
 PATCH_CLASSES = (*CLASS_NAMES, "clean")
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @dataclass
@@ -54,12 +50,12 @@ def defective_boards(offset: int, n: int, size: int, first: int = 0) -> Boards:
         images.append(image)
         masks.append(mask)
         classes.append(class_id)
-    return Boards(to_tensor(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], torch.tensor(classes))
+    return Boards(from_uint8(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], torch.tensor(classes))
 
 
 def clean_boards(offset: int, n: int, size: int, first: int = 0) -> Boards:
     images = np.stack([make_board(offset + i, size).image for i in range(first, first + n)])
-    return Boards(to_tensor(images), torch.zeros(n, 1, size, size, dtype=torch.bool), torch.full((n,), -1))
+    return Boards(from_uint8(images), torch.zeros(n, 1, size, size, dtype=torch.bool), torch.full((n,), -1))
 
 
 def heldout_boards(defective: int, clean: int, size: int) -> Boards:
@@ -98,4 +94,4 @@ def defect_patches(offset: int, per_class: int, size: int, window: int, jitter: 
                 images.append(crop[y : y + window, x : x + window])
                 masks.append(crop_mask[y : y + window, x : x + window])
                 labels.append(label)
-    return Patches(to_tensor(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], torch.tensor(labels))
+    return Patches(from_uint8(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], torch.tensor(labels))

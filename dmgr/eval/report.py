@@ -6,10 +6,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from dmgr.data.defects import CLASS_NAMES
+from dmgr.data.sheet import outlined_tile
 from dmgr.eval.real import PATCH_CLASSES, Boards
 from dmgr.images import to_uint8
 from dmgr.sweep import colour
@@ -118,7 +118,7 @@ def bar_chart(results: dict, metric: str, path: Path, width: int = 360) -> None:
 
 
 def examples_png(sources: dict[str, Boards], path: Path, per_source: int = 6, scale: int = 2) -> None:
-    """One row per source: its first training pairs, mask outlined in red."""
+    """One row per source: its first training pairs, each mask outlined in red."""
     size = next(iter(sources.values())).images.shape[-1] * scale
     left = 230
     image = Image.new("RGB", (left + per_source * (size + 4), len(sources) * (size + 4)), "white")
@@ -128,18 +128,9 @@ def examples_png(sources: dict[str, Boards], path: Path, per_source: int = 6, sc
         count = min(per_source, len(boards))
         pictures = to_uint8(boards.images[:count])
         for c in range(count):
-            picture = pictures[c].copy()
-            mask = boards.masks[c, 0].numpy()
-            edge = mask & ~_erode(mask)
-            picture[edge] = (255, 0, 0)
-            tile = Image.fromarray(picture).resize((size, size), Image.NEAREST)
+            tile = Image.fromarray(outlined_tile(pictures[c], size, boards.masks[c, 0].numpy()))
             image.paste(tile, (left + c * (size + 4), r * (size + 4)))
     image.save(path)
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1)
-    return padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
 def write_downstream_report(

@@ -13,9 +13,11 @@ import torch
 
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.eval.classifier import PatchClassifier, predict
-from dmgr.eval.metrics import confusion_matrix, kid, mean_pairwise_distance, seam_ratio
+from dmgr.eval.metrics import confusion_matrix, kid, mean_pairwise_distance, nan_mean, seam_ratio
 from dmgr.eval.real import CLEAN, VALIDATION, Patches, clean_boards, defect_patches, defective_boards
-from dmgr.eval.shards import SynthSet, crop_windows, outside_tiles
+from dmgr.eval.shards import SynthSet, outside_tiles
+from dmgr.sampler import crop_windows
+from dmgr.sampler.masks import window_support
 
 # the numbers a sweep report shows per run (manifest "quality"), from the DMGR images
 QUALITY_KEYS = ("class_accuracy", "kid_defect", "kid_background", "seam_ratio", "diversity_ratio")
@@ -56,9 +58,13 @@ def _diversity(features: torch.Tensor, classes: torch.Tensor) -> dict[str, float
     return {name: mean_pairwise_distance(features[classes == c]) for c, name in enumerate(CLASS_NAMES)}
 
 
-def _mean(values) -> float:
-    finite = [v for v in values if v == v]
-    return sum(finite) / len(finite) if finite else float("nan")
+@dataclass
+class RealFeatures:
+    """Classifier features of the reference halves the synthesised sets are compared with."""
+
+    defects: torch.Tensor  # patches_a
+    background: torch.Tensor  # window-sized tiles of clean_a
+    diversity: dict[str, float]  # per class, of patches_b
 
 
 def score_images(
@@ -67,15 +73,12 @@ def score_images(
     windows: torch.Tensor,
     classes: torch.Tensor,
     window: int,
-    real: RealReference,
-    real_diversity: dict[str, float],
+    real: RealFeatures,
 ) -> dict:
     """All sample metrics of images (N, 3, H, W) whose window (x, y) was meant to hold class `classes`."""
     logits, features = predict(classifier, crop_windows(images, windows, window))
     predictions = logits.argmax(1)
-    _, real_features = predict(classifier, real.patches_a.images)
     _, background = predict(classifier, outside_tiles(images, windows, window))
-    _, real_background = predict(classifier, outside_tiles(real.clean_a, None, window))
     per_class_accuracy = {
         name: float((predictions[classes == c] == c).float().mean()) if (classes == c).any() else float("nan")
         for c, name in enumerate(CLASS_NAMES)
@@ -87,58 +90,53 @@ def score_images(
         "classified_clean": float((predictions == CLEAN).float().mean()),
         "per_class_accuracy": per_class_accuracy,
         "confusion": confusion_matrix(classes, predictions, len(CLASS_NAMES), len(CLASS_NAMES) + 1).tolist(),
-        "kid_defect": kid(features, real_features)["mean"],
-        "kid_background": kid(background, real_background)["mean"],
+        "kid_defect": kid(features, real.defects)["mean"],
+        "kid_background": kid(background, real.background)["mean"],
         "seam_ratio": seam_ratio(images, windows, window),
-        "diversity": _mean(diversity.values()),
+        "diversity": nan_mean(diversity.values()),
         "per_class_diversity": diversity,
-        "diversity_ratio": _mean(diversity[k] / real_diversity[k] for k in diversity if real_diversity[k] > 0),
+        "diversity_ratio": nan_mean(diversity[k] / real.diversity[k] for k in diversity if real.diversity[k] > 0),
     }
 
 
-def score_real(classifier: PatchClassifier, real: RealReference, windows: torch.Tensor, window: int) -> dict:
-    """The same metrics for real data against real data: what a perfect generator would score."""
+def score_real(
+    classifier: PatchClassifier, real: RealReference, windows: torch.Tensor, window: int
+) -> tuple[dict, RealFeatures]:
+    """The same metrics for real data against real data (what a perfect generator would score), and
+    the reference features the synthesised sets are scored against."""
     logits, features_b = predict(classifier, real.patches_b.images)
     _, features_a = predict(classifier, real.patches_a.images)
     _, background_a = predict(classifier, outside_tiles(real.clean_a, None, window))
     _, background_b = predict(classifier, outside_tiles(real.clean_b, None, window))
     boards = real.boards[: len(windows)]
     diversity = _diversity(features_b, real.patches_b.labels)
-    return {
+    scores = {
         "count": len(real.patches_b.labels),
         "class_accuracy": float((logits.argmax(1) == real.patches_b.labels).float().mean()),
         "kid_defect": kid(features_b, features_a)["mean"],
         "kid_background": kid(background_b, background_a)["mean"],
         "seam_ratio": seam_ratio(boards, windows[: len(boards)], window),
-        "diversity": _mean(diversity.values()),
+        "diversity": nan_mean(diversity.values()),
         "per_class_diversity": diversity,
         "diversity_ratio": 1.0,
     }
+    return scores, RealFeatures(features_a, background_a, diversity)
 
 
 def sample_metrics(synth: SynthSet, classifier: PatchClassifier, real: RealReference) -> dict:
     """Metrics of the run's DMGR images, the real reference and (when present) the paste baseline."""
     w = synth.window_size
-    real_scores = score_real(classifier, real, synth.windows, w)
-    real_diversity = real_scores["per_class_diversity"]
-    sets = {"dmgr": score_images(classifier, synth.images, synth.windows, synth.classes, w, real, real_diversity)}
+    real_scores, reference = score_real(classifier, real, synth.windows, w)
+    sets = {"dmgr": score_images(classifier, synth.images, synth.windows, synth.classes, w, reference)}
     if "paste.png" in synth.members:
-        sets["paste"] = score_images(
-            classifier, synth.members["paste.png"], synth.windows, synth.classes, w, real, real_diversity
-        )
+        sets["paste"] = score_images(classifier, synth.members["paste.png"], synth.windows, synth.classes, w, reference)
     sets["real"] = real_scores
     if "twin.png" in synth.members:
-        outside = ~_window_masks(synth.images.shape, synth.windows, w)
+        height, width = synth.images.shape[2:]
+        outside = ~window_support(height, width, synth.windows, w)
         change = (synth.images - synth.members["twin.png"]).abs().mean(1, keepdim=True)
         sets["dmgr"]["background_change_vs_twin"] = float(change[outside].mean())
     return sets
-
-
-def _window_masks(shape: torch.Size, windows: torch.Tensor, size: int) -> torch.Tensor:
-    masks = torch.zeros(shape[0], 1, shape[2], shape[3], dtype=torch.bool)
-    for mask, (x, y) in zip(masks, windows.tolist()):
-        mask[:, y : y + size, x : x + size] = True
-    return masks
 
 
 def quality_block(sets: dict) -> dict[str, float]:

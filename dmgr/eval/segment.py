@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmgr.data.defects import CLASS_NAMES
-from dmgr.eval.metrics import auroc, average_precision, intersection_union
+from dmgr.eval.classifier import augment
+from dmgr.eval.metrics import auroc, average_precision, intersection_union, nan_mean
 from dmgr.eval.real import Boards
 
 
@@ -54,14 +55,6 @@ class SegNet(nn.Module):
         return self.out(d1)
 
 
-def _augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    k = int(torch.randint(4, (1,), generator=g))
-    images, masks = torch.rot90(images, k, dims=(2, 3)), torch.rot90(masks, k, dims=(2, 3))
-    if torch.rand(1, generator=g) < 0.5:
-        images, masks = images.flip(3), masks.flip(3)
-    return images, masks
-
-
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     """Binary cross-entropy with defect pixels weighted `pos_weight`, plus soft Dice (defect pixels are
     well under 1% of a board)."""
@@ -85,7 +78,7 @@ def train_segmenter(train: Boards, settings: SegmentSettings, seed: int) -> SegN
     model.train()
     for _ in range(settings.steps):
         idx = torch.randint(len(train), (settings.batch_size,), generator=g)
-        images, masks = _augment(train.images[idx], train.masks[idx], g)
+        images, masks = augment(g, train.images[idx], train.masks[idx])
         loss = segmentation_loss(model(images), masks, settings.pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,6 +110,5 @@ def detection_scores(probabilities: torch.Tensor, test: Boards, threshold: float
             inter, union = intersection_union(predicted[pick], test.masks[pick])
             ious[name] = inter / union if union else float("nan")
     scores["iou"] = ious
-    finite = [v for v in ious.values() if v == v]
-    scores["mean_iou"] = sum(finite) / len(finite) if finite else float("nan")
+    scores["mean_iou"] = nan_mean(ious.values())
     return scores

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dmgr.eval.real import to_tensor
+from dmgr.images import from_uint8
 
 
 @dataclass
@@ -50,6 +50,12 @@ def first_sample(run_dir: str | Path) -> dict:
     raise ValueError(f"{run_dir}: the first shard holds no samples")
 
 
+def geometry(sample: dict) -> tuple[int, int]:
+    """(image size, window size) of a decoded sample."""
+    box = sample["json"]["window_box"]
+    return sample["png"].size[0], box[2] - box[0]
+
+
 def _mask(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("L")) > 127)[None]
 
@@ -78,20 +84,15 @@ def read_run(
     metas = [s["json"] for s in rows]
     boxes = torch.tensor([m["window_box"] for m in metas])
     return SynthSet(
-        images=to_tensor(np.stack([np.asarray(s["png"].convert("RGB")) for s in rows])),
+        images=from_uint8(np.stack([np.asarray(s["png"].convert("RGB")) for s in rows])),
         masks=torch.stack([_mask(s["mask.png"]) for s in rows]),
         windows=boxes[:, :2],
         classes=torch.tensor([m["class_id"] for m in metas]),
         window_size=int(boxes[0, 2] - boxes[0, 0]),
         seeds=[m["seed"] for m in metas],
-        members={k: to_tensor(np.stack([np.asarray(s[k].convert("RGB")) for s in rows])) for k in images},
+        members={k: from_uint8(np.stack([np.asarray(s[k].convert("RGB")) for s in rows])) for k in images},
         masks_by_key={k: torch.stack([_mask(s[k]) for s in rows]) for k in masks},
     )
-
-
-def crop_windows(images: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, size, size) crops of images (N, C, H, W) at top-left windows (N, 2) (x, y)."""
-    return torch.stack([img[:, y : y + size, x : x + size] for img, (x, y) in zip(images, windows.tolist())])
 
 
 def outside_tiles(images: torch.Tensor, windows: torch.Tensor | None, size: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
 from dmgr.data.export import GLOBAL_OFFSET, LOCAL_OFFSET, STREAM, patch_window
-from dmgr.eval.real import Boards, to_tensor
+from dmgr.eval.real import Boards
+from dmgr.images import from_uint8
 
 ANOMALY_SOURCES = GLOBAL_OFFSET + STREAM // 2  # boards whose pixels fill Perlin anomalies
 
@@ -40,7 +41,7 @@ def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0) -> Boa
         images.append(target)
         masks.append(target_mask)
     classes = torch.arange(n) % len(CLASS_NAMES)
-    return Boards(to_tensor(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], classes)
+    return Boards(from_uint8(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], classes)
 
 
 def perlin_noise(height: int, width: int, cells: tuple[int, int], g: torch.Generator) -> torch.Tensor:
@@ -78,13 +79,13 @@ def perlin_anomalies(n: int, size: int, seed: int = 0, threshold: float = 0.5, m
     g = torch.Generator().manual_seed(seed)
     images, masks = [], []
     for i in range(n):
-        board = to_tensor(make_board(GLOBAL_OFFSET + i, size).image[None])[0]
+        board = from_uint8(make_board(GLOBAL_OFFSET + i, size).image[None])[0]
         mask = torch.zeros(size, size, dtype=torch.bool)
         while not mask.any():
             a, b = torch.randint(0, max_scale + 1, (2,), generator=g).tolist()
             noise = perlin_noise(size, size, (2**a, 2**b), g)
             mask = torch.rot90(noise, int(torch.randint(4, (1,), generator=g))) > threshold
-        anomaly = to_tensor(make_board(ANOMALY_SOURCES + i, size).image[None])[0]
+        anomaly = from_uint8(make_board(ANOMALY_SOURCES + i, size).image[None])[0]
         anomaly = torch.rot90(anomaly, int(torch.randint(4, (1,), generator=g)), dims=(1, 2))
         anomaly = anomaly[torch.randperm(3, generator=g)]
         beta = 0.8 * float(torch.rand(1, generator=g))

@@ -135,12 +135,7 @@ def _measure_quality(spec: RunSpec) -> None:
     from dmgr.eval.classifier import ClassifierSettings
 
     log.info("measuring sample quality (quality.enabled=true)")
-    classifier = ClassifierSettings(
-        image_size=spec.dataset.image_size,
-        window=spec.dataset.window_size,
-        per_class=spec.quality.classifier_boards,
-        steps=spec.quality.classifier_steps,
-    )
+    classifier = ClassifierSettings(per_class=spec.quality.classifier_boards, steps=spec.quality.classifier_steps)
     sets = evaluate_samples(spec.out_dir, cache=spec.quality.cache_dir, classifier=classifier, progress=spec.progress)
     record_quality(spec.out_dir, sets)
 
