@@ -88,6 +88,25 @@ def test_run_ends_with_quality_in_manifest_and_report(eval_run):
     assert Image.open(eval_run / "eval" / "confusion-dmgr.png").width > 200
 
 
+def test_rerun_without_quality_keeps_the_recorded_metrics(eval_run):
+    before = manifest(eval_run)
+    run_synth(
+        [
+            *TINY,
+            "seeds=0-7",
+            "samples_per_shard=4",
+            "batch_size=4",
+            f"out_dir={eval_run}",
+            "extras.masks=true",
+            "extras.paste=true",
+            "extras.twin=true",
+        ]
+    )  # complete: nothing to redo
+    after = manifest(eval_run)
+    assert after["quality"] == before["quality"]
+    assert after["throughput"] == before["throughput"]
+
+
 def test_samples_command_rewrites_the_report(eval_run, tmp_path):
     out = tmp_path / "report"
     cache = tmp_path / "cache"

@@ -57,12 +57,18 @@ def _file_logging(spec: RunSpec, worker: int) -> logging.Handler:
     return handler
 
 
-def _throughput(spec: RunSpec, summary: dict, everyone: list[dict]) -> dict:
-    """This run's throughput; a rerun that only found complete shards keeps the previous figure."""
-    previous = spec.out_dir / "manifest.json"
-    if summary["images_this_run"] == 0 and previous.exists():
-        return json.loads(previous.read_text()).get("throughput", {})
-    return {**summary, "workers": everyone}
+def _carried_over(spec: RunSpec, summary: dict, everyone: list[dict]) -> dict:
+    """Manifest entries a rerun keeps from the previous manifest of this run: the throughput when it
+    only found complete shards, and the sample metrics (`quality`) unless it measures them again;
+    samples are a function of (config, seed), so earlier measurements still describe them."""
+    path = spec.out_dir / "manifest.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    kept = {"throughput": {**summary, "workers": everyone}}
+    if summary["images_this_run"] == 0 and previous:
+        kept["throughput"] = previous.get("throughput", {})
+    if "quality" in previous and not spec.quality.enabled:
+        kept["quality"] = previous["quality"]
+    return kept
 
 
 def synthesise(spec: RunSpec) -> dict | None:
@@ -106,8 +112,8 @@ def synthesise(spec: RunSpec) -> dict | None:
                 "python": platform.python_version(),
             },
             "checkpoints": engine.digests,
-            "throughput": _throughput(spec, summary, everyone),
             "metrics": run_metrics(spec.out_dir, [path for _, path, _ in shards]),
+            **_carried_over(spec, summary, everyone),
         }
         path = write_manifest(spec.out_dir, shards, run)
         log.info(
