@@ -22,14 +22,15 @@ RUN ?= $(patsubst %/manifest.json,%,$(firstword $(shell ls -t outputs/*/manifest
 EVAL_SEEDS ?= 0-63
 EVAL_N ?= 64
 EVAL_JOBS ?= 2
-# mask.method=diff keeps these runs the ones the README numbers came from; both masks are written anyway.
-EVAL_SYNTH = mask.method=diff extras.masks=true extras.paste=true extras.twin=true seeds=$(EVAL_SEEDS)
+# The generated-board run also writes the no-rectification paste baseline and its twin.
+EVAL_BOARDS = dataset.source=generate schedule=fast extras.paste=true extras.twin=true seeds=$(EVAL_SEEDS)
 
 DEMO_DATA ?= outputs/pcb-data
 DEMO_GLOBAL_STEPS ?= 3000
 DEMO_LOCAL_STEPS ?= 6000
+DEMO_MASK_STEPS ?= 2000
 
-.PHONY: venv synth test bench lint preview eval eval-runs downstream sweep sweep-report slurm data train-global train-local train-demo clean-venv
+.PHONY: venv backgrounds synth test bench lint preview eval eval-runs downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +40,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-synth: venv
+# The demo's real defect-free backgrounds: boards rendered by dmgr.data (no model involved).
+DEMO_BACKGROUNDS ?= outputs/pcb-backgrounds
+$(DEMO_BACKGROUNDS)/.exported: | venv
+	$(PY) -m dmgr.data.export --out $(DEMO_BACKGROUNDS) --size 64 --boards 256 --patches-per-class 0 --test 0 --quiet
+	touch $@
+
+backgrounds: $(DEMO_BACKGROUNDS)/.exported
+
+synth: venv backgrounds
 	$(PY) -m dmgr.synth $(ARGS)
 
 test: venv
@@ -58,15 +67,18 @@ preview: venv
 eval: venv
 	$(PY) -m dmgr.eval samples $(RUN) $(ARGS)
 
-# The downstream benchmark: two DMGR runs with every mask and the paste baseline (resumable),
-# then the same segmenter trained on each source and tested on held-out real boards.
-eval-runs: venv
-	$(PY) -m dmgr.synth schedule=fast $(EVAL_SYNTH) out_dir=outputs/eval-runs/fast
-	$(PY) -m dmgr.synth schedule=paper $(EVAL_SYNTH) out_dir=outputs/eval-runs/paper
+# The downstream benchmark: DMGR into real boards (the default job, and schedule=paper), DMGR on
+# generated boards (with the paste baseline) -- resumable runs -- then the same segmenter trained on
+# each source and tested on held-out real boards (models cached in outputs/eval/downstream/models/).
+eval-runs: venv backgrounds
+	$(PY) -m dmgr.synth seeds=$(EVAL_SEEDS) extras.input=true out_dir=outputs/eval-runs/real
+	$(PY) -m dmgr.synth schedule=paper seeds=$(EVAL_SEEDS) extras.input=true out_dir=outputs/eval-runs/real-paper
+	$(PY) -m dmgr.synth $(EVAL_BOARDS) out_dir=outputs/eval-runs/boards
 
 downstream: eval-runs
-	$(PY) -m dmgr.eval downstream --run fast=outputs/eval-runs/fast --run paper=outputs/eval-runs/paper \
-	  --n $(EVAL_N) --jobs $(EVAL_JOBS) --out outputs/eval/downstream $(ARGS)
+	$(PY) -m dmgr.eval downstream --run real=outputs/eval-runs/real --run real-paper=outputs/eval-runs/real-paper \
+	  --run boards=outputs/eval-runs/boards --mix real --n $(EVAL_N) --jobs $(EVAL_JOBS) \
+	  --out outputs/eval/downstream $(ARGS)
 
 # The procedural PCB domain on disk: global/ (boards), local/<class>/ (patches), test/ (held out).
 $(DEMO_DATA)/.exported: | venv
@@ -81,13 +93,20 @@ train-global: data
 train-local: data
 	$(PY) -m dmgr.train arch=demo_local data_root=$(DEMO_DATA) $(ARGS)
 
-# Both demo models from scratch (resumable), then their EMA weights into checkpoints/demo/.
+# The mask-generating local model (RGB + defect mask), fine-tuned from the RGB local model's weights.
+train-local-mask: data
+	$(PY) -m dmgr.train arch=demo_local_mask data_root=$(DEMO_DATA) steps=$(DEMO_MASK_STEPS) batch_size=32 \
+	  ema_rate=0.998 init_from=outputs/train-demo_local/ema.safetensors $(ARGS)
+
+# The demo models from scratch (resumable), then their EMA weights into checkpoints/demo/.
 train-demo: data
 	$(PY) -m dmgr.train arch=demo_global data_root=$(DEMO_DATA) steps=$(DEMO_GLOBAL_STEPS) batch_size=16
 	$(PY) -m dmgr.train arch=demo_local data_root=$(DEMO_DATA) steps=$(DEMO_LOCAL_STEPS) batch_size=32
+	$(PY) -m dmgr.train arch=demo_local_mask data_root=$(DEMO_DATA) steps=$(DEMO_MASK_STEPS) batch_size=32 \
+	  ema_rate=0.998 init_from=outputs/train-demo_local/ema.safetensors
 	mkdir -p checkpoints/demo
 	cp outputs/train-demo_global/ema.safetensors checkpoints/demo/global.safetensors
-	cp outputs/train-demo_local/ema.safetensors checkpoints/demo/local.safetensors
+	cp outputs/train-demo_local_mask/ema.safetensors checkpoints/demo/local.safetensors
 
 # Hydra multirun over T_s/T_e (invalid points are reported and skipped), then the report.
 sweep: venv

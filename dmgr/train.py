@@ -30,6 +30,7 @@ from dmgr.diffusion.training import diffusion_loss
 from dmgr.distributed import WorkerContext, init_workers, shutdown
 from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
+from dmgr.models.checkpoints import check_fit, read_checkpoint
 from dmgr.sampler import ddim_sample
 
 log = logging.getLogger("dmgr.train")
@@ -71,7 +72,33 @@ def make_dataset(cfg: DictConfig):
     size = int(cfg.arch.config.image_size)
     if cfg.arch.role == "global":
         return ImageFolderDataset(root, size, flip=True)
-    return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True)
+    with_masks = int(cfg.arch.config.get("in_channels", 3)) == 4
+    return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True, with_masks=with_masks)
+
+
+@torch.no_grad()
+def init_from(model: UNetModel, path: str) -> None:
+    """Start from another checkpoint's weights (fine-tuning). A 3-channel checkpoint also starts a model with
+    more channels (the mask-generating local model): the extra input channels get zero weights, the extra
+    output channels (epsilon and, with learned sigma, variance) start from zero / the mean of the RGB ones."""
+    state, _, _ = read_checkpoint(path)
+    own = model.state_dict()
+    first, last = "input_blocks.0.0.weight", "out.2"
+    if first in state and state[first].shape[1] < own[first].shape[1]:
+        extra = own[first].shape[1] - state[first].shape[1]
+        state[first] = torch.cat([state[first], state[first].new_zeros(state[first].shape[0], extra, 3, 3)], 1)
+    groups = 2 if model.config.learn_sigma else 1  # [epsilon, variance] blocks of the output layer
+    for key in (f"{last}.weight", f"{last}.bias"):
+        old, new = state.get(key), own[key]
+        if old is not None and old.shape[0] < new.shape[0]:
+            old_c, new_c = old.shape[0] // groups, new.shape[0] // groups
+            blocks = old.split(old_c)
+            grown = [torch.cat([b, b.mean(0, keepdim=True).expand(new_c - old_c, *b.shape[1:]) * (k > 0)])
+                     for k, b in enumerate(blocks)]
+            state[key] = torch.cat(grown)
+    check_fit(model, state, path)
+    model.load_state_dict(state, strict=True)
+
 
 
 def unwrap(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,9 +120,14 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     size = int(cfg.arch.config.image_size)
     classes = len(cfg.arch.classes) if cfg.arch.role == "local" else 1
     g = torch.Generator().manual_seed(1234)
-    x_T = torch.randn(8 * classes, 3, size, size, generator=g).to(device)
+    x_T = torch.randn(8 * classes, ema.in_channels, size, size, generator=g).to(device)
     y = torch.arange(classes, device=device).repeat_interleave(8) if cfg.arch.role == "local" else None
-    images = to_uint8(ddim_sample(ema, diffusion, x_T, y=y))
+    out = ddim_sample(ema, diffusion, x_T, y=y)
+    if ema.in_channels == 4:  # every class row followed by its generated masks
+        out = torch.stack([out[:, :3], out[:, 3:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
+        out = out.reshape(classes, 8, 2, 3, size, size).transpose(1, 2).reshape(-1, 3, size, size)
+        classes *= 2
+    images = to_uint8(out)
     rows = images.reshape(classes, 8, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(classes * size, 8 * size, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rows).resize((8 * max(size, 64), classes * max(size, 64)), Image.NEAREST).save(path)
@@ -121,7 +153,11 @@ def train(cfg: DictConfig) -> Path:
         out = Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout and DataLoader shuffling only; the data are on disk
-        model = build_unet(OmegaConf.to_container(cfg.arch.config, resolve=True)).to(ctx.device)
+        model = build_unet(OmegaConf.to_container(cfg.arch.config, resolve=True))
+        if cfg.get("init_from") and not (cfg.resume and (out / "state.pt").exists()):
+            init_from(model, str(cfg.init_from))
+            log.info("starting from the weights of %s", cfg.init_from)
+        model = model.to(ctx.device)
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step = 0

@@ -14,9 +14,10 @@ import webdataset as wds
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny random models, 10 respaced steps with time travel: seconds per image on a CPU.
+# Tiny random models on generated boards, 10 respaced steps with time travel: seconds per image on a CPU.
 TINY = [
     "model=tiny_random",
+    "dataset.source=generate",
     "schedule=fast",
     "schedule.respacing=10",
     "schedule.T_s=6",

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from synth_support import ROOT, TINY, manifest, read_samples, run_synth
 
+from dmgr.data.board import make_board
 from dmgr.eval.samples import QUALITY_KEYS
 from dmgr.eval.shards import read_run
 from dmgr.sampler.masks import MASK_METHODS
@@ -41,6 +42,19 @@ def eval_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def real_image_run(tmp_path_factory):
+    """DMGR into real defect-free boards (dataset.source=images), the product's main path."""
+    boards = tmp_path_factory.mktemp("boards")
+    for i in range(4):
+        Image.fromarray(make_board(i, 64).image).save(boards / f"{i}.png")
+    out = tmp_path_factory.mktemp("real-run")
+    images = [t for t in TINY if t != "dataset.source=generate"]
+    run_synth([*images, f"dataset.images={boards}", "seeds=0-7", "samples_per_shard=4", "batch_size=4",
+               f"out_dir={out}"])
+    return out
+
+
 def run_eval(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -60,7 +74,7 @@ def test_evaluation_extras_are_in_the_shards(eval_run):
     samples = read_samples(eval_run)
     assert len(samples) == 8
     for sample in samples.values():
-        for method in MASK_METHODS:
+        for method in MASK_METHODS:  # the tiny local model has a mask channel: every method
             assert sample[f"mask_{method}.png"].size == (64, 64)
         method = sample["json"]["mask_method"]
         assert sample[f"mask_{method}.png"].tobytes() == sample["mask.png"].tobytes()
@@ -130,24 +144,34 @@ def test_read_run_names_the_missing_extra(tmp_path):
         read_run(out, masks=("mask_gate.png",))
 
 
-def test_downstream_benchmark_end_to_end(eval_run, tmp_path):
+def test_downstream_benchmark_end_to_end(eval_run, real_image_run, tmp_path):
     out = tmp_path / "downstream"
     args = "--n 8 --real-small 2 --seeds 0,1 --steps 4 --batch-size 4 --width 4 --test-defective 6 --test-clean 2"
-    run_eval(["downstream", "--run", f"tiny={eval_run}", *args.split(), "--jobs", "2", "--out", str(out)])
+    command = ["downstream", "--run", f"real={real_image_run}", "--run", f"tiny={eval_run}", *args.split()]
+    first = run_eval([*command, "--jobs", "2", "--out", str(out)])
     report = json.loads((out / "downstream.json").read_text())
     sources = report["sources"]
     expected = {
+        "dmgr-real/local",
+        "dmgr-tiny/local",
         "dmgr-tiny/diff",
         "dmgr-tiny/gate",
         "paste",
         "cut-paste",
         "perlin",
         "real-small",
-        "real-small+dmgr-tiny/gate",
+        "real-small+dmgr-real/local",
         "real-8",
     }
     assert set(sources) == expected
-    assert sources["real-small"]["pairs"] == 2 and sources["real-small+dmgr-tiny/gate"]["pairs"] == 10
+    assert sources["real-small"]["pairs"] == 2 and sources["real-small+dmgr-real/local"]["pairs"] == 10
+    assert "reusing" not in first.stdout
+    # a rerun reuses every cached model and reports the same numbers; --mix picks the mixed run
+    again = run_eval([*command, "--mix", "tiny", "--out", str(out)])
+    assert "reusing 18 of 20 models" in again.stdout
+    rerun = json.loads((out / "downstream.json").read_text())["sources"]
+    assert rerun["dmgr-real/local"]["runs"] == sources["dmgr-real/local"]["runs"]
+    assert "real-small+dmgr-tiny/local" in rerun and "real-small+dmgr-real/local" not in rerun
     for name, result in sources.items():
         assert [r["seed"] for r in result["runs"]] == [0, 1], name
         for metric in ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou"):

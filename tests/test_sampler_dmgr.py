@@ -302,3 +302,56 @@ def test_pass_counter_backtracking_adds_forwards(local_model, global_model, diff
     forwards = anchoring["forward_grad_global"] + anchoring["forward_global"]
     assert forwards > 3 * (K + 1)
     assert anchoring["forward_local"] == forwards
+
+
+def test_without_reanchoring_the_crop_keeps_its_own_walk(global_model, local_model, diffusion10):
+    """reanchor=false: at T_e the crop goes on from its own state (the defect it grew is kept)."""
+    T_e = 4
+    x_T = noise(2, 2)
+    windows, classes = torch.tensor([[3, 5], [16, 12]]), torch.tensor([2, 0])
+    settings = DMGRSettings(T_s=7, T_e=T_e, lr_xt=0.0, time_travel=False, reanchor=False)
+    result = dmgr_sample(global_model, local_model, diffusion10, x_T, windows, classes, W, settings, record_trace=True)
+    before = trace_at(result, T_e + 1)["crop_prev"]
+    expected = local_ddim(local_model, before, classes, diffusion10, T_e, T_e - 1)
+    torch.testing.assert_close(trace_at(result, T_e)["crop_prev"], expected, atol=1e-6, rtol=0)
+
+
+def test_known_background_outside_the_window_at_every_step(global_model, local_model, diffusion10):
+    """RePaint's rule: outside the window, x at index t is the background noised to t."""
+    x_T = noise(2, 5)
+    background = noise(2, 6).clamp(-1, 1)
+    windows, classes = torch.tensor([[3, 5], [16, 12]]), torch.tensor([2, 0])
+    settings = DMGRSettings(T_s=7, T_e=3, lr_xt=0.2, time_travel=True, jump_length=3, reanchor=False)
+    result = dmgr_sample(
+        global_model, local_model, diffusion10, x_T, windows, classes, W, settings,
+        noise=PerSampleNoise(make_generators([1, 2])), record_trace=True, known=background,
+    )
+    outside = torch.ones(2, 1, 32, 32, dtype=torch.bool)
+    for i, (x, y) in enumerate(windows.tolist()):
+        outside[i, :, y : y + W, x : x + W] = False
+    outside = outside.expand(-1, 3, -1, -1)
+    for entry in result.trace:
+        abar = diffusion10.abar(entry["prev_t"])
+        residual = (entry["x_prev"] - math.sqrt(abar) * background)[outside] / math.sqrt(1 - abar)
+        assert 0.8 < residual.std() < 1.2 and residual.mean().abs() < 0.1  # exactly the fresh unit noise
+    final = result.image[outside]
+    assert (final - background[outside]).abs().max() < 6 * math.sqrt(1 - diffusion10.abar(0))
+    inside = ~outside
+    assert (result.image[inside] - background[inside]).abs().mean() > 0.05  # the window was generated
+
+
+def test_a_mask_channel_local_model_gets_its_own_crop_channel(global_model, unet_factory, diffusion10):
+    from conftest import LOCAL_CONFIG
+
+    local4 = unet_factory(5, **{**LOCAL_CONFIG, "in_channels": 4})
+    x_T = noise(2, 7)
+    windows, classes = torch.tensor([[3, 5], [16, 12]]), torch.tensor([2, 0])
+    settings = DMGRSettings(T_s=7, T_e=3, lr_xt=0.2, time_travel=False)
+    run = lambda: dmgr_sample(  # noqa: E731
+        global_model, local4, diffusion10, x_T, windows, classes, W, settings,
+        noise=PerSampleNoise(make_generators([1, 2])),
+    )
+    a, b = run(), run()
+    assert a.crop.shape == (2, 4, W, W)
+    torch.testing.assert_close(a.crop, b.crop, atol=0, rtol=0)  # the mask channel's noise comes from the seed
+    assert (a.crop[0, 3] - a.crop[1, 3]).abs().max() > 0.1  # and differs between seeds

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from dmgr.data.defects import CLASS_NAMES
@@ -43,17 +44,42 @@ class ImageFolderDataset(Dataset):
         return x.flip(-1) if i >= n else x
 
 
+def mask_path(image: Path) -> Path:
+    """The defect mask beside a patch: NAME.png -> NAME.mask.png."""
+    return image.with_name(image.stem + ".mask.png")
+
+
+def mask_to_tensor(img, size: int | None = None) -> torch.Tensor:
+    """(1, H, W) float32: -1 background, +1 defect, from an L mask (non-zero = defect)."""
+    img = img.convert("L")
+    if size is not None and img.size != (size, size):
+        img = resize_center_crop(img, size, nearest=True)
+    arr = (np.asarray(img) > 0).astype(np.float32) * 2.0 - 1.0
+    return torch.from_numpy(arr)[None]
+
+
 class PatchDataset(Dataset):
-    """(patch tensor in [-1, 1], class id) from root/<class>/*.png; the id is the class's position in `classes`."""
+    """(patch tensor in [-1, 1], class id) from root/<class>/*.png; the id is the class's position in `classes`.
+
+    with_masks=True appends the defect mask (root/<class>/NAME.mask.png) as a fourth channel, -1 background
+    and +1 defect: the training data of a local model that generates each defect together with its mask.
+    """
 
     def __init__(self, root: str | Path, classes: Sequence[str] = CLASS_NAMES, size: int | None = None,
-                 flip: bool = False) -> None:
+                 flip: bool = False, with_masks: bool = False) -> None:
         root = Path(root)
         self.classes = tuple(classes)
         self.items = [(p, k) for k, c in enumerate(self.classes) for p in list_images(root / c, recursive=False)]
         if not self.items:
             raise FileNotFoundError(f"no patches under {root}/<class>/ for classes {', '.join(self.classes)}")
-        self.size, self.flip = size, flip
+        if with_masks:
+            missing = [p for p, _ in self.items if not mask_path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} patches have no mask beside them, e.g. {mask_path(missing[0])}: "
+                    "a mask-generating local model needs NAME.mask.png for every NAME.png"
+                )
+        self.size, self.flip, self.with_masks = size, flip, with_masks
 
     def __len__(self) -> int:
         return len(self.items) * (2 if self.flip else 1)
@@ -62,4 +88,7 @@ class PatchDataset(Dataset):
         n = len(self.items)
         path, label = self.items[i % n]
         x = to_tensor(load_rgb(path), self.size)
+        if self.with_masks:
+            with Image.open(mask_path(path)) as mask:
+                x = torch.cat([x, mask_to_tensor(mask, self.size)])
         return (x.flip(-1) if i >= n else x), label

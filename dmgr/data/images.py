@@ -28,14 +28,14 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size`, then cut the centre square."""
+def resize_center_crop(img: Image.Image, size: int, nearest: bool = False) -> Image.Image:
+    """Scale the shorter side to `size` (Lanczos; nearest neighbour for masks), then cut the centre square."""
     w, h = img.size
     if (w, h) == (size, size):
         return img
     f = size / min(w, h)
     nw, nh = max(size, round(w * f)), max(size, round(h * f))
-    img = img.resize((nw, nh), Image.LANCZOS)
+    img = img.resize((nw, nh), Image.NEAREST if nearest else Image.LANCZOS)
     x0, y0 = (nw - size) // 2, (nh - size) // 2
     return img.crop((x0, y0, x0 + size, y0 + size))
 

@@ -130,9 +130,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--mask-default",
         choices=MASK_METHODS,
-        default="gate",
-        help="mask of the real+DMGR mix (default: the job's default)",
+        default=None,
+        help="mask of the real+DMGR mix (default: the mask the mixing run wrote as mask.png)",
     )
+    d.add_argument("--no-cache", action="store_true", help="retrain every model (default: reuse OUT/models/)")
+    d.add_argument("--mix", default=None, metavar="NAME", help="the run mixed with real-small (default: the first)")
     return p
 
 
@@ -188,8 +190,8 @@ def _main(argv: list[str] | None) -> None:
     if runs:
         size, window = geometry(first_sample(next(iter(runs.values()))))
         settings = replace(settings, image_size=size, window=window)
-    sources = build_sources(runs, settings, args.mask_default)
-    results = run_benchmark(sources, settings, progress, args.jobs)
+    sources = build_sources(runs, settings, args.mask_default, args.mix)
+    results = run_benchmark(sources, settings, progress, args.jobs, None if args.no_cache else args.out / "models")
     results["mask_winners"] = mask_winners(results)
     command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     written = write_downstream_report(args.out, results, command, sources)

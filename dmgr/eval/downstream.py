@@ -1,7 +1,8 @@
 """The downstream benchmark: train the same segmenter on N pairs from each source, test on real boards.
 
 Sources (each gives N (image, mask) pairs; every one trains with the same steps and batch size):
-  dmgr-<run>/<mask>   a synthesis run's images with each mask method it wrote (extras.masks=true)
+  dmgr-<run>/<mask>   a synthesis run's images with its own mask and each other mask method it wrote
+                      (extras.masks=true); real-image runs (dataset.source=images) and generated boards alike
   paste               the first run's no-rectification baseline (extras.paste=true)
   cut-paste           real defect patches pasted into real defect-free boards
   perlin              DRAEM-style Perlin anomalies on real defect-free boards
@@ -12,6 +13,8 @@ Sources (each gives N (image, mask) pairs; every one trains with the same steps 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import time
@@ -27,6 +30,7 @@ from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, t
 from dmgr.eval.shards import first_sample, read_run
 from dmgr.eval.sources import cut_paste, perlin_anomalies
 from dmgr.sampler.masks import MASK_METHODS
+from dmgr.shards.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
 SCALARS = ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou")
@@ -49,15 +53,21 @@ def _concat(*parts: Boards) -> Boards:
     return Boards(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "masks", "classes")))
 
 
-def build_sources(runs: dict[str, Path], settings: DownstreamSettings, mask_default: str = "gate") -> dict[str, Boards]:
-    """Every source's N training pairs. `runs` maps a name (e.g. fast, paper) to a run directory; the
-    first run also gives the paste baseline and the real+DMGR mix (with `mask_default` masks)."""
+def build_sources(
+    runs: dict[str, Path], settings: DownstreamSettings, mask_default: str | None = None, mix: str | None = None
+) -> dict[str, Boards]:
+    """Every source's N training pairs. `runs` maps a name (e.g. real, paper) to a run directory; the
+    first run that wrote one gives the paste baseline; the run named `mix` (default: the first)
+    gives the real+DMGR mix, with `mask_default` masks (default: the mask the run itself wrote)."""
+    if mix is not None and mix not in runs:
+        raise ValueError(f"--mix {mix}: no run of that name (runs: {', '.join(runs)})")
+    mix = mix or next(iter(runs), None)
     n, size = settings.n, settings.image_size
     sources: dict[str, Boards] = {}
-    for i, (name, run_dir) in enumerate(runs.items()):
+    for name, run_dir in runs.items():
         first = first_sample(run_dir)
         masks = tuple(f"mask_{m}.png" for m in MASK_METHODS if f"mask_{m}.png" in first)
-        paste = ("paste.png",) if i == 0 and "paste.png" in first else ()
+        paste = ("paste.png",) if "paste.png" in first and "paste" not in sources else ()
         run = read_run(run_dir, images=paste, masks=masks + (("paste_mask.png",) if paste else ()), limit=n)
         if len(run) < n:
             raise ValueError(f"{run_dir} holds {len(run)} samples, the benchmark needs n={n}")
@@ -67,14 +77,15 @@ def build_sources(runs: dict[str, Path], settings: DownstreamSettings, mask_defa
                 f"the benchmark is set for {settings.image_size} / {settings.window}"
             )
         by_method = {m: run.masks_by_key[f"mask_{m}.png"] for m in MASK_METHODS if f"mask_{m}.png" in masks}
-        if not by_method:  # a run without extras.masks: its one mask, under its own method
-            by_method = {first["json"]["mask_method"]: run.masks}
+        if first["json"]["mask_method"] not in by_method:  # its own mask, under its own method
+            by_method[first["json"]["mask_method"]] = run.masks
         for method, mask in by_method.items():
             sources[f"dmgr-{name}/{method}"] = Boards(run.images, mask, run.classes)
         if paste:
             sources["paste"] = Boards(run.members["paste.png"], run.masks_by_key["paste_mask.png"], run.classes)
-        if i == 0:
-            mix_key = f"dmgr-{name}/{mask_default if mask_default in by_method else next(iter(by_method))}"
+        if name == mix:
+            own = first["json"]["mask_method"]
+            mix_key = f"dmgr-{name}/{mask_default if mask_default in by_method else own}"
     sources["cut-paste"] = cut_paste(n, size, settings.window, settings.margin)
     sources["perlin"] = perlin_anomalies(n, size)
     small = defective_boards(USER, settings.real_small, size)
@@ -117,32 +128,57 @@ def _log_model(name: str, scores: dict, done: int, total: int) -> None:
     )
 
 
+def model_key(train: Boards, settings: DownstreamSettings, seed: int) -> str:
+    """A digest of everything one model's scores depend on: its training pairs, the settings, the seed."""
+    digest = hashlib.sha256(json.dumps([asdict(settings), seed], sort_keys=True, default=str).encode())
+    for tensor in (train.images, train.masks, train.classes):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
 def run_benchmark(
-    sources: dict[str, Boards], settings: DownstreamSettings, progress: bool = True, jobs: int = 1
+    sources: dict[str, Boards],
+    settings: DownstreamSettings,
+    progress: bool = True,
+    jobs: int = 1,
+    cache: Path | None = None,
 ) -> dict:
     """Train and test every source with every seed; returns per-seed scores and mean/std per source.
 
-    `jobs` > 1 trains that many models at once in spawned processes of one thread each.
+    `jobs` > 1 trains that many models at once in spawned processes of one thread each. With `cache`, the
+    scores of each (training pairs, settings, seed) are kept in cache/<digest>.json and reused: a rerun
+    only trains the models whose inputs changed (training is deterministic, so the numbers are the same).
     """
     test = heldout_boards(settings.test_defective, settings.test_clean, settings.image_size)
-    tasks = [(name, seed) for name in sources for seed in settings.seeds]
-    bar = tqdm(total=len(tasks), desc="downstream", unit="model", disable=not progress)
     done: dict[tuple[str, int], dict] = {}
+    keys = {(name, seed): model_key(sources[name], settings, seed) for name in sources for seed in settings.seeds}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for task, key in keys.items():
+            if (cache / f"{key}.json").exists():
+                done[task] = json.loads((cache / f"{key}.json").read_text())
+        if done:
+            log.info("reusing %d of %d models from %s", len(done), len(keys), cache)
+    tasks = [task for task in keys if task not in done]
+    bar = tqdm(total=len(tasks), desc="downstream", unit="model", disable=not progress)
+
+    def finished(name: str, seed: int, scores: dict) -> None:
+        done[name, seed] = scores
+        if cache is not None:
+            write_json_atomic(cache / f"{keys[name, seed]}.json", scores)
+        _log_model(name, scores, len(done), len(keys))
+        bar.update(1)
+
     if jobs <= 1:
         for name, seed in tasks:
-            done[name, seed] = _train_and_score(sources[name], test, settings.segment, seed, 0)
-            _log_model(name, done[name, seed], len(done), len(tasks))
-            bar.update(1)
+            finished(name, seed, _train_and_score(sources[name], test, settings.segment, seed, 0))
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {
                 pool.submit(_train_and_score, sources[n], test, settings.segment, s, 1): (n, s) for n, s in tasks
             }
             for future in as_completed(futures):
-                name, seed = futures[future]
-                done[name, seed] = future.result()
-                _log_model(name, done[name, seed], len(done), len(tasks))
-                bar.update(1)
+                finished(*futures[future], future.result())
     bar.close()
     results = {}
     for name, train in sources.items():

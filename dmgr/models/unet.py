@@ -42,6 +42,7 @@ class UNetConfig:
     dropout: float = 0.0
     learn_sigma: bool = False
     num_classes: int | None = None
+    in_channels: int = 3  # 4 for a local model that generates RGB + defect mask
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -218,7 +219,8 @@ class TimestepEmbedSequential(nn.Sequential):
 class UNetModel(nn.Module):
     """guided-diffusion's UNet; keyword names as in its `create_model`.
 
-    `model(x, t, y=None)` returns (B, 6, H, W) with learned sigma (epsilon first), else (B, 3, H, W).
+    `model(x, t, y=None)` returns (B, 2C, H, W) with learned sigma (epsilon first), else (B, C, H, W), for
+    C = in_channels (3; 4 for a local model that also generates the defect mask).
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class UNetModel(nn.Module):
         dropout: float = 0.0,
         learn_sigma: bool = False,
         num_classes: int | None = None,
+        in_channels: int = 3,
     ):
         super().__init__()
         if channel_mult in ("", None, ()):
@@ -263,10 +266,12 @@ class UNetModel(nn.Module):
             dropout=dropout,
             learn_sigma=learn_sigma,
             num_classes=num_classes,
+            in_channels=in_channels,
         )
         self.num_channels = num_channels
         self.num_classes = num_classes
-        self.out_channels = 6 if learn_sigma else 3
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
         emb_dim = num_channels * 4
 
         def res(ch_in: int, ch_out: int, **updown) -> ResBlock:
@@ -280,7 +285,7 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         ch = first_ch = int(mults[0] * num_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(3, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         ds = 1
         for level, mult in enumerate(mults):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk, undo_step
 from dmgr.sampler.gates import crop_gate, global_gate
 from dmgr.sampler.loss import disagreement_map, rectification_loss
+from dmgr.sampler.masks import window_support
 from dmgr.sampler.noise import NoiseSource
 from dmgr.sampler.settings import DMGRSettings
 
@@ -141,7 +142,9 @@ class _Rectifier:
     def loss(self, p: _Point, rows, t, x_start, c_start, reg, weight_map) -> torch.Tensor:
         sqrt_abar = math.sqrt(self.diffusion.abar(t))
         window = crop_windows(p.x0_g, self.windows[rows], self.w)
-        fit = rectification_loss(window, p.x0_l, sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels)
+        fit = rectification_loss(
+            window, p.x0_l[:, :3], sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels
+        )
         drift = ((p.x - x_start[rows]) ** 2).flatten(1).sum(1) + ((p.c - c_start[rows]) ** 2).flatten(1).sum(1)
         return fit + reg * drift.double()
 
@@ -151,7 +154,7 @@ class _Rectifier:
         if active and self.weight_t != t:
             window = crop_windows(p.x0_g, self.windows, self.w)
             previous = None if self.weight_map is None else self.weight_map.detach()
-            self.weight_map = disagreement_map(window, p.x0_l, previous)
+            self.weight_map = disagreement_map(window, p.x0_l[:, :3], previous)
             self.weight_t = t
         return self.weight_map
 
@@ -230,7 +233,7 @@ class _Rectifier:
             window = crop_windows(point.x0_g, self.windows, self.w)
             sqrt_abar = math.sqrt(self.diffusion.abar(t))
             final = rectification_loss(
-                window, point.x0_l, sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels
+                window, point.x0_l[:, :3], sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels
             )
         point = point.detached()
         return point, point.x, point.c, final
@@ -251,19 +254,23 @@ def dmgr_sample(
     record_trace: bool = False,
     counter: PassCounter | None = None,
     progress: bool = False,
+    known: torch.Tensor | None = None,
 ) -> DMGRResult:
     """Run the DMGR walk from x_T.
 
     windows: (B, 2) top-left (x, y) of each sample's window; classes: (B,) local-model labels.
-    noise: needed for time travel and eta > 0 (per-sample generators or a replay).
-    The crop state starts as the window of x_T.
+    noise: needed for time travel, eta > 0 and `known` (per-sample generators or a replay).
+    The crop state starts as the window of x_T; a local model with a mask channel (4 inputs) gets that
+    channel's initial noise from `noise` ("crop_mask").
+    known: (B, 3, H, W) real backgrounds in [-1, 1]. Then outside each window the global state is, at
+    every index t, the background noised to t (RePaint's rule, noise role "known"); inside, DMGR as usual.
     """
     s = settings
     batch, _, height, width = x_T.shape
     windows = windows.to(x_T.device).long()
     classes = classes.to(x_T.device).long()
-    if (s.time_travel or s.eta > 0) and noise is None:
-        raise ValueError("time travel and eta > 0 need a noise source (per-sample generators)")
+    if (s.time_travel or s.eta > 0 or known is not None) and noise is None:
+        raise ValueError("time travel, eta > 0 and known backgrounds need a noise source (per-sample generators)")
     rect = _Rectifier(global_model, local_model, diffusion, windows, classes, window_size, s, precision, counter)
     centers = windows + window_size // 2
 
@@ -274,18 +281,31 @@ def dmgr_sample(
             )
         return global_gate(height, width, centers, s.gate_radius, falloff), crop_gate(window_size, falloff, x_T.device)
 
-    x = x_T.clone()
+    walk = time_walk(diffusion.num_steps, s.time_travel, s.jump_length, s.jump_n_sample)
+    edit = None if known is None else window_support(height, width, windows, window_size)
+
+    def condition(x: torch.Tensor, t: int) -> torch.Tensor:
+        """Outside the windows: the known background noised to index t."""
+        if known is None:
+            return x
+        abar = diffusion.abar(t)
+        noised = math.sqrt(abar) * known + math.sqrt(1 - abar) * noise.draw(x, "known")
+        return torch.where(edit, x, noised)
+
+    x = condition(x_T.clone(), walk[0])
     c = crop_windows(x_T, windows, window_size).clone()
+    extra_channels = getattr(local_model, "in_channels", 3) - c.shape[1]
+    if extra_channels > 0:
+        c = torch.cat([c, noise.draw(c[:, :extra_channels], "crop_mask")], dim=1)
     lr_base, reg = s.lr_xt, s.reg
     falloff = s.initial_falloff
     gate_x, gate_c = gates(falloff)
-    walk = time_walk(diffusion.num_steps, s.time_travel, s.jump_length, s.jump_n_sample)
     result = DMGRResult(x, c, windows, classes, falloff, torch.zeros(batch, dtype=torch.float64))
     reanchored, previous_move = False, None
     pairs = list(zip(walk[:-1], walk[1:]))
     for t, target in tqdm(pairs, desc="dmgr", disable=not progress, leave=False):
-        if s.multistage and t == s.T_e and not reanchored:
-            c = crop_windows(x, windows, window_size).clone()
+        if s.multistage and s.reanchor and t == s.T_e and not reanchored:
+            c = torch.cat([crop_windows(x, windows, window_size), c[:, 3:]], dim=1)
             reanchored = True
         if target < t:
             if s.gating and target % s.gate_every == 0:
@@ -301,6 +321,7 @@ def dmgr_sample(
             c = ddim_step(
                 point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, noise.draw(c, "ddim_crop") if s.eta > 0 else None
             )
+            x = condition(x, target)
             if record_process and target % s.record_every == 0:
                 if result.x0_process and result.x0_process[-1][0] == target:
                     result.x0_process[-1] = (target, point.x0_g)
@@ -320,7 +341,7 @@ def dmgr_sample(
                     result.pre_undo.append((x, c))
             previous_move = "undo"
             beta = float(diffusion.betas[target])
-            x = undo_step(x, beta, noise.draw(x, "undo_x"))
+            x = condition(undo_step(x, beta, noise.draw(x, "undo_x")), target)
             c = undo_step(c, beta, noise.draw(c, "undo_crop"))
             lr_base /= s.lr_decay
             reg /= s.reg_decay

@@ -1,7 +1,10 @@
 """Defect masks for a finished sample (the reference writes none).
 
+* `local`: the defect mask the local model generated with the defect (its fourth channel, > 0), placed
+  at the window: the pixels that are the defect, from a model trained on patches with exact masks.
 * `diff`: where the final image departs from its defect-free twin (plain global DDIM from the same
-  x_T), inside the window, Gaussian-smoothed and thresholded by Otsu's method with a contrast floor.
+  x_T; on real backgrounds, the background itself), inside the window, Gaussian-smoothed and
+  thresholded by Otsu's method with a contrast floor.
 * `gate`: the support of the rectification gate G_x at the last falloff, inside the window:
   the disc in which rectification acted at full strength, G_x >= 0.5.
 """
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 
 from dmgr.sampler.gates import global_gate
 
-MASK_METHODS = ("diff", "gate")
+MASK_METHODS = ("local", "diff", "gate")
 
 
 def window_support(height: int, width: int, windows: torch.Tensor, size: int) -> torch.Tensor:
@@ -92,3 +95,12 @@ def bounding_box(mask: torch.Tensor) -> list[int] | None:
     if len(xs) == 0:
         return None
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def local_mask(crop: torch.Tensor, windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 1, H, W) bool: the crop's mask channel (index 3, > 0) placed at each sample's window."""
+    size = crop.shape[-1]
+    masks = torch.zeros(crop.shape[0], 1, height, width, dtype=torch.bool, device=crop.device)
+    for i, (x, y) in enumerate(windows.tolist()):
+        masks[i, 0, y : y + size, x : x + size] = crop[i, 3] > 0
+    return masks

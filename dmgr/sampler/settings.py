@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DMGRSettings:
     T_s: int = 150  # above: Structural Anchoring (rectify x only)
-    T_e: int = 40  # at or below: Textural Resonance (rectify x and crop); crop re-anchored at T_e
+    T_e: int = 40  # at or below: Textural Resonance (rectify x and crop)
+    reanchor: bool = True  # at T_e the crop restarts as the window of x (the reference; it drops the defect)
     iterations: int = 2  # K gradient iterations per rectified step
     lr_xt: float = 0.02
     lr_decay: float = 1.012  # per reverse step, undone on every undo

@@ -112,6 +112,7 @@ def synthesise(spec: RunSpec) -> dict | None:
                 "python": platform.python_version(),
             },
             "checkpoints": engine.digests,
+            **({"backgrounds": spec.backgrounds.summary()} if spec.backgrounds is not None else {}),
             "metrics": run_metrics(spec.out_dir, [path for _, path, _ in shards]),
             **_carried_over(spec, summary, everyone),
         }

@@ -17,9 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.settings import DMGRSettings
+from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLASS_CHOICES = ("uniform", "fixed", "weighted")
+SOURCES = ("images", "generate")
+PIXEL_SOURCES = ("crop", "global")
 WINDOW_CHOICES = ("uniform", "fixed")
 # Keys that change how a run is executed but not what it produces: left out of the run's identity.
 EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality")
@@ -75,6 +78,9 @@ class DatasetSpec:
     class_weights: tuple[float, ...] | None
     window_choice: str
     fixed_window: tuple[int, int] | None
+    source: str = "generate"  # images: defects into the user's real images; generate: whole boards
+    images: Path | None = None  # source=images: a folder or a JSONL manifest
+    defects_per_image: int = 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class RunSpec:
     precision: str
     shard_prefix: str
     mask_method: str
+    mask_pixels: str  # source=images: where the pixels inside the mask come from (crop | global)
     mask_sigma: float
     mask_min_contrast: float
     extras: dict
@@ -128,6 +135,13 @@ class RunSpec:
     sampler: DMGRSettings
     resolved: dict  # the whole resolved config, for metadata and the manifest
     identity: str  # hash of what determines the samples
+    backgrounds: Backgrounds | None = None  # source=images: the usable input list
+
+    @property
+    def available_masks(self) -> tuple[str, ...]:
+        """The mask methods this run can compute (`local` needs a local model with a mask channel)."""
+        has_mask = (self.model.local_net.config or {}).get("in_channels", 3) == 4
+        return tuple(m for m in MASK_METHODS if m != "local" or has_mask)
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
@@ -166,6 +180,23 @@ def _dataset(cfg: DictConfig) -> DatasetSpec:
         if min(fw) < 0 or max(fw) + window > size:
             fail("dataset.fixed_window", list(fw), f"the {window} px window must lie inside the {size} px image")
         fixed_window = (int(fw[0]), int(fw[1]))
+    source = str(d.get("source", "generate"))
+    if source not in SOURCES:
+        fail("dataset.source", source, f"allowed: {', '.join(SOURCES)}")
+    images = None
+    if source == "images":
+        if d.get("images") in (None, "", "???"):
+            fail("dataset.images", d.get("images"), "source=images needs a folder of images or a .jsonl manifest")
+        images = _find_path(str(d.images))
+        if images is None:
+            fail(
+                "dataset.images",
+                str(d.images),
+                "no such folder or .jsonl manifest (the demo's boards: `make backgrounds`)",
+            )
+    defects = _positive_int(cfg, "dataset.defects_per_image") if "defects_per_image" in d else 1
+    if defects > 1 and (source != "images" or d.window_choice == "fixed"):
+        fail("dataset.defects_per_image", defects, "several defects need source=images and window_choice=uniform")
     return DatasetSpec(
         str(d.name),
         size,
@@ -177,20 +208,28 @@ def _dataset(cfg: DictConfig) -> DatasetSpec:
         weights,
         str(d.window_choice),
         fixed_window,
+        source,
+        images,
+        defects,
     )
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _find_checkpoint(value: str) -> Path | None:
+def _find_path(value: str, kind: str = "any") -> Path | None:
     """A path as given (relative to the working directory), else relative to the project root."""
+    exists = Path.is_file if kind == "file" else Path.exists
     path = Path(value).expanduser()
-    if path.is_file():
+    if exists(path):
         return path.resolve()
-    if not path.is_absolute() and (PROJECT_ROOT / path).is_file():
+    if not path.is_absolute() and exists(PROJECT_ROOT / path):
         return PROJECT_ROOT / path
     return None
+
+
+def _find_checkpoint(value: str) -> Path | None:
+    return _find_path(value, "file")
 
 
 def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
@@ -266,6 +305,17 @@ def _quality(cfg: DictConfig) -> QualitySpec:
     )
 
 
+def _mask_method(method: str, dataset: DatasetSpec, model: ModelSpec) -> str:
+    """`auto`: the local model's own mask when it generates one, else `diff` (real images) or `gate`."""
+    has_mask = (model.local_net.config or {}).get("in_channels", 3) == 4
+    if method == "auto":
+        return "local" if has_mask else ("diff" if dataset.source == "images" else "gate")
+    if method == "local" and not has_mask:
+        fail("mask.method", method, "the local model generates no mask channel (in_channels 3): use diff or gate, "
+             "or train a mask-generating local model (README: arch=demo_local_mask)")
+    return method
+
+
 def check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -276,7 +326,8 @@ def check_writable(directory: Path) -> None:
 
 
 def validate(cfg: DictConfig) -> RunSpec:
-    """Check every setting and return the typed run spec. Touches the disk only to test out_dir."""
+    """Check every setting and return the typed run spec. Reads the disk for the checkpoints' stored
+    architecture, to check the background images (source=images) and to test that out_dir is writable."""
     for key in ("dataset", "model", "schedule"):
         if key not in cfg:
             fail(key, None, f"missing config group: add {key}=<name> (see conf/{key}/)")
@@ -291,8 +342,11 @@ def validate(cfg: DictConfig) -> RunSpec:
     device = str(cfg.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         fail("device", device, "allowed: auto, cpu, cuda, cuda:N")
-    if cfg.mask.method not in MASK_METHODS:
-        fail("mask.method", cfg.mask.method, f"allowed: {', '.join(MASK_METHODS)}")
+    if cfg.mask.method not in ("auto", *MASK_METHODS):
+        fail("mask.method", cfg.mask.method, f"allowed: auto, {', '.join(MASK_METHODS)}")
+    mask_pixels = str(cfg.mask.get("pixels", "crop"))
+    if mask_pixels not in PIXEL_SOURCES:
+        fail("mask.pixels", mask_pixels, f"allowed: {', '.join(PIXEL_SOURCES)}")
     if float(cfg.mask.sigma) < 0 or float(cfg.mask.min_contrast) < 0:
         fail("mask.sigma", cfg.mask.sigma, "mask.sigma and mask.min_contrast must be >= 0")
     task_count = _positive_int(cfg, "array.task_count")
@@ -335,6 +389,21 @@ def validate(cfg: DictConfig) -> RunSpec:
     sampler = sampler_settings(cfg, dataset.window_size)
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
+    mask_method = _mask_method(str(cfg.mask.method), dataset, model)
+    extras = dict(resolved.get("extras", {}))
+    for name in ("twin", "paste") if dataset.source == "images" else ("input",):
+        if extras.get(name, False):
+            other = "generate" if name != "input" else "images"
+            fail(f"extras.{name}", True, f"needs dataset.source={other} (on real images extras.input writes the input)")
+    resolved.setdefault("mask", {})["method"] = mask_method
+    backgrounds = None
+    if dataset.source == "images":
+        try:
+            backgrounds = scan_backgrounds(dataset.images, dataset.image_size, dataset.window_size, dataset.margin)
+        except BackgroundError as exc:
+            fail("dataset.images", str(dataset.images), str(exc))
+        resolved["dataset"]["images"] = str(dataset.images)
+        resolved["dataset"]["images_digest"] = backgrounds.digest
     quality = _quality(cfg)
     identity = _identity(resolved)
     if cfg.out_dir:
@@ -350,10 +419,11 @@ def validate(cfg: DictConfig) -> RunSpec:
         device=device,
         precision=str(cfg.precision),
         shard_prefix=str(cfg.shard_prefix),
-        mask_method=str(cfg.mask.method),
+        mask_method=mask_method,
+        mask_pixels=mask_pixels,
         mask_sigma=float(cfg.mask.sigma),
         mask_min_contrast=float(cfg.mask.min_contrast),
-        extras=dict(resolved.get("extras", {})),
+        extras=extras,
         task_id=task_id,
         task_count=task_count,
         writer_queue=_positive_int(cfg, "writer_queue"),
@@ -366,4 +436,5 @@ def validate(cfg: DictConfig) -> RunSpec:
         sampler=sampler,
         resolved=resolved,
         identity=identity,
+        backgrounds=backgrounds,
     )

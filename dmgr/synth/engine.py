@@ -11,12 +11,12 @@ from PIL import Image
 
 from dmgr import __version__
 from dmgr.diffusion import Diffusion, make_diffusion
-from dmgr.images import to_uint8
+from dmgr.images import from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
-from dmgr.sampler import PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
-from dmgr.sampler.masks import MASK_METHODS, bounding_box, diff_mask, gate_mask
+from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
+from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
-from dmgr.synth.plan import PASTE_STREAM, SamplePlan
+from dmgr.synth.plan import DEFECT_STREAM, PASTE_STREAM, SamplePlan
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
     return Engine(global_model, local_model, diffusion, {"global": global_digest, "local": local_digest}, device)
 
 
-def _mask_image(mask: torch.Tensor) -> Image.Image:
-    return Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255)
+def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:
+    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
+    return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
 def paste_local_sample(
@@ -80,19 +81,153 @@ def paste_local_sample(
     patches = ddim_sample(
         engine.local_model,
         engine.diffusion,
-        initial_noise(generators, (3, w, w), engine.device),
+        initial_noise(generators, (engine.local_model.in_channels, w, w), engine.device),
         y=torch.tensor([p.class_id for p in plans], device=engine.device),
         precision=spec.precision,
     )
     pasted = twin.clone()
     for i, (x, y) in enumerate(p.window for p in plans):
-        pasted[i, :, y : y + w, x : x + w] = patches[i]
+        pasted[i, :, y : y + w, x : x + w] = patches[i, :3]
     return pasted
 
 
+def defect_masks(
+    spec: RunSpec, methods: tuple[str, ...], result: DMGRResult, reference: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """(B, 1, H, W) bool masks of a sampler result by method; `reference` is what `diff` compares with
+    (the defect-free twin, or the real background)."""
+    size, w = spec.dataset.image_size, spec.dataset.window_size
+    masks = {}
+    for method in methods:
+        if method == "local":
+            masks[method] = local_mask(result.crop, result.windows, size, size)
+        elif method == "diff":
+            masks[method] = diff_mask(
+                result.image, reference, result.windows, w, spec.mask_sigma, spec.mask_min_contrast
+            )
+        else:
+            masks[method] = gate_mask(size, size, result.windows, w, spec.sampler.gate_radius, result.gate_falloff)
+    return masks
+
+
+def _common_meta(spec: RunSpec, engine: Engine, plan: SamplePlan) -> dict:
+    return {
+        "seed": plan.seed,
+        "class_name": plan.class_name,
+        "class_id": plan.class_id,
+        "mask_method": spec.mask_method,
+        "image_size": spec.dataset.image_size,
+        "dataset": spec.dataset.name,
+        "source": spec.dataset.source,
+        "schedule": dict(spec.resolved["schedule"]),
+        "respacing": spec.respacing,
+        "checkpoints": {"model": spec.model.name, **engine.digests},
+        "precision": spec.precision,
+        "run_identity": spec.identity,
+        "dmgr_version": __version__,
+    }
+
+
+def _box(x: int, y: int, w: int) -> list[int]:
+    return [x, y, x + w, y + w]
+
+
 def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """One sampler call for a batch of plans; returns webdataset samples (seed + members)."""
-    d, size, w = spec.dataset, spec.dataset.image_size, spec.dataset.window_size
+    """One batch of plans -> webdataset samples (seed + members)."""
+    if spec.dataset.source == "images":
+        return generate_into_backgrounds(engine, spec, plans)
+    return generate_boards(engine, spec, plans)
+
+
+def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """DMGR into real backgrounds: defect k of every plan in one sampler call (noise from seed + k *
+    DEFECT_STREAM), the background known outside the window; the result takes the generated pixels only
+    inside the defect mask, so everything outside the masks is the input, byte for byte."""
+    size, w = spec.dataset.image_size, spec.dataset.window_size
+    inputs = np.stack([spec.backgrounds.image(p.background) for p in plans])
+    canvas = inputs.copy()
+    methods = spec.available_masks if spec.extras.get("masks", False) else (spec.mask_method,)
+    unions = {m: np.zeros(inputs.shape[:3], dtype=bool) for m in methods}
+    defects: list[list[dict]] = [[] for _ in plans]
+    crops, grids = [None] * len(plans), [None] * len(plans)
+    for k in range(max(len(p.defects) for p in plans)):
+        rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
+        generators = make_generators([plans[i].seed + k * DEFECT_STREAM for i in rows])
+        known = from_uint8(canvas[rows]).to(engine.device)
+        result = dmgr_sample(
+            engine.global_model,
+            engine.local_model,
+            engine.diffusion,
+            initial_noise(generators, (3, size, size), engine.device),
+            torch.tensor([plans[i].defects[k].window for i in rows], device=engine.device),
+            torch.tensor([plans[i].defects[k].class_id for i in rows], device=engine.device),
+            w,
+            spec.sampler,
+            noise=PerSampleNoise(generators),
+            precision=spec.precision,
+            record_process=spec.extras.get("grid", False) and k == 0,
+            known=known,
+        )
+        masks = {m: v[:, 0].cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
+        pixels = result.image.clone()
+        if spec.mask_pixels == "crop":
+            for j, (x, y) in enumerate(result.windows.tolist()):
+                pixels[j, :, y : y + w, x : x + w] = result.crop[j, :3]
+        generated = to_uint8(pixels)
+        chosen = masks[spec.mask_method]
+        canvas[rows] = np.where(chosen[..., None], generated, canvas[rows])
+        for m in methods:
+            unions[m][rows] |= masks[m]
+        for j, i in enumerate(rows):
+            d = plans[i].defects[k]
+            mask = torch.from_numpy(chosen[j])
+            defects[i].append({
+                "class_name": d.class_name,
+                "class_id": d.class_id,
+                "window_box": _box(*d.window, w),
+                "mask_box": bounding_box(mask),
+                "mask_area": int(mask.sum()),
+                "final_loss": float(result.final_loss[j]),
+            })
+        if k == 0:
+            crop_images = to_uint8(result.crop[:, :3])
+            grid = None
+            if result.x0_process:
+                grid = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
+            for j, i in enumerate(rows):
+                crops[i], grids[i] = crop_images[j], None if grid is None else grid[j]
+    samples = []
+    for i, plan in enumerate(plans):
+        union = unions[spec.mask_method][i]
+        background = spec.backgrounds.items[plan.background]
+        meta = {
+            **_common_meta(spec, engine, plan),
+            "window_box": defects[i][0]["window_box"],
+            "mask_box": bounding_box(torch.from_numpy(union)),
+            "mask_area": int(union.sum()),
+            "mask_pixels": spec.mask_pixels,
+            "final_loss": defects[i][0]["final_loss"],
+            "defects": defects[i],
+            "defects_requested": spec.dataset.defects_per_image,
+            "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
+        }
+        sample = {"seed": plan.seed, "png": Image.fromarray(canvas[i]), "mask.png": _mask_image(union), "json": meta}
+        if spec.extras.get("input", False):
+            sample["input.png"] = Image.fromarray(inputs[i])
+        if spec.extras.get("crop", False):
+            sample["crop.png"] = Image.fromarray(crops[i])
+        if grids[i] is not None:
+            sample["grid.png"] = Image.fromarray(grids[i])
+        if spec.extras.get("masks", False):
+            for method in methods:
+                sample[f"mask_{method}.png"] = _mask_image(unions[method][i])
+        samples.append(sample)
+    return samples
+
+
+def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """The whole-board walk (dataset.source=generate): the global model makes the board, DMGR the defect."""
+    size, w = spec.dataset.image_size, spec.dataset.window_size
     generators = make_generators([p.seed for p in plans])
     x_T = initial_noise(generators, (3, size, size), engine.device)
     windows = torch.tensor([p.window for p in plans], device=engine.device)
@@ -114,13 +249,8 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
     twin = None
     if spec.mask_method == "diff" or all_masks or paste or spec.extras.get("twin", False):
         twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
-    methods = MASK_METHODS if all_masks else (spec.mask_method,)
-    masks_by_method = {}
-    for method in methods:
-        if method == "diff":
-            masks_by_method[method] = diff_mask(result.image, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
-        else:
-            masks_by_method[method] = gate_mask(size, size, windows, w, spec.sampler.gate_radius, result.gate_falloff)
+    methods = spec.available_masks if all_masks else (spec.mask_method,)
+    masks_by_method = defect_masks(spec, methods, result, twin)
     masks = masks_by_method[spec.mask_method]
     pasted = paste_masks = None
     if paste:
@@ -128,33 +258,21 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
         paste_masks = diff_mask(pasted, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
         pasted = to_uint8(pasted)
     images = to_uint8(result.image)
-    crops = to_uint8(result.crop)
+    crops = to_uint8(result.crop[:, :3])
     twins = to_uint8(twin) if twin is not None else None
     grids = None
     if spec.extras.get("grid", False) and result.x0_process:
         grids = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
-    schedule = {k: v for k, v in spec.resolved["schedule"].items()}
     samples = []
     for i, plan in enumerate(plans):
         x, y = plan.window
         mask = masks[i, 0].cpu()
         meta = {
-            "seed": plan.seed,
-            "class_name": plan.class_name,
-            "class_id": plan.class_id,
-            "window_box": [x, y, x + w, y + w],
+            **_common_meta(spec, engine, plan),
+            "window_box": _box(x, y, w),
             "mask_box": bounding_box(mask),
             "mask_area": int(mask.sum()),
-            "mask_method": spec.mask_method,
             "final_loss": float(result.final_loss[i]),
-            "image_size": size,
-            "dataset": d.name,
-            "schedule": schedule,
-            "respacing": spec.respacing,
-            "checkpoints": {"model": spec.model.name, **engine.digests},
-            "precision": spec.precision,
-            "run_identity": spec.identity,
-            "dmgr_version": __version__,
         }
         sample = {
             "seed": plan.seed,

@@ -1,45 +1,101 @@
-"""Seed -> sample plan, and seeds -> shards -> workers. Pure functions; no models, no files.
+"""Seed -> sample plan, and seeds -> shards -> workers. Pure functions of their arguments; no models.
 
-A sample is a function of (config, seed): its class and window come from a CPU generator seeded by
-the seed (offset so that this stream differs from the noise stream), its noise from another.
+A sample is a function of (config, seed, the input list): its background, classes and windows come from
+a CPU generator seeded by the seed (offset so that this stream differs from the noise stream), its noise
+from another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from dmgr.synth.backgrounds import Backgrounds
 from dmgr.synth.config import DatasetSpec
 
 PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM; the noise generator's is seed
 PASTE_STREAM = 2 << 40  # the paste baseline's local-model noise (extras.paste)
+DEFECT_STREAM = 3 << 40  # defect k > 0 of an image draws its noise from seed + k * DEFECT_STREAM
 
 
 @dataclass(frozen=True)
-class SamplePlan:
-    seed: int
+class Defect:
     class_id: int
     class_name: str
     window: tuple[int, int]  # top-left (x, y)
 
 
-def plan_sample(seed: int, dataset: DatasetSpec) -> SamplePlan:
-    g = torch.Generator().manual_seed(seed + PLAN_STREAM)
+@dataclass(frozen=True)
+class SamplePlan:
+    seed: int
+    defects: tuple[Defect, ...]  # one or more, windows never overlapping
+    background: int | None = None  # index into the usable backgrounds (dataset.source=images)
+
+    @property
+    def class_id(self) -> int:
+        return self.defects[0].class_id
+
+    @property
+    def class_name(self) -> str:
+        return self.defects[0].class_name
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.defects[0].window
+
+
+def _class(dataset: DatasetSpec, g: torch.Generator) -> int:
     if dataset.class_choice == "fixed":
-        class_id = dataset.classes.index(dataset.fixed_class)
-    elif dataset.class_choice == "weighted":
+        return dataset.classes.index(dataset.fixed_class)
+    if dataset.class_choice == "weighted":
         weights = torch.tensor(dataset.class_weights, dtype=torch.float64)
-        class_id = int(torch.multinomial(weights, 1, generator=g))
-    else:
-        class_id = int(torch.randint(len(dataset.classes), (1,), generator=g))
-    if dataset.window_choice == "fixed":
-        window = dataset.fixed_window
-    else:
-        low, high = dataset.margin, dataset.image_size - dataset.window_size - dataset.margin
-        x, y = torch.randint(low, high, (2,), generator=g).tolist()
-        window = (int(x), int(y))
-    return SamplePlan(seed, class_id, dataset.classes[class_id], window)
+        return int(torch.multinomial(weights, 1, generator=g))
+    return int(torch.randint(len(dataset.classes), (1,), generator=g))
+
+
+def _free_corners(allowed: np.ndarray, taken: list[tuple[int, int]], window: int) -> np.ndarray:
+    """(N, 2) top-left (x, y) among `allowed` whose window overlaps none of `taken`."""
+    free = allowed.copy()
+    for x, y in taken:
+        free[max(0, y - window + 1) : y + window, max(0, x - window + 1) : x + window] = False
+    ys, xs = np.nonzero(free)
+    return np.stack([xs, ys], 1)
+
+
+def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None = None) -> SamplePlan:
+    """Class(es), window(s) and background of one seed, from the seed's own plan generator.
+
+    Generated boards: one defect, window uniform in [margin, size - window - margin) per axis. Real
+    backgrounds: the image uniform among the usable ones, then each defect's class and a window drawn
+    uniformly among the top-left corners inside the ROI and margins that overlap no earlier window (an
+    image with no room left gets fewer defects; its json says so).
+    """
+    g = torch.Generator().manual_seed(seed + PLAN_STREAM)
+    if backgrounds is None:
+        class_id = _class(dataset, g)
+        if dataset.window_choice == "fixed":
+            window = dataset.fixed_window
+        else:
+            low, high = dataset.margin, dataset.image_size - dataset.window_size - dataset.margin
+            x, y = torch.randint(low, high, (2,), generator=g).tolist()
+            window = (int(x), int(y))
+        return SamplePlan(seed, (Defect(class_id, dataset.classes[class_id], window),))
+    background = int(torch.randint(len(backgrounds), (1,), generator=g))
+    allowed = backgrounds.allowed_corners(background)
+    defects: list[Defect] = []
+    for _ in range(dataset.defects_per_image):
+        class_id = _class(dataset, g)
+        if dataset.window_choice == "fixed":  # validation allows one defect per image here
+            defects.append(Defect(class_id, dataset.classes[class_id], dataset.fixed_window))
+            break
+        corners = _free_corners(allowed, [d.window for d in defects], dataset.window_size)
+        if len(corners) == 0:
+            break
+        x, y = corners[int(torch.randint(len(corners), (1,), generator=g))].tolist()
+        defects.append(Defect(class_id, dataset.classes[class_id], (int(x), int(y))))
+    return SamplePlan(seed, tuple(defects), background)
 
 
 def shard_blocks(seeds: list[int], samples_per_shard: int) -> list[list[int]]:

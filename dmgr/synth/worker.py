@@ -11,7 +11,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dmgr.sampler.masks import MASK_METHODS
 from dmgr.shards import ShardWriter, shard_path, verify_shard
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import Engine, generate
@@ -30,9 +29,9 @@ class WorkerStats:
 
 
 def expected_members(spec: RunSpec) -> tuple[str, ...]:
-    extra = [f"{name}.png" for name in ("crop", "twin", "grid") if spec.extras.get(name, False)]
+    extra = [f"{name}.png" for name in ("crop", "twin", "grid", "input") if spec.extras.get(name, False)]
     if spec.extras.get("masks", False):
-        extra += [f"mask_{method}.png" for method in MASK_METHODS]
+        extra += [f"mask_{method}.png" for method in spec.available_masks]
     if spec.extras.get("paste", False):
         extra += ["paste.png", "paste_mask.png"]
     return ("png", "mask.png", "json", *extra)
@@ -79,7 +78,7 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
         writer.open(shard_path(spec.out_dir, spec.shard_prefix, k))
         seeds = blocks[k]
         for i in range(0, len(seeds), spec.batch_size):
-            plans = [plan_sample(s, spec.dataset) for s in seeds[i : i + spec.batch_size]]
+            plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
             for sample in generate(engine, spec, plans):
                 writer.put(sample)
             bar.update(len(plans))
@@ -99,7 +98,7 @@ def all_shards(spec: RunSpec) -> list[tuple[int, Path, list[int]]]:
 
 def run_metrics(out_dir: Path, shards: list[Path]) -> dict:
     """Means over the run's sample metadata: the final rectification loss and the mask area."""
-    losses, areas, fractions = [], [], []
+    losses, areas, fractions, short = [], [], [], 0
     for path in shards:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
@@ -107,12 +106,14 @@ def run_metrics(out_dir: Path, shards: list[Path]) -> dict:
                     meta = json.loads(tar.extractfile(member).read())
                     losses.append(meta["final_loss"])
                     areas.append(meta["mask_area"])
-                    box = meta["window_box"]
-                    fractions.append(meta["mask_area"] / ((box[2] - box[0]) * (box[3] - box[1])))
+                    boxes = [d["window_box"] for d in meta.get("defects", [meta])]
+                    fractions.append(meta["mask_area"] / sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes))
+                    short += len(boxes) < meta.get("defects_requested", 1)
     count = max(len(losses), 1)
     return {
         "final_loss": sum(losses) / count,
         "mask_area": sum(areas) / count,
         "mask_window_fraction": sum(fractions) / count,
         "empty_masks": sum(a == 0 for a in areas),
+        "fewer_defects_than_requested": short,  # source=images: no room left in the ROI
     }
