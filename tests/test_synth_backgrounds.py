@@ -14,7 +14,7 @@ from dmgr.data.board import make_board
 from dmgr.synth.backgrounds import BackgroundError, scan_backgrounds
 from dmgr.synth.plan import plan_sample
 
-IMAGES = [t for t in TINY if not t.startswith("dataset.source")] + ["dataset.source=images", "schedule.time_travel=false"]
+IMAGES = [*(t for t in TINY if not t.startswith("dataset.source")), "dataset.source=images", "schedule.time_travel=false"]
 
 
 def write_boards(folder, n: int, size: int = 64, first: int = 0):
@@ -89,7 +89,7 @@ def test_batch_size_keeps_background_plan_and_pixels_outside_the_windows(real_ru
 
 
 def test_several_defects_per_image_inside_the_roi(tmp_path):
-    folder = write_boards(tmp_path / "in", 2)
+    write_boards(tmp_path / "in", 2)
     roi = np.zeros((64, 64), dtype=np.uint8)
     roi[:, 32:] = 255  # right half only
     Image.fromarray(roi).save(tmp_path / "in" / "right.png")
@@ -104,7 +104,7 @@ def test_several_defects_per_image_inside_the_roi(tmp_path):
         mask = np.asarray(sample["mask.png"].convert("L")) > 127
         assert len(meta["defects"]) == 2 and meta["defects_requested"] == 2
         boxes = [d["window_box"] for d in meta["defects"]]
-        for x0, y0, x1, y1 in boxes:
+        for x0, _, x1, _ in boxes:
             assert x0 >= 32 and x1 <= 64
         (a0, b0, a1, b1), (c0, d0, c1, d1) = boxes
         assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, "windows overlap"
@@ -128,7 +128,7 @@ def test_plans_pick_backgrounds_and_windows_from_the_seed(boards):
 
 
 def test_an_image_with_room_for_fewer_windows_gets_fewer_defects(tmp_path):
-    folder = write_boards(tmp_path / "in", 1)
+    write_boards(tmp_path / "in", 1)
     roi = np.zeros((64, 64), dtype=np.uint8)
     roi[10:30, 10:30] = 255  # room for one 16 px window, never two
     Image.fromarray(roi).save(tmp_path / "roi.png")
@@ -139,7 +139,6 @@ def test_an_image_with_room_for_fewer_windows_gets_fewer_defects(tmp_path):
     assert len(plan.defects) == 1
     x, y = plan.window
     assert 10 <= x <= 14 and 10 <= y <= 14
-    del folder
 
 
 def test_bad_inputs_are_skipped_and_counted(tmp_path):
