@@ -28,7 +28,7 @@ EVAL_BOARDS = dataset.source=generate schedule=fast extras.paste=true extras.twi
 DEMO_DATA ?= outputs/pcb-data
 DEMO_GLOBAL_STEPS ?= 3000
 DEMO_LOCAL_STEPS ?= 6000
-DEMO_MASK_STEPS ?= 2000
+DEMO_MASK_STEPS ?= 1500
 
 .PHONY: venv backgrounds synth test bench lint preview eval eval-runs downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
 

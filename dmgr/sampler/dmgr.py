@@ -264,6 +264,8 @@ def dmgr_sample(
     channel's initial noise from `noise` ("crop_mask").
     known: (B, 3, H, W) real backgrounds in [-1, 1]. Then outside each window the global state is, at
     every index t, the background noised to t (RePaint's rule, noise role "known"); inside, DMGR as usual.
+    With a mask-generating local model the crop's RGB follows the same rule outside the defect its latest
+    x0 prediction shows (mask channel > 0; noise role "known_crop").
     """
     s = settings
     batch, _, height, width = x_T.shape
@@ -297,6 +299,19 @@ def dmgr_sample(
     extra_channels = getattr(local_model, "in_channels", 3) - c.shape[1]
     if extra_channels > 0:
         c = torch.cat([c, noise.draw(c[:, :extra_channels], "crop_mask")], dim=1)
+    # A mask-generating local model on a known background: the crop's RGB is known too, except where the
+    # crop's own latest mask prediction says defect, so the defect grows into the real window around it.
+    known_crop = crop_windows(known, windows, window_size) if known is not None and extra_channels > 0 else None
+    defect = torch.zeros_like(c[:, :1], dtype=torch.bool)
+
+    def condition_crop(c: torch.Tensor, t: int) -> torch.Tensor:
+        if known_crop is None:
+            return c
+        abar = diffusion.abar(t)
+        noised = math.sqrt(abar) * known_crop + math.sqrt(1 - abar) * noise.draw(known_crop, "known_crop")
+        return torch.cat([torch.where(defect, c[:, :3], noised), c[:, 3:]], dim=1)
+
+    c = condition_crop(c, walk[0])
     lr_base, reg = s.lr_xt, s.reg
     falloff = s.initial_falloff
     gate_x, gate_c = gates(falloff)
@@ -322,6 +337,9 @@ def dmgr_sample(
                 point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, noise.draw(c, "ddim_crop") if s.eta > 0 else None
             )
             x = condition(x, target)
+            if known_crop is not None:
+                defect = point.x0_l[:, 3:4] > 0
+                c = condition_crop(c, target)
             if record_process and target % s.record_every == 0:
                 if result.x0_process and result.x0_process[-1][0] == target:
                     result.x0_process[-1] = (target, point.x0_g)
@@ -342,7 +360,7 @@ def dmgr_sample(
             previous_move = "undo"
             beta = float(diffusion.betas[target])
             x = condition(undo_step(x, beta, noise.draw(x, "undo_x")), target)
-            c = undo_step(c, beta, noise.draw(c, "undo_crop"))
+            c = condition_crop(undo_step(c, beta, noise.draw(c, "undo_crop")), target)
             lr_base /= s.lr_decay
             reg /= s.reg_decay
     result.image, result.crop, result.gate_falloff = x, c, falloff
