@@ -22,7 +22,7 @@ RUN ?= $(patsubst %/manifest.json,%,$(firstword $(shell ls -t outputs/*/manifest
 EVAL_SEEDS ?= 0-63
 EVAL_N ?= 64
 EVAL_JOBS ?= 2
-# The generated-board run also writes the no-rectification paste baseline and its twin.
+# The generated-board run (make eval-runs-boards) also writes the no-rectification paste baseline.
 EVAL_BOARDS = dataset.source=generate schedule=fast extras.paste=true extras.twin=true seeds=$(EVAL_SEEDS)
 
 DEMO_DATA ?= outputs/pcb-data
@@ -30,7 +30,7 @@ DEMO_GLOBAL_STEPS ?= 3000
 DEMO_LOCAL_STEPS ?= 6000
 DEMO_MASK_STEPS ?= 1500
 
-.PHONY: venv backgrounds synth test bench lint preview eval eval-runs downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
+.PHONY: venv backgrounds synth test bench lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,18 +67,22 @@ preview: venv
 eval: venv
 	$(PY) -m dmgr.eval samples $(RUN) $(ARGS)
 
-# The downstream benchmark: DMGR into real boards (the default job, and schedule=paper), DMGR on
-# generated boards (with the paste baseline) -- resumable runs -- then the same segmenter trained on
-# each source and tested on held-out real boards (models cached in outputs/eval/downstream/models/).
+# The downstream benchmark: DMGR into real boards with the default job and with schedule=paper
+# (resumable runs), then the same segmenter trained on each source and tested on held-out real boards
+# (each model's scores cached in outputs/eval/downstream/models/, so a rerun trains only what changed).
 eval-runs: venv backgrounds
 	$(PY) -m dmgr.synth seeds=$(EVAL_SEEDS) extras.input=true out_dir=outputs/eval-runs/real
-	$(PY) -m dmgr.synth schedule=paper seeds=$(EVAL_SEEDS) extras.input=true out_dir=outputs/eval-runs/real-paper
-	$(PY) -m dmgr.synth $(EVAL_BOARDS) out_dir=outputs/eval-runs/boards
+	$(PY) -m dmgr.synth schedule=paper seeds=$(EVAL_SEEDS) batch_size=8 extras.input=true \
+	  out_dir=outputs/eval-runs/real-paper
 
 downstream: eval-runs
 	$(PY) -m dmgr.eval downstream --run real=outputs/eval-runs/real --run real-paper=outputs/eval-runs/real-paper \
-	  --run boards=outputs/eval-runs/boards --mix real --n $(EVAL_N) --jobs $(EVAL_JOBS) \
-	  --out outputs/eval/downstream $(ARGS)
+	  --mix real --n $(EVAL_N) --jobs $(EVAL_JOBS) --out outputs/eval/downstream $(ARGS)
+
+# DMGR on generated boards (the whole-board walk) with the paste baseline, for comparison:
+#   make eval-runs-boards && make downstream ARGS="--run boards=outputs/eval-runs/boards"
+eval-runs-boards: venv
+	$(PY) -m dmgr.synth $(EVAL_BOARDS) out_dir=outputs/eval-runs/boards
 
 # The procedural PCB domain on disk: global/ (boards), local/<class>/ (patches), test/ (held out).
 $(DEMO_DATA)/.exported: | venv

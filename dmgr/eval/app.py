@@ -133,6 +133,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="mask of the real+DMGR mix (default: the mask the mixing run wrote as mask.png)",
     )
+    d.add_argument(
+        "--only", type=lambda v: v.split(","), default=None, metavar="A,B", help="train only these sources"
+    )
     d.add_argument("--no-cache", action="store_true", help="retrain every model (default: reuse OUT/models/)")
     d.add_argument("--mix", default=None, metavar="NAME", help="the run mixed with real-small (default: the first)")
     return p
@@ -191,6 +194,11 @@ def _main(argv: list[str] | None) -> None:
         size, window = geometry(first_sample(next(iter(runs.values()))))
         settings = replace(settings, image_size=size, window=window)
     sources = build_sources(runs, settings, args.mask_default, args.mix)
+    if args.only:
+        unknown = sorted(set(args.only) - set(sources))
+        if unknown:
+            raise ValueError(f"--only {','.join(unknown)}: no such source (sources: {', '.join(sources)})")
+        sources = {name: boards for name, boards in sources.items() if name in args.only}
     results = run_benchmark(sources, settings, progress, args.jobs, None if args.no_cache else args.out / "models")
     results["mask_winners"] = mask_winners(results)
     command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
