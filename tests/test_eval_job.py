@@ -199,3 +199,18 @@ def test_downstream_rejects_bad_arguments(eval_run, tmp_path):
         base = ["downstream", "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o")]
         result = run_eval([*base, *args], check=False)  # a repeated option: the later one wins
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+
+
+def test_mask_areas_per_class_against_real_defects(real_image_run, tmp_path):
+    result = run_eval(["masks", str(real_image_run), "--out", str(tmp_path)])
+    table = json.loads((tmp_path / "mask-areas.json").read_text())
+    by_class: dict[str, list[int]] = {}
+    for sample in read_samples(real_image_run).values():
+        mask = sample["mask.png"].convert("L")
+        by_class.setdefault(sample["json"]["class_name"], []).append(sum(v > 127 for v in mask.getdata()))
+    assert set(table) == set(by_class)
+    for name, areas in by_class.items():
+        assert table[name]["run"]["n"] == len(areas)
+        assert table[name]["run"]["mean"] == pytest.approx(sum(areas) / len(areas))
+        assert table[name]["real"]["n"] == 100 and 3 < table[name]["real"]["mean"] < 40  # defects of a 64 px board
+    assert "| class | run n |" in result.stdout

@@ -1,6 +1,7 @@
 """`python -m dmgr.eval`: sample metrics of a run, or the downstream benchmark over several sources.
 
 python -m dmgr.eval samples outputs/<run>                      -> outputs/<run>/eval/samples.{md,json,png}
+python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/eval/mask-areas.{md,json}
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
+from dmgr.eval.mask_areas import write_areas
 from dmgr.eval.report import write_downstream_report, write_sample_report
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
@@ -106,6 +108,9 @@ def parser() -> argparse.ArgumentParser:
         default=ClassifierSettings.per_class,
         help="real boards per class the patch classifier trains on",
     )
+    m = sub.add_parser("masks", parents=[common], help="per class, a run's mask areas against real defects'")
+    m.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
+    m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     d = sub.add_parser(
         "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
     )
@@ -178,6 +183,13 @@ def _main(argv: list[str] | None) -> None:
         if args.record:
             record_quality(args.run_dir, sets)
         print(json.dumps(quality_block(sets)))
+        return
+    if args.command == "masks":
+        if not (args.run_dir / "shards").is_dir():
+            parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
+        size, _ = geometry(first_sample(args.run_dir))
+        written = write_areas(args.run_dir, args.out or args.run_dir / "eval", size)
+        print(written["markdown"].read_text())
         return
     if args.width < 4 or args.width % 4:
         parser().error(f"--width must be a multiple of 4 (GroupNorm groups), got {args.width}")
