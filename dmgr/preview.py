@@ -15,14 +15,14 @@ from PIL import Image, ImageDraw
 LABEL_HEIGHT = 14
 
 
-def overlay(image: Image.Image, mask: Image.Image, window_box: list[int]) -> Image.Image:
-    """The image with the mask tinted red and the window outlined in yellow."""
+def overlay(image: Image.Image, mask: Image.Image, *window_boxes: list[int]) -> Image.Image:
+    """The image with the mask tinted red and the window(s) outlined in yellow."""
     rgb = np.asarray(image.convert("RGB")).astype(np.float32)
     m = (np.asarray(mask.convert("L")) > 127)[..., None]
     tinted = np.where(m, 0.45 * rgb + 0.55 * np.array([255, 0, 0]), rgb).astype(np.uint8)
     out = Image.fromarray(tinted)
-    x0, y0, x1, y1 = window_box
-    ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 220, 0))
+    for x0, y0, x1, y1 in window_boxes:
+        ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 220, 0))
     return out
 
 
@@ -30,7 +30,11 @@ def sample_row(sample: dict, cell: int) -> Image.Image:
     image, mask, meta = sample["png"], sample["mask.png"], sample["json"]
     x0, y0, x1, y1 = meta["window_box"]
     crop = sample.get("crop.png") or image.crop((x0, y0, x1, y1))
-    tiles = [image, overlay(image, mask, meta["window_box"]), crop]
+    boxes = [d["window_box"] for d in meta.get("defects", [meta])]
+    tiles = [image, overlay(image, mask, *boxes), crop]
+    if "input.png" in sample:  # real backgrounds: the input, and its window beside the result's
+        given = sample["input.png"]
+        tiles = [given, *tiles[:2], given.crop((x0, y0, x1, y1)), image.crop((x0, y0, x1, y1))]
     if "twin.png" in sample:
         tiles.append(sample["twin.png"])
     row = Image.new("RGB", (cell * len(tiles), cell + LABEL_HEIGHT), "white")
