@@ -355,3 +355,23 @@ def test_a_mask_channel_local_model_gets_its_own_crop_channel(global_model, unet
     assert a.crop.shape == (2, 4, W, W)
     torch.testing.assert_close(a.crop, b.crop, atol=0, rtol=0)  # the mask channel's noise comes from the seed
     assert (a.crop[0, 3] - a.crop[1, 3]).abs().max() > 0.1  # and differs between seeds
+
+
+def test_a_mask_channel_crop_follows_the_known_window_outside_its_defect(global_model, unet_factory, diffusion10):
+    from conftest import LOCAL_CONFIG
+
+    local4 = unet_factory(5, **{**LOCAL_CONFIG, "in_channels": 4})
+    x_T, background = noise(2, 7), noise(2, 8).clamp(-1, 1)
+    windows, classes = torch.tensor([[3, 5], [16, 12]]), torch.tensor([2, 0])
+    settings = DMGRSettings(T_s=7, T_e=3, lr_xt=0.2, time_travel=False, reanchor=False)
+    result = dmgr_sample(
+        global_model, local4, diffusion10, x_T, windows, classes, W, settings,
+        noise=PerSampleNoise(make_generators([1, 2])), known=background,
+    )
+    known_crop = crop_windows(background, windows, W)
+    tolerance = 6 * math.sqrt(1 - diffusion10.abar(0))
+    # the final mask channel is the last x0 prediction's up to sqrt(1 - abar_0) noise: where it is clearly
+    # negative, no defect was predicted and the RGB is the known window
+    outside = (result.crop[:, 3:] < -0.1).expand(-1, 3, -1, -1)
+    assert outside.float().mean() > 0.3
+    assert (result.crop[:, :3][outside] - known_crop[outside]).abs().max() < tolerance

@@ -15,9 +15,11 @@ from dmgr.synth.plan import plan_sample, shard_blocks, worker_index, worker_shar
 
 
 def spec_of(overrides: list[str]):
-    """Validate the job config; tiny random models unless the overrides pick a model."""
+    """Validate the job config; tiny random models on generated boards unless the overrides say otherwise."""
     if not any(o.startswith("model=") for o in overrides):
         overrides = ["model=tiny_random", *overrides]
+    if not any(o.startswith("dataset.source=") for o in overrides):
+        overrides = ["dataset.source=generate", *overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return validate(compose(config_name="synth", overrides=overrides))
 
@@ -54,11 +56,18 @@ def out(tmp_path):
         ("model.local.config.num_classes=3", "model.local.config.num_classes"),
         ("model.global.config.image_size=32", "model.global.config.image_size"),
         ("array.task_id=2", "array.task_id"),
+        ("dataset.source=files", "dataset.source"),
+        ("dataset.defects_per_image=0", "dataset.defects_per_image"),
+        ("dataset.defects_per_image=2", "dataset.defects_per_image"),  # generated boards carry one
+        ("mask.pixels=both", "mask.pixels"),
+        ("extras.input=true", "extras.input"),  # generated boards have no input image
+        ("dataset.source=images dataset.images=tests/fixtures/voc/images extras.twin=true", "extras.twin"),
+        ("model.local.config.in_channels=3 mask.method=local", "mask.method"),
     ],
 )
 def test_bad_setting_names_its_key(override, key, out):
     with pytest.raises(ConfigError) as info:
-        spec_of([override, out])
+        spec_of([*override.split(), out])
     message = str(info.value)
     assert message.startswith(f"{key}="), message
     assert "\n" not in message
