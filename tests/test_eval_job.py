@@ -193,8 +193,8 @@ def test_downstream_rejects_bad_arguments(eval_run, tmp_path):
         (["--run", f"x={eval_run}", "--seeds", "1,1"], "--seeds wants distinct integers"),
         (["--run", f"x={eval_run}", "--n", "0"], "must be >= 1"),
         (["--run", f"x={eval_run}", "--n", "9"], "holds 8 samples, the benchmark needs n=9"),
-        (["--run", f"x={eval_run}", "--only", "perlin,nothing"], "--only nothing: no such source"),
-        (["--run", f"x={eval_run}", "--mix", "y"], "--mix y: no run of that name"),
+        (["--run", f"x={eval_run}", "--n", "8", "--only", "perlin,nothing"], "--only nothing: no such source"),
+        (["--run", f"x={eval_run}", "--n", "8", "--mix", "y"], "--mix y: no run of that name"),
     ]:
         base = ["downstream", "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o")]
         result = run_eval([*base, *args], check=False)  # a repeated option: the later one wins
