@@ -1,11 +1,18 @@
-"""Bring your own data: a folder of defect-free images, or Pascal VOC boxes (as PKU-Market-PCB ships them).
+"""Bring your own data into a data root (the layout `python -m dmgr.train data_root=DATA_ROOT` reads):
 
-    python -m dmgr.data.importers folder SRC DST --size 256
+    DATA_ROOT/global/NAME.png                       defect-free images (the global model; synthesis backgrounds)
+    DATA_ROOT/local/<class>/NAME.png + NAME.mask.png + labels.json    defect patches (the local model)
+
+    python -m dmgr.data.importers folder SRC DATA_ROOT --size 256
     python -m dmgr.data.importers voc --images PCB_DATASET/images --annotations PCB_DATASET/Annotations \\
-        --dst data/pku/local --patch-size 64 --image-size 256 [--map missing_hole=missinghole ...]
+        --data-root DATA_ROOT --patch-size 64 --image-size 256 [--map missing_hole=missinghole ...]
+    python -m dmgr.data.importers coco --annotations instances.json --images IMAGES --data-root DATA_ROOT ...
+    python -m dmgr.data.importers masks --defects DEFECTS --masks MASKS --data-root DATA_ROOT ...
 
-Unreadable images and annotation files are reported by path (logging.warning) and skipped; every import
-returns (and the CLI prints) a summary with the counts and the skipped paths.
+`python -m dmgr.data.prepare` runs these for a whole product and writes its dataset config (README: "Your
+own product, end to end"). Unreadable images and annotation files are reported by path (logging.warning)
+and skipped; grey-level images are converted to RGB (logged, counted); every import returns (and the CLI
+prints) a summary with the counts and the skipped paths.
 """
 
 from __future__ import annotations
@@ -13,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
 from dmgr.data.defects import CLASS_NAMES, class_id_of
-from dmgr.data.images import list_images, load_rgb, resize_center_crop
+from dmgr.data.images import list_images, resize_center_crop
+from dmgr.data.patches import PatchWriter, Reader, import_masked, scale
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +39,18 @@ PKU_CLASS_MAP = {"missing_hole": "missinghole", "mouse_bite": "mousebite", "open
                  "short": "short", "spur": "spur", "spurious_copper": "spuriouscopper"}
 
 
-def _read(path: Path, skipped: list[str]) -> Image.Image | None:
-    """The RGB image, or None (warned and recorded) when it cannot be decoded."""
-    try:
-        return load_rgb(path)
-    except Exception as err:  # any decoder failure (truncated, not an image, bomb) is a skip, never a crash
-        log.warning("skipping unreadable image %s: %s", path, err)
-        skipped.append(str(path))
-        return None
-
-
 def import_image_folder(src: str | Path, dst: str | Path, size: int) -> dict:
     """Every image under `src` (png/jpg/bmp/tif, recursive), shorter side to `size`, centre-cropped, as png.
 
-    Names keep the relative path (`a/b.jpg` -> `a_b.png`). Returns {"written", "skipped"}.
+    Names keep the relative path (`a/b.jpg` -> `a_b.png`). Returns {"written", "skipped", "grey_converted"}.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder {src} does not exist")
     dst.mkdir(parents=True, exist_ok=True)
-    written, skipped, used = 0, [], set()
+    reader, written, used = Reader(), 0, set()
     for path in list_images(src):
-        img = _read(path, skipped)
+        img = reader.rgb(path)
         if img is None:
             continue
         name = "_".join(path.relative_to(src).with_suffix("").parts)
@@ -59,7 +59,9 @@ def import_image_folder(src: str | Path, dst: str | Path, size: int) -> dict:
         used.add(name)
         resize_center_crop(img, size).save(dst / f"{name}.png")
         written += 1
-    return {"written": written, "skipped": skipped}
+    if reader.grey:
+        log.warning("%d grey-level images were converted to RGB", reader.grey)
+    return {"written": written, "skipped": reader.skipped, "grey_converted": reader.grey}
 
 
 def _class_name(value: str | int) -> str:
@@ -75,6 +77,12 @@ def _box(obj: ET.Element) -> tuple[float, float, float, float] | None:
     return (x0, y0, x1, y1) if x1 >= x0 and y1 >= y0 else None
 
 
+def clip_box(box, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The box clipped to the image, or None when it does not intersect it."""
+    x0, y0, x1, y1 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
 def _find_image(root: ET.Element, xml_path: Path, index: dict[str, Path]) -> Path | None:
     filename = (root.findtext("filename") or "").strip()
     for key in (filename.lower(), Path(filename).stem.lower(), xml_path.stem.lower()):
@@ -83,47 +91,68 @@ def _find_image(root: ET.Element, xml_path: Path, index: dict[str, Path]) -> Pat
     return None
 
 
+def _index(images_dir: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for path in list_images(images_dir):
+        index.setdefault(path.name.lower(), path)
+        index.setdefault(path.stem.lower(), path)
+    return index
+
+
+class BoxCounter:
+    """Boxes outside the image (skipped) and partly outside (clipped), warned per box."""
+
+    def __init__(self) -> None:
+        self.outside = self.clipped = 0
+
+    def clip(self, box, img: Image.Image, where: str) -> tuple[float, float, float, float] | None:
+        clipped = clip_box(box, img.width, img.height)
+        if clipped is None:
+            log.warning("skipping %s: box %s does not intersect the %dx%d image", where, list(box), *img.size)
+            self.outside += 1
+        elif clipped != tuple(box):
+            log.warning("%s: box %s clipped to the %dx%d image", where, list(box), *img.size)
+            self.clipped += 1
+        return clipped
+
+
 def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | Path,
                class_map: dict[str, str | int], patch_size: int, image_size: int | None = None) -> dict:
-    """Cut a patch_size square centred on every VOC <object> box, into dst/<class>/<stem>_<i>.png.
+    """Cut a patch_size square centred on every VOC <object> box, into dst/<class>/<stem>_<i>.png (+ .mask.png).
 
     class_map maps VOC object names to class names (or ids into CLASS_NAMES); objects with other names
-    are reported once per name and skipped. With `image_size` each image is first scaled so its shorter
-    side is image_size (boxes with it). Patches are moved inside the image; i counts the objects of a file.
-    Also writes dst/labels.json (file, class, source image, box inside the patch). Returns a summary.
+    are reported once per name and skipped. Boxes partly outside the image are clipped to it; boxes that do
+    not intersect it are skipped with a warning (both counted). With `image_size` each image is first scaled
+    so its shorter side is image_size (boxes with it). Patches are moved inside the image; i counts the
+    objects of a file. The mask beside each patch is its box. Also writes dst/labels.json (file, class,
+    source image, box inside the patch). Returns a summary.
     """
     images_dir, annotations_dir, dst = Path(images_dir), Path(annotations_dir), Path(dst)
     for folder in (images_dir, annotations_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"VOC folder {folder} does not exist")
     names = {voc: _class_name(value) for voc, value in class_map.items()}
-    dst.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Path] = {}
-    for path in list_images(images_dir):
-        index.setdefault(path.name.lower(), path)
-        index.setdefault(path.stem.lower(), path)
-    per_class, unknown, skipped, labels = Counter(), Counter(), [], []
-    images = 0
+    index, reader, boxes = _index(images_dir), Reader(), BoxCounter()
+    writer = PatchWriter(dst, patch_size, {c: i for i, c in enumerate(CLASS_NAMES)})
+    unknown, images = Counter(), 0
     for xml_path in sorted(annotations_dir.rglob("*.xml")):
         try:
             root = ET.parse(xml_path).getroot()
         except (ET.ParseError, OSError) as err:
             log.warning("skipping unreadable annotation %s: %s", xml_path, err)
-            skipped.append(str(xml_path))
+            reader.skipped.append(str(xml_path))
             continue
         image_path = _find_image(root, xml_path, index)
         if image_path is None:
             log.warning("skipping %s: its image %r is not under %s", xml_path, root.findtext("filename"), images_dir)
-            skipped.append(str(xml_path))
+            reader.skipped.append(str(xml_path))
             continue
-        img = _read(image_path, skipped)
+        img = reader.rgb(image_path)
         if img is None:
             continue
         images += 1
-        f = 1.0
-        if image_size:
-            f = image_size / min(img.size)
-            img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.LANCZOS)
+        original = img
+        img, f = scale(img, image_size)
         for i, obj in enumerate(root.iter("object")):
             name = (obj.findtext("name") or "").strip()
             if name not in names:
@@ -132,65 +161,163 @@ def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | P
                 unknown[name] += 1
                 continue
             box = _box(obj)
-            if box is None or img.width < patch_size or img.height < patch_size:
-                log.warning("skipping object %d of %s: bad box or image smaller than the patch", i, xml_path)
+            if box is None:
+                log.warning("skipping object %d of %s: bad box", i, xml_path)
                 continue
-            cls = names[name]
-            cx, cy = (box[0] + box[2]) / 2 * f, (box[1] + box[3]) / 2 * f
-            x0 = int(min(max(round(cx - patch_size / 2), 0), img.width - patch_size))
-            y0 = int(min(max(round(cy - patch_size / 2), 0), img.height - patch_size))
-            (dst / cls).mkdir(parents=True, exist_ok=True)
-            out = f"{cls}/{image_path.stem}_{i}.png"
-            img.crop((x0, y0, x0 + patch_size, y0 + patch_size)).save(dst / out)
-            inner = [round(box[0] * f - x0, 1), round(box[1] * f - y0, 1), round(box[2] * f - x0, 1),
-                     round(box[3] * f - y0, 1)]
-            labels.append({"file": out, "class_name": cls,
-                           "class_id": CLASS_NAMES.index(cls) if cls in CLASS_NAMES else None,
-                           "source": str(image_path), "box": inner})
-            per_class[cls] += 1
-    if labels:
-        (dst / "labels.json").write_text(json.dumps({"patch_size": patch_size, "items": labels}, indent=1))
-    return {"images": images, "patches": sum(per_class.values()), "per_class": dict(per_class),
-            "unknown_classes": dict(unknown), "skipped": skipped}
+            box = boxes.clip(box, original, f"object {i} of {xml_path}")
+            if box is not None:
+                writer.cut(img, tuple(v * f for v in box), names[name], f"{image_path.stem}_{i}", image_path)
+    return {"images": images, **writer.close(), "unknown_classes": dict(unknown), "boxes_outside": boxes.outside,
+            "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey}
 
 
-def _parse_map(items: list[str] | None) -> dict[str, str | int]:
+def _coco_mask(ann: dict, width: int, height: int) -> np.ndarray | None:
+    """The annotation's own mask from polygon (or, with pycocotools installed, RLE) segmentation."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list) and seg:
+        canvas = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(canvas)
+        for poly in seg:
+            if len(poly) >= 6:
+                draw.polygon([(float(poly[k]), float(poly[k + 1])) for k in range(0, len(poly) - 1, 2)], fill=255)
+        return np.asarray(canvas) > 0
+    if isinstance(seg, dict):
+        try:
+            from pycocotools import mask as rle
+        except ImportError:
+            return None
+        if isinstance(seg.get("counts"), list):
+            seg = rle.frPyObjects(seg, height, width)
+        return rle.decode(seg).astype(bool)
+    return None
+
+
+def import_coco(annotations: str | Path, images_dir: str | Path, dst: str | Path, patch_size: int,
+                image_size: int | None = None, class_map: dict[str, str | int] | None = None) -> dict:
+    """Like import_voc, from a COCO annotations file: one patch per annotation, classes from its categories
+    (renamed by class_map where given). The mask is the polygon segmentation where there is one (RLE needs
+    pycocotools), else the box."""
+    annotations, images_dir = Path(annotations), Path(images_dir)
+    if not annotations.is_file():
+        raise FileNotFoundError(f"COCO annotations {annotations} do not exist")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"COCO image folder {images_dir} does not exist")
+    try:
+        coco = json.loads(annotations.read_text())
+        categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
+        files = {int(i["id"]): str(i["file_name"]) for i in coco["images"]}
+        anns = list(coco["annotations"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{annotations}: not a COCO annotations file ({type(err).__name__}: {err})") from None
+    names = {cid: _class_name((class_map or {}).get(n, n)) for cid, n in categories.items()}
+    classes = [names[cid] for cid in sorted(names)]
+    index, reader, boxes = _index(images_dir), Reader(), BoxCounter()
+    writer = PatchWriter(dst, patch_size, {c: i for i, c in enumerate(classes)})
+    by_image: dict[int, list[dict]] = {}
+    for ann in anns:
+        by_image.setdefault(int(ann.get("image_id", -1)), []).append(ann)
+    images = 0
+    for image_id, items in sorted(by_image.items()):
+        name = files.get(image_id, "")
+        path = index.get(Path(name).name.lower()) or index.get(Path(name).stem.lower())
+        if path is None:
+            log.warning("skipping the annotations of image %s (%r): not under %s", image_id, name, images_dir)
+            reader.skipped.append(name or str(image_id))
+            continue
+        img = reader.rgb(path)
+        if img is None:
+            continue
+        images += 1
+        original = img
+        img, f = scale(img, image_size)
+        for ann in items:
+            where = f"annotation {ann.get('id')} of {path.name}"
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                cls = names[int(ann["category_id"])]
+            except (KeyError, TypeError, ValueError):
+                log.warning("skipping %s: no bbox or unknown category", where)
+                continue
+            box = boxes.clip((x, y, x + w, y + h), original, where)
+            if box is None:
+                continue
+            mask = _coco_mask(ann, original.width, original.height)
+            if mask is not None:
+                scaled = scale(Image.fromarray(mask), image_size, nearest=True)[0]
+                mask = np.asarray(scaled) > 0
+            writer.cut(img, tuple(v * f for v in box), cls, f"{path.stem}_{ann.get('id', 0)}", path, mask)
+    return {"classes": classes, "images": images, **writer.close(), "boxes_outside": boxes.outside,
+            "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey}
+
+
+def _parse_map(items: list[str] | None, default: dict | None = PKU_CLASS_MAP) -> dict[str, str | int] | None:
     if not items:
-        return dict(PKU_CLASS_MAP)
+        return None if default is None else dict(default)
     out: dict[str, str | int] = {}
     for item in items:
         voc, sep, cls = item.partition("=")
         if not sep or not voc or not cls:
-            raise ValueError(f"--map expects VOC_NAME=CLASS, got {item!r}")
+            raise ValueError(f"--map={item!r}: expects NAME=CLASS")
         out[voc] = int(cls) if cls.isdigit() else cls
     return out
+
+
+def check_data_root(root: Path) -> Path:
+    """A data root, not one of its subfolders (imports write DATA_ROOT/global and DATA_ROOT/local)."""
+    if root.name in ("global", "local"):
+        raise ValueError(f"{root}: give the data root itself ({root.parent}); imports write "
+                         f"DATA_ROOT/global/ (defect-free) and DATA_ROOT/local/<class>/ (defect patches)")
+    return root
+
+
+def _patch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", type=Path, required=True, help="patches go to DATA_ROOT/local/<class>/")
+    parser.add_argument("--patch-size", type=int, required=True, help="the local model's window, pixels")
+    parser.add_argument("--image-size", type=int, default=None, help="scale each image's shorter side to this first")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.data.importers", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    folder = sub.add_parser("folder", help="a folder of defect-free images -> size x size pngs")
+    folder = sub.add_parser("folder", help="defect-free images -> DATA_ROOT/global/ (size x size pngs)")
     folder.add_argument("src", type=Path)
-    folder.add_argument("dst", type=Path)
+    folder.add_argument("data_root", type=Path, metavar="DATA_ROOT")
     folder.add_argument("--size", type=int, required=True)
-    voc = sub.add_parser("voc", help="Pascal VOC boxes -> defect patches per class")
+    voc = sub.add_parser("voc", help="Pascal VOC boxes -> DATA_ROOT/local/<class>/ patches with box masks")
     voc.add_argument("--images", type=Path, required=True)
     voc.add_argument("--annotations", type=Path, required=True)
-    voc.add_argument("--dst", type=Path, required=True)
-    voc.add_argument("--patch-size", type=int, required=True)
-    voc.add_argument("--image-size", type=int, default=None, help="scale each image's shorter side to this first")
+    _patch_args(voc)
     voc.add_argument("--map", nargs="*", metavar="VOC=CLASS", help="class map (default: PKU-Market-PCB names)")
+    coco = sub.add_parser("coco", help="COCO boxes/polygons -> DATA_ROOT/local/<class>/ patches with masks")
+    coco.add_argument("--images", type=Path, required=True)
+    coco.add_argument("--annotations", type=Path, required=True, help="the COCO annotations .json")
+    _patch_args(coco)
+    coco.add_argument("--map", nargs="*", metavar="NAME=CLASS", help="rename categories")
+    masks = sub.add_parser("masks", help="DEFECTS/<class>/NAME.png + MASKS/<class>/NAME.png -> DATA_ROOT/local/")
+    masks.add_argument("--defects", type=Path, required=True)
+    masks.add_argument("--masks", type=Path, required=True)
+    _patch_args(masks)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        root = check_data_root(args.data_root)
         if args.command == "folder":
-            summary = import_image_folder(args.src, args.dst, args.size)
+            summary = import_image_folder(args.src, root / "global", args.size)
+        elif args.command == "voc":
+            summary = import_voc(args.images, args.annotations, root / "local", _parse_map(args.map),
+                                 args.patch_size, args.image_size)
+        elif args.command == "coco":
+            summary = import_coco(args.annotations, args.images, root / "local", args.patch_size, args.image_size,
+                                  _parse_map(args.map, None))
         else:
-            summary = import_voc(args.images, args.annotations, args.dst, _parse_map(args.map), args.patch_size,
-                                 args.image_size)
+            summary = import_masked(args.defects, args.masks, root / "local", args.patch_size, args.image_size)
     except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
+        print(f"dmgr-import: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(summary, indent=1))
+    role = "global" if args.command == "folder" else "local"
+    print(f"next: python -m dmgr.train data_root={root} arch=<a {role} architecture> (README: Your own product)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
