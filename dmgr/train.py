@@ -2,6 +2,9 @@
 
 Epsilon prediction (plus the improved-DDPM hybrid loss with learned sigma), uniform timesteps, AdamW,
 EMA weights, gradient clipping, optional autocast, DDP under torchrun, resumable from out_dir/state.pt.
+A checkpoint is saved every `save_every` steps, at least every `save_every_minutes`, at the end, and on
+SIGTERM/SIGINT (then the job exits non-zero; rerunning the same command resumes). out_dir/train.json
+records the run's data_root and architecture: resuming there with another one is refused.
 Checkpoints are written in the project format (safetensors + architecture config): `ema.safetensors`
 loads into the synthesis job as it is.
 """
@@ -12,6 +15,7 @@ import copy
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,6 +46,15 @@ class TrainConfigError(ValueError):
     pass
 
 
+class TrainInterrupted(RuntimeError):
+    """Stopped by a signal after saving a checkpoint; rerunning the same command resumes."""
+
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {out / 'state.pt'}: "
+                         "rerun the same command to resume")
+        self.signum = signum
+
+
 def check_config(cfg: DictConfig) -> None:
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:
@@ -50,6 +63,9 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.arch.role in ("global", "local"), "arch.role", "allowed: global, local")
     for key in ("steps", "batch_size", "log_every", "sample_every", "save_every", "sample_steps"):
         need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "must be an integer >= 1")
+    minutes = cfg.get("save_every_minutes")
+    need(minutes is None or (isinstance(minutes, (int, float)) and minutes > 0), "save_every_minutes",
+         "must be > 0 (or null: by steps only)")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0 <= cfg.ema_rate < 1, "ema_rate", "must lie in [0, 1)")
     need(cfg.precision in PRECISIONS, "precision", "allowed: fp32, bf16, fp16")
@@ -57,7 +73,8 @@ def check_config(cfg: DictConfig) -> None:
     need(
         subdir.is_dir(),
         "data_root",
-        f"no {subdir}: export data with `python -m dmgr.data.export --out {cfg.data_root}`",
+        f"no {subdir}: prepare your images with `python -m dmgr.data.prepare ... --out {cfg.data_root}` "
+        f"(README: Your own product), or the demo's with `python -m dmgr.data.export --out {cfg.data_root}`",
     )
     if cfg.arch.role == "local":
         need(
@@ -65,6 +82,58 @@ def check_config(cfg: DictConfig) -> None:
             "arch.config.num_classes",
             f"must equal the number of arch.classes ({len(cfg.arch.classes)})",
         )
+
+
+def run_record(cfg: DictConfig) -> dict:
+    """What makes a training run: its data and its architecture (out_dir/train.json)."""
+    return {"data_root": str(Path(cfg.data_root).resolve()), "arch": OmegaConf.to_container(cfg.arch, resolve=True)}
+
+
+def check_resume(cfg: DictConfig, out: Path) -> None:
+    """Refuse to resume, in out_dir, a run made on other data or with another architecture."""
+    record = out / "train.json"
+    if not (cfg.resume and (out / "state.pt").exists() and record.exists()):
+        return
+    old, new = json.loads(record.read_text()), run_record(cfg)
+    if old == new:
+        return
+    names = [r["arch"].get("name") for r in (old, new)]
+    other = " (another architecture)" if names[0] == names[1] and old["arch"] != new["arch"] else ""
+    raise TrainConfigError(
+        f"out_dir={out} holds a run with data_root={old['data_root']}, arch={names[0]}; this run has "
+        f"data_root={new['data_root']}, arch={names[1]}{other}: choose another out_dir, or resume=false to start over"
+    )
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag the training loop checks after each step (the step in flight finishes)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: no handlers, as before
+            pass
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def requested(self, ctx: WorkerContext) -> int:
+        """The signal number when any worker was signalled (all workers agree under DDP), else 0."""
+        if not ctx.distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], device=ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def make_dataset(cfg: DictConfig):
@@ -148,10 +217,16 @@ def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext) -> 
 
 def train(cfg: DictConfig) -> Path:
     check_config(cfg)
+    out = Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
+    check_resume(cfg, out)
+    if cfg.save_every > cfg.steps:
+        log.warning("save_every=%d is larger than steps=%d: checkpoints are saved every save_every_minutes=%s and "
+                    "at the end", cfg.save_every, cfg.steps, cfg.get("save_every_minutes"))
     ctx = init_workers(str(cfg.device))
     try:
-        out = Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
         out.mkdir(parents=True, exist_ok=True)
+        if ctx.rank == 0:
+            (out / "train.json").write_text(json.dumps(run_record(cfg), indent=1))
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout and DataLoader shuffling only; the data are on disk
         model = build_unet(OmegaConf.to_container(cfg.arch.config, resolve=True))
         if cfg.get("init_from") and not (cfg.resume and (out / "state.pt").exists()):
@@ -196,43 +271,52 @@ def train(cfg: DictConfig) -> Path:
         log_file = open(out / "loss.jsonl", "a") if ctx.rank == 0 else None
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}", disable=not cfg.progress or ctx.rank)
         window, started, epoch = [], time.perf_counter(), step
-        while step < cfg.steps:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            epoch += 1
-            for batch in loader:
-                x0, y = unwrap(batch, ctx.device)
-                t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
-                noise = torch.randn(x0.shape, generator=g).to(ctx.device)
-                with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    terms = diffusion_loss(net, diffusion, x0, t, noise, y)
-                loss = terms["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                update_ema(ema, model, min(cfg.ema_rate, (1 + step) / (10 + step)))
-                window.append({k: float(v.detach().mean()) for k, v in terms.items()} | {"grad_norm": float(grad_norm)})
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                    rate = len(window) * cfg.batch_size * ctx.world_size / (time.perf_counter() - started)
-                    bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rate:.1f}")
-                    if log_file:
-                        log_file.write(json.dumps({"step": step, **mean, "images_per_s": rate}) + "\n")
-                        log_file.flush()
-                    if not math.isfinite(mean["loss"]):
-                        raise FloatingPointError(f"loss is {mean['loss']} at step {step}: lower lr")
-                    window, started = [], time.perf_counter()
-                if ctx.rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-                    sample_grid(ema, cfg, ctx.device, out / "samples" / f"step-{step:07d}.png")
-                if step % cfg.save_every == 0 or step == cfg.steps:
-                    save_all(cfg, out, model, ema, opt, step, ctx)
-                if step >= cfg.steps:
-                    break
+        minutes = cfg.get("save_every_minutes")
+        saved_at = time.monotonic()
+        with StopSignals() as signals:
+            while step < cfg.steps:
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                epoch += 1
+                for batch in loader:
+                    x0, y = unwrap(batch, ctx.device)
+                    t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
+                    noise = torch.randn(x0.shape, generator=g).to(ctx.device)
+                    with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                        terms = diffusion_loss(net, diffusion, x0, t, noise, y)
+                    loss = terms["loss"].mean()
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    step += 1
+                    update_ema(ema, model, min(cfg.ema_rate, (1 + step) / (10 + step)))
+                    terms = {k: float(v.detach().mean()) for k, v in terms.items()}
+                    window.append(terms | {"grad_norm": float(grad_norm)})
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                        rate = len(window) * cfg.batch_size * ctx.world_size / (time.perf_counter() - started)
+                        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rate:.1f}")
+                        if log_file:
+                            log_file.write(json.dumps({"step": step, **mean, "images_per_s": rate}) + "\n")
+                            log_file.flush()
+                        if not math.isfinite(mean["loss"]):
+                            raise FloatingPointError(f"loss is {mean['loss']} at step {step}: lower lr")
+                        window, started = [], time.perf_counter()
+                    if ctx.rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                        sample_grid(ema, cfg, ctx.device, out / "samples" / f"step-{step:07d}.png")
+                    stop = signals.requested(ctx)
+                    due = minutes is not None and time.monotonic() - saved_at >= 60 * minutes
+                    if stop or due or step % cfg.save_every == 0 or step == cfg.steps:
+                        save_all(cfg, out, model, ema, opt, step, ctx)
+                        saved_at = time.monotonic()
+                    if stop:
+                        raise TrainInterrupted(stop, step, out)
+                    if step >= cfg.steps:
+                        break
         bar.close()
         log.info("done: %s (EMA weights: %s)", out, out / "ema.safetensors")
         return out / "ema.safetensors"
@@ -247,6 +331,9 @@ def main(cfg: DictConfig) -> None:
     except TrainConfigError as exc:
         print(f"dmgr-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainInterrupted as exc:
+        print(f"dmgr-train: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":

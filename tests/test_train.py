@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,62 @@ def test_demo_checkpoints_load_and_sample():
     assert result.image.shape == (2, 3, size, size)
     assert torch.isfinite(result.image).all() and result.image.abs().max() <= 1.5
     assert (result.final_loss > 0).all()
+
+
+def tiny_global(data_root: Path, out: Path) -> list[str]:
+    return ["arch=demo_global", f"arch.config={TINY_GLOBAL}", *common(data_root, out)]
+
+
+def test_sigterm_saves_and_the_rerun_resumes_from_that_step(data_root, tmp_path):
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "dmgr.train", *tiny_global(data_root, out), "steps=100000", "save_every=100000",
+           "save_every_minutes=null"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "loss.jsonl").exists() and len(losses(out)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    saved = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert saved == losses(out)[-1]["step"] >= 3
+    assert f"stopped by SIGTERM at step {saved}" in err.strip().splitlines()[-1]
+    assert read_checkpoint(out / "ema.safetensors")[2]["dmgr.step"] == str(saved)
+
+    train(config([*tiny_global(data_root, out), f"steps={saved + 2}"]))
+    assert [r["step"] for r in losses(out)][-3:] == [saved, saved + 1, saved + 2]
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == saved + 2
+
+
+def test_saves_by_the_clock_and_warns_when_save_every_exceeds_steps(data_root, tmp_path, monkeypatch, caplog):
+    import dmgr.train as training
+
+    saves = []
+    monkeypatch.setattr(training, "save_all", lambda *args: saves.append(args[5]))
+    with caplog.at_level("WARNING", logger="dmgr.train"):
+        train(config([*tiny_global(data_root, tmp_path), "steps=3", "save_every=500", "save_every_minutes=1e-9"]))
+    assert saves == [1, 2, 3]
+    assert any("save_every=500 is larger than steps=3" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_into_a_run_on_other_data_or_architecture_is_refused(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(config([*tiny_global(data_root, out), "steps=2"]))
+    other = tmp_path / "other"
+    (other / "global").mkdir(parents=True)
+    for path in sorted((data_root / "global").glob("*.png"))[:4]:
+        (other / "global" / path.name).write_bytes(path.read_bytes())
+    cmd = [sys.executable, "-m", "dmgr.train", *tiny_global(other, out), "steps=4"]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert f"data_root={data_root.resolve()}" in line and f"data_root={other.resolve()}" in line
+    with pytest.raises(TrainConfigError, match="another architecture"):
+        train(config([*tiny_global(data_root, out), "steps=4", "arch.config.num_channels=16"]))
+    assert [r["step"] for r in losses(out)] == [1, 2]
+    train(config([*tiny_global(data_root, out), "steps=3"]))  # the same run resumes
+    assert [r["step"] for r in losses(out)] == [1, 2, 3]
