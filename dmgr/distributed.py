@@ -16,6 +16,7 @@ class WorkerContext:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # workers on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def distributed(self) -> bool:
@@ -44,7 +45,22 @@ def init_workers(device_setting: str) -> WorkerContext:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    return WorkerContext(rank, world_size, local_rank, device)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return WorkerContext(rank, world_size, local_rank, device, local_world_size)
+
+
+def worker_threads(setting: int | None, local_world_size: int = 1) -> tuple[int, str]:
+    """(intra-op threads for this worker, why): the `threads` setting when given; else the CPUs this
+    process may run on (SLURM_CPUS_PER_TASK, else its CPU affinity) shared among the node's workers.
+    One thread per core or fewer: more threads than cores thrash, the more so on a shared machine."""
+    if setting is not None:
+        return setting, "threads setting"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus, source = int(slurm), "SLURM_CPUS_PER_TASK"
+    else:
+        cpus, source = len(os.sched_getaffinity(0)), "CPU affinity"
+    return max(1, cpus // max(1, local_world_size)), f"{cpus} CPUs from {source} / {local_world_size} worker(s)"
 
 
 def barrier(ctx: WorkerContext) -> None:

@@ -25,6 +25,7 @@ TINY = [
     "schedule.time_travel=true",
     "schedule.jump_length=3",
     "progress=false",
+    "threads=1",  # shards are bit-identical across processes for equal intra-op threads
 ]
 
 

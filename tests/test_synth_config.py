@@ -11,7 +11,7 @@ from dmgr.models import CheckpointError, build_unet, save_checkpoint
 from dmgr.synth.app import CONF_DIR
 from dmgr.synth.config import ConfigError, parse_seeds, validate
 from dmgr.synth.engine import load_engine
-from dmgr.synth.plan import plan_sample, shard_blocks, worker_index, worker_shards
+from dmgr.synth.plan import num_shards, plan_sample, shard_seeds, worker_index, worker_shards
 
 
 def spec_of(overrides: list[str]):
@@ -145,9 +145,12 @@ def test_out_dir_is_derived_from_the_config_not_the_clock(monkeypatch, tmp_path)
 
 
 def test_seed_forms():
-    assert parse_seeds("0-3") == [0, 1, 2, 3]
-    assert parse_seeds(7) == [7]
+    assert list(parse_seeds("0-3")) == [0, 1, 2, 3]
+    assert list(parse_seeds(7)) == [7]
     assert parse_seeds([5, 2]) == [5, 2]
+    huge = parse_seeds("0-999999999")  # stays a range: no billion-element list
+    assert isinstance(huge, range) and len(huge) == 10**9
+    assert list(shard_seeds(huge, 8, 124999999)) == list(range(999999992, 10**9))
 
 
 def test_plans_depend_on_the_seed_alone(out):
@@ -174,9 +177,9 @@ def test_plans_depend_on_the_seed_alone(out):
 
 
 def test_shards_split_the_same_way_for_ranks_and_array_tasks():
-    blocks = shard_blocks(list(range(10)), 3)
+    blocks = [list(shard_seeds(range(10), 3, k)) for k in range(num_shards(10, 3))]
     assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    assert worker_shards(4, 1, 2) == [1, 3]
+    assert list(worker_shards(4, 1, 2)) == [1, 3]
     # 2 array tasks x 2 ranks cover every shard exactly once
     owners = [worker_index(rank, 2, task, 2) for task in range(2) for rank in range(2)]
     covered = sorted(k for w, n in owners for k in worker_shards(9, w, n))

@@ -65,7 +65,7 @@ def test_manifest_lists_every_shard_with_its_digest(single_run):
 def test_rerun_skips_complete_shards(single_run):
     before = {p: os.path.getmtime(p) for p in shard_files(single_run)}
     result = run_synth([*BASE, f"out_dir={single_run}", "extras.crop=true"])
-    assert "3 complete, 0 to do" in result.stdout + result.stderr
+    assert "3 shards complete and verified, 0 made" in result.stdout + result.stderr
     assert before == {p: os.path.getmtime(p) for p in shard_files(single_run)}
 
 

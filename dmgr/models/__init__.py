@@ -7,6 +7,7 @@ from dmgr.models.checkpoints import (
     read_checkpoint,
     save_checkpoint,
     stored_config,
+    stored_metadata,
 )
 from dmgr.models.unet import UNetConfig, UNetModel, build_unet
 
@@ -20,4 +21,5 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
     "stored_config",
+    "stored_metadata",
 ]

@@ -7,6 +7,7 @@ The project format is a safetensors file whose metadata holds the UNet config as
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -50,6 +51,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never for untrusted files
+        raise CheckpointError(
+            f"checkpoint {path} is not a plain state dict (it pickles Python objects, which are never "
+            "loaded): save it with torch.save(model.state_dict(), path)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear line
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -60,17 +66,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
     return obj, None, {}
 
 
-def stored_config(path: str | Path) -> UNetConfig | None:
-    """The architecture stored in a project checkpoint's metadata (reads no tensors), else None."""
+def stored_metadata(path: str | Path) -> tuple[UNetConfig | None, dict[str, str]]:
+    """(architecture, metadata) stored in a project checkpoint (reads no tensors); (None, {}) for `.pt`."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        return None
+        return None, {}
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    return UNetConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
+    return (UNetConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None), meta
+
+
+def stored_config(path: str | Path) -> UNetConfig | None:
+    """The architecture stored in a project checkpoint's metadata (reads no tensors), else None."""
+    return stored_metadata(path)[0]
 
 
 def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -1,10 +1,23 @@
-"""Webdataset shards: the writer thread, atomic completion, the resume scan and the run manifest.
+"""Webdataset shards: the writer thread, atomic completion, per-shard records and locks, the resume
+check and the run manifest.
 
 Knows nothing of diffusion: it receives finished samples as arrays and metadata.
 """
 
 from dmgr.shards.layout import shard_name, shard_path, verify_shard
+from dmgr.shards.locks import LockHeld
 from dmgr.shards.manifest import write_manifest
-from dmgr.shards.writer import ShardWriter
+from dmgr.shards.records import check_shard, read_record
+from dmgr.shards.writer import ShardWriteError, ShardWriter
 
-__all__ = ["ShardWriter", "shard_name", "shard_path", "verify_shard", "write_manifest"]
+__all__ = [
+    "LockHeld",
+    "ShardWriteError",
+    "ShardWriter",
+    "check_shard",
+    "read_record",
+    "shard_name",
+    "shard_path",
+    "verify_shard",
+    "write_manifest",
+]

@@ -1,4 +1,5 @@
-"""The run manifest: every shard with its seeds, sample count and sha256, plus run-level facts."""
+"""The run manifest: every shard with its seeds, sample count and sha256 (from the shard records), plus
+run-level facts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dmgr.digest import sha256_file
-
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -16,20 +15,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(out_dir: Path, shards: list[tuple[int, Path, list[int]]], run: dict[str, Any]) -> Path:
-    """shards: (index, path, seeds) for every shard of the run, all complete."""
-    entries = [
-        {
-            "index": index,
-            "name": path.name,
-            "samples": len(seeds),
-            "first_seed": seeds[0],
-            "last_seed": seeds[-1],
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-        }
-        for index, path, seeds in shards
-    ]
+def write_manifest(out_dir: Path, records: list[dict[str, Any]], run: dict[str, Any]) -> Path:
+    """records: the per-shard records (records.py) of every shard of the run, in shard order."""
+    keys = ("index", "name", "samples", "first_seed", "last_seed", "bytes", "sha256")
+    entries = [{key: record[key] for key in keys} for record in records]
     manifest = {"shards": entries, "num_shards": len(entries), "num_samples": sum(e["samples"] for e in entries), **run}
     path = Path(out_dir) / "manifest.json"
     write_json_atomic(path, manifest)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -17,14 +19,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dmgr import __version__
-from dmgr.distributed import barrier, gather, init_workers, shutdown
+from dmgr.distributed import barrier, gather, init_workers, shutdown, worker_threads
 from dmgr.models import CheckpointError
-from dmgr.shards import write_manifest
+from dmgr.shards import LockHeld, ShardWriteError, write_manifest
+from dmgr.shards.locks import acquire, release
 from dmgr.shards.manifest import write_json_atomic
 from dmgr.synth.config import ConfigError, RunSpec, validate
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import worker_index
-from dmgr.synth.worker import all_shards, run_metrics, run_worker
+from dmgr.synth.worker import NonFiniteSample, run_metrics, run_worker, shard_records
 
 log = logging.getLogger("dmgr.synth")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -32,6 +35,14 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 class RunError(RuntimeError):
     pass
+
+
+class Preempted(BaseException):  # noqa: N818 - a BaseException, like KeyboardInterrupt, so nothing swallows it
+    """SIGTERM (Slurm preemption, scancel, torchrun stopping its workers): the current shard is abandoned."""
+
+
+def _raise_preempted(signum: int, frame: object) -> None:
+    raise Preempted(signal.Signals(signum).name)
 
 
 def _claim_out_dir(spec: RunSpec) -> None:
@@ -45,6 +56,7 @@ def _claim_out_dir(spec: RunSpec) -> None:
                 "choose a new out_dir or leave it unset"
             )
         return
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"identity": spec.identity, "config": spec.resolved})
 
 
@@ -72,25 +84,35 @@ def _carried_over(spec: RunSpec, summary: dict, everyone: list[dict]) -> dict:
 
 
 def synthesise(spec: RunSpec) -> dict | None:
-    """Run this process's share; returns the manifest summary on the process that wrote it."""
+    """Run this process's share; returns the manifest summary on the process that wrote it.
+
+    Everything that can fail without having made a sample (device, checkpoints) runs before out_dir is
+    created; a second job on the same worker slot or shard is refused by its lock (dmgr.shards.locks)."""
     ctx = init_workers(spec.device)
-    handler = None
+    handler = worker_lock = None
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_preempted)
     try:
+        threads, why = worker_threads(spec.threads, ctx.local_world_size)
+        torch.set_num_threads(threads)
         worker, num_workers = worker_index(ctx.rank, ctx.world_size, spec.task_id, spec.task_count)
-        handler = _file_logging(spec, worker)
+        engine = load_engine(spec, ctx.device)
         if ctx.rank == 0:
             _claim_out_dir(spec)
         barrier(ctx)
         if ctx.rank != 0:
             _claim_out_dir(spec)
-        engine = load_engine(spec, ctx.device)
+        handler = _file_logging(spec, worker)
+        log.info("worker %d/%d: %d intra-op threads (%s), pid %d", worker, num_workers, threads, why, os.getpid())
+        worker_lock = acquire(
+            spec.out_dir / "locks" / f"worker-{worker:04d}-of-{num_workers:04d}.lock",
+            f"worker {worker} of {num_workers} in out_dir={spec.out_dir}",
+        )
         stats = run_worker(spec, engine, worker, num_workers, position=ctx.local_rank)
         everyone = gather(ctx, asdict(stats))
         barrier(ctx)
         if ctx.rank != 0:
             return None
-        shards = all_shards(spec)
-        missing = [path.name for _, path, _ in shards if not path.exists()]
+        records, missing = shard_records(spec)
         images = sum(s["images"] for s in everyone)
         seconds = max(s["seconds"] for s in everyone) or 1e-9
         summary = {
@@ -113,13 +135,13 @@ def synthesise(spec: RunSpec) -> dict | None:
             },
             "checkpoints": engine.digests,
             **({"backgrounds": spec.backgrounds.summary()} if spec.backgrounds is not None else {}),
-            "metrics": run_metrics(spec.out_dir, [path for _, path, _ in shards]),
+            "metrics": run_metrics(records),
             **_carried_over(spec, summary, everyone),
         }
-        path = write_manifest(spec.out_dir, shards, run)
+        path = write_manifest(spec.out_dir, records, run)
         log.info(
             "done: %d shards, %d samples in %s; this run made %d images in %.1f s (%.3f images/s)",
-            len(shards),
+            len(records),
             len(spec.seeds),
             spec.out_dir,
             images,
@@ -131,6 +153,9 @@ def synthesise(spec: RunSpec) -> dict | None:
             _measure_quality(spec)
         return {**summary, "manifest": str(path)}
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if worker_lock is not None:
+            release(worker_lock)
         if handler is not None:
             logging.getLogger("dmgr").removeHandler(handler)
             handler.close()
@@ -169,13 +194,20 @@ def main(cfg: DictConfig) -> dict | None:
     job_dir = _sweep_job_dir()
     try:
         summary = synthesise(validate(cfg))
-    except (ConfigError, CheckpointError, RunError) as exc:
+    except (ConfigError, CheckpointError, RunError, LockHeld) as exc:
         if job_dir is None:
             print(f"dmgr-synth: error: {exc}", file=sys.stderr)
             sys.exit(2)
         log.error("skipping this sweep point: %s", exc)
         _record_sweep_point(job_dir, cfg, {"status": "skipped", "reason": str(exc)})
         return None
+    except (ShardWriteError, NonFiniteSample) as exc:
+        print(f"dmgr-synth: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as exc:
+        print(f"dmgr-synth: stopped by {exc}: the shard in progress was abandoned; rerun the same command "
+              "to finish the run", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     if job_dir is not None and summary is not None:
         _record_sweep_point(job_dir, cfg, {"status": "done", **summary})
     return summary

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,25 @@ CLASS_CHOICES = ("uniform", "fixed", "weighted")
 SOURCES = ("images", "generate")
 PIXEL_SOURCES = ("crop", "global")
 WINDOW_CHOICES = ("uniform", "fixed")
+NONFINITE_ACTIONS = ("retry", "stop")
 # Keys that change how a run is executed but not what it produces: left out of the run's identity.
-EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality")
+EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality", "threads")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The settings the job knows, by section; anything else (a typo, a `+key=value`) is refused.
+TOP_LEVEL_KEYS = {
+    "dataset", "model", "schedule", "seeds", "samples_per_shard", "batch_size", "out_dir", "device", "precision",
+    "shard_prefix", "mask", "extras", "quality", "array", "writer_queue", "progress", "threads", "nonfinite",
+}
+SECTION_KEYS = {
+    "mask": {"method", "pixels", "sigma", "min_contrast"},
+    "extras": {"input", "crop", "twin", "grid", "masks", "paste"},
+    "quality": {"enabled", "classifier_steps", "classifier_boards", "cache_dir"},
+    "array": {"task_id", "task_count"},
+    "nonfinite": {"action", "max_attempts"},
+    "model": {"name", "random_init", "diffusion_steps", "beta_schedule", "global", "local"},
+    "model.global": {"checkpoint", "config"},
+    "model.local": {"checkpoint", "config"},
+}
 
 
 class ConfigError(ValueError):
@@ -36,33 +55,35 @@ def fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
-def parse_seeds(value: Any) -> list[int]:
-    """`"0-9999"` (inclusive), a single int, or a list of ints; never empty, never negative."""
+def parse_seeds(value: Any) -> Sequence[int]:
+    """`"0-9999"` (inclusive; kept as a `range`, however long), a single int, or a list of ints; never
+    empty, never negative, never repeated."""
+    usage = 'use a range like "0-9999", one seed, or a list [1, 2, 3]'
     if isinstance(value, int) and not isinstance(value, bool):
-        seeds = [value]
+        seeds: Sequence[int] = range(value, value + 1)
     elif isinstance(value, str):
         text = value.strip()
         try:
             if "-" in text[1:]:
                 first, last = (int(part) for part in text.split("-", 1))
-                seeds = list(range(first, last + 1))
+                seeds = range(first, last + 1)
             else:
-                seeds = [int(text)]
+                seeds = range(int(text), int(text) + 1)
         except ValueError:
-            fail("seeds", value, 'use a range like "0-9999", one seed, or a list [1, 2, 3]')
+            fail("seeds", value, usage)
     elif isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
         try:
             seeds = [int(v) for v in value]
         except (TypeError, ValueError):
             fail("seeds", value, "a list must hold integers")
+        if len(set(seeds)) != len(seeds):
+            fail("seeds", value, "seeds must not repeat")
     else:
-        fail("seeds", value, 'use a range like "0-9999", one seed, or a list [1, 2, 3]')
+        fail("seeds", value, usage)
     if not seeds:
         fail("seeds", value, "the seed range is empty: the last seed must not be below the first")
     if min(seeds) < 0:
         fail("seeds", value, "seeds must be >= 0")
-    if len(set(seeds)) != len(seeds):
-        fail("seeds", value, "seeds must not repeat")
     return seeds
 
 
@@ -87,6 +108,8 @@ class DatasetSpec:
 class NetworkSpec:
     checkpoint: str | None
     config: dict | None
+    digest: str | None = None  # sha256 of the checkpoint file
+    classes: tuple[str, ...] | None = None  # the class names a project checkpoint stores
 
 
 @dataclass(frozen=True)
@@ -110,8 +133,17 @@ class QualitySpec:
 
 
 @dataclass(frozen=True)
+class NonfiniteSpec:
+    """A sample whose image holds NaN/Inf never reaches a shard: retry its noise from a derived seed
+    (seed + attempt x RETRY_STREAM) up to `max_attempts` times, or stop the run naming the seed."""
+
+    action: str = "retry"
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
 class RunSpec:
-    seeds: list[int]
+    seeds: Sequence[int]  # a range for "a-b", however long
     samples_per_shard: int
     batch_size: int
     out_dir: Path
@@ -136,6 +168,9 @@ class RunSpec:
     resolved: dict  # the whole resolved config, for metadata and the manifest
     identity: str  # hash of what determines the samples
     backgrounds: Backgrounds | None = None  # source=images: the usable input list
+    threads: int | None = None  # intra-op threads per worker; None: from the CPUs the worker was given
+    nonfinite: NonfiniteSpec = NonfiniteSpec()
+    checkpoint_digests: dict | None = None  # sha256 of each checkpoint file (part of the identity)
 
     @property
     def available_masks(self) -> tuple[str, ...]:
@@ -233,7 +268,7 @@ def _find_checkpoint(value: str) -> Path | None:
 
 
 def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
-    from dmgr.models import CheckpointError, stored_config
+    from dmgr.models import CheckpointError, file_digest, stored_metadata
 
     net = cfg.model[which]
     checkpoint = net.get("checkpoint")
@@ -247,15 +282,16 @@ def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
     path = _find_checkpoint(str(checkpoint))
     if path is None:
         fail(f"model.{which}.checkpoint", str(checkpoint), "file not found: fix the path or train one (README)")
+    try:
+        stored, meta = stored_metadata(path)
+    except CheckpointError as exc:
+        fail(f"model.{which}.checkpoint", str(checkpoint), str(exc))
     if config is None:
-        try:
-            stored = stored_config(path)
-        except CheckpointError as exc:
-            fail(f"model.{which}.checkpoint", str(checkpoint), str(exc))
         if stored is None:
             fail(f"model.{which}.config", None, f"{path.name} stores no architecture: give model.{which}.config")
         config = stored.to_dict()
-    return NetworkSpec(str(path), config)
+    classes = tuple(json.loads(meta["dmgr.classes"])) if "dmgr.classes" in meta else None
+    return NetworkSpec(str(path), config, file_digest(path), classes)
 
 
 def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
@@ -286,8 +322,15 @@ def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
     return settings
 
 
-def _identity(resolved: dict) -> str:
+def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> str:
+    """A hash of what determines the samples: the settings, the checkpoints' contents (not their paths)
+    and the background list's digest (not its path)."""
     kept = {k: v for k, v in resolved.items() if k not in EXECUTION_KEYS}
+    kept["model"] = {**kept["model"]}
+    for which, net in (("global", model.global_net), ("local", model.local_net)):
+        kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}
+    if images_digest is not None:
+        kept["dataset"] = {**kept["dataset"], "images": images_digest}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -317,12 +360,67 @@ def _mask_method(method: str, dataset: DatasetSpec, model: ModelSpec) -> str:
 
 
 def check_writable(directory: Path) -> None:
+    """Fail unless `directory` could be created and written, without creating it: nothing is claimed on
+    disk before every check has passed."""
+    existing = directory.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        fail("out_dir", str(directory), f"{existing} is a file: choose a directory")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dmgr-write-test-"):
             pass
     except OSError as exc:
         fail("out_dir", str(directory), f"cannot write there ({exc.strerror or exc}): choose a writable directory")
+
+
+def _unknown_keys(cfg: DictConfig) -> None:
+    for key in cfg:
+        if key not in TOP_LEVEL_KEYS and key != "hydra":
+            fail(str(key), cfg[key], f"unknown setting (a typo?); known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    for section, known in SECTION_KEYS.items():
+        node = OmegaConf.select(cfg, section)
+        for key in node or {}:
+            if key not in known:
+                fail(f"{section}.{key}", node[key], f"unknown setting; known: {', '.join(sorted(known))}")
+    dataset_keys = {f.name for f in fields(DatasetSpec)}
+    for key in cfg.get("dataset") or {}:
+        if key not in dataset_keys:
+            fail(f"dataset.{key}", cfg.dataset[key], f"unknown setting; known: {', '.join(sorted(dataset_keys))}")
+
+
+def _device(value: Any) -> str:
+    import torch
+
+    device = str(value)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        fail("device", device, "allowed: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            fail("device", device, "no CUDA device is visible here: use device=cpu or device=auto")
+        if device.startswith("cuda:") and int(device[5:]) >= count:
+            fail("device", device, f"this machine shows {count} CUDA device(s): use cuda:0..cuda:{count - 1}")
+    return device
+
+
+def _threads(cfg: DictConfig) -> int | None:
+    value = cfg.get("threads")
+    if value in (None, "auto"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail("threads", value, "intra-op threads per worker: an integer >= 1, or auto (from the CPUs given)")
+    return value
+
+
+def _nonfinite(cfg: DictConfig) -> NonfiniteSpec:
+    n = cfg.get("nonfinite")
+    if n is None:
+        return NonfiniteSpec()
+    action = str(n.get("action", "retry"))
+    if action not in NONFINITE_ACTIONS:
+        fail("nonfinite.action", action, f"allowed: {', '.join(NONFINITE_ACTIONS)}")
+    return NonfiniteSpec(action, _positive_int(cfg, "nonfinite.max_attempts") if "max_attempts" in n else 3)
 
 
 def validate(cfg: DictConfig) -> RunSpec:
@@ -331,6 +429,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     for key in ("dataset", "model", "schedule"):
         if key not in cfg:
             fail(key, None, f"missing config group: add {key}=<name> (see conf/{key}/)")
+    _unknown_keys(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     seeds = parse_seeds(cfg.seeds)
@@ -339,9 +438,10 @@ def validate(cfg: DictConfig) -> RunSpec:
     dataset = _dataset(cfg)
     if cfg.precision not in PRECISIONS:
         fail("precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
-    device = str(cfg.device)
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        fail("device", device, "allowed: auto, cpu, cuda, cuda:N")
+    device = _device(cfg.device)
+    shard_prefix = str(cfg.shard_prefix)
+    if not NAME_PATTERN.fullmatch(shard_prefix):
+        fail("shard_prefix", shard_prefix, "a plain file-name prefix: letters, digits, '.', '_', '-' (no '/')")
     if cfg.mask.method not in ("auto", *MASK_METHODS):
         fail("mask.method", cfg.mask.method, f"allowed: auto, {', '.join(MASK_METHODS)}")
     mask_pixels = str(cfg.mask.get("pixels", "crop"))
@@ -379,13 +479,26 @@ def validate(cfg: DictConfig) -> RunSpec:
             local_classes,
             f"the local model must know all {len(dataset.classes)} dataset classes",
         )
+    stored_classes = model.local_net.classes
+    if stored_classes is not None and tuple(dataset.classes) != stored_classes:
+        fail(
+            "dataset.classes",
+            list(dataset.classes),
+            f"the local checkpoint was trained on {list(stored_classes)} (class ids are positions): "
+            "give the same names in the same order",
+        )
     from dmgr.diffusion import space_timesteps  # local import keeps config import light
 
     respacing = str(cfg.schedule.respacing)
     try:
         steps = len(space_timesteps(diffusion_steps, respacing))
     except ValueError as exc:
-        fail("schedule.respacing", respacing, str(exc))
+        detail = str(exc) if "invalid literal" not in str(exc) else "not a step count"
+        fail(
+            "schedule.respacing",
+            respacing,
+            f"{detail}: use a step count like 50, section counts like 10,10,5, or ddimN",
+        )
     sampler = sampler_settings(cfg, dataset.window_size)
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
@@ -405,7 +518,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         resolved["dataset"]["images"] = str(dataset.images)
         resolved["dataset"]["images_digest"] = backgrounds.digest
     quality = _quality(cfg)
-    identity = _identity(resolved)
+    identity = _identity(resolved, model, backgrounds.digest if backgrounds is not None else None)
     if cfg.out_dir:
         out_dir = Path(str(cfg.out_dir)).expanduser()
     else:
@@ -418,7 +531,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         out_dir=out_dir.resolve(),
         device=device,
         precision=str(cfg.precision),
-        shard_prefix=str(cfg.shard_prefix),
+        shard_prefix=shard_prefix,
         mask_method=mask_method,
         mask_pixels=mask_pixels,
         mask_sigma=float(cfg.mask.sigma),
@@ -437,4 +550,6 @@ def validate(cfg: DictConfig) -> RunSpec:
         resolved=resolved,
         identity=identity,
         backgrounds=backgrounds,
+        threads=_threads(cfg),
+        nonfinite=_nonfinite(cfg),
     )

@@ -48,7 +48,7 @@ def randomised_unet(config: dict, seed: int) -> UNetModel:
 def _load(spec: NetworkSpec, random_seed: int, device: torch.device) -> tuple[UNetModel, str]:
     if spec.checkpoint is None:
         return randomised_unet(spec.config, random_seed).to(device), f"random-init-{random_seed}"
-    return load_unet(spec.checkpoint, spec.config, device), file_digest(spec.checkpoint)
+    return load_unet(spec.checkpoint, spec.config, device), spec.digest or file_digest(spec.checkpoint)
 
 
 def load_engine(spec: RunSpec, device: torch.device) -> Engine:
@@ -77,7 +77,7 @@ def paste_local_sample(
     """The no-rectification baseline: a plain local-model DDIM sample of each plan's class pasted into
     the defect-free twin at the window (the local noise comes from its own per-seed generator)."""
     w = spec.dataset.window_size
-    generators = make_generators([p.seed + PASTE_STREAM for p in plans])
+    generators = make_generators([p.noise_seed + PASTE_STREAM for p in plans])
     patches = ddim_sample(
         engine.local_model,
         engine.diffusion,
@@ -113,6 +113,7 @@ def defect_masks(
 def _common_meta(spec: RunSpec, engine: Engine, plan: SamplePlan) -> dict:
     return {
         "seed": plan.seed,
+        **({"attempt": plan.attempt} if plan.attempt else {}),
         "class_name": plan.class_name,
         "class_id": plan.class_id,
         "mask_method": spec.mask_method,
@@ -128,12 +129,20 @@ def _common_meta(spec: RunSpec, engine: Engine, plan: SamplePlan) -> dict:
     }
 
 
+def _finite(*tensors: torch.Tensor) -> list[bool]:
+    """Per sample: every value of every tensor is finite (NaN/Inf never reach a shard)."""
+    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t).flatten(1).all(1)
+    return ok.tolist()
+
+
 def _box(x: int, y: int, w: int) -> list[int]:
     return [x, y, x + w, y + w]
 
 
 def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """One batch of plans -> webdataset samples (seed + members)."""
+    """One batch of plans -> webdataset samples (seed, finite: no NaN/Inf in the image, + members)."""
     if spec.dataset.source == "images":
         return generate_into_backgrounds(engine, spec, plans)
     return generate_boards(engine, spec, plans)
@@ -150,9 +159,10 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
     unions = {m: np.zeros(inputs.shape[:3], dtype=bool) for m in methods}
     defects: list[list[dict]] = [[] for _ in plans]
     crops, grids = [None] * len(plans), [None] * len(plans)
+    finite = [True] * len(plans)
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
-        generators = make_generators([plans[i].seed + k * DEFECT_STREAM for i in rows])
+        generators = make_generators([plans[i].noise_seed + k * DEFECT_STREAM for i in rows])
         known = from_uint8(canvas[rows]).to(engine.device)
         result = dmgr_sample(
             engine.global_model,
@@ -168,6 +178,8 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
             record_process=spec.extras.get("grid", False) and k == 0,
             known=known,
         )
+        for j, ok in enumerate(_finite(result.image, result.crop)):
+            finite[rows[j]] &= ok
         masks = {m: v[:, 0].cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
         pixels = result.image.clone()
         if spec.mask_pixels == "crop":
@@ -211,7 +223,8 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
             "defects_requested": spec.dataset.defects_per_image,
             "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
         }
-        sample = {"seed": plan.seed, "png": Image.fromarray(canvas[i]), "mask.png": _mask_image(union), "json": meta}
+        sample = {"seed": plan.seed, "finite": finite[i], "png": Image.fromarray(canvas[i]),
+                  "mask.png": _mask_image(union), "json": meta}
         if spec.extras.get("input", False):
             sample["input.png"] = Image.fromarray(inputs[i])
         if spec.extras.get("crop", False):
@@ -228,7 +241,7 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
 def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
     """The whole-board walk (dataset.source=generate): the global model makes the board, DMGR the defect."""
     size, w = spec.dataset.image_size, spec.dataset.window_size
-    generators = make_generators([p.seed for p in plans])
+    generators = make_generators([p.noise_seed for p in plans])
     x_T = initial_noise(generators, (3, size, size), engine.device)
     windows = torch.tensor([p.window for p in plans], device=engine.device)
     classes = torch.tensor([p.class_id for p in plans], device=engine.device)
@@ -263,6 +276,7 @@ def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> l
     grids = None
     if spec.extras.get("grid", False) and result.x0_process:
         grids = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
+    finite = _finite(result.image, result.crop)
     samples = []
     for i, plan in enumerate(plans):
         x, y = plan.window
@@ -276,6 +290,7 @@ def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> l
         }
         sample = {
             "seed": plan.seed,
+            "finite": finite[i],
             "png": Image.fromarray(images[i]),
             "mask.png": _mask_image(mask),
             "json": meta,

@@ -7,6 +7,7 @@ from another.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from dmgr.synth.config import DatasetSpec
 PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM; the noise generator's is seed
 PASTE_STREAM = 2 << 40  # the paste baseline's local-model noise (extras.paste)
 DEFECT_STREAM = 3 << 40  # defect k > 0 of an image draws its noise from seed + k * DEFECT_STREAM
+RETRY_STREAM = 4 << 40  # attempt a > 0 of a seed (a non-finite image was retried) draws its noise from seed + a * this
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class SamplePlan:
     seed: int
     defects: tuple[Defect, ...]  # one or more, windows never overlapping
     background: int | None = None  # index into the usable backgrounds (dataset.source=images)
+    attempt: int = 0  # > 0: the sample is retried with noise from a derived seed (same plan)
+
+    @property
+    def noise_seed(self) -> int:
+        return self.seed + self.attempt * RETRY_STREAM
 
     @property
     def class_id(self) -> int:
@@ -98,14 +105,18 @@ def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None
     return SamplePlan(seed, tuple(defects), background)
 
 
-def shard_blocks(seeds: list[int], samples_per_shard: int) -> list[list[int]]:
-    """Shard k holds seeds[k * n : (k + 1) * n]."""
-    return [seeds[i : i + samples_per_shard] for i in range(0, len(seeds), samples_per_shard)]
+def num_shards(num_seeds: int, samples_per_shard: int) -> int:
+    return -(-num_seeds // samples_per_shard)
 
 
-def worker_shards(num_shards: int, worker: int, num_workers: int) -> list[int]:
+def shard_seeds(seeds: Sequence[int], samples_per_shard: int, k: int) -> Sequence[int]:
+    """Shard k holds seeds[k * n : (k + 1) * n] (a range stays a range: no list of every seed is built)."""
+    return seeds[k * samples_per_shard : (k + 1) * samples_per_shard]
+
+
+def worker_shards(num_shards: int, worker: int, num_workers: int) -> range:
     """The shards of one worker: those with k % num_workers == worker."""
-    return [k for k in range(num_shards) if k % num_workers == worker]
+    return range(worker, num_shards, num_workers)
 
 
 def worker_index(rank: int, world_size: int, task_id: int, task_count: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""One worker's share of the job: find its unfinished shards, sample them, stream them to the writer."""
+"""One worker's share of the job: walk its shards, verify the complete ones against their records, make
+the others under the shard's lock, and stream them to the writer."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ import json
 import logging
 import tarfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dmgr.shards import ShardWriter, shard_path, verify_shard
+from dmgr.digest import sha256_file
+from dmgr.shards import ShardWriter, check_shard, read_record, shard_path, verify_shard
+from dmgr.shards.locks import acquire, release
+from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import Engine, generate
-from dmgr.synth.plan import plan_sample, shard_blocks, worker_shards
+from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteSample(RuntimeError):
+    """A sample's image held NaN/Inf and nonfinite.action forbids (more) retries."""
 
 
 @dataclass
@@ -26,6 +35,7 @@ class WorkerStats:
     shards_skipped: int
     images: int
     seconds: float
+    nonfinite_retries: int = 0
 
 
 def expected_members(spec: RunSpec) -> tuple[str, ...]:
@@ -37,83 +47,168 @@ def expected_members(spec: RunSpec) -> tuple[str, ...]:
     return ("png", "mask.png", "json", *extra)
 
 
-def pending_shards(spec: RunSpec, shards: list[int], blocks: list[list[int]]) -> tuple[list[int], int]:
-    """Shards among `shards` still to do; removes temp leftovers and shards that fail the check."""
-    todo, skipped = [], 0
-    for k in shards:
-        path = shard_path(spec.out_dir, spec.shard_prefix, k)
-        for leftover in path.parent.glob(path.name + ".tmp-*"):
-            log.info("removing unfinished %s", leftover.name)
-            leftover.unlink(missing_ok=True)
-        if path.exists():
-            problem = verify_shard(path, blocks[k], expected_members(spec))
-            if problem is None:
-                skipped += 1
-                continue
-            log.warning("shard %s is damaged (%s): redoing it", path.name, problem)
-            path.unlink()
-        todo.append(k)
-    return todo, skipped
+def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -> bool:
+    """True when the shard's bytes match its record. A shard without a record (written before records
+    existed) is checked member by member and adopted; a damaged shard is logged, deleted, and False."""
+    record = read_record(path)
+    if record is None:
+        if not path.exists():
+            return False
+        problem = verify_shard(path, list(seeds), expected_members(spec))
+        if problem is None:
+            adopt_legacy_shard(path, k, seeds, spec)
+            return True
+    else:
+        problem = check_shard(path, record)
+        if problem is None:
+            return True
+        if problem == "missing":
+            return False
+    log.warning("shard %s is damaged (%s): redoing it", path.name, problem)
+    path.unlink(missing_ok=True)
+    return False
+
+
+def sample_metrics(meta: dict) -> dict[str, float]:
+    """What the manifest's `metrics` averages, for one sample."""
+    boxes = [d["window_box"] for d in meta.get("defects", [meta])]
+    window_area = sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
+    return {
+        "samples": 1,
+        "final_loss": meta["final_loss"],
+        "mask_area": meta["mask_area"],
+        "mask_window_fraction": meta["mask_area"] / window_area,
+        "empty_masks": int(meta["mask_area"] == 0),
+        "fewer_defects_than_requested": int(len(boxes) < meta.get("defects_requested", 1)),
+        "nonfinite_retries": meta.get("attempt", 0),
+    }
+
+
+def add_metrics(total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    return {key: total.get(key, 0) + value for key, value in more.items()}
+
+
+def finite_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """generate(), with every sample whose image holds NaN/Inf made again from a derived noise seed
+    (nonfinite.action=retry, up to nonfinite.max_attempts attempts in all) or the run stopped."""
+    samples = []
+    for plan, sample in zip(plans, generate(engine, spec, plans)):
+        while not sample.pop("finite"):
+            attempts = plan.attempt + 1
+            if spec.nonfinite.action == "stop" or attempts >= spec.nonfinite.max_attempts:
+                raise NonFiniteSample(
+                    f"seed {plan.seed}: the image holds NaN/Inf after {attempts} attempt(s) "
+                    f"(nonfinite.action={spec.nonfinite.action}, max_attempts={spec.nonfinite.max_attempts}): "
+                    "check the checkpoints and precision; nothing of this shard was written"
+                )
+            log.warning("seed %d: NaN/Inf in the image, retrying from a derived seed (attempt %d)",
+                        plan.seed, attempts + 1)
+            plan = replace(plan, attempt=attempts)
+            sample = generate(engine, spec, [plan])[0]
+        samples.append(sample)
+    return samples
+
+
+def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: tqdm) -> dict:
+    """Generate one shard's samples into the writer; returns the record fields beyond the digest."""
+    metrics: dict[str, float] = {}
+    for i in range(0, len(seeds), spec.batch_size):
+        plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
+        for sample in finite_samples(engine, spec, plans):
+            metrics = add_metrics(metrics, sample_metrics(sample["json"]))
+            writer.put(sample)
+        bar.update(len(plans))
+    return {"samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
+            "members": list(expected_members(spec)), "metrics": metrics}
 
 
 def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, position: int = 0) -> WorkerStats:
-    blocks = shard_blocks(spec.seeds, spec.samples_per_shard)
-    mine = worker_shards(len(blocks), worker, num_workers)
-    todo, skipped = pending_shards(spec, mine, blocks)
-    total = sum(len(blocks[k]) for k in todo)
-    log.info(
-        "worker %d/%d: %d shards assigned, %d complete, %d to do (%d images) on %s",
-        worker,
-        num_workers,
-        len(mine),
-        skipped,
-        len(todo),
-        total,
-        engine.device,
-    )
+    """Make this worker's unfinished shards; complete ones are verified against their records and kept."""
+    count = num_shards(len(spec.seeds), spec.samples_per_shard)
+    mine = worker_shards(count, worker, num_workers)
+    n, last = spec.samples_per_shard, count - 1
+    total = len(mine) * n - ((n - len(shard_seeds(spec.seeds, n, last))) if last in mine else 0)
+    log.info("worker %d/%d: %d shards (%d images) assigned on %s", worker, num_workers, len(mine), total, engine.device)
     writer = ShardWriter(spec.writer_queue)
-    start = time.perf_counter()
     bar = tqdm(total=total, desc=f"worker {worker}", unit="img", position=position, disable=not spec.progress)
-    for k in todo:
-        writer.open(shard_path(spec.out_dir, spec.shard_prefix, k))
-        seeds = blocks[k]
-        for i in range(0, len(seeds), spec.batch_size):
-            plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
-            for sample in generate(engine, spec, plans):
-                writer.put(sample)
-            bar.update(len(plans))
-        writer.close()
-    writer.finish()
-    bar.close()
+    start = time.perf_counter()
+    done = skipped = images = retries = 0
+    try:
+        for k in mine:
+            path = shard_path(spec.out_dir, spec.shard_prefix, k)
+            seeds = shard_seeds(spec.seeds, spec.samples_per_shard, k)
+            lock = acquire(path.parent.parent / "locks" / f"{path.name}.lock", f"shard {path.name}")
+            try:
+                complete = shard_is_complete(spec, k, path, seeds)
+                for leftover in path.parent.glob(path.name + ".tmp-*"):  # safe: we hold the shard's lock
+                    log.info("removing unfinished %s", leftover.name)
+                    leftover.unlink(missing_ok=True)
+            except BaseException:
+                release(lock)
+                raise
+            if complete:
+                release(lock)
+                skipped += 1
+                bar.update(len(seeds))
+                continue
+            writer.open(path, lock)  # the writer releases the lock once the shard is final
+            record = make_shard(engine, spec, writer, path, seeds, bar)
+            writer.close({"index": k, **record})
+            done += 1
+            images += len(seeds)
+            retries += int(record["metrics"].get("nonfinite_retries", 0))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
-    if total:
-        log.info("worker %d: %d images in %.1f s (%.3f images/s)", worker, total, seconds, total / seconds)
-    return WorkerStats(worker, len(todo), skipped, total, seconds)
+    log.info(
+        "worker %d: %d shards complete and verified, %d made (%d images in %.1f s, %.3f images/s)",
+        worker, skipped, done, images, seconds, images / max(seconds, 1e-9),
+    )
+    return WorkerStats(worker, done, skipped, images, seconds, retries)
 
 
-def all_shards(spec: RunSpec) -> list[tuple[int, Path, list[int]]]:
-    blocks = shard_blocks(spec.seeds, spec.samples_per_shard)
-    return [(k, shard_path(spec.out_dir, spec.shard_prefix, k), seeds) for k, seeds in enumerate(blocks)]
+def shard_records(spec: RunSpec) -> tuple[list[dict], list[str]]:
+    """(records of the run's complete shards in order, names of the shards still missing)."""
+    records, missing = [], []
+    for k in range(num_shards(len(spec.seeds), spec.samples_per_shard)):
+        path = shard_path(spec.out_dir, spec.shard_prefix, k)
+        record = read_record(path) if path.exists() else None
+        if record:
+            records.append(record)
+        else:
+            missing.append(path.name)
+    return records, missing
 
 
-def run_metrics(out_dir: Path, shards: list[Path]) -> dict:
-    """Means over the run's sample metadata: the final rectification loss and the mask area."""
-    losses, areas, fractions, short = [], [], [], 0
-    for path in shards:
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    losses.append(meta["final_loss"])
-                    areas.append(meta["mask_area"])
-                    boxes = [d["window_box"] for d in meta.get("defects", [meta])]
-                    fractions.append(meta["mask_area"] / sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes))
-                    short += len(boxes) < meta.get("defects_requested", 1)
-    count = max(len(losses), 1)
+def adopt_legacy_shard(path: Path, k: int, seeds: Sequence[int], spec: RunSpec) -> dict:
+    """A record for a complete shard written before records existed (read once, then never again)."""
+    metrics: dict[str, float] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                metrics = add_metrics(metrics, sample_metrics(json.loads(tar.extractfile(member).read())))
+    record = {"name": path.name, "index": k, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+              "samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
+              "members": list(expected_members(spec)), "metrics": metrics}
+    write_record(path, record)
+    return record
+
+
+def run_metrics(records: list[dict]) -> dict:
+    """Means over the run's samples, from the shard records' sums (no tar is read)."""
+    total: dict[str, float] = {}
+    for record in records:
+        total = add_metrics(total, record.get("metrics", {}))
+    count = max(total.get("samples", 0), 1)
     return {
-        "final_loss": sum(losses) / count,
-        "mask_area": sum(areas) / count,
-        "mask_window_fraction": sum(fractions) / count,
-        "empty_masks": sum(a == 0 for a in areas),
-        "fewer_defects_than_requested": short,  # source=images: no room left in the ROI
+        "final_loss": total.get("final_loss", 0) / count,
+        "mask_area": total.get("mask_area", 0) / count,
+        "mask_window_fraction": total.get("mask_window_fraction", 0) / count,
+        "empty_masks": int(total.get("empty_masks", 0)),
+        "fewer_defects_than_requested": int(total.get("fewer_defects_than_requested", 0)),  # no room in the ROI
+        "nonfinite_retries": int(total.get("nonfinite_retries", 0)),
     }
