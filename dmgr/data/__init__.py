@@ -12,7 +12,8 @@ from dmgr.data.pcb import CLASS_NAMES, Board, Mark, Pad, Trace, add_defect, clas
 _LAZY = {
     "export_all": "export", "export_global": "export", "export_local": "export", "export_test": "export",
     "patch_window": "export", "PKU_CLASS_MAP": "importers", "import_image_folder": "importers",
-    "import_voc": "importers", "ImageFolderDataset": "dataset", "PatchDataset": "dataset",
+    "import_voc": "importers", "import_coco": "importers", "import_masked": "patches",
+    "ImageFolderDataset": "dataset", "PatchDataset": "dataset",
 }
 
 __all__ = ["CLASS_NAMES", "Board", "Mark", "Pad", "Trace", "add_defect", "class_id_of", "make_board", "mask_box",

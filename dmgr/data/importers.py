@@ -59,8 +59,7 @@ def import_image_folder(src: str | Path, dst: str | Path, size: int) -> dict:
         used.add(name)
         resize_center_crop(img, size).save(dst / f"{name}.png")
         written += 1
-    if reader.grey:
-        log.warning("%d grey-level images were converted to RGB", reader.grey)
+    reader.report()
     return {"written": written, "skipped": reader.skipped, "grey_converted": reader.grey}
 
 
@@ -117,11 +116,12 @@ class BoxCounter:
 
 
 def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | Path,
-               class_map: dict[str, str | int], patch_size: int, image_size: int | None = None) -> dict:
+               class_map: dict[str, str | int] | None, patch_size: int, image_size: int | None = None) -> dict:
     """Cut a patch_size square centred on every VOC <object> box, into dst/<class>/<stem>_<i>.png (+ .mask.png).
 
     class_map maps VOC object names to class names (or ids into CLASS_NAMES); objects with other names
-    are reported once per name and skipped. Boxes partly outside the image are clipped to it; boxes that do
+    are reported once per name and skipped (class_map None: every object name is its class name). Boxes
+    partly outside the image are clipped to it; boxes that do
     not intersect it are skipped with a warning (both counted). With `image_size` each image is first scaled
     so its shorter side is image_size (boxes with it). Patches are moved inside the image; i counts the
     objects of a file. The mask beside each patch is its box. Also writes dst/labels.json (file, class,
@@ -131,7 +131,7 @@ def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | P
     for folder in (images_dir, annotations_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"VOC folder {folder} does not exist")
-    names = {voc: _class_name(value) for voc, value in class_map.items()}
+    names = None if class_map is None else {voc: _class_name(value) for voc, value in class_map.items()}
     index, reader, boxes = _index(images_dir), Reader(), BoxCounter()
     writer = PatchWriter(dst, patch_size, {c: i for i, c in enumerate(CLASS_NAMES)})
     unknown, images = Counter(), 0
@@ -155,18 +155,23 @@ def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | P
         img, f = scale(img, image_size)
         for i, obj in enumerate(root.iter("object")):
             name = (obj.findtext("name") or "").strip()
-            if name not in names:
+            if names is None and name:
+                cls = name
+            elif names is None or name not in names:
                 if name not in unknown:
                     log.warning("unknown VOC class %r (first in %s): skipped; map it with class_map", name, xml_path)
                 unknown[name] += 1
                 continue
+            else:
+                cls = names[name]
             box = _box(obj)
             if box is None:
                 log.warning("skipping object %d of %s: bad box", i, xml_path)
                 continue
             box = boxes.clip(box, original, f"object {i} of {xml_path}")
             if box is not None:
-                writer.cut(img, tuple(v * f for v in box), names[name], f"{image_path.stem}_{i}", image_path)
+                writer.cut(img, tuple(v * f for v in box), cls, f"{image_path.stem}_{i}", image_path)
+    reader.report()
     return {"images": images, **writer.close(), "unknown_classes": dict(unknown), "boxes_outside": boxes.outside,
             "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey}
 
@@ -246,6 +251,7 @@ def import_coco(annotations: str | Path, images_dir: str | Path, dst: str | Path
                 scaled = scale(Image.fromarray(mask), image_size, nearest=True)[0]
                 mask = np.asarray(scaled) > 0
             writer.cut(img, tuple(v * f for v in box), cls, f"{path.stem}_{ann.get('id', 0)}", path, mask)
+    reader.report()
     return {"classes": classes, "images": images, **writer.close(), "boxes_outside": boxes.outside,
             "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey}
 

@@ -30,6 +30,7 @@ class Reader:
     def __init__(self) -> None:
         self.skipped: list[str] = []
         self.grey = 0
+        self.first_grey = ""
 
     def rgb(self, path: Path, mask: bool = False) -> Image.Image | None:
         """The RGB image (an L image when `mask`), or None when it cannot be decoded."""
@@ -40,12 +41,19 @@ class Reader:
                     return img.convert("L")
                 if img.mode in GREY_MODES:
                     self.grey += 1
-                    log.info("%s is grey-level (mode %s): converted to RGB", path, img.mode)
+                    self.first_grey = self.first_grey or f"{path} (mode {img.mode})"
+                    log.debug("%s is grey-level (mode %s): converted to RGB", path, img.mode)
                 return img.convert("RGB")
         except Exception as err:  # any decoder failure (truncated, not an image, bomb) is a skip, never a crash
             log.warning("skipping unreadable image %s: %s", path, err)
             self.skipped.append(str(path))
             return None
+
+
+    def report(self) -> None:
+        if self.grey:
+            log.warning("%d grey-level images converted to RGB (3 equal channels), e.g. %s", self.grey,
+                        self.first_grey)
 
 
 def scale(img: Image.Image, image_size: int | None, nearest: bool = False) -> tuple[Image.Image, float]:
@@ -161,5 +169,6 @@ def import_masked(defects_dir: str | Path, masks_dir: str | Path, dst: str | Pat
             ys, xs = np.nonzero(mask)
             box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
             writer.cut(img, box, cls, path.stem, path, mask)
+    reader.report()
     return {"classes": classes, **writer.close(), "without_mask": no_mask, "empty_mask": empty,
             "skipped": reader.skipped, "grey_converted": reader.grey}

@@ -1,0 +1,77 @@
+"""python -m dmgr.data.prepare: a user's folders -> the data root training reads + a dataset config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from product_support import CLASSES, make_product
+
+from dmgr.data.dataset import ImageFolderDataset, PatchDataset
+from dmgr.data.prepare import main
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory):
+    return make_product(tmp_path_factory.mktemp("product"))
+
+
+def run(product, tmp_path, *extra: str) -> list[str]:
+    return ["--name", "cells", "--good", str(product / "good"), "--defects", str(product / "defects"),
+            "--masks", str(product / "masks"), "--out", str(tmp_path / "data"), "--image-size", "32",
+            "--window-size", "8", "--conf-dir", str(tmp_path / "conf"), *extra]
+
+
+def test_prepare_writes_the_layout_training_reads_and_a_dataset_config(product, tmp_path, capsys, caplog):
+    with caplog.at_level("INFO"):
+        main(run(product, tmp_path))
+    out = capsys.readouterr().out
+    data = tmp_path / "data"
+    assert "12 defect-free images" in out and "python -m dmgr.train" in out
+    config = yaml.safe_load((tmp_path / "conf" / "dataset" / "cells.yaml").read_text())
+    assert config["classes"] == sorted(CLASSES) and config["image_size"] == 32 and config["window_size"] == 8
+    assert config["source"] == "images" and config["images"] == str((data / "global").resolve())
+    assert config["margin"] == 2
+    # training's own datasets read it: 32 px RGB boards, 8 px patches with their masks as a 4th channel
+    boards = ImageFolderDataset(data / "global", 32)
+    assert len(boards) == 12 and boards[0].shape == (3, 32, 32)
+    patches = PatchDataset(data / "local", config["classes"], size=8, with_masks=True)
+    assert len(patches) == 12 and patches[0][0].shape == (4, 8, 8)
+    assert {label for _, label in patches.items} == {0, 1}
+    summary = json.loads((data / "prepare.json").read_text())
+    assert summary["grey_converted"] == 4 and summary["local"]["patches"] == 12
+    assert any("grey-level" in r.getMessage() for r in caplog.records)
+    assert Image.open(data / "global" / "cell-000.png").mode == "RGB"
+    # every patch mask holds its defect: the mask pixels of the source, at the patch
+    for path, _ in patches.items:
+        assert (np.asarray(Image.open(path.with_name(path.stem + ".mask.png"))) > 0).any(), path
+    assert "'hydra.searchpath=[file://" in summary["next"]["synth"]  # the config lives outside conf/
+
+
+def test_prepare_refuses_bad_input_with_one_line(product, tmp_path):
+    def refuse(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "dmgr.data.prepare", *args], cwd=ROOT_DIR,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        return lines[0]
+
+    args = run(product, tmp_path)
+    assert "--window-size=30" in refuse(*args, "--window-size", "30")
+    no_masks = [a if a != str(product / "masks") else str(tmp_path / "nowhere") for a in args]
+    assert "--masks=" in refuse(*no_masks) and "no such folder" in refuse(*no_masks)
+    sub = [a if a != str(tmp_path / "data") else str(tmp_path / "data" / "global") for a in args]
+    assert "give the data root itself" in refuse(*sub)
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "dataset" / "cells.yaml").write_text("name: someone-elses\n")
+    assert "exists for other data" in refuse(*args)
