@@ -4,6 +4,7 @@ check and the run manifest.
 Knows nothing of diffusion: it receives finished samples as arrays and metadata.
 """
 
+from dmgr.shards.dataset import collate, dataset
 from dmgr.shards.layout import shard_name, shard_path, verify_shard
 from dmgr.shards.locks import LockHeld
 from dmgr.shards.manifest import write_manifest
@@ -15,6 +16,8 @@ __all__ = [
     "ShardWriteError",
     "ShardWriter",
     "check_shard",
+    "collate",
+    "dataset",
     "read_record",
     "shard_name",
     "shard_path",
