@@ -33,8 +33,12 @@ def acquire(path: Path, what: str) -> int:
         holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise LockHeld(f"{what} is held by {holder} ({path}): wait for that job or stop it") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder_line().encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder_line().encode(), 0)
+    except OSError:
+        release(fd)
+        raise
     return fd
 
 

@@ -204,6 +204,11 @@ def main(cfg: DictConfig) -> dict | None:
     except (ShardWriteError, NonFiniteSample) as exc:
         print(f"dmgr-synth: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # the disk (full, read-only, gone) outside the shard writer: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"dmgr-synth: error: {exc.strerror or exc}{where}: nothing partial was kept; rerun when fixed",
+              file=sys.stderr)
+        sys.exit(1)
     except Preempted as exc:
         print(f"dmgr-synth: stopped by {exc}: the shard in progress was abandoned; rerun the same command "
               "to finish the run", file=sys.stderr)

@@ -1,0 +1,395 @@
+"""Reliability: bad inputs refused in one line before anything is written, and a fault matrix in which
+every damaged, interrupted or contended run ends as the uninterrupted run: every seed exactly once,
+digests matching, the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synth_support import ROOT, TINY, manifest, raw_members, read_samples, run_synth, shard_files
+
+from dmgr.digest import sha256_file
+from dmgr.models import build_unet, save_checkpoint
+from dmgr.shards.locks import acquire, release
+from dmgr.synth.config import ConfigError
+from dmgr.synth.engine import generate, load_engine
+from dmgr.synth.plan import plan_sample
+
+SMALL = [*TINY, "seeds=0-2", "samples_per_shard=1", "batch_size=1"]  # 3 shards of one sample
+ENV = {**os.environ, "DMGR_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def shard_manifest(out: Path) -> list[dict]:
+    return manifest(out)["shards"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    run_synth([*SMALL, f"out_dir={out}"])
+    return out
+
+
+def assert_same_dataset(out: Path, baseline: Path) -> None:
+    assert raw_members(out) == raw_members(baseline)
+    assert shard_manifest(out) == shard_manifest(baseline)
+    for entry in shard_manifest(out):
+        assert sha256_file(out / "shards" / entry["name"]) == entry["sha256"]
+    assert not list((out / "shards").glob("*.tmp-*"))
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def copy_of(baseline: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    return out
+
+
+# -- bad inputs: one line, exit 2, nothing on disk ------------------------------------------------------
+
+
+def tiny_checkpoints(tmp_path: Path, classes: list[str] | None = None) -> tuple[Path, Path]:
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    g = save_checkpoint(build_unet(OmegaConf.to_container(model["global"].config)), tmp_path / "g.safetensors")
+    meta = {"dmgr.classes": json.dumps(classes)} if classes else None
+    local = build_unet(OmegaConf.to_container(model.local.config))
+    return g, save_checkpoint(local, tmp_path / "l.safetensors", meta)
+
+
+def malicious_pt(tmp_path: Path) -> Path:
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(1), "payload": Path("/etc/passwd")}, path)  # pickles a Python object
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("device=cuda", "device='cuda': no CUDA device"),
+        ("device=cuda:7", "device='cuda:7': no CUDA device"),
+        ("schedule.respacing=abc", "schedule.respacing='abc': not a step count"),
+        ("+seedz=1-3", "seedz='1-3': unknown setting"),
+        ("+mask.colour=red", "mask.colour='red': unknown setting"),
+        ("shard_prefix=../../x", "shard_prefix='../../x': a plain file-name prefix"),
+        ("evil-pt", "is not a plain state dict"),
+        ("pt-that-does-not-fit", "does not fit the model config"),
+        ("wrong-classes", "dataset.classes=['scratch', 'dent']: the local checkpoint was trained on"),
+        ("read-only", "cannot write there"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, expected, tmp_path):
+    out = tmp_path / "parent" / "run"
+    overrides = [*SMALL, f"out_dir={out}"]
+    if case == "evil-pt":
+        evil = malicious_pt(tmp_path)
+        overrides += ["model.random_init=false", f"model.global.checkpoint={evil}", f"model.local.checkpoint={evil}"]
+    elif case == "pt-that-does-not-fit":
+        from omegaconf import OmegaConf
+
+        tiny = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+        wrong = build_unet({**OmegaConf.to_container(tiny["global"].config), "num_channels": 64})
+        torch.save(wrong.state_dict(), tmp_path / "g.pt")
+        torch.save(build_unet(OmegaConf.to_container(tiny.local.config)).state_dict(), tmp_path / "l.pt")
+        overrides += ["model.random_init=false", f"model.global.checkpoint={tmp_path / 'g.pt'}",
+                      f"model.local.checkpoint={tmp_path / 'l.pt'}"]
+    elif case == "wrong-classes":
+        g, loc = tiny_checkpoints(tmp_path, ["missinghole", "mousebite", "opencircuit", "short", "spur", "x"])
+        overrides = [o for o in overrides if o != "model=tiny_random"] + [
+            "model=custom", f"model.global.checkpoint={g}", f"model.local.checkpoint={loc}",
+            "dataset.classes=[scratch,dent]",
+        ]
+    elif case == "read-only":
+        (tmp_path / "parent").mkdir()
+        os.chmod(tmp_path / "parent", 0o555)
+        if os.geteuid() == 0:  # root ignores permission bits: a read-only bind mount instead
+            subprocess.run(["mount", "--bind", "-o", "ro", tmp_path / "parent", tmp_path / "parent"], check=True)
+    else:
+        overrides.append(case)
+    try:
+        result = run_synth(overrides, check=False)
+    finally:
+        if case == "read-only" and os.geteuid() == 0:
+            subprocess.run(["umount", tmp_path / "parent"], check=True)
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result)
+    assert line.startswith("dmgr-synth: error: ") and expected in line, line
+    assert "weights_only" not in line
+    assert not out.exists()
+
+
+def test_a_pt_checkpoint_is_loaded_before_out_dir_is_claimed(tmp_path):
+    """A checkpoint problem found only when the weights load must not leave out_dir claimed."""
+    from omegaconf import OmegaConf
+
+    tiny = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    good_global = build_unet(OmegaConf.to_container(tiny["global"].config)).state_dict()
+    torch.save(good_global, tmp_path / "g.pt")
+    torch.save({"not": torch.zeros(2)}, tmp_path / "l.pt")
+    out = tmp_path / "run"
+    base = [*SMALL, "model.random_init=false", f"model.global.checkpoint={tmp_path / 'g.pt'}"]
+    result = run_synth([*base, f"model.local.checkpoint={tmp_path / 'l.pt'}", f"out_dir={out}"], check=False)
+    assert result.returncode == 2 and "l.pt does not fit" in one_error_line(result)
+    assert not out.exists()
+
+
+def test_identity_follows_checkpoint_contents_not_paths(tmp_path):
+    from test_synth_config import spec_of
+
+    g, loc = tiny_checkpoints(tmp_path)
+    models = ["model=custom", f"model.global.checkpoint={g}", f"out_dir={tmp_path / 'o'}"]
+    first = spec_of([*models, f"model.local.checkpoint={loc}"])
+    moved = shutil.copy(loc, tmp_path / "moved.safetensors")
+    assert spec_of([*models, f"model.local.checkpoint={moved}"]).identity == first.identity
+    retrained = build_unet(first.model.local_net.config)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    save_checkpoint(retrained, loc)  # retrained into the same path
+    assert spec_of([*models, f"model.local.checkpoint={loc}"]).identity != first.identity
+
+
+def test_class_names_must_match_the_local_checkpoint():
+    from test_synth_config import spec_of
+
+    with pytest.raises(ConfigError, match=r"^dataset.classes=\['scratch', 'dent'\].*trained on \['missinghole'"):
+        spec_of(["model=demo", "dataset.classes=[scratch,dent]"])
+
+
+# -- the fault matrix ------------------------------------------------------------------------------------
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside a member's bytes, not the tar headers' checksums
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flipped-byte", "zero-bytes", "truncated", "wrong-seeds", "deleted-shard", "changed-manifest", "bad-record"],
+)
+def test_damage_is_redone_to_the_same_bytes(damage, baseline, tmp_path):
+    out = copy_of(baseline, tmp_path)
+    victim = out / "shards" / "dmgr-000001.tar"
+    if damage == "flipped-byte":
+        flip_byte(victim)
+    elif damage == "zero-bytes":
+        victim.write_bytes(b"")
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:5000])
+    elif damage == "wrong-seeds":
+        shutil.copy(out / "shards" / "dmgr-000002.tar", victim)
+    elif damage == "deleted-shard":
+        victim.unlink()
+    elif damage == "changed-manifest":
+        m = manifest(out)
+        m["shards"][1]["sha256"] = "0" * 64
+        (out / "manifest.json").write_text(json.dumps(m))
+    elif damage == "bad-record":
+        (out / "records" / "dmgr-000001.tar.json").write_text("{not json")
+    result = run_synth([*SMALL, f"out_dir={out}"])
+    logs = result.stdout + result.stderr
+    if damage in ("changed-manifest",):
+        assert "3 shards complete and verified, 0 made" in logs
+    elif damage == "deleted-shard":
+        assert "2 shards complete and verified, 1 made" in logs
+    else:
+        assert "dmgr-000001.tar is damaged" in logs
+    assert_same_dataset(out, baseline)
+
+
+def test_a_changed_shard_never_replaces_its_recorded_digest(baseline, tmp_path):
+    """The record is what was written; a redo must reproduce it (here: it does, byte for byte)."""
+    out = copy_of(baseline, tmp_path)
+    record = json.loads((out / "records" / "dmgr-000000.tar.json").read_text())
+    flip_byte(out / "shards" / "dmgr-000000.tar")
+    run_synth([*SMALL, f"out_dir={out}"])
+    assert json.loads((out / "records" / "dmgr-000000.tar.json").read_text()) == record
+    assert shard_manifest(out)[0]["sha256"] == record["sha256"]
+
+
+def test_a_redo_with_other_bytes_is_refused_and_the_record_kept(baseline, tmp_path):
+    out = copy_of(baseline, tmp_path)
+    record_file = out / "records" / "dmgr-000001.tar.json"
+    record = json.loads(record_file.read_text())
+    record["sha256"] = "f" * 64  # as if the shard had first been made elsewhere, with other bytes
+    record_file.write_text(json.dumps(record))
+    result = run_synth([*SMALL, f"out_dir={out}"], check=False)
+    assert result.returncode == 1
+    assert "made again with different bytes than its record" in one_error_line(result)
+    assert json.loads(record_file.read_text())["sha256"] == "f" * 64
+    assert not (out / "shards" / "dmgr-000001.tar").exists()
+    assert not list((out / "shards").glob("*.tmp-*"))
+
+
+def start(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "dmgr.synth"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "dmgr.synth"]
+    return subprocess.Popen([*launcher, *overrides], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_jobs_at_once_the_second_is_refused(baseline, tmp_path):
+    out = tmp_path / "run"
+    overrides = [*SMALL, f"out_dir={out}"]
+    first = start(overrides)
+    wait_for(lambda: (out / "locks" / "worker-0000-of-0001.lock").exists())
+    second = run_synth(overrides, check=False)
+    assert second.returncode == 2
+    line = one_error_line(second)
+    assert f"worker 0 of 1 in out_dir={out} is held by pid {first.pid}" in line, line
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert_same_dataset(out, baseline)
+
+
+def test_a_shard_held_by_another_job_is_neither_touched_nor_deleted(baseline, tmp_path):
+    out = copy_of(baseline, tmp_path)
+    (out / "shards" / "dmgr-000001.tar").unlink()
+    theirs = out / "shards" / "dmgr-000001.tar.tmp-99999"
+    theirs.write_bytes(b"another live job is writing this")
+    lock = acquire(out / "locks" / "dmgr-000001.tar.lock", "test")
+    try:
+        result = run_synth([*SMALL, f"out_dir={out}"], check=False)
+    finally:
+        release(lock)
+    assert result.returncode == 2
+    assert f"shard dmgr-000001.tar is held by pid {os.getpid()}" in one_error_line(result)
+    assert theirs.read_bytes() == b"another live job is writing this"
+    theirs.unlink()
+    run_synth([*SMALL, f"out_dir={out}"])
+    assert_same_dataset(out, baseline)
+
+
+def test_sigterm_abandons_the_shard_exits_non_zero_and_the_rerun_completes(baseline, tmp_path):
+    out = tmp_path / "run"
+    overrides = [*SMALL, f"out_dir={out}"]
+    job = start(overrides)
+    wait_for(lambda: len(shard_files(out)) >= 1)  # a point the test controls: one shard is final
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in one_error_line(subprocess.CompletedProcess([], 0, "", job.stderr.read()))
+    assert 1 <= len(shard_files(out)) < 3 and not list((out / "shards").glob("*.tmp-*"))
+    run_synth(overrides)
+    assert_same_dataset(out, baseline)
+
+
+@pytest.mark.parametrize("victim", ["worker", "launcher"])
+def test_kill_9_in_a_torchrun_job_then_rerun_gives_every_seed_once(victim, baseline, tmp_path):
+    out = tmp_path / "run"
+    overrides = [*SMALL, f"out_dir={out}"]
+    job = start(overrides, nproc=2)
+    wait_for(lambda: len(shard_files(out)) >= 1)
+    workers = [pid for pid in jobs_on(out) if pid != job.pid]
+    assert len(workers) == 2
+    os.kill(workers[0] if victim == "worker" else job.pid, signal.SIGKILL)
+    job.wait(timeout=120)
+    if victim == "launcher":  # the orphaned workers may still be writing: a rerun now is refused
+        alive = jobs_on(out)
+        if alive:
+            refused = run_synth(overrides, check=False)
+            assert refused.returncode == 2 and "is held by pid" in one_error_line(refused)
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not jobs_on(out), timeout=120)
+    run_synth(overrides)
+    assert_same_dataset(out, baseline)
+
+
+def jobs_on(out: Path) -> list[int]:
+    """Live processes of the synthesis job writing to `out` (launcher and workers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "dmgr.synth" in cmdline and f"out_dir={out}\0" in cmdline + "\0" and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_full_disk_fails_cleanly_and_the_rerun_completes(baseline, tmp_path):
+    if os.geteuid() != 0:
+        message = "a small tmpfs needs root to mount"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    one_shard = (baseline / "shards" / "dmgr-000000.tar").stat().st_size
+    size = one_shard + 48 * 1024  # room for one shard and the small files, not for two shards
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk], check=True)
+    try:
+        out = disk / "run"
+        overrides = [*SMALL, f"out_dir={out}"]
+        result = run_synth(overrides, check=False)
+        assert result.returncode == 1
+        line = one_error_line(result)
+        assert "No space left on device" in line, line
+        assert not list((out / "shards").glob("*.tmp-*"))
+        subprocess.run(["mount", "-o", "remount,size=16m", disk], check=True)
+        run_synth(overrides)
+        assert_same_dataset(out, baseline)
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_path, monkeypatch):
+    from test_synth_config import spec_of
+
+    import dmgr.synth.worker as worker
+
+    spec = spec_of([*(o for o in SMALL if not o.startswith("seeds=")), "seeds=0-1", f"out_dir={tmp_path / 'run'}"])
+    engine = load_engine(spec, torch.device("cpu"))
+    real = generate
+    calls = []
+
+    def flaky(engine, spec, plans):  # seed 1's first attempt holds NaN
+        samples = real(engine, spec, plans)
+        for plan, sample in zip(plans, samples):
+            calls.append((plan.seed, plan.attempt))
+            sample["finite"] = sample["finite"] and (plan.seed, plan.attempt) != (1, 0)
+        return samples
+
+    monkeypatch.setattr(worker, "generate", flaky)
+    worker.run_worker(spec, engine, 0, 1)
+    assert (1, 1) in calls
+    record = json.loads((spec.out_dir / "records" / "dmgr-000001.tar.json").read_text())
+    assert record["metrics"]["nonfinite_retries"] == 1
+    samples = read_samples(spec.out_dir)
+    assert samples["00000001"]["json"]["attempt"] == 1 and "attempt" not in samples["00000000"]["json"]
+    again = real(engine, spec, [replace(plan_sample(1, spec.dataset), attempt=1)])[0]
+    assert np.array_equal(np.asarray(again["png"]), np.asarray(samples["00000001"]["png"]))  # deterministic
+
+    monkeypatch.setattr(worker, "generate", lambda e, s, plans: [{**x, "finite": False} for x in real(e, s, plans)])
+    stop = replace(spec, out_dir=tmp_path / "stop", nonfinite=replace(spec.nonfinite, action="stop"))
+    with pytest.raises(worker.NonFiniteSample, match="^seed 0: the image holds NaN/Inf after 1 attempt"):
+        worker.run_worker(stop, engine, 0, 1)
+    assert not (stop.out_dir / "shards" / "dmgr-000000.tar").exists()
+    assert not list((stop.out_dir / "shards").glob("*.tmp-*"))
+    acquire(stop.out_dir / "locks" / "dmgr-000000.tar.lock", "test")  # the failed shard's lock was released
