@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
-SHARDS ?= $(lastword $(sort $(wildcard outputs/*/shards)))
+# The newest run by modification time (a run in progress included), not the name that sorts last.
+SHARDS ?= $(firstword $(shell ls -td outputs/*/shards 2>/dev/null))
 OUT ?= preview.png
 
 SWEEP ?= sweep
@@ -61,6 +62,7 @@ lint: venv
 	$(VENV)/bin/ruff check dmgr tests
 
 preview: venv
+	@test -n "$(SHARDS)" || { echo "make preview: no run under outputs/ (make synth first, or SHARDS=<run>/shards)"; exit 2; }
 	$(PY) -m dmgr.preview $(SHARDS) --out $(OUT) $(ARGS)
 
 # Sample metrics of a run (default: the last one under outputs/): RUN/eval/samples.{md,json,png}.

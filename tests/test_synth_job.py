@@ -128,3 +128,14 @@ def test_preview_renders_a_contact_sheet(single_run, tmp_path):
     )
     sheet = Image.open(out)
     assert sheet.width > 128 * 3 and sheet.height > 128
+
+
+def test_make_preview_picks_the_newest_run_not_the_last_name(tmp_path):
+    for name in ("zzz-older", "aaa-newer"):
+        (tmp_path / "outputs" / name / "shards").mkdir(parents=True)
+        time.sleep(0.05)
+    (tmp_path / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")  # the venv rule's prerequisite
+    command = ["make", "-s", "-n", "-f", str(ROOT / "Makefile"), "preview", f"VENV={ROOT / '.venv'}"]
+    dry_run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "dmgr.preview outputs/aaa-newer/shards --out preview.png" in dry_run
+    assert "preview.png" in (ROOT / ".gitignore").read_text().split()[-1]

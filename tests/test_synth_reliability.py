@@ -393,3 +393,15 @@ def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_
     assert not (stop.out_dir / "shards" / "dmgr-000000.tar").exists()
     assert not list((stop.out_dir / "shards").glob("*.tmp-*"))
     acquire(stop.out_dir / "locks" / "dmgr-000000.tar.lock", "test")  # the failed shard's lock was released
+
+
+def test_threads_follow_the_cpus_the_worker_was_given(monkeypatch):
+    from dmgr.distributed import worker_threads
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert worker_threads(None, 1)[0] == 6
+    assert worker_threads(None, 4)[0] == 1  # four torchrun workers on six CPUs: one thread each
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert worker_threads(None, 2) == (2, "4 CPUs from SLURM_CPUS_PER_TASK / 2 worker(s)")
+    assert worker_threads(3, 2) == (3, "threads setting")
