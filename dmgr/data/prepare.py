@@ -62,6 +62,8 @@ def commands(name: str, root: Path, classes: list[str], image_size: int, window_
     train = "python -m dmgr.train progress=true"
     search = "" if conf_dir.resolve() == PROJECT_CONF else f" 'hydra.searchpath=[file://{conf_dir.resolve()}]'"
     global_out, local_out = f"outputs/train-{name}-global", f"outputs/train-{name}-local"
+    levels = next(n for n in (4, 3, 2, 1, 0) if window_size % 2**n == 0)  # the window must divide by 2^levels
+    search += "" if levels == 4 else f" schedule.pyramid_levels={levels}"
     return {
         "train_global": f"{train} arch=demo_global arch.config.image_size={image_size} data_root={root} "
                         f"out_dir={global_out}",
