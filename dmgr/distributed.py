@@ -50,32 +50,20 @@ def init_workers(device_setting: str) -> WorkerContext:
 
 
 def worker_threads(setting: int | None, local_world_size: int = 1) -> tuple[int, str]:
-    """(intra-op threads for this worker, why): the `threads` setting when given; else the CPUs this
-    process may run on (SLURM_CPUS_PER_TASK, else its CPU affinity) shared among the node's workers.
-    One thread per core or fewer: more threads than cores thrash, the more so on a shared machine."""
+    """(intra-op threads for this worker, why). The `threads` setting when given, else OMP_NUM_THREADS when
+    set (torchrun sets 1 per worker), else the CPUs this process may use (SLURM_CPUS_PER_TASK, else its
+    CPU affinity) shared among the node's workers, less one per worker for its shard-writer thread: more
+    threads than free cores thrash, and on a shared 2-core machine one thread is 4x faster than two."""
     if setting is not None:
         return setting, "threads setting"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if slurm.isdigit() and int(slurm) > 0:
         cpus, source = int(slurm), "SLURM_CPUS_PER_TASK"
     else:
         cpus, source = len(os.sched_getaffinity(0)), "CPU affinity"
-    return max(1, cpus // max(1, local_world_size)), f"{cpus} CPUs from {source} / {local_world_size} worker(s)"
-
-
-def barrier(ctx: WorkerContext) -> None:
-    if ctx.distributed:
-        dist.barrier()
-
-
-def gather(ctx: WorkerContext, value: Any) -> list[Any]:
-    if not ctx.distributed:
-        return [value]
-    values: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
-def shutdown(ctx: WorkerContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    workers = max(1, local_world_size)
+    threads = max(1, (cpus - workers) // workers)
+    return threads, f"{cpus} CPUs from {source}, {workers} worker(s), one CPU each kept for the shard writer"

@@ -64,7 +64,7 @@ def test_array_job_gives_the_single_process_shards(cluster, single_run, tmp_path
     again = cluster.run(*submit, timeout=900, check=False)
     assert again.returncode == 0, again.stderr
     resubmitted = "\n".join(p.read_text() for p in sorted(logs.glob("task-*.log")) if p not in task_logs)
-    assert resubmitted.count("0 to do") == 2, resubmitted
+    assert resubmitted.count("complete and verified, 0 made") == 2, resubmitted
     assert raw_members(out) == raw_members(single_run)
 
 
