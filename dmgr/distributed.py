@@ -67,3 +67,21 @@ def worker_threads(setting: int | None, local_world_size: int = 1) -> tuple[int,
     workers = max(1, local_world_size)
     threads = max(1, (cpus - workers) // workers)
     return threads, f"{cpus} CPUs from {source}, {workers} worker(s), one CPU each kept for the shard writer"
+
+
+def barrier(ctx: WorkerContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def gather(ctx: WorkerContext, value: Any) -> list[Any]:
+    if not ctx.distributed:
+        return [value]
+    values: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def shutdown(ctx: WorkerContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
