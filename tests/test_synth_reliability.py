@@ -410,3 +410,27 @@ def test_threads_follow_the_cpus_the_worker_was_given(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert worker_threads(None, 2) == (2, "OMP_NUM_THREADS")
     assert worker_threads(3, 2) == (3, "threads setting")
+
+
+def test_a_read_only_out_dir_is_refused_then_the_rerun_completes(baseline, tmp_path):
+    out = copy_of(baseline, tmp_path)
+    (out / "shards" / "dmgr-000001.tar").unlink()
+    if os.geteuid() == 0:  # root ignores permission bits: a read-only bind mount instead
+        subprocess.run(["mount", "--bind", "-o", "ro", out, out], check=True)
+    else:
+        for path in (out, *out.rglob("*")):
+            if path.is_dir():
+                os.chmod(path, 0o555)
+    try:
+        result = run_synth([*SMALL, f"out_dir={out}"], check=False)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", out], check=True)
+        else:
+            for path in (out, *out.rglob("*")):
+                if path.is_dir():
+                    os.chmod(path, 0o755)
+    assert result.returncode == 2 and "cannot write there" in one_error_line(result)
+    assert not (out / "shards" / "dmgr-000001.tar").exists()
+    run_synth([*SMALL, f"out_dir={out}"])
+    assert_same_dataset(out, baseline)
