@@ -3,6 +3,8 @@
 python -m dmgr.eval samples outputs/<run>                      -> outputs/<run>/eval/samples.{md,json,png}
 python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/eval/mask-areas.{md,json}
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
+python -m dmgr.eval classifier --data-root outputs/pcb-data --images outputs/pcb-backgrounds/global
+                                                               -> the quality gate's classifier, cached
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dmgr.eval.report import write_downstream_report, write_sample_report
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
 from dmgr.eval.shards import first_sample, geometry, read_run
+from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.shards.manifest import write_json_atomic
 
@@ -111,6 +114,18 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("masks", parents=[common], help="per class, a run's mask areas against real defects'")
     m.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
+    c = sub.add_parser("classifier", parents=[common], help="train (or find cached) the quality gate's classifier")
+    c.add_argument("--data-root", type=Path, default=Path("outputs/pcb-data"), help="holds local/<class>/ patches")
+    c.add_argument("--images", type=Path, default=Path("outputs/pcb-backgrounds/global"),
+                   help="the defect-free images (folder or .jsonl manifest) clean patches are cut from")
+    c.add_argument("--classes", type=lambda v: tuple(v.split(",")), default=None,
+                   help="A,B,...: class names in id order (default: DATA_ROOT/local/labels.json)")
+    c.add_argument("--image-size", type=_positive, default=64, help="the job's dataset.image_size")
+    c.add_argument("--window", type=_positive, default=16, help="the job's dataset.window_size")
+    c.add_argument("--margin", type=int, default=5, help="the job's dataset.margin")
+    c.add_argument("--steps", type=_positive, default=UserClassifierSettings.steps, help="gate.classifier_steps")
+    c.add_argument("--area-quantile", type=float, default=UserClassifierSettings.area_quantile,
+                   help="gate.area_quantile")
     d = sub.add_parser(
         "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
     )
@@ -144,6 +159,23 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-cache", action="store_true", help="retrain every model (default: reuse OUT/models/)")
     d.add_argument("--mix", default=None, metavar="NAME", help="the run mixed with real-small (default: the first)")
     return p
+
+
+def train_gate_classifier(args: argparse.Namespace, progress: bool) -> None:
+    """`classifier`: the same cached model the synthesis job loads with the same inputs and settings."""
+    from dmgr.synth.backgrounds import scan_backgrounds
+
+    classes = args.classes
+    if classes is None:
+        labels = args.data_root / "local" / "labels.json"
+        if not labels.is_file():
+            raise FileNotFoundError(f"{labels} not found: give --classes A,B,...")
+        classes = tuple(json.loads(labels.read_text())["classes"])
+    backgrounds = scan_backgrounds(args.images, args.image_size, args.window, args.margin)
+    settings = UserClassifierSettings(window=args.window, steps=args.steps, area_quantile=args.area_quantile)
+    cache = args.cache if args.cache != DEFAULT_CACHE else Path("outputs/gate-cache")
+    gate = load_or_train_user(args.data_root.resolve(), classes, backgrounds, settings, cache, progress=progress)
+    print(json.dumps(gate.record, indent=1))
 
 
 def mask_winners(results: dict) -> dict[str, dict]:
@@ -183,6 +215,9 @@ def _main(argv: list[str] | None) -> None:
         if args.record:
             record_quality(args.run_dir, sets)
         print(json.dumps(quality_block(sets)))
+        return
+    if args.command == "classifier":
+        train_gate_classifier(args, progress)
         return
     if args.command == "masks":
         if not (args.run_dir / "shards").is_dir():

@@ -88,10 +88,12 @@ def predict(model: PatchClassifier, images: torch.Tensor, batch: int = 512) -> t
     return torch.cat(logits), torch.cat(features)
 
 
-def train_classifier(train: Patches, settings: ClassifierSettings, progress: bool = True) -> PatchClassifier:
+def train_classifier(
+    train: Patches, settings: ClassifierSettings, progress: bool = True, classes: int = len(PATCH_CLASSES)
+) -> PatchClassifier:
     with torch.random.fork_rng():  # parameter initialisation from the seed, global RNG state untouched
         torch.manual_seed(settings.seed)
-        model = PatchClassifier()
+        model = PatchClassifier(classes)
     g = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps)

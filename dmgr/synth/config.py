@@ -27,6 +27,7 @@ SOURCES = ("images", "generate")
 PIXEL_SOURCES = ("crop", "global")
 WINDOW_CHOICES = ("uniform", "fixed")
 NONFINITE_ACTIONS = ("retry", "stop")
+EXHAUSTED_ACTIONS = ("flag", "skip")
 # Keys that change how a run is executed but not what it produces: left out of the run's identity.
 EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality", "threads")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -34,6 +35,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TOP_LEVEL_KEYS = {
     "dataset", "model", "schedule", "seeds", "samples_per_shard", "batch_size", "out_dir", "device", "precision",
     "shard_prefix", "mask", "extras", "quality", "array", "writer_queue", "progress", "threads", "nonfinite",
+    "gate",
 }
 SECTION_KEYS = {
     "mask": {"method", "pixels", "sigma", "min_contrast"},
@@ -41,6 +43,8 @@ SECTION_KEYS = {
     "quality": {"enabled", "classifier_steps", "classifier_boards", "cache_dir"},
     "array": {"task_id", "task_count"},
     "nonfinite": {"action", "max_attempts"},
+    "gate": {"enabled", "data_root", "max_attempts", "on_exhausted", "min_fidelity", "area_quantile",
+             "max_mask_outside", "max_changed_outside", "max_seam", "classifier_steps", "cache_dir"},
     "model": {"name", "random_init", "diffusion_steps", "beta_schedule", "global", "local"},
     "model.global": {"checkpoint", "config"},
     "model.local": {"checkpoint", "config"},
@@ -142,6 +146,29 @@ class NonfiniteSpec:
 
 
 @dataclass(frozen=True)
+class GateSpec:
+    """Score every sample, regenerate the rejected ones from the next attempt's derived noise (README
+    "Quality gate"). Only for dataset.source=images."""
+
+    enabled: bool = False
+    data_root: Path | None = None  # DATA_ROOT/local/<class>/ holds the local model's training patches + masks
+    max_attempts: int = 4
+    on_exhausted: str = "flag"  # flag: write the last attempt marked as rejected | skip: leave the seed out
+    min_fidelity: float = 0.5
+    area_quantile: float = 0.01
+    max_mask_outside: int = 0
+    max_changed_outside: int = 0
+    max_seam: float = 4.0
+    classifier_steps: int = 800
+    cache_dir: Path = Path("outputs/gate-cache")
+    data_digest: str | None = None  # of the training patches and masks (part of the run's identity)
+
+    def thresholds(self) -> dict:
+        return {"min_fidelity": self.min_fidelity, "max_mask_outside": self.max_mask_outside,
+                "max_changed_outside": self.max_changed_outside, "max_seam": self.max_seam}
+
+
+@dataclass(frozen=True)
 class RunSpec:
     seeds: Sequence[int]  # a range for "a-b", however long
     samples_per_shard: int
@@ -171,6 +198,7 @@ class RunSpec:
     threads: int | None = None  # intra-op threads per worker; None: from the CPUs the worker was given
     nonfinite: NonfiniteSpec = NonfiniteSpec()
     checkpoint_digests: dict | None = None  # sha256 of each checkpoint file (part of the identity)
+    gate: GateSpec = GateSpec()
 
     @property
     def available_masks(self) -> tuple[str, ...]:
@@ -326,6 +354,9 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     """A hash of what determines the samples: the settings, the checkpoints' contents (not their paths)
     and the background list's digest (not its path)."""
     kept = {k: v for k, v in resolved.items() if k not in EXECUTION_KEYS}
+    gate = kept.pop("gate", None)
+    if gate and gate.get("enabled"):  # a run without the gate keeps the identity it had before the gate existed
+        kept["gate"] = {k: v for k, v in gate.items() if k not in ("data_root", "cache_dir")}
     kept["model"] = {**kept["model"]}
     for which, net in (("global", model.global_net), ("local", model.local_net)):
         kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}
@@ -423,6 +454,54 @@ def _nonfinite(cfg: DictConfig) -> NonfiniteSpec:
     return NonfiniteSpec(action, _positive_int(cfg, "nonfinite.max_attempts") if "max_attempts" in n else 3)
 
 
+def _number(cfg: DictConfig, key: str, low: float, high: float) -> float:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        fail(key, value, f"a number in [{low}, {high}]")
+    return float(value)
+
+
+def _gate(cfg: DictConfig, dataset: DatasetSpec) -> GateSpec:
+    """The gate's settings; when enabled, the training data is found and digested here (the digest joins the
+    run's identity, written to resolved gate.data_digest)."""
+    g = cfg.get("gate")
+    if g is None or not g.get("enabled", False):
+        if g is not None and not isinstance(g.get("enabled", False), bool):
+            fail("gate.enabled", g.enabled, "must be true or false")
+        return GateSpec()
+    if not isinstance(g.enabled, bool):
+        fail("gate.enabled", g.enabled, "must be true or false")
+    if dataset.source != "images":
+        fail("gate.enabled", True, "the quality gate needs dataset.source=images (real defect-free images)")
+    on_exhausted = str(g.get("on_exhausted", "flag"))
+    if on_exhausted not in EXHAUSTED_ACTIONS:
+        fail("gate.on_exhausted", on_exhausted, f"allowed: {', '.join(EXHAUSTED_ACTIONS)}")
+    root = _find_path(str(g.get("data_root"))) if g.get("data_root") not in (None, "") else None
+    if root is None or not (root / "local").is_dir():
+        fail("gate.data_root", g.get("data_root"), "a data root with local/<class>/ training patches and their "
+             "masks (the demo's: `make data` writes outputs/pcb-data)")
+    from dmgr.eval.user_classifier import data_digest  # local import keeps config import light
+
+    try:
+        digest = data_digest(root, dataset.classes)
+    except FileNotFoundError as exc:
+        fail("gate.data_root", str(root), str(exc))
+    return GateSpec(
+        True,
+        root,
+        _positive_int(cfg, "gate.max_attempts"),
+        on_exhausted,
+        _number(cfg, "gate.min_fidelity", 0, 1),
+        _number(cfg, "gate.area_quantile", 0, 0.5),
+        _positive_int(cfg, "gate.max_mask_outside", 0),
+        _positive_int(cfg, "gate.max_changed_outside", 0),
+        _number(cfg, "gate.max_seam", -1e9, 1e9),
+        _positive_int(cfg, "gate.classifier_steps"),
+        Path(str(g.get("cache_dir", "outputs/gate-cache"))).expanduser(),
+        digest,
+    )
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Check every setting and return the typed run spec. Reads the disk for the checkpoints' stored
     architecture, to check the background images (source=images) and to test that out_dir is writable."""
@@ -518,6 +597,10 @@ def validate(cfg: DictConfig) -> RunSpec:
         resolved["dataset"]["images"] = str(dataset.images)
         resolved["dataset"]["images_digest"] = backgrounds.digest
     quality = _quality(cfg)
+    gate = _gate(cfg, dataset)
+    if gate.enabled:
+        resolved["gate"]["data_root"] = str(gate.data_root)
+        resolved["gate"]["data_digest"] = gate.data_digest
     identity = _identity(resolved, model, backgrounds.digest if backgrounds is not None else None)
     if cfg.out_dir:
         out_dir = Path(str(cfg.out_dir)).expanduser()
@@ -552,4 +635,5 @@ def validate(cfg: DictConfig) -> RunSpec:
         backgrounds=backgrounds,
         threads=_threads(cfg),
         nonfinite=_nonfinite(cfg),
+        gate=gate,
     )

@@ -28,6 +28,7 @@ class Engine:
     diffusion: Diffusion
     digests: dict[str, str]
     device: torch.device
+    gate: object | None = None  # dmgr.eval.user_classifier.GateClassifier when gate.enabled
 
 
 def randomised_unet(config: dict, seed: int) -> UNetModel:
@@ -63,7 +64,20 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
     for model in (global_model, local_model):
         model.requires_grad_(False)
     diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
-    return Engine(global_model, local_model, diffusion, {"global": global_digest, "local": local_digest}, device)
+    digests = {"global": global_digest, "local": local_digest}
+    return Engine(global_model, local_model, diffusion, digests, device, load_gate(spec))
+
+
+def load_gate(spec: RunSpec) -> object | None:
+    """The gate classifier (trained on first use, then from gate.cache_dir), or None without the gate."""
+    if not spec.gate.enabled:
+        return None
+    from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
+
+    settings = UserClassifierSettings(window=spec.dataset.window_size, steps=spec.gate.classifier_steps,
+                                      area_quantile=spec.gate.area_quantile)
+    return load_or_train_user(spec.gate.data_root, spec.dataset.classes, spec.backgrounds, settings,
+                              spec.gate.cache_dir, spec.gate.data_digest, progress=spec.progress)
 
 
 def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dmgr.digest import sha256_file
@@ -19,6 +20,7 @@ from dmgr.shards.locks import acquire, release
 from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import Engine, generate
+from dmgr.synth.gate import changed_outside, fidelity, gate_metrics, gate_summary, mask_outside, seam_z, verdict
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
 
 log = logging.getLogger(__name__)
@@ -80,12 +82,12 @@ def sample_metrics(meta: dict) -> dict[str, float]:
         "mask_window_fraction": meta["mask_area"] / window_area,
         "empty_masks": int(meta["mask_area"] == 0),
         "fewer_defects_than_requested": int(len(boxes) < meta.get("defects_requested", 1)),
-        "nonfinite_retries": meta.get("attempt", 0),
+        "nonfinite_retries": meta.get("attempt", 0) - len(meta.get("gate", {}).get("rejected", [])),
     }
 
 
 def add_metrics(total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
-    return {key: total.get(key, 0) + value for key, value in more.items()}
+    return {**total, **{key: total.get(key, 0) + value for key, value in more.items()}}
 
 
 def finite_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
@@ -109,17 +111,74 @@ def finite_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> li
     return samples
 
 
+def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list[str]]:
+    """(scores, reasons for rejection) of one real-image sample (dmgr.synth.gate)."""
+    meta = sample["json"]
+    image, mask = np.asarray(sample["png"]), np.asarray(sample["mask.png"]) > 0
+    given = spec.backgrounds.image(meta["background"]["index"])
+    model, classes = engine.gate.model, engine.gate.classes
+    defects = meta["defects"]
+    scores = {
+        "fidelity": [round(fidelity(model, image, d["window_box"], classes.index(d["class_name"])), 6)
+                     for d in defects],
+        "mask_area": [d["mask_area"] for d in defects],
+        "mask_outside": mask_outside(mask, [d["window_box"] for d in defects]),
+        "changed_outside": changed_outside(image, given, mask),
+        "seam": round(seam_z(image, given, mask), 4),
+    }
+    ranges = [engine.gate.area_ranges[d["class_name"]] for d in defects]
+    return scores, verdict(scores, ranges, spec.gate.thresholds())
+
+
+def gated_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """finite_samples(), each scored by the gate; a rejected one is made again from the next attempt's
+    derived noise (same plan) until it passes or gate.max_attempts are spent. Each round regenerates the
+    rejected plans together; a sample is the same whatever its batch, so the result is too."""
+    done: list[dict | None] = [None] * len(plans)
+    history: list[list[dict]] = [[] for _ in plans]
+    pending = list(enumerate(plans))
+    while pending:
+        again = []
+        for (i, plan), sample in zip(pending, finite_samples(engine, spec, [p for _, p in pending])):
+            meta = sample["json"]
+            attempt = meta.get("attempt", 0)
+            scores, reasons = gate_scores(engine, spec, sample)
+            if reasons and attempt + 1 < spec.gate.max_attempts:
+                history[i].append({"attempt": attempt, "reasons": reasons, "scores": scores})
+                again.append((i, replace(plan, attempt=attempt + 1)))
+                continue
+            meta["gate"] = {"accepted": not reasons, "attempt": attempt, "reasons": reasons, "scores": scores,
+                            "rejected": history[i]}
+            if reasons:
+                meta["gate"]["skipped" if spec.gate.on_exhausted == "skip" else "flagged"] = True
+            done[i] = sample
+        pending = again
+    return done
+
+
 def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: tqdm) -> dict:
-    """Generate one shard's samples into the writer; returns the record fields beyond the digest."""
+    """Generate one shard's samples into the writer; returns the record fields beyond the digest. With the
+    gate, a seed skipped after gate.max_attempts is not written; the record lists it."""
     metrics: dict[str, float] = {}
+    skipped = []
+    make = gated_samples if spec.gate.enabled else finite_samples
     for i in range(0, len(seeds), spec.batch_size):
         plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
-        for sample in finite_samples(engine, spec, plans):
-            metrics = add_metrics(metrics, sample_metrics(sample["json"]))
+        for sample in make(engine, spec, plans):
+            meta = sample["json"]
+            if "gate" in meta:
+                metrics = add_metrics(metrics, gate_metrics(meta))
+                if meta["gate"].get("skipped"):
+                    skipped.append(sample["seed"])
+                    continue
+            metrics = add_metrics(metrics, sample_metrics(meta))
             writer.put(sample)
         bar.update(len(plans))
-    return {"samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
-            "members": list(expected_members(spec)), "metrics": metrics}
+        if spec.gate.enabled:
+            bar.set_postfix(accept=f"{1 - metrics['gate_rejected'] / metrics['gate_scored']:.0%}")
+    gated = {"skipped_seeds": skipped} if spec.gate.enabled else {}
+    return {"samples": len(seeds) - len(skipped), "first_seed": seeds[0], "last_seed": seeds[-1],
+            "members": list(expected_members(spec)), "metrics": metrics, **gated}
 
 
 def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, position: int = 0) -> WorkerStats:
@@ -204,6 +263,9 @@ def run_metrics(records: list[dict]) -> dict:
     for record in records:
         total = add_metrics(total, record.get("metrics", {}))
     count = max(total.get("samples", 0), 1)
+    gate = {}
+    if "gate_seeds" in total:
+        gate = {"gate": gate_summary(total, [s for r in records for s in r.get("skipped_seeds", [])])}
     return {
         "final_loss": total.get("final_loss", 0) / count,
         "mask_area": total.get("mask_area", 0) / count,
@@ -211,4 +273,5 @@ def run_metrics(records: list[dict]) -> dict:
         "empty_masks": int(total.get("empty_masks", 0)),
         "fewer_defects_than_requested": int(total.get("fewer_defects_than_requested", 0)),  # no room in the ROI
         "nonfinite_retries": int(total.get("nonfinite_retries", 0)),
+        **gate,
     }

@@ -1,0 +1,178 @@
+"""The quality gate's patch classifier, trained on the user's own data: the local model's training patches
+(DATA_ROOT/local/<class>/NAME.png, one label per class) plus clean windows cut from the defect-free images
+(one more label, `clean`). Its record also holds each class's plausible mask area, from the training masks.
+
+Cached under a name that hashes the inputs' contents and the settings, so the synthesis job and
+`python -m dmgr.eval classifier` train it once and share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from dmgr.data.dataset import mask_path
+from dmgr.data.images import list_images, load_rgb, resize_center_crop
+from dmgr.eval.classifier import ClassifierSettings, PatchClassifier, accuracy, train_classifier
+from dmgr.eval.real import Patches
+from dmgr.images import from_uint8
+from dmgr.synth.backgrounds import Backgrounds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UserClassifierSettings:
+    window: int = 16
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 2e-3
+    clean_per_image: int = 4  # clean windows cut from each defect-free image (inside its ROI)
+    validation_every: int = 10  # every 10th patch of each label is held out for the accuracy check
+    area_quantile: float = 0.01  # a class's plausible mask area: [q, 1 - q] quantiles of its training masks
+    seed: int = 0
+
+
+@dataclass
+class GateClassifier:
+    model: PatchClassifier
+    classes: tuple[str, ...]  # the defect classes; label len(classes) is clean
+    area_ranges: dict[str, tuple[float, float]]  # per class, at the window size
+    record: dict
+
+
+def class_files(data_root: Path, classes: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Per class, the training patches under DATA_ROOT/local/<class>/ (each needs its NAME.mask.png)."""
+    files = {c: list_images(Path(data_root) / "local" / c, recursive=False) for c in classes}
+    for c, paths in files.items():
+        if not paths:
+            raise FileNotFoundError(f"no training patches under {Path(data_root) / 'local' / c}/")
+        missing = [p for p in paths if not mask_path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{mask_path(missing[0])} missing: every training patch needs its mask")
+    return files
+
+
+def data_digest(data_root: Path, classes: tuple[str, ...]) -> str:
+    """sha256 over the class names and every training patch's and mask's name and bytes."""
+    digest = hashlib.sha256(json.dumps(list(classes)).encode())
+    for c, paths in class_files(data_root, classes).items():
+        for p in paths:
+            for f in (p, mask_path(p)):
+                digest.update(f"{c}/{f.name}\0".encode() + hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _patch(path: Path, window: int, nearest: bool = False) -> np.ndarray:
+    with Image.open(path) as f:
+        img = f.convert("L") if nearest else load_rgb(path)
+    if img.size != (window, window):
+        img = resize_center_crop(img, window, nearest=nearest)
+    return np.asarray(img)
+
+
+def area_ranges(data_root: Path, classes: tuple[str, ...], window: int, q: float) -> dict[str, tuple[float, float]]:
+    """Per class, the [q, 1 - q] quantiles of its training masks' areas (pixels at the window size)."""
+    ranges = {}
+    for c, paths in class_files(data_root, classes).items():
+        areas = np.array([(_patch(mask_path(p), window, nearest=True) > 0).sum() for p in paths], dtype=np.float64)
+        ranges[c] = (float(np.quantile(areas, q)), float(np.quantile(areas, 1 - q)))
+    return ranges
+
+
+def clean_windows(backgrounds: Backgrounds, window: int, per_image: int, seed: int) -> np.ndarray:
+    """(N, w, w, 3) uint8 windows of the defect-free images, corners drawn uniformly inside each ROI."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(len(backgrounds)):
+        image, corners = backgrounds.image(i), backgrounds.allowed_corners(i)
+        ys, xs = np.nonzero(corners)
+        for j in rng.integers(len(xs), size=per_image):
+            x, y = int(xs[j]), int(ys[j])
+            out.append(image[y : y + window, x : x + window])
+    return np.stack(out)
+
+
+def user_patches(
+    data_root: Path, classes: tuple[str, ...], backgrounds: Backgrounds, settings: UserClassifierSettings
+) -> tuple[Patches, Patches]:
+    """(train, held-out) patches: labels 0..C-1 the classes, C clean."""
+    images, labels = [], []
+    for k, paths in enumerate(class_files(data_root, classes).values()):
+        images += [_patch(p, settings.window) for p in paths]
+        labels += [k] * len(paths)
+    clean = clean_windows(backgrounds, settings.window, settings.clean_per_image, settings.seed)
+    images += list(clean)
+    labels += [len(classes)] * len(clean)
+    x, y = from_uint8(np.stack(images)), torch.tensor(labels)
+    rank = torch.zeros(len(y), dtype=torch.long)
+    for k in range(len(classes) + 1):
+        idx = (y == k).nonzero()[:, 0]
+        rank[idx] = torch.arange(len(idx))
+    held = rank % settings.validation_every == 0
+    empty = torch.zeros(0)
+    return Patches(x[~held], empty, y[~held]), Patches(x[held], empty, y[held])
+
+
+def classifier_key(data: str, backgrounds: str, classes: tuple[str, ...], settings: UserClassifierSettings) -> str:
+    text = json.dumps([data, backgrounds, list(classes), asdict(settings)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_or_train_user(
+    data_root: Path,
+    classes: tuple[str, ...],
+    backgrounds: Backgrounds,
+    settings: UserClassifierSettings,
+    cache_dir: Path,
+    data: str | None = None,
+    progress: bool = True,
+) -> GateClassifier:
+    """The gate classifier for these inputs and settings from cache_dir, trained (and cached) on first use.
+    `data` is data_digest(data_root, classes) when the caller already has it."""
+    data = data or data_digest(data_root, classes)
+    key = classifier_key(data, backgrounds.digest, classes, settings)
+    path = Path(cache_dir) / f"gate-classifier-{key}.safetensors"
+    if path.exists():
+        model = PatchClassifier(len(classes) + 1)
+        model.load_state_dict(load_file(path))
+        record = json.loads(path.with_suffix(".json").read_text())
+        log.info("gate classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
+    else:
+        start = time.perf_counter()
+        train, held = user_patches(data_root, classes, backgrounds, settings)
+        log.info("training the gate classifier on %d patches (%d steps)", len(train.labels), settings.steps)
+        core = ClassifierSettings(window=settings.window, steps=settings.steps, batch_size=settings.batch_size,
+                                  lr=settings.lr, seed=settings.seed)
+        model = train_classifier(train, core, progress, classes=len(classes) + 1)
+        record = {
+            "key": key,
+            "settings": asdict(settings),
+            "classes": [*classes, "clean"],
+            "data_root": str(data_root),
+            "data_digest": data,
+            "backgrounds_digest": backgrounds.digest,
+            "patches": {"train": len(train.labels), "held_out": len(held.labels)},
+            "train_accuracy": accuracy(model, train),
+            "validation_accuracy": accuracy(model, held),
+            "area_ranges": area_ranges(data_root, classes, settings.window, settings.area_quantile),
+            "train_seconds": round(time.perf_counter() - start, 1),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        tmp.replace(path)  # the weights last: a present .safetensors always has its record
+        log.info("gate classifier trained in %.0f s: held-out accuracy %.3f -> %s",
+                 record["train_seconds"], record["validation_accuracy"], path)
+    ranges = {c: (float(lo), float(hi)) for c, (lo, hi) in record["area_ranges"].items()}
+    return GateClassifier(model.eval(), tuple(classes), ranges, record)

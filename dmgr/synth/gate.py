@@ -1,0 +1,122 @@
+"""The quality gate's scores of one finished real-image sample, its verdict, and the reject counts that the
+shard records sum and the manifest reports.
+
+Scores (README "Quality gate"):
+  fidelity        per defect: the gate classifier's probability of the requested class on the defect window
+  mask_area       per defect: mask pixels, against the class's plausible range from the user's training masks
+  mask_outside    mask pixels outside every defect window (the windows lie inside the ROI by construction)
+  changed_outside pixels that differ from the input outside the mask (the real-image path promises 0)
+  seam            mean colour step across the mask border, as a z-score against the input's own
+                  neighbour-difference statistics (how unusual the border is for this image)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dmgr.images import from_uint8
+
+REASONS = ("fidelity", "area", "mask_outside", "changed_outside", "seam")
+
+
+def changed_outside(image: np.ndarray, given: np.ndarray, mask: np.ndarray) -> int:
+    """Pixels outside `mask` (H, W) where the (H, W, 3) image differs from the input."""
+    return int(((image != given).any(-1) & ~mask).sum())
+
+
+def mask_outside(mask: np.ndarray, boxes: list[list[int]]) -> int:
+    """Mask pixels outside every [x0, y0, x1, y1] box."""
+    inside = np.zeros_like(mask)
+    for x0, y0, x1, y1 in boxes:
+        inside[y0:y1, x0:x1] = True
+    return int((mask & ~inside).sum())
+
+
+def _steps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean absolute colour difference between horizontal and vertical neighbours."""
+    x = image.astype(np.float32)
+    return np.abs(x[:, 1:] - x[:, :-1]).mean(-1), np.abs(x[1:] - x[:-1]).mean(-1)
+
+
+def seam_z(image: np.ndarray, given: np.ndarray, mask: np.ndarray) -> float:
+    """(mean step of the image across the mask border - mean step of the input) / std of the input's steps.
+    0 for an empty mask (the area score rejects those)."""
+    dx, dy = _steps(image)
+    border = np.concatenate([dx[mask[:, 1:] != mask[:, :-1]], dy[mask[1:] != mask[:-1]]])
+    if border.size == 0:
+        return 0.0
+    bx, by = _steps(given)
+    steps = np.concatenate([bx.ravel(), by.ravel()])
+    return float((border.mean() - steps.mean()) / (steps.std() + 1e-6))
+
+
+@torch.no_grad()
+def fidelity(model: torch.nn.Module, image: np.ndarray, box: list[int], class_id: int) -> float:
+    """The classifier's probability of `class_id` on the window `box` of the (H, W, 3) uint8 image. One
+    window per call, so the score never depends on how samples were batched."""
+    x0, y0, x1, y1 = box
+    window = from_uint8(np.ascontiguousarray(image[None, y0:y1, x0:x1]))
+    return float(torch.softmax(model(window), 1)[0, class_id])
+
+
+def verdict(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -> list[str]:
+    """The reasons (subset of REASONS) a sample fails; empty when it passes."""
+    reasons = []
+    if any(p < thresholds["min_fidelity"] for p in scores["fidelity"]):
+        reasons.append("fidelity")
+    if any(not lo <= a <= hi for a, (lo, hi) in zip(scores["mask_area"], ranges)):
+        reasons.append("area")
+    if scores["mask_outside"] > thresholds["max_mask_outside"]:
+        reasons.append("mask_outside")
+    if scores["changed_outside"] > thresholds["max_changed_outside"]:
+        reasons.append("changed_outside")
+    if scores["seam"] > thresholds["max_seam"]:
+        reasons.append("seam")
+    return reasons
+
+
+def gate_metrics(meta: dict) -> dict[str, float]:
+    """One seed's gate counts for the shard record's sums: images generated, rejected attempts (per reason,
+    per class of each defect), accepted / flagged / skipped."""
+    g = meta["gate"]
+    classes = [d["class_name"] for d in meta.get("defects", [meta])]
+    rejected = g["rejected"] + ([] if g["accepted"] else [{"reasons": g["reasons"]}])
+    out = {"gate_seeds": 1, "gate_generated": g["attempt"] + 1, "gate_accepted": int(g["accepted"]),
+           "gate_flagged": int(g.get("flagged", False)), "gate_skipped": int(g.get("skipped", False)),
+           "gate_rejected": len(rejected), "gate_scored": len(g["rejected"]) + 1}
+    for attempt in rejected:
+        for reason in attempt["reasons"]:
+            out[f"gate_reason.{reason}"] = out.get(f"gate_reason.{reason}", 0) + 1
+    for c in classes:
+        out[f"gate_class_attempts.{c}"] = out.get(f"gate_class_attempts.{c}", 0) + len(g["rejected"]) + 1
+        out[f"gate_class_rejected.{c}"] = out.get(f"gate_class_rejected.{c}", 0) + len(rejected)
+    return out
+
+
+def gate_summary(total: dict[str, float], skipped_seeds: list[int]) -> dict:
+    """The manifest's `gate` block from the summed records: reject rates per reason and per class (of the
+    attempts the gate scored), and the cost: images generated per accepted image."""
+    scored = max(total.get("gate_scored", 0), 1)
+    accepted = total.get("gate_accepted", 0)
+    by_class = {}
+    for key, attempts in sorted(total.items()):
+        if key.startswith("gate_class_attempts."):
+            name = key.split(".", 1)[1]
+            rejected = total.get(f"gate_class_rejected.{name}", 0)
+            by_class[name] = {"attempts": int(attempts), "rejected": int(rejected),
+                              "reject_rate": round(rejected / max(attempts, 1), 4)}
+    return {
+        "seeds": int(total.get("gate_seeds", 0)),
+        "images_generated": int(total.get("gate_generated", 0)),
+        "attempts_scored": int(total.get("gate_scored", 0)),
+        "rejected": int(total.get("gate_rejected", 0)),
+        "reject_rate": round(total.get("gate_rejected", 0) / scored, 4),
+        "accepted": int(accepted),
+        "flagged": int(total.get("gate_flagged", 0)),
+        "skipped": int(total.get("gate_skipped", 0)),
+        "skipped_seeds": skipped_seeds,
+        "generated_per_accepted": round(total.get("gate_generated", 0) / accepted, 4) if accepted else None,
+        "reject_rate_by_reason": {r: round(total.get(f"gate_reason.{r}", 0) / scored, 4) for r in REASONS},
+        "by_class": by_class,
+    }

@@ -1,0 +1,270 @@
+"""The quality gate: scores recorded, weak samples regenerated deterministically, max attempts, flag / skip,
+the manifest's reject rates, and a gate that rejects nothing changing nothing but the json's gate record.
+
+The job tests use the tiny random models and a gate classifier trained 3 steps on tiny random patches: the
+fidelity scores are meaningless there, so fidelity is switched off (min_fidelity=0) and the rejections are
+driven by the seam score, a deterministic function of the pixels; the classifier is tested on its own below.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from synth_support import manifest, raw_members, read_samples, run_synth
+from test_synth_backgrounds import IMAGES, write_boards
+from test_synth_config import spec_of
+
+from dmgr.synth.backgrounds import scan_backgrounds
+from dmgr.synth.config import ConfigError
+from dmgr.synth.gate import changed_outside, gate_metrics, gate_summary, mask_outside, seam_z, verdict
+
+CLASSES = ("missinghole", "mousebite", "opencircuit", "short", "spur", "spuriouscopper")
+
+
+def write_data_root(root: Path, per_class: int = 4) -> Path:
+    """local/<class>/ patches of noise with masks whose areas run from 0 to the whole 16 x 16 window."""
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        folder = root / "local" / c
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+            mask = np.zeros((16, 16), np.uint8)
+            mask[: 16 * i // (per_class - 1)] = 255  # areas 0, 80, 160, 256 for per_class=4
+            Image.fromarray(mask).save(folder / f"{i:03d}.mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gate")
+    return {"boards": write_boards(base / "boards", 5), "data": write_data_root(base / "data"),
+            "cache": base / "cache", "base": base}
+
+
+def job(setup, out: Path, *more: str, gate: bool = True) -> list[str]:
+    args = [*IMAGES, f"dataset.images={setup['boards']}", "seeds=0-3", "samples_per_shard=2", "batch_size=2",
+            "extras.input=true", f"out_dir={out}"]
+    if gate:
+        args += ["gate.enabled=true", f"gate.data_root={setup['data']}", f"gate.cache_dir={setup['cache']}",
+                 "gate.classifier_steps=3", "gate.area_quantile=0", "gate.min_fidelity=0", "gate.max_seam=1000000.0"]
+    return [*args, *more]
+
+
+@pytest.fixture(scope="module")
+def plain(setup):
+    out = setup["base"] / "plain"
+    run_synth(job(setup, out, gate=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def open_gate(setup):
+    """Every threshold open: each seed's first attempt is accepted and scored."""
+    out = setup["base"] / "open"
+    run_synth(job(setup, out, "gate.max_attempts=1"))
+    return out
+
+
+def gate_records(out: Path) -> dict[int, dict]:
+    return {int(k): s["json"]["gate"] for k, s in read_samples(out).items()}
+
+
+@pytest.fixture(scope="module")
+def cut(open_gate) -> float:
+    """A seam threshold that rejects the first attempt of the two seeds with the highest seam scores."""
+    seams = sorted(g["scores"]["seam"] for g in gate_records(open_gate).values())
+    assert len(set(seams)) == 4
+    return (seams[1] + seams[2]) / 2
+
+
+@pytest.fixture(scope="module")
+def regenerated(setup, cut):
+    out = setup["base"] / "regen"
+    run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3"))
+    return out
+
+
+def test_an_open_gate_changes_nothing_but_the_json_gate_record(plain, open_gate):
+    before, after = raw_members(plain), raw_members(open_gate)
+    assert sorted(before) == sorted(after)
+    for name, data in before.items():
+        if not name.endswith(".json"):
+            assert after[name] == data, name
+            continue
+        meta = json.loads(after[name])
+        gate = meta.pop("gate")
+        assert meta == json.loads(data)
+        assert gate["accepted"] and gate["attempt"] == 0 and gate["rejected"] == [] and gate["reasons"] == []
+        scores = gate["scores"]
+        assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
+        assert scores["mask_area"] == [d["mask_area"] for d in meta["defects"]]
+        assert all(0 <= p <= 1 for p in scores["fidelity"]) and isinstance(scores["seam"], float)
+    g = manifest(open_gate)["metrics"]["gate"]
+    assert g["images_generated"] == 4 and g["accepted"] == 4 and g["reject_rate"] == 0
+    assert g["generated_per_accepted"] == 1.0 and g["skipped_seeds"] == []
+
+
+def test_rejected_seeds_are_regenerated_from_the_next_attempt(open_gate, regenerated, cut):
+    first, final = gate_records(open_gate), gate_records(regenerated)
+    rejected_first = {s for s, g in first.items() if g["scores"]["seam"] > cut}
+    assert len(rejected_first) == 2
+    for seed, g in final.items():
+        if seed not in rejected_first:
+            assert g == first[seed]  # accepted at once: the very sample of the open gate
+            continue
+        history = g["rejected"]
+        assert history[0] == {"attempt": 0, "reasons": ["seam"], "scores": first[seed]["scores"]}
+        assert [h["attempt"] for h in history] == list(range(len(history))) and g["attempt"] == len(history)
+        assert g["attempt"] <= 2, "gate.max_attempts=3 spent"
+        if g["accepted"]:
+            assert g["scores"]["seam"] <= cut and "flagged" not in g
+        else:
+            assert g["attempt"] == 2 and g["flagged"] and g["reasons"] == ["seam"]
+    open_members, members = raw_members(open_gate), raw_members(regenerated)
+    for seed in rejected_first:
+        assert members[f"{seed:08d}.png"] != open_members[f"{seed:08d}.png"], "a new image, not the rejected one"
+        assert members[f"{seed:08d}.input.png"] == open_members[f"{seed:08d}.input.png"], "same plan"
+
+
+def test_manifest_reports_reject_rates_from_the_records(regenerated):
+    final = gate_records(regenerated)
+    g = manifest(regenerated)["metrics"]["gate"]
+    rejected = sum(len(r["rejected"]) + (not r["accepted"]) for r in final.values())
+    generated = sum(r["attempt"] + 1 for r in final.values())
+    assert g["images_generated"] == generated == g["attempts_scored"]
+    assert g["rejected"] == rejected and g["reject_rate"] == round(rejected / generated, 4)
+    assert g["reject_rate_by_reason"]["seam"] == g["reject_rate"] and g["reject_rate_by_reason"]["fidelity"] == 0
+    assert g["accepted"] + g["flagged"] == 4 and g["skipped"] == 0
+    assert sum(c["attempts"] for c in g["by_class"].values()) == generated
+    assert sum(c["rejected"] for c in g["by_class"].values()) == rejected
+
+
+def test_regeneration_is_the_same_for_any_batch_size_and_workers(setup, regenerated, cut):
+    out = setup["base"] / "regen-b1-w2"
+    run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3", "batch_size=1"), nproc=2)
+    assert raw_members(out) == raw_members(regenerated)
+
+
+def test_skipped_seeds_are_left_out_listed_and_verified_on_resume(setup, open_gate, cut):
+    out = setup["base"] / "skip"
+    args = job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=1", "gate.on_exhausted=skip")
+    run_synth(args)
+    first = gate_records(open_gate)
+    skipped = sorted(s for s, g in first.items() if g["scores"]["seam"] > cut)
+    kept = read_samples(out)
+    assert sorted(int(k) for k in kept) == sorted(set(first) - set(skipped))
+    m = manifest(out)
+    assert m["metrics"]["gate"]["skipped_seeds"] == skipped and m["metrics"]["gate"]["skipped"] == 2
+    assert m["num_samples"] == 2 and sum(s["samples"] for s in m["shards"]) == 2
+    before = raw_members(out)
+    shutil.rmtree(out / "logs")
+    run_synth(args)
+    log = (out / "logs" / "worker-000.log").read_text()
+    assert "2 shards complete and verified, 0 made" in log
+    assert raw_members(out) == before and manifest(out)["shards"] == m["shards"]
+
+
+# -- the scores, plain functions ---------------------------------------------------------------------------
+
+
+def test_scores_of_known_pixels():
+    rng = np.random.default_rng(1)
+    given = rng.integers(100, 110, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[10:14, 10:14] = True
+    image = given.copy()
+    image[mask] = 255  # a flat bright square: a hard edge
+    assert changed_outside(image, given, mask) == 0
+    leaked = image.copy()
+    leaked[0, 0] = 0
+    assert changed_outside(leaked, given, mask) == 1
+    assert mask_outside(mask, [[8, 8, 24, 24]]) == 0 and mask_outside(mask, [[12, 8, 28, 24]]) == 8
+    assert seam_z(image, given, mask) > 10
+    soft = given.copy()
+    soft[mask] = given[mask] + 1
+    assert seam_z(soft, given, mask) < 1
+    assert seam_z(given, given, np.zeros_like(mask)) == 0.0
+    thresholds = {"min_fidelity": 0.5, "max_mask_outside": 0, "max_changed_outside": 0, "max_seam": 4.0}
+    good = {"fidelity": [0.9], "mask_area": [16], "mask_outside": 0, "changed_outside": 0, "seam": 1.0}
+    assert verdict(good, [(5, 20)], thresholds) == []
+    bad = {"fidelity": [0.9, 0.1], "mask_area": [16, 30], "mask_outside": 3, "changed_outside": 1, "seam": 9.0}
+    assert verdict(bad, [(5, 20), (5, 20)], thresholds) == ["fidelity", "area", "mask_outside",
+                                                              "changed_outside", "seam"]
+
+
+def test_gate_counts_add_up_to_rates():
+    def meta(cls, accepted, history, **flags):
+        reasons = [] if accepted else ["fidelity"]
+        return {"defects": [{"class_name": cls}],
+                "gate": {"accepted": accepted, "attempt": len(history), "reasons": reasons,
+                         "rejected": [{"attempt": i, "reasons": r} for i, r in enumerate(history)], **flags}}
+
+    total: dict = {}
+    for m in (meta("spur", True, []), meta("spur", True, [["seam", "area"]]),
+              meta("short", False, [["fidelity"], ["fidelity"]], skipped=True)):
+        for k, v in gate_metrics(m).items():
+            total[k] = total.get(k, 0) + v
+    s = gate_summary(total, [7])
+    assert s["images_generated"] == 6 and s["accepted"] == 2 and s["rejected"] == 4 and s["skipped"] == 1
+    assert s["reject_rate"] == round(4 / 6, 4) and s["generated_per_accepted"] == 3.0
+    assert s["reject_rate_by_reason"] == {"fidelity": 0.5, "area": round(1 / 6, 4), "mask_outside": 0.0,
+                                          "changed_outside": 0.0, "seam": round(1 / 6, 4)}
+    assert s["by_class"] == {"short": {"attempts": 3, "rejected": 3, "reject_rate": 1.0},
+                             "spur": {"attempts": 3, "rejected": 1, "reject_rate": round(1 / 3, 4)}}
+    assert s["skipped_seeds"] == [7]
+
+
+# -- configuration and the classifier ---------------------------------------------------------------------
+
+
+def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
+    images = ["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}"]
+    on = ["gate.enabled=true", f"gate.data_root={setup['data']}"]
+    cases = [
+        (["gate.enabled=true", "dataset.source=generate"], "gate.enabled=True: the quality gate needs"),
+        ([*images, *on, "gate.on_exhausted=drop"], "gate.on_exhausted='drop': allowed: flag, skip"),
+        ([*images, *on, "gate.min_fidelity=2"], "gate.min_fidelity=2: a number in [0, 1]"),
+        ([*images, "gate.enabled=true", f"gate.data_root={tmp_path}"], "gate.data_root="),
+        ([*images, "+gate.threshold=1"], "gate.threshold=1: unknown setting"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as err:
+            spec_of(overrides)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_identity_ignores_a_disabled_gate_and_holds_an_enabled_one(setup, tmp_path):
+    images = ["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}"]
+    today = spec_of([*images, "~gate"]).identity
+    assert spec_of(images).identity == today
+    assert spec_of([*images, "gate.max_seam=-3", "gate.on_exhausted=skip"]).identity == today
+    on = [*images, "gate.enabled=true", f"gate.data_root={setup['data']}"]
+    gated = spec_of(on).identity
+    assert gated != today and spec_of([*on, "gate.max_seam=2.5"]).identity != gated
+    assert spec_of([*on, f"gate.cache_dir={tmp_path}"]).identity == gated  # where it is cached is no matter
+
+
+def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
+    from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
+
+    backgrounds = scan_backgrounds(setup["boards"], 64, 16, 5)
+    settings = UserClassifierSettings(steps=3, area_quantile=0)
+    first = load_or_train_user(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
+    assert first.record["classes"] == [*CLASSES, "clean"]
+    assert first.record["patches"] == {"train": 18 + 18, "held_out": 6 + 2}  # 24 class + 20 clean patches
+    assert first.area_ranges == {c: (0.0, 256.0) for c in CLASSES}
+    again = load_or_train_user(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
+    assert all((a == b).all() for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    Image.new("L", (16, 16), 255).save(data / "local" / "spur" / "000.mask.png")
+    changed = load_or_train_user(data, CLASSES, backgrounds, settings, tmp_path / "c", progress=False)
+    assert changed.record["key"] != first.record["key"]
+    assert changed.area_ranges["spur"] == (80.0, 256.0)
