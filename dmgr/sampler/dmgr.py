@@ -1,8 +1,9 @@
 """The DMGR sampler: DDIM on the global model, rectified toward the local defect manifold.
 
 Follows ALGORITHM.md (and the reference `FJ_DDIMSampler`) with two differences that do not change
-results: every sample has its own class, window and backtracking, and the prediction at an accepted
-point is reused instead of being recomputed (the reference spends one extra forward per iteration).
+results: every sample has its own class, window and backtracking (a whole-batch line search with an
+accept mask), and the prediction at an accepted point is reused instead of being recomputed (the
+reference spends one extra forward per iteration).
 """
 
 from __future__ import annotations
@@ -71,11 +72,9 @@ _FIELDS = ("x", "c", "eps_g", "x0_g", "eps_l", "x0_l")
 
 @dataclass
 class _Point:
-    """Predictions of both models at one (x, c), and the autograd leaves they hang from.
-
-    `leaves` holds (batch_rows, leaf_rows, x_leaf, c_leaf): sample batch_rows[i] of the point is
-    row leaf_rows[i] of the leaf tensors, so gradients can be scattered back per sample.
-    """
+    """Predictions of both models at one (x, c), and the autograd leaves they hang from: one (x, c) pair
+    per line-search attempt whose candidates some rows accepted (`torch.where` routes each row's gradient
+    to the attempt it came from, so summing the leaves' gradients gives every row its own)."""
 
     x: torch.Tensor
     c: torch.Tensor
@@ -83,32 +82,16 @@ class _Point:
     x0_g: torch.Tensor
     eps_l: torch.Tensor
     x0_l: torch.Tensor
-    leaves: list
+    leaves: list[tuple[torch.Tensor, torch.Tensor]]
 
-    def take(self, rows: torch.Tensor, batch_rows: torch.Tensor) -> "_Point":
-        """Rows of a freshly predicted point (one leaf), relabelled with their batch positions."""
-        ((_, _, x_leaf, c_leaf),) = self.leaves
-        return _Point(*(getattr(self, n)[rows] for n in _FIELDS), leaves=[(batch_rows, rows, x_leaf, c_leaf)])
+    def where(self, rows: torch.Tensor, other: "_Point") -> "_Point":
+        """This point on `rows` (a (B,) bool mask), `other` elsewhere."""
+        mask = rows.view(-1, 1, 1, 1)
+        fields = {n: torch.where(mask, getattr(self, n), getattr(other, n)) for n in _FIELDS}
+        return _Point(**fields, leaves=other.leaves + self.leaves)
 
     def detached(self) -> "_Point":
         return _Point(*(getattr(self, n).detach() for n in _FIELDS), leaves=[])
-
-
-def _join(parts: list[tuple[torch.Tensor, _Point]], batch: int) -> _Point:
-    """Put parts (batch_rows, point) back in batch order, keeping the autograd graph."""
-    rows = torch.cat([r for r, _ in parts])
-    order = torch.empty_like(rows)
-    order[rows] = torch.arange(batch, device=rows.device)
-    fields = {n: torch.cat([getattr(p, n) for _, p in parts])[order] for n in _FIELDS}
-    return _Point(**fields, leaves=[leaf for _, p in parts for leaf in p.leaves])
-
-
-def _scatter_grads(leaves: list, grads: tuple, like: torch.Tensor) -> torch.Tensor:
-    full = torch.zeros_like(like)
-    for (batch_rows, leaf_rows, _, _), g in zip(leaves, grads):
-        if g is not None:
-            full[batch_rows] = g[leaf_rows]
-    return full
 
 
 class _Rectifier:
@@ -124,29 +107,31 @@ class _Rectifier:
         self.weight_map: torch.Tensor | None = None
         self.weight_t: int | None = None
 
-    def predict(self, x, c, rows, t, grad_x, grad_c, phase) -> _Point:
+    def predict(self, x, c, t, grad_x, grad_c, phase) -> _Point:
         with torch.set_grad_enabled(grad_x or grad_c):
             x = x.detach().requires_grad_(grad_x)
             c = c.detach().requires_grad_(grad_c)
             abar = self.diffusion.abar(t)
-            steps = self.diffusion.model_timesteps(t, len(rows), x.device)
+            steps = self.diffusion.model_timesteps(t, x.shape[0], x.device)
             eps_g = model_eps(self.global_model, x, steps, None, self.precision)
-            eps_l = model_eps(self.local_model, c, steps, self.classes[rows], self.precision)
-            point = _Point(x, c, eps_g, predict_x0(x, eps_g, abar), eps_l, predict_x0(c, eps_l, abar), [])
-        point.leaves = [(rows, torch.arange(len(rows), device=x.device), x, c)]
+            eps_l = model_eps(self.local_model, c, steps, self.classes, self.precision)
+            point = _Point(x, c, eps_g, predict_x0(x, eps_g, abar), eps_l, predict_x0(c, eps_l, abar), [(x, c)])
         if self.counter is not None:
             self.counter.add(phase, "forward_grad_global" if grad_x else "forward_global")
             self.counter.add(phase, "forward_grad_local" if grad_c else "forward_local")
         return point
 
-    def loss(self, p: _Point, rows, t, x_start, c_start, reg, weight_map) -> torch.Tensor:
+    def fit(self, p: _Point, t: int, weight_map) -> torch.Tensor:
+        """Per-sample loss between the global prediction's window and the local prediction (Step 2)."""
+        window = crop_windows(p.x0_g, self.windows, self.w)
         sqrt_abar = math.sqrt(self.diffusion.abar(t))
-        window = crop_windows(p.x0_g, self.windows[rows], self.w)
-        fit = rectification_loss(
+        return rectification_loss(
             window, p.x0_l[:, :3], sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels
         )
-        drift = ((p.x - x_start[rows]) ** 2).flatten(1).sum(1) + ((p.c - c_start[rows]) ** 2).flatten(1).sum(1)
-        return fit + reg * drift.double()
+
+    def loss(self, p: _Point, t, x_start, c_start, reg, weight_map) -> torch.Tensor:
+        drift = ((p.x - x_start) ** 2).flatten(1).sum(1) + ((p.c - c_start) ** 2).flatten(1).sum(1)
+        return self.fit(p, t, weight_map) + reg * drift.double()
 
     def update_weight_map(self, p: _Point, t: int) -> torch.Tensor | None:
         s = self.s
@@ -169,72 +154,74 @@ class _Rectifier:
             return 0.0, 0.0
         return lr, (lr if self.s.gating else 0.0)
 
+    def gradients(self, point: _Point, loss: torch.Tensor, grad_c: bool, phase: str):
+        """d loss / d x and d loss / d c at `point` (None for c when the crop is not optimised)."""
+        xs = [x for x, _ in point.leaves]
+        cs = [c for _, c in point.leaves] if grad_c else []
+        grads = torch.autograd.grad(loss.sum(), xs + cs, allow_unused=True)
+        if self.counter is not None:
+            self.counter.add(phase, "backward")
+
+        def total(parts, like):
+            return sum((g for g in parts if g is not None), torch.zeros_like(like))
+
+        return total(grads[: len(xs)], point.x), (total(grads[len(xs) :], point.c) if grad_c else None)
+
+    def line_search(self, point, loss, grad_x, grad_c, rate_x, rate_c, gate_x, gate_c, t, x_start, c_start, reg,
+                    weight_map, keep_graph, phase) -> _Point:
+        """Step 4: every sample moves against its gradient at its own rate, halved (x backtrack) until its
+        loss does not rise; after max_backtracks halvings it stays where it is. Candidates are evaluated
+        for the whole batch each attempt, so a sample never depends on which batch-mates still search;
+        `rate_x` / `rate_c` (B,) are updated in place and carry over to the next iteration."""
+        here_x, here_c = point.x.detach(), point.c.detach()
+        searching = torch.ones_like(loss, dtype=torch.bool)
+        chosen = None
+        for attempt in range(self.s.max_backtracks + 1):
+            last_try = attempt == self.s.max_backtracks
+            if last_try:
+                rate_x[searching], rate_c[searching] = 0.0, 0.0
+            cand_x = here_x - rate_x.view(-1, 1, 1, 1) * gate_x * grad_x
+            cand_c = here_c if grad_c is None else here_c - rate_c.view(-1, 1, 1, 1) * gate_c * grad_c
+            cand = self.predict(cand_x, cand_c, t, keep_graph, keep_graph and grad_c is not None, phase)
+            with torch.no_grad():
+                new_loss = self.loss(cand, t, x_start, c_start, reg, weight_map)
+            ok = searching & (torch.isfinite(new_loss) & (new_loss <= loss) | last_try)
+            if ok.any():
+                chosen = cand if chosen is None else cand.where(ok, chosen)
+            searching &= ~ok
+            if not searching.any():
+                break
+            rate_x[searching] *= self.s.backtrack
+            rate_c[searching] *= self.s.backtrack
+        return chosen
+
     def step(self, x, c, t, lr_base, reg, gate_x, gate_c, need_predictions=True):
-        """Steps 1-5 of ALGORITHM.md at index t. Returns the final point (or None) and per-sample loss."""
-        batch = x.shape[0]
-        all_rows = torch.arange(batch, device=x.device)
-        phase = self.s.phase(t)
+        """Steps 1-5 of ALGORITHM.md at index t: (final point or None, x, c, per-sample loss)."""
+        batch, phase = x.shape[0], self.s.phase(t)
         lr_x, lr_c = self.rates(t, lr_base)
         if lr_x == 0.0 and lr_c == 0.0:
-            if not need_predictions:
-                return None, x, c, torch.zeros(batch, dtype=torch.float64)
-            with torch.no_grad():
-                p = self.predict(x, c, all_rows, t, False, False, phase)
-            return p, x, c, torch.zeros(batch, dtype=torch.float64)
-
-        grad_c = lr_c > 0
+            point = None
+            if need_predictions:
+                with torch.no_grad():
+                    point = self.predict(x, c, t, False, False, phase)
+            return point, x, c, torch.zeros(batch, dtype=torch.float64)
+        optimise_c = lr_c > 0
         x_start, c_start = x.detach(), c.detach()
         rate_x = torch.full((batch,), lr_x, dtype=torch.float32, device=x.device)
         rate_c = torch.full((batch,), lr_c, dtype=torch.float32, device=x.device)
-        point = self.predict(x, c, all_rows, t, True, grad_c, phase)
+        point = self.predict(x, c, t, True, optimise_c, phase)
         weight_map = self.update_weight_map(point, t)
         for k in range(self.s.iterations):
-            last = k == self.s.iterations - 1
             with torch.enable_grad():
-                loss = self.loss(point, all_rows, t, x_start, c_start, reg, weight_map)
-                x_leaves = [leaf[2] for leaf in point.leaves]
-                c_leaves = [leaf[3] for leaf in point.leaves] if grad_c else []
-                grads = torch.autograd.grad(loss.sum(), x_leaves + c_leaves, allow_unused=True)
-            if self.counter is not None:
-                self.counter.add(phase, "backward")
-            grad_x = _scatter_grads(point.leaves, grads[: len(x_leaves)], point.x)
-            grad_cc = _scatter_grads(point.leaves, grads[len(x_leaves) :], point.c) if grad_c else None
+                loss = self.loss(point, t, x_start, c_start, reg, weight_map)
+            grad_x, grad_c = self.gradients(point, loss, optimise_c, phase)
             weight_map = None if weight_map is None else weight_map.detach()
-            current_loss = loss.detach()
-            here_x, here_c = point.x.detach(), point.c.detach()
-            accepted: list[tuple[torch.Tensor, _Point]] = []
-            pending = all_rows
-            for attempt in range(self.s.max_backtracks + 1):
-                if attempt == self.s.max_backtracks:
-                    rate_x[pending], rate_c[pending] = 0.0, 0.0
-                rx = rate_x[pending].view(-1, 1, 1, 1)
-                cand_x = here_x[pending] - rx * gate_x[pending] * grad_x[pending]
-                cand_c = here_c[pending]
-                if grad_c:
-                    cand_c = cand_c - rate_c[pending].view(-1, 1, 1, 1) * gate_c * grad_cc[pending]
-                cand = self.predict(cand_x, cand_c, pending, t, not last, grad_c and not last, phase)
-                with torch.no_grad():
-                    new_loss = self.loss(
-                        cand, pending, t, x_start, c_start, reg, None if weight_map is None else weight_map[pending]
-                    )
-                ok = torch.isfinite(new_loss) & (new_loss <= current_loss[pending])
-                if attempt == self.s.max_backtracks:
-                    ok = torch.ones_like(ok)
-                good = ok.nonzero().flatten()
-                if len(good):
-                    accepted.append((pending[good], cand.take(good, pending[good])))
-                pending = pending[~ok]
-                if len(pending) == 0:
-                    break
-                rate_x[pending] *= self.s.backtrack
-                rate_c[pending] *= self.s.backtrack
-            point = _join(accepted, batch)
-        with torch.no_grad():
-            window = crop_windows(point.x0_g, self.windows, self.w)
-            sqrt_abar = math.sqrt(self.diffusion.abar(t))
-            final = rectification_loss(
-                window, point.x0_l[:, :3], sqrt_abar, self.s.multiscale_loss, weight_map, self.s.pyramid_levels
+            point = self.line_search(
+                point, loss.detach(), grad_x, grad_c, rate_x, rate_c, gate_x, gate_c, t, x_start, c_start, reg,
+                weight_map, keep_graph=k < self.s.iterations - 1, phase=phase,
             )
+        with torch.no_grad():
+            final = self.fit(point, t, weight_map)
         point = point.detached()
         return point, point.x, point.c, final
 
