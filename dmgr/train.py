@@ -35,11 +35,11 @@ from dmgr.distributed import WorkerContext, init_workers, shutdown
 from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import check_fit, read_checkpoint
+from dmgr.models.precision import PRECISIONS, autocast
 from dmgr.sampler import ddim_sample
 
 log = logging.getLogger("dmgr.train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainConfigError(ValueError):
@@ -68,7 +68,7 @@ def check_config(cfg: DictConfig) -> None:
          "must be > 0 (or null: by steps only)")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0 <= cfg.ema_rate < 1, "ema_rate", "must lie in [0, 1)")
-    need(cfg.precision in PRECISIONS, "precision", "allowed: fp32, bf16, fp16")
+    need(cfg.precision in PRECISIONS, "precision", f"allowed: {', '.join(PRECISIONS)}")
     subdir = Path(cfg.data_root) / cfg.arch.role
     need(
         subdir.is_dir(),
@@ -256,7 +256,6 @@ def train(cfg: DictConfig) -> Path:
         )
         diffusion = make_diffusion(cfg.diffusion_steps, cfg.beta_schedule)
         g = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank + step)
-        dtype = PRECISIONS[cfg.precision]
         scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ctx.device.type == "cuda")
         log.info(
             "training %s (%d parameters) on %d %s images, %s, from step %d to %d",
@@ -282,7 +281,7 @@ def train(cfg: DictConfig) -> Path:
                     x0, y = unwrap(batch, ctx.device)
                     t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
                     noise = torch.randn(x0.shape, generator=g).to(ctx.device)
-                    with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    with autocast(ctx.device.type, cfg.precision):
                         terms = diffusion_loss(net, diffusion, x0, t, noise, y)
                     loss = terms["loss"].mean()
                     opt.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
 Published DMGR / guided-diffusion state dicts load into it with `strict=True`.
 Only 2-D images are supported; gradient checkpointing and the fp16 weight conversion of
-guided-diffusion are replaced by torch autocast (see `dmgr.models.precision`).
+guided-diffusion are replaced by torch autocast (`dmgr.models.precision`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk, undo_step
+from dmgr.models.precision import autocast
 from dmgr.sampler.gates import crop_gate, global_gate
 from dmgr.sampler.loss import disagreement_map, rectification_loss
 from dmgr.sampler.masks import window_support
@@ -58,12 +59,8 @@ def model_eps(
     model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None, precision: str
 ) -> torch.Tensor:
     """The epsilon channels of a (possibly learned-sigma) guided-diffusion UNet, in float32."""
-    if precision == "fp32":
+    with autocast(x.device.type, precision):
         out = model(x, timesteps, y)
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        with torch.autocast(device_type=x.device.type, dtype=dtype):
-            out = model(x, timesteps, y)
     return out[:, : x.shape[1]].float()
 
 
