@@ -51,11 +51,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never for untrusted files
-        raise CheckpointError(
-            f"checkpoint {path} is not a plain state dict (it pickles Python objects, which are never "
-            "loaded): save it with torch.save(model.state_dict(), path)"
-        ) from None
+    except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False: never for untrusted files
+        if "global" in str(exc):  # a pickled Python object (class, function), refused by the weights-only reader
+            raise CheckpointError(
+                f"checkpoint {path} is not a plain state dict (it pickles Python objects, which are never "
+                "loaded): save it with torch.save(model.state_dict(), path)"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch.save file or damaged") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear line
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if isinstance(obj, dict) and "state_dict" in obj:

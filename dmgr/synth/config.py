@@ -86,7 +86,7 @@ def parse_seeds(value: Any) -> Sequence[int]:
         fail("seeds", value, usage)
     if not seeds:
         fail("seeds", value, "the seed range is empty: the last seed must not be below the first")
-    if min(seeds) < 0:
+    if (seeds.start if isinstance(seeds, range) else min(seeds)) < 0:  # min() would walk a range
         fail("seeds", value, "seeds must be >= 0")
     return seeds
 
