@@ -139,7 +139,7 @@ class QualitySpec:
 @dataclass(frozen=True)
 class NonfiniteSpec:
     """A sample whose image holds NaN/Inf never reaches a shard: retry its noise from a derived seed
-    (seed + attempt x RETRY_STREAM) up to `max_attempts` times, or stop the run naming the seed."""
+    (dmgr.synth.plan.retry_seed) up to `max_attempts` times, or stop the run naming the seed."""
 
     action: str = "retry"
     max_attempts: int = 3

@@ -7,6 +7,7 @@ from another.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ from dmgr.synth.config import DatasetSpec
 PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM; the noise generator's is seed
 PASTE_STREAM = 2 << 40  # the paste baseline's local-model noise (extras.paste)
 DEFECT_STREAM = 3 << 40  # defect k > 0 of an image draws its noise from seed + k * DEFECT_STREAM
-RETRY_STREAM = 4 << 40  # attempt a > 0 of a seed (a non-finite image was retried) draws its noise from seed + a * this
+RETRY_STREAM = 4 << 40  # attempt a > 0 (a NaN retry or a gate rejection): see retry_seed
+# torch's CPU generator keeps only the low 32 bits of its seed, so offsets of 1 << 40 and up select the same
+# stream as the seed itself: retry_seed mixes (seed, attempt) into the low 32 bits.
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class SamplePlan:
 
     @property
     def noise_seed(self) -> int:
-        return self.seed + self.attempt * RETRY_STREAM
+        return self.seed if self.attempt == 0 else retry_seed(self.seed, self.attempt)
 
     @property
     def class_id(self) -> int:
@@ -51,6 +54,13 @@ class SamplePlan:
     @property
     def window(self) -> tuple[int, int]:
         return self.defects[0].window
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The noise seed of attempt > 0: low 32 bits from a hash of (seed, attempt), so the stream differs
+    from attempt 0's (a collision with another seed's stream has odds ~ seeds / 2^32)."""
+    low = int.from_bytes(hashlib.sha256(f"{seed}:{attempt}".encode()).digest()[:4], "little")
+    return seed + attempt * RETRY_STREAM - (seed & 0xFFFFFFFF) + low
 
 
 def _class(dataset: DatasetSpec, g: torch.Generator) -> int:
