@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,9 +169,11 @@ def load_or_train_user(
             "train_seconds": round(time.perf_counter() - start, 1),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # several workers may train it at once
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        path.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        meta = path.with_name(f"{path.stem}.json.tmp-{os.getpid()}")
+        meta.write_text(json.dumps(record, indent=1))
+        meta.replace(path.with_suffix(".json"))
         tmp.replace(path)  # the weights last: a present .safetensors always has its record
         log.info("gate classifier trained in %.0f s: held-out accuracy %.3f -> %s",
                  record["train_seconds"], record["validation_accuracy"], path)
