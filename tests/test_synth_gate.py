@@ -309,3 +309,19 @@ def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
     changed = load_or_train_user(data, CLASSES, backgrounds, settings, tmp_path / "c", progress=False)
     assert changed.record["key"] != first.record["key"]
     assert changed.area_ranges["spur"] == (80.0, 256.0)
+
+
+def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
+    from dmgr.eval.app import main
+    from dmgr.synth.engine import load_gate
+
+    main(["classifier", "--data-root", str(setup["data"]), "--images", str(setup["boards"]), "--classes",
+          ",".join(CLASSES), "--steps", "3", "--area-quantile", "0", "--cache", str(tmp_path), "--quiet"])
+    trained = list(tmp_path.glob("gate-classifier-*.safetensors"))
+    assert len(trained) == 1
+    spec = spec_of(["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}",
+                    "gate.enabled=true", f"gate.data_root={setup['data']}", f"gate.cache_dir={tmp_path}",
+                    "gate.classifier_steps=3", "gate.area_quantile=0"])
+    gate = load_gate(spec)
+    assert trained[0].name == f"gate-classifier-{gate.record['key']}.safetensors"
+    assert list(tmp_path.glob("gate-classifier-*.safetensors")) == trained  # loaded, not trained again
