@@ -31,7 +31,7 @@ DEMO_GLOBAL_STEPS ?= 3000
 DEMO_LOCAL_STEPS ?= 6000
 DEMO_MASK_STEPS ?= 1500
 
-.PHONY: venv backgrounds synth test bench lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
+.PHONY: venv backgrounds synth test test-fast bench lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ synth: venv backgrounds
 
 test: venv
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Everything but the end-to-end tests (tests/conftest.py SLOW_MODULES / SLOW_TESTS): about a minute.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 
 bench: venv
 	$(PY) -m dmgr.bench $(ARGS)

@@ -19,6 +19,30 @@ from dmgr.models import build_unet
 # run down a hundredfold (seen with training jobs running alongside): one thread unless DMGR_TEST_THREADS is set.
 torch.set_num_threads(int(os.environ.get("DMGR_TEST_THREADS", "1")))
 
+# End-to-end modules: real job processes, whole sampling runs, training. `make test-fast` (-m "not slow")
+# runs everything else; `make test` (CI) runs all.
+SLOW_MODULES = {
+    "test_synth_job", "test_synth_reliability", "test_synth_gate", "test_slurm", "test_sweep", "test_eval_job",
+    "test_own_product", "test_reference_parity", "test_train", "test_synth_backgrounds",
+}
+# Single tests elsewhere that sample many steps, train a network or start the job.
+SLOW_TESTS = {
+    "test_samples_independent_under_backtracking", "test_per_seed_determinism_with_time_travel",
+    "test_classifier_is_accurate_on_its_own_training_patches", "test_segmenter_learns_an_obvious_defect",
+    "test_a_run_dir_refuses_a_different_config", "test_cli_prints_one_line_and_exits_2",
+    "test_a_mask_channel_local_model_gets_its_own_crop_channel", "test_class_is_per_sample",
+    "test_pass_counter_backtracking_adds_forwards", "test_known_background_outside_the_window_at_every_step",
+    "test_rectification_lowers_the_loss", "test_rectification_changes_the_sample", "test_segmenter_training_is_seeded",
+    "test_a_mask_channel_crop_follows_the_known_window_outside_its_defect",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 FIXTURE_DIR = Path(__file__).parents[1] / ".." / "shared" / "fixtures" / "dmgr-reference"
 FIXTURE_NAMES = ("tiny-64px-100steps.pt", "tiny-64px-100steps-timetravel.pt")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from synth_support import TINY, manifest, run_synth
 
-from dmgr.sweep import write_report
+from dmgr.sweep import colour, write_report
 
 
 def test_local_sweep_skips_invalid_points_and_reports(tmp_path):
@@ -32,8 +32,18 @@ def test_local_sweep_skips_invalid_points_and_reports(tmp_path):
     assert sorted((int(r["T_s"]), int(r["T_e"])) for r in rows) == [(3, 1), (6, 1), (6, 3)]
     for metric in ("images_per_second", "final_loss", "mask_area"):
         assert all(float(r[metric]) >= 0 for r in rows)
-        heatmap = Image.open(written[f"heatmap-{metric}"])
-        assert heatmap.width > 100 and heatmap.height > 100
+        heatmap = Image.open(written[f"heatmap-{metric}"]).convert("RGB")
+        assert heatmap.size == (70 + 2 * 72 + 10, 40 + 2 * 72 + 30)  # 2 T_e columns, 2 T_s rows of 72 px
+        values = {(int(r["T_s"]), int(r["T_e"])): float(r[metric]) for r in rows}
+        lo, hi = min(values.values()), max(values.values())
+        for i, t_s in enumerate((3, 6)):
+            for j, t_e in enumerate((1, 3)):
+                corner = heatmap.getpixel((70 + j * 72 + 2, 40 + i * 72 + 2))
+                if (t_s, t_e) not in values:  # the skipped point is grey
+                    assert corner == (220, 220, 220)
+                else:
+                    share = (values[t_s, t_e] - lo) / (hi - lo) if hi > lo else 0.5
+                    assert corner == colour(share), (metric, t_s, t_e)
     text = written["markdown"].read_text()
     assert "Skipped points" in text and "T_e=3: must be smaller" in text
 

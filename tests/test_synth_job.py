@@ -126,8 +126,12 @@ def test_preview_renders_a_contact_sheet(single_run, tmp_path):
         check=True,
         cwd=ROOT,
     )
-    sheet = Image.open(out)
-    assert sheet.width > 128 * 3 and sheet.height > 128
+    sheet = Image.open(out).convert("RGB")
+    # 4 samples in 2 columns; a row is image, mask overlay, crop (128 px tiles) under a 14 px label
+    assert sheet.size == (2 * 3 * 128, 2 * (128 + 14))
+    first = next(iter(sorted(read_samples(single_run).items())))[1]
+    assert np.array_equal(np.asarray(sheet.crop((0, 14, 128, 142))),
+                          np.asarray(first["png"].convert("RGB").resize((128, 128), Image.NEAREST)))
 
 
 def test_make_preview_picks_the_newest_run_not_the_last_name(tmp_path):
