@@ -1,11 +1,12 @@
 """Speed of the DMGR sampler on small models: seconds per image and network passes per reverse step.
 
-    python -m dmgr.bench [--batch 4] [--images N] [--presets paper,fast] [--weights auto|fixture|random]
+    python -m dmgr.bench [--batch 4] [--images N] [--presets paper,fast] [--weights random|FILE]
 
 The models have the architecture of the reference fixture (global 64 px, 32 channels, mult 1,2,2, attention
-at 8; local 16 px, 6 classes). With `--weights auto` the fixture's trained weights are used when the folder
-../shared/fixtures/dmgr-reference/ is there, random non-zero weights otherwise; speed does not depend on the
-values, the number of backtracking retries does a little.
+at 8; local 16 px, 6 classes) with random non-zero weights, or the trained weights of a file in the reference
+fixture's format (`{global,local}_config` and `_state_dict`, e.g. the parity fixture
+../shared/fixtures/dmgr-reference/tiny-64px-100steps.pt): speed does not depend on the values, the number of
+backtracking retries does a little.
 
 Presets are the job's own schedule configs, conf/schedule/paper.yaml (respacing 250, T_s 150, T_e 40, K 2,
 time travel jump 10 x 2) and conf/schedule/fast.yaml (respacing 50, T_s 30, T_e 8, K 2, no time travel).
@@ -27,9 +28,6 @@ from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, dmgr_sample, initial_noise, make_generators
 from dmgr.synth.engine import randomised_unet
-
-FIXTURE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "dmgr-reference"
-FIXTURE = FIXTURE_DIR / "tiny-64px-100steps.pt"
 
 GLOBAL_CONFIG = dict(
     image_size=64, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="8", num_heads=2,
@@ -73,16 +71,18 @@ def presets(window: int) -> dict[str, Preset]:
 
 
 def load_models(weights: str) -> tuple[torch.nn.Module, torch.nn.Module, str]:
-    if weights == "fixture" or (weights == "auto" and FIXTURE.is_file()):
-        if not FIXTURE.is_file():
-            raise SystemExit(f"--weights fixture: {FIXTURE.resolve()} not found")
-        ref = torch.load(FIXTURE, weights_only=True)
+    """`random`, or the path of a file holding `{global,local}_config` and `{global,local}_state_dict`."""
+    if weights != "random":
+        path = Path(weights)
+        if not path.is_file():
+            raise SystemExit(f"--weights {weights}: no such file (give `random` or a reference-fixture .pt)")
+        ref = torch.load(path, weights_only=True)
         models = []
         for which in ("global", "local"):
             model = build_unet(ref[f"{which}_config"])
             model.load_state_dict(ref[f"{which}_state_dict"], strict=True)
             models.append(model.eval())
-        return models[0], models[1], f"trained fixture weights ({FIXTURE.name})"
+        return models[0], models[1], f"trained weights of {path.name}"
     global_model = randomised_unet(GLOBAL_CONFIG, 1)
     local_model = randomised_unet(LOCAL_CONFIG, 2)
     return global_model, local_model, "random non-zero weights"
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "which keeps the default run to a few minutes on 2 cores)",
     )
     parser.add_argument("--presets", default="fast,paper", help="comma-separated: fast, paper (default both)")
-    parser.add_argument("--weights", choices=("auto", "fixture", "random"), default="auto")
+    parser.add_argument("--weights", default="random", help="random (default) or a reference-fixture-format .pt")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

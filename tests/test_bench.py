@@ -1,0 +1,37 @@
+"""`make bench` runs: the table of seconds and network passes for a preset, with random or given weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from synth_support import ROOT
+
+from dmgr.bench import GLOBAL_CONFIG, LOCAL_CONFIG, load_models
+from dmgr.models import build_unet
+
+
+def test_weights_from_a_reference_format_file(tmp_path):
+    path = tmp_path / "weights.pt"
+    state = {}
+    for which, config in (("global", GLOBAL_CONFIG), ("local", LOCAL_CONFIG)):
+        model = build_unet(config)
+        with torch.no_grad():
+            next(model.parameters()).fill_(0.25)
+        state |= {f"{which}_config": config, f"{which}_state_dict": model.state_dict()}
+    torch.save(state, path)
+    global_model, local_model, source = load_models(str(path))
+    assert source == "trained weights of weights.pt"
+    assert torch.all(next(global_model.parameters()) == 0.25) and torch.all(next(local_model.parameters()) == 0.25)
+
+
+def test_bench_prints_seconds_and_passes_per_phase():
+    result = subprocess.run(
+        [sys.executable, "-m", "dmgr.bench", "--presets", "fast", "--images", "1", "--batch", "1", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("fast ") and " 50 " in line for line in lines), result.stdout  # respacing 50
+    phases = {line.split()[1] for line in lines if line.startswith("fast ") and len(line.split()) == 8}
+    assert phases == {"anchoring", "free", "resonance"}, result.stdout
