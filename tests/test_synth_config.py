@@ -190,3 +190,16 @@ def test_the_default_demo_model_describes_itself(out):
     spec = spec_of(["model=demo", out])
     assert spec.model.global_net.config["image_size"] == spec.dataset.image_size
     assert spec.model.local_net.config["num_classes"] == len(spec.dataset.classes)
+
+
+def test_side_streams_draw_other_noise_than_the_seed():
+    """torch's CPU generator keeps 32 seed bits: a side stream must differ there, not in high bits."""
+    from dmgr.synth.plan import stream_seed
+
+    def draws(seed: int) -> torch.Tensor:
+        return torch.randn(8, generator=torch.Generator().manual_seed(seed))
+
+    for seed in (0, 7, 2**33 + 5):
+        streams = [seed, stream_seed(seed, "defect", 1), stream_seed(seed, "defect", 2), stream_seed(seed, "paste")]
+        assert len({tuple(draws(s).tolist()) for s in streams}) == 4
+        assert stream_seed(seed, "defect", 1) == stream_seed(seed, "defect", 1) >= 0

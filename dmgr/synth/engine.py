@@ -16,7 +16,7 @@ from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
-from dmgr.synth.plan import DEFECT_STREAM, PASTE_STREAM, SamplePlan
+from dmgr.synth.plan import SamplePlan, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def paste_local_sample(
     """The no-rectification baseline: a plain local-model DDIM sample of each plan's class pasted into
     the defect-free twin at the window (the local noise comes from its own per-seed generator)."""
     w = spec.dataset.window_size
-    generators = make_generators([p.noise_seed + PASTE_STREAM for p in plans])
+    generators = make_generators([stream_seed(p.noise_seed, "paste") for p in plans])
     patches = ddim_sample(
         engine.local_model,
         engine.diffusion,
@@ -163,9 +163,9 @@ def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dic
 
 
 def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """DMGR into real backgrounds: defect k of every plan in one sampler call (noise from seed + k *
-    DEFECT_STREAM), the background known outside the window; the result takes the generated pixels only
-    inside the defect mask, so everything outside the masks is the input, byte for byte."""
+    """DMGR into real backgrounds: defect k of every plan in one sampler call (defect k > 0 draws its noise
+    from stream_seed(seed, "defect", k)), the background known outside the window; the result takes the
+    generated pixels only inside the defect mask, so everything outside the masks is the input, byte for byte."""
     size, w = spec.dataset.image_size, spec.dataset.window_size
     inputs = np.stack([spec.backgrounds.image(p.background) for p in plans])
     canvas = inputs.copy()
@@ -176,7 +176,8 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
     finite = [True] * len(plans)
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
-        generators = make_generators([plans[i].noise_seed + k * DEFECT_STREAM for i in rows])
+        generators = make_generators([plans[i].noise_seed if k == 0 else stream_seed(plans[i].noise_seed, "defect", k)
+                                      for i in rows])
         known = from_uint8(canvas[rows]).to(engine.device)
         result = dmgr_sample(
             engine.global_model,

@@ -17,12 +17,18 @@ import torch
 from dmgr.synth.backgrounds import Backgrounds
 from dmgr.synth.config import DatasetSpec
 
-PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM; the noise generator's is seed
-PASTE_STREAM = 2 << 40  # the paste baseline's local-model noise (extras.paste)
-DEFECT_STREAM = 3 << 40  # defect k > 0 of an image draws its noise from seed + k * DEFECT_STREAM
+PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM (in effect the noise seed: see below)
 RETRY_STREAM = 4 << 40  # attempt a > 0 (a NaN retry or a gate rejection): see retry_seed
 # torch's CPU generator keeps only the low 32 bits of its seed, so offsets of 1 << 40 and up select the same
-# stream as the seed itself: retry_seed mixes (seed, attempt) into the low 32 bits.
+# stream as the seed itself: retry_seed and stream_seed mix their inputs into the low 32 bits. (The plan
+# generator keeps its historical seed: changing it would change every sample of every existing run.)
+
+
+def stream_seed(seed: int, stream: str, index: int = 0) -> int:
+    """The seed of a named side stream of `seed` (defect k > 0 of an image, the paste baseline): the low 32
+    bits hash (seed, stream, index), so its draws differ from the seed's own."""
+    low = int.from_bytes(hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()[:4], "little")
+    return seed - (seed & 0xFFFFFFFF) + low
 
 
 @dataclass(frozen=True)
