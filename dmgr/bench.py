@@ -59,7 +59,7 @@ def presets(window: int) -> dict[str, Preset]:
     """The `paper` and `fast` schedules exactly as the synthesis job composes and validates them."""
     from hydra import compose, initialize_config_dir
 
-    from dmgr.synth.app import CONF_DIR
+    from dmgr import CONF_DIR
     from dmgr.synth.config import sampler_settings
 
     found = {}

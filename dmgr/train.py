@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dmgr import CONF_DIR
 from dmgr.data.dataset import ImageFolderDataset, PatchDataset
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
@@ -39,7 +40,6 @@ from dmgr.models.precision import PRECISIONS, autocast
 from dmgr.sampler import ddim_sample
 
 log = logging.getLogger("dmgr.train")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class TrainConfigError(ValueError):

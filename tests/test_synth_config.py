@@ -7,8 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from synth_support import TINY, run_synth
 
+from dmgr import CONF_DIR
 from dmgr.models import CheckpointError, build_unet, save_checkpoint
-from dmgr.synth.app import CONF_DIR
 from dmgr.synth.config import ConfigError, parse_seeds, validate
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import num_shards, plan_sample, shard_seeds, worker_index, worker_shards

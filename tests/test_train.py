@@ -14,11 +14,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from dmgr import CONF_DIR
 from dmgr.data import export_global, export_local
 from dmgr.diffusion import make_diffusion
 from dmgr.models import load_unet, read_checkpoint
 from dmgr.sampler import DMGRSettings, PerSampleNoise, dmgr_sample, initial_noise, make_generators
-from dmgr.train import CONF_DIR, TrainConfigError, train
+from dmgr.train import TrainConfigError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GLOBAL = "{image_size: 32, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: '8', num_heads: 2, learn_sigma: true, resblock_updown: true}"  # noqa: E501

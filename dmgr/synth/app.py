@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dmgr import __version__
+from dmgr import CONF_DIR, __version__
 from dmgr.distributed import barrier, gather, init_workers, shutdown, worker_threads
 from dmgr.models import CheckpointError
 from dmgr.shards import LockHeld, ShardWriteError, write_manifest
@@ -30,7 +30,6 @@ from dmgr.synth.plan import worker_index
 from dmgr.synth.worker import NonFiniteSample, run_metrics, run_worker, shard_records
 
 log = logging.getLogger("dmgr.synth")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 class RunError(RuntimeError):

@@ -17,11 +17,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dmgr import PROJECT_ROOT
+from dmgr.models.precision import PRECISIONS
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.settings import DMGRSettings
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 CLASS_CHOICES = ("uniform", "fixed", "weighted")
 SOURCES = ("images", "generate")
 PIXEL_SOURCES = ("crop", "global")
@@ -277,7 +278,6 @@ def _dataset(cfg: DictConfig) -> DatasetSpec:
     )
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _find_path(value: str, kind: str = "any") -> Path | None:
@@ -503,8 +503,10 @@ def _gate(cfg: DictConfig, dataset: DatasetSpec) -> GateSpec:
 
 
 def validate(cfg: DictConfig) -> RunSpec:
-    """Check every setting and return the typed run spec. Reads the disk for the checkpoints' stored
-    architecture, to check the background images (source=images) and to test that out_dir is writable."""
+    """Check every setting and return the typed run spec. Reads the disk (and writes nothing): the
+    checkpoints' stored architecture, class names and sha256, the background images (source=images), the
+    gate's data when it is on, and whether out_dir (or its nearest existing parent) is writable. The
+    checkpoints' weights load later, in `load_engine`, still before out_dir is created."""
     for key in ("dataset", "model", "schedule"):
         if key not in cfg:
             fail(key, None, f"missing config group: add {key}=<name> (see conf/{key}/)")
