@@ -24,11 +24,15 @@ RETRY_STREAM = 4 << 40  # attempt a > 0 (a NaN retry or a gate rejection): see r
 # generator keeps its historical seed: changing it would change every sample of every existing run.)
 
 
+def _with_hashed_low_bits(seed: int, key: str) -> int:
+    """`seed` with its low 32 bits (all torch's CPU generator keeps) replaced by a hash of `key`."""
+    return seed - (seed & 0xFFFFFFFF) + int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
 def stream_seed(seed: int, stream: str, index: int = 0) -> int:
     """The seed of a named side stream of `seed` (defect k > 0 of an image, the paste baseline): the low 32
     bits hash (seed, stream, index), so its draws differ from the seed's own."""
-    low = int.from_bytes(hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()[:4], "little")
-    return seed - (seed & 0xFFFFFFFF) + low
+    return _with_hashed_low_bits(seed, f"{seed}:{stream}:{index}")
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,7 @@ class SamplePlan:
 def retry_seed(seed: int, attempt: int) -> int:
     """The noise seed of attempt > 0: low 32 bits from a hash of (seed, attempt), so the stream differs
     from attempt 0's (a collision with another seed's stream has odds ~ seeds / 2^32)."""
-    low = int.from_bytes(hashlib.sha256(f"{seed}:{attempt}".encode()).digest()[:4], "little")
-    return seed + attempt * RETRY_STREAM - (seed & 0xFFFFFFFF) + low
+    return _with_hashed_low_bits(seed, f"{seed}:{attempt}") + attempt * RETRY_STREAM
 
 
 def _class(dataset: DatasetSpec, g: torch.Generator) -> int:
