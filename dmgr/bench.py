@@ -1,12 +1,19 @@
-"""Speed of the DMGR sampler on small models: seconds per image and network passes per reverse step.
+"""Speed of the DMGR sampler: seconds per image, network passes per reverse step, FLOPs and the FLOP bound.
 
     python -m dmgr.bench [--batch 4] [--images N] [--presets paper,fast] [--weights random|FILE]
+                         [--device cpu|cuda] [--models tiny|paper] [--precision bf16] [--channels-last]
+                         [--compile default] [--attention auto|classic|sdpa]
 
-The models have the architecture of the reference fixture (global 64 px, 32 channels, mult 1,2,2, attention
-at 8; local 16 px, 6 classes) with random non-zero weights, or the trained weights of a file in the reference
-fixture's format (`{global,local}_config` and `_state_dict`, e.g. the parity fixture
-../shared/fixtures/dmgr-reference/tiny-64px-100steps.pt): speed does not depend on the values, the number of
-backtracking retries does a little.
+`--models tiny` (the CPU default) has the architecture of the reference fixture (global 64 px, 32 channels,
+mult 1,2,2, attention at 8; local 16 px, 6 classes); `--models paper` (the CUDA default) the architecture of
+ALGORITHM.md (conf/model/paper.yaml: global 256 px, local 64 px). Weights are random and non-zero, or the
+trained weights of a file in the reference fixture's format (`{global,local}_config` and `_state_dict`, e.g.
+the parity fixture ../shared/fixtures/dmgr-reference/tiny-64px-100steps.pt): speed does not depend on the
+values, the number of backtracking retries does a little.
+
+FLOPs are counted by torch.utils.flop_counter for one sample's forward and input-gradient backward of each
+network, times the passes the run made; the bound is that count at --peak-tflops (default on CUDA: 989, the
+dense bf16 peak of an H100/H200 SXM).
 
 Presets are the job's own schedule configs, conf/schedule/paper.yaml (respacing 250, T_s 150, T_e 40, K 2,
 time travel jump 10 x 2) and conf/schedule/fast.yaml (respacing 50, T_s 30, T_e 8, K 2, no time travel).
@@ -26,7 +33,11 @@ import torch
 
 from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
+from dmgr.models.acceleration import COMPILE_MODES, Acceleration, accelerate
+from dmgr.models.precision import PRECISIONS
+from dmgr.models.unet import ATTENTION_KERNELS
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, dmgr_sample, initial_noise, make_generators
+from dmgr.sampler.dmgr import model_eps
 from dmgr.synth.engine import randomised_unet
 
 GLOBAL_CONFIG = dict(
@@ -70,8 +81,9 @@ def presets(window: int) -> dict[str, Preset]:
     return found
 
 
-def load_models(weights: str) -> tuple[torch.nn.Module, torch.nn.Module, str]:
-    """`random`, or the path of a file holding `{global,local}_config` and `{global,local}_state_dict`."""
+def load_models(weights: str, architecture: str = "tiny") -> tuple[torch.nn.Module, torch.nn.Module, str]:
+    """`random` (with the `tiny` or `paper` architecture), or the path of a file holding
+    `{global,local}_config` and `{global,local}_state_dict`."""
     if weights != "random":
         path = Path(weights)
         if not path.is_file():
@@ -83,9 +95,48 @@ def load_models(weights: str) -> tuple[torch.nn.Module, torch.nn.Module, str]:
             model.load_state_dict(ref[f"{which}_state_dict"], strict=True)
             models.append(model.eval())
         return models[0], models[1], f"trained weights of {path.name}"
-    global_model = randomised_unet(GLOBAL_CONFIG, 1)
-    local_model = randomised_unet(LOCAL_CONFIG, 2)
-    return global_model, local_model, "random non-zero weights"
+    if architecture == "paper":
+        from omegaconf import OmegaConf
+
+        from dmgr import CONF_DIR
+
+        paper = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "paper.yaml"))
+        configs = paper["global"]["config"], paper["local"]["config"]
+    else:
+        configs = GLOBAL_CONFIG, LOCAL_CONFIG
+    global_model = randomised_unet(configs[0], 1)
+    local_model = randomised_unet(configs[1], 2)
+    return global_model, local_model, f"random non-zero weights, {architecture} architecture"
+
+
+def flops_per_sample(model: torch.nn.Module, device: str, precision: str) -> tuple[float, float]:
+    """(forward, input-gradient backward) FLOPs of one sample through `model`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = model.config
+    x = torch.randn(1, model.in_channels, config.image_size, config.image_size, device=device, requires_grad=True)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device) if config.num_classes else None
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model_eps(model, x, t, y, precision)
+    with FlopCounterMode(display=False) as both:
+        model_eps(model, x, t, y, precision).sum().backward()  # weights frozen: input gradient only
+    return forward.get_total_flops(), both.get_total_flops() - forward.get_total_flops()
+
+
+def run_flops(counts: dict, runs: int, flops: dict) -> float:
+    """FLOPs per image of a run: every counted pass (each covers the whole batch) at per-sample cost; a
+    backward goes through the global network, and through the local one in phases that optimise the crop."""
+    total = 0.0
+    for phase_counts in counts.values():
+        local_grad = phase_counts.get("forward_grad_local", 0) > 0
+        for kind, n in phase_counts.items():
+            if kind == "backward":
+                total += n * (flops["global"][1] + (flops["local"][1] if local_grad else 0.0))
+            else:
+                total += n * flops["local" if kind.endswith("local") else "global"][0]
+    return total / runs
 
 
 def reverse_steps_per_phase(settings: DMGRSettings, num_steps: int) -> tuple[dict[str, int], int, int]:
@@ -106,7 +157,15 @@ def reverse_steps_per_phase(settings: DMGRSettings, num_steps: int) -> tuple[dic
     return steps, undos, pre_undo
 
 
-def run_preset(preset, global_model, local_model, batch, images, seed) -> dict:
+def warm_up(global_model, local_model, batch: int, device: str, precision: str) -> None:
+    """One short rectified walk at the timed batch size, so that compilation, autotuning and the CUDA
+    allocator's first growth fall outside the timing."""
+    settings = DMGRSettings(T_s=6, T_e=2, time_travel=False, gate_every=1, loss_weight_until=1)
+    preset = Preset("warm-up", "10", settings)
+    run_preset(preset, global_model, local_model, batch, batch, 10**6, device, precision)
+
+
+def run_preset(preset, global_model, local_model, batch, images, seed, device="cpu", precision="fp32") -> dict:
     size = global_model.config.image_size
     window = local_model.config.image_size
     num_classes = local_model.config.num_classes or 1
@@ -118,21 +177,28 @@ def run_preset(preset, global_model, local_model, batch, images, seed) -> dict:
         n = min(batch, images - done)
         seeds = [seed + done + i for i in range(n)]
         generators = make_generators(seeds)
-        x_T = initial_noise(generators, (3, size, size), "cpu")
+        x_T = initial_noise(generators, (3, size, size), device)
         placement = torch.Generator().manual_seed(seed + 10_000 + done)
         windows = torch.randint(margin, max(margin + 1, size - window - margin), (n, 2), generator=placement)
         classes = torch.randint(0, num_classes, (n,), generator=placement)
+        synchronize(device)
         start = time.perf_counter()
         dmgr_sample(
-            global_model, local_model, diffusion, x_T, windows, classes, window, preset.settings,
-            PerSampleNoise(generators), counter=counter,
+            global_model, local_model, diffusion, x_T, windows.to(device), classes.to(device), window,
+            preset.settings, PerSampleNoise(generators), counter=counter, precision=precision,
         )
+        synchronize(device)
         seconds += time.perf_counter() - start
         done += n
     runs = math.ceil(images / batch)
     steps, undos, pre_undo = reverse_steps_per_phase(preset.settings, diffusion.num_steps)
     return dict(seconds=seconds, images=images, runs=runs, batch=batch, steps=steps, undos=undos, pre_undo=pre_undo,
                 counts=counter.counts, num_steps=diffusion.num_steps)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -154,13 +220,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default="random", help="random (default) or a reference-fixture-format .pt")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--models", choices=("tiny", "paper"), default=None,
+                        help="architecture of the random weights (default: tiny on cpu, paper on cuda)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast for the networks")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile mode of both networks")
+    parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for the FLOP bound (default: 989 on cuda, none on cpu)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch < 1 or (args.images is not None and args.images < 1):
         parser.error("--batch and --images must be positive")
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is visible here")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    architecture = args.models or ("paper" if device.startswith("cuda") else "tiny")
+    peak = args.peak_tflops or (989.0 if device.startswith("cuda") else None)
 
-    global_model, local_model, source = load_models(args.weights)
+    global_model, local_model, source = load_models(args.weights, architecture)
+    global_model.requires_grad_(False)
+    local_model.requires_grad_(False)
+    flops = {
+        "global": flops_per_sample(global_model.to(device), device, args.precision),
+        "local": flops_per_sample(local_model.to(device), device, args.precision),
+    }
+    acceleration = Acceleration(args.compile, args.channels_last, args.attention)
+    global_model = accelerate(global_model, acceleration)
+    local_model = accelerate(local_model, acceleration)
     window = local_model.config.image_size
     available = presets(window)
     chosen = [name.strip() for name in args.presets.split(",") if name.strip()]
@@ -169,18 +260,27 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown presets {unknown}: choose from {sorted(available)}")
 
     size = global_model.config.image_size
-    print(f"DMGR sampler benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, CPU float32")
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"DMGR sampler benchmark: torch {torch.__version__}, {where}; precision {args.precision}, "
+          f"channels_last {args.channels_last}, compile {args.compile}, attention {args.attention}")
     print(f"models: {source}; global {size}px, local {window}px ({local_model.config.num_classes} classes); "
           f"window {window}px, gate radius {9 * window / 64:g}px")
+    print(f"GFLOP per sample: global forward {flops['global'][0] / 1e9:.1f}, backward {flops['global'][1] / 1e9:.1f}; "
+          f"local forward {flops['local'][0] / 1e9:.1f}, backward {flops['local'][1] / 1e9:.1f}")
     print()
 
     results = {}
     for name in chosen:
         images = args.images or DEFAULT_IMAGES.get(name, args.batch) or args.batch
         batch = min(args.batch, images)
+        if device.startswith("cuda") or args.compile != "off":
+            print(f"warming up at batch {batch} ...", flush=True)
+            warm_up(global_model, local_model, batch, device, args.precision)
         print(f"running {name}: {images} image(s) in batches of {batch} ...", flush=True)
-        results[name] = run_preset(available[name], global_model, local_model, batch, images, args.seed)
+        results[name] = run_preset(
+            available[name], global_model, local_model, batch, images, args.seed, device, args.precision
+        )
     print()
 
     rows = []
@@ -196,6 +296,18 @@ def main(argv: list[str] | None = None) -> None:
     header = ["preset", "respacing", "T_s/T_e", "K", "batch", "images", "time travel", "reverse steps", "undos",
               "total s", "s/image", "ms/reverse step"]
     print(table(rows, header))
+    print()
+
+    rows = []
+    for name, r in results.items():
+        per_image = run_flops(r["counts"], r["runs"], flops)
+        achieved = per_image / (r["seconds"] / r["images"])
+        bound = [f"{per_image / (peak * 1e12):.2f}", f"{achieved / (peak * 1e12):.1%}"] if peak else ["-", "-"]
+        rows.append([name, f"{per_image / 1e12:.2f}", f"{r['seconds'] / r['images']:.2f}",
+                     f"{achieved / 1e12:.2f}", *bound])
+    print("FLOPs per image (passes actually made x per-sample FLOPs of each network) and the FLOP bound"
+          + (f" at {peak:g} TFLOP/s:" if peak else " (no --peak-tflops given):"))
+    print(table(rows, ["preset", "TFLOP/image", "s/image", "TFLOP/s achieved", "s/image at peak", "of bound"]))
     print()
 
     rows = []

@@ -63,6 +63,9 @@ def out(tmp_path):
         ("extras.input=true", "extras.input"),  # generated boards have no input image
         ("dataset.source=images dataset.images=tests/fixtures/voc/images extras.twin=true", "extras.twin"),
         ("model.local.config.in_channels=3 mask.method=local", "mask.method"),
+        ("performance.compile=fast", "performance.compile"),
+        ("performance.channels_last=maybe", "performance.channels_last"),
+        ("performance.attention=flash", "performance.attention"),
     ],
 )
 def test_bad_setting_names_its_key(override, key, out):
@@ -203,3 +206,12 @@ def test_side_streams_draw_other_noise_than_the_seed():
         streams = [seed, stream_seed(seed, "defect", 1), stream_seed(seed, "defect", 2), stream_seed(seed, "paste")]
         assert len({tuple(draws(s).tolist()) for s in streams}) == 4
         assert stream_seed(seed, "defect", 1) == stream_seed(seed, "defect", 1) >= 0
+
+
+def test_performance_settings_enter_the_identity_only_when_not_default(out):
+    default = spec_of([out])
+    assert spec_of([out, "performance.compile=false"]).identity == default.identity  # false is off
+    assert spec_of([out, "performance.attention=auto"]).identity == default.identity
+    changed = spec_of([out, "performance.channels_last=true", "performance.compile=reduce-overhead"])
+    assert changed.identity != default.identity
+    assert (changed.acceleration.channels_last, changed.acceleration.compile) == (True, "reduce-overhead")

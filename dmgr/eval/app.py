@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import write_areas
@@ -146,6 +148,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--width", type=_positive, default=SegmentSettings.width, help="U-Net base channels (>= 4)")
     d.add_argument("--test-defective", type=_positive, default=180, help="held-out real defective test boards")
     d.add_argument("--test-clean", type=_positive, default=60, help="held-out real clean test boards")
+    d.add_argument(
+        "--device", default="cpu", help="where segmenters train: cpu (default) or cuda (cached apart from cpu)"
+    )
     d.add_argument("--jobs", type=_positive, default=1, help="models trained at once (processes of one thread)")
     d.add_argument(
         "--mask-default",
@@ -226,6 +231,8 @@ def _main(argv: list[str] | None) -> None:
         written = write_areas(args.run_dir, args.out or args.run_dir / "eval", size)
         print(written["markdown"].read_text())
         return
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        parser().error(f"--device {args.device}: use cpu, or cuda where a CUDA device is visible")
     if args.width < 4 or args.width % 4:
         parser().error(f"--width must be a multiple of 4 (GroupNorm groups), got {args.width}")
     settings = DownstreamSettings(
@@ -234,7 +241,9 @@ def _main(argv: list[str] | None) -> None:
         seeds=args.seeds,
         test_defective=args.test_defective,
         test_clean=args.test_clean,
-        segment=SegmentSettings(steps=args.steps, batch_size=args.batch_size, width=args.width),
+        segment=SegmentSettings(
+            steps=args.steps, batch_size=args.batch_size, width=args.width, device=args.device
+        ),
     )
     runs = dict(args.run)
     if runs:

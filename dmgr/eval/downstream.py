@@ -130,7 +130,10 @@ def _log_model(name: str, scores: dict, done: int, total: int) -> None:
 
 def model_key(train: Boards, settings: DownstreamSettings, seed: int) -> str:
     """A digest of everything one model's scores depend on: its training pairs, the settings, the seed."""
-    digest = hashlib.sha256(json.dumps([asdict(settings), seed], sort_keys=True, default=str).encode())
+    described = asdict(settings)
+    if settings.segment.device == "cpu":  # the keys models trained before the setting existed have
+        del described["segment"]["device"]
+    digest = hashlib.sha256(json.dumps([described, seed], sort_keys=True, default=str).encode())
     for tensor in (train.images, train.masks, train.classes):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]

@@ -23,6 +23,7 @@ class SegmentSettings:
     width: int = 16
     pos_weight: float = 20.0  # BCE weight of defect pixels: without it 1000 steps learn only missing holes
     threshold: float = 0.5  # probability above which a pixel counts as defect (IoU)
+    device: str = "cpu"  # where the segmenter trains (scores from cpu and cuda differ in float rounding)
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -71,14 +72,14 @@ def train_segmenter(train: Boards, settings: SegmentSettings, seed: int) -> SegN
         raise ValueError("train_segmenter needs at least one (image, mask) pair")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = SegNet(settings.width)
+        model = SegNet(settings.width).to(settings.device)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps)
     model.train()
     for _ in range(settings.steps):
         idx = torch.randint(len(train), (settings.batch_size,), generator=g)
-        images, masks = augment(g, train.images[idx], train.masks[idx])
+        images, masks = (x.to(settings.device) for x in augment(g, train.images[idx], train.masks[idx]))
         loss = segmentation_loss(model(images), masks, settings.pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,7 +90,9 @@ def train_segmenter(train: Boards, settings: SegmentSettings, seed: int) -> SegN
 
 @torch.no_grad()
 def predict_maps(model: SegNet, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    return torch.cat([torch.sigmoid(model(chunk)) for chunk in images.split(batch)])
+    """Defect probability maps, on the CPU, of images on any device (the model's is used)."""
+    device = next(model.parameters()).device
+    return torch.cat([torch.sigmoid(model(chunk.to(device))).cpu() for chunk in images.split(batch)])
 
 
 def detection_scores(probabilities: torch.Tensor, test: Boards, threshold: float = 0.5) -> dict:

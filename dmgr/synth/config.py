@@ -5,6 +5,7 @@ Every problem is a `ConfigError` with one line: the key, the value, and what is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dmgr import PROJECT_ROOT
+from dmgr.models.acceleration import COMPILE_MODES, Acceleration
 from dmgr.models.precision import PRECISIONS
+from dmgr.models.unet import ATTENTION_KERNELS
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.settings import DMGRSettings
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
@@ -36,7 +39,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TOP_LEVEL_KEYS = {
     "dataset", "model", "schedule", "seeds", "samples_per_shard", "batch_size", "out_dir", "device", "precision",
     "shard_prefix", "mask", "extras", "quality", "array", "writer_queue", "progress", "threads", "nonfinite",
-    "gate",
+    "gate", "performance",
 }
 SECTION_KEYS = {
     "mask": {"method", "pixels", "sigma", "min_contrast"},
@@ -46,6 +49,7 @@ SECTION_KEYS = {
     "nonfinite": {"action", "max_attempts"},
     "gate": {"enabled", "data_root", "max_attempts", "on_exhausted", "min_fidelity", "area_quantile",
              "max_mask_outside", "max_changed_outside", "max_seam", "classifier_steps", "cache_dir"},
+    "performance": {"compile", "channels_last", "attention"},
     "model": {"name", "random_init", "diffusion_steps", "beta_schedule", "global", "local"},
     "model.global": {"checkpoint", "config"},
     "model.local": {"checkpoint", "config"},
@@ -200,6 +204,7 @@ class RunSpec:
     nonfinite: NonfiniteSpec = NonfiniteSpec()
     checkpoint_digests: dict | None = None  # sha256 of each checkpoint file (part of the identity)
     gate: GateSpec = GateSpec()
+    acceleration: Acceleration = Acceleration()
 
     @property
     def available_masks(self) -> tuple[str, ...]:
@@ -357,6 +362,9 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     gate = kept.pop("gate", None)
     if gate and gate.get("enabled"):  # a run without the gate keeps the identity it had before the gate existed
         kept["gate"] = {k: v for k, v in gate.items() if k not in ("data_root", "cache_dir")}
+    performance = kept.pop("performance", None)
+    if performance and performance != dataclasses.asdict(Acceleration()):
+        kept["performance"] = performance  # the defaults keep the identity runs had before the setting existed
     kept["model"] = {**kept["model"]}
     for which, net in (("global", model.global_net), ("local", model.local_net)):
         kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}
@@ -452,6 +460,20 @@ def _nonfinite(cfg: DictConfig) -> NonfiniteSpec:
     if action not in NONFINITE_ACTIONS:
         fail("nonfinite.action", action, f"allowed: {', '.join(NONFINITE_ACTIONS)}")
     return NonfiniteSpec(action, _positive_int(cfg, "nonfinite.max_attempts") if "max_attempts" in n else 3)
+
+
+def _acceleration(cfg: DictConfig) -> Acceleration:
+    p = cfg.get("performance") or {}
+    compile_mode = "off" if p.get("compile") in (None, False) else str(p.get("compile"))
+    if compile_mode not in COMPILE_MODES:
+        fail("performance.compile", p.get("compile"), f"allowed: {', '.join(COMPILE_MODES)}")
+    channels_last = p.get("channels_last", False)
+    if not isinstance(channels_last, bool):
+        fail("performance.channels_last", channels_last, "true or false")
+    attention = str(p.get("attention", "auto"))
+    if attention not in ATTENTION_KERNELS:
+        fail("performance.attention", attention, f"allowed: {', '.join(ATTENTION_KERNELS)}")
+    return Acceleration(compile_mode, channels_last, attention)
 
 
 def _number(cfg: DictConfig, key: str, low: float, high: float) -> float:
@@ -603,6 +625,8 @@ def validate(cfg: DictConfig) -> RunSpec:
     if gate.enabled:
         resolved["gate"]["data_root"] = str(gate.data_root)
         resolved["gate"]["data_digest"] = gate.data_digest
+    acceleration = _acceleration(cfg)
+    resolved["performance"] = dataclasses.asdict(acceleration)
     identity = _identity(resolved, model, backgrounds.digest if backgrounds is not None else None)
     if cfg.out_dir:
         out_dir = Path(str(cfg.out_dir)).expanduser()
@@ -638,4 +662,5 @@ def validate(cfg: DictConfig) -> RunSpec:
         threads=_threads(cfg),
         nonfinite=_nonfinite(cfg),
         gate=gate,
+        acceleration=acceleration,
     )

@@ -13,6 +13,7 @@ from dmgr import __version__
 from dmgr.diffusion import Diffusion, make_diffusion
 from dmgr.images import from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
+from dmgr.models.acceleration import accelerate
 from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
@@ -63,6 +64,8 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
     local_model, local_digest = _load(spec.model.local_net, 1, device)
     for model in (global_model, local_model):
         model.requires_grad_(False)
+    global_model = accelerate(global_model, spec.acceleration)
+    local_model = accelerate(local_model, spec.acceleration)
     diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
     digests = {"global": global_digest, "local": local_digest}
     return Engine(global_model, local_model, diffusion, digests, device, load_gate(spec))
