@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+DEVICE ?= cpu
 # The newest run by modification time (a run in progress included), not the name that sorts last.
 SHARDS ?= $(firstword $(shell ls -td outputs/*/shards 2>/dev/null))
 OUT ?= preview.png
@@ -59,8 +60,9 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 
+# make bench DEVICE=cuda: the paper architecture on the GPU, with seconds per image and the FLOP bound.
 bench: venv
-	$(PY) -m dmgr.bench $(ARGS)
+	$(PY) -m dmgr.bench --device $(DEVICE) $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check dmgr tests

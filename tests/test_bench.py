@@ -35,3 +35,15 @@ def test_bench_prints_seconds_and_passes_per_phase():
     assert any(line.startswith("fast ") and " 50 " in line for line in lines), result.stdout  # respacing 50
     phases = {line.split()[1] for line in lines if line.startswith("fast ") and len(line.split()) == 8}
     assert phases == {"anchoring", "free", "resonance"}, result.stdout
+    flop_rows = [line.split() for line in lines if line.startswith("fast ") and len(line.split()) == 6]
+    assert len(flop_rows) == 1 and float(flop_rows[0][1]) > 0.1, result.stdout  # TFLOP per image, tiny models
+    assert "GFLOP per sample: global forward" in result.stdout
+
+
+def test_bench_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        return  # this machine has one: the refusal cannot happen here
+    result = subprocess.run(
+        [sys.executable, "-m", "dmgr.bench", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "--device cuda: no CUDA device is visible here" in result.stderr

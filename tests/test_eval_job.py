@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from synth_support import ROOT, TINY, manifest, read_samples, run_synth
 
@@ -195,6 +196,8 @@ def test_downstream_rejects_bad_arguments(eval_run, tmp_path):
         (["--run", f"x={eval_run}", "--n", "9"], "holds 8 samples, the benchmark needs n=9"),
         (["--run", f"x={eval_run}", "--n", "8", "--only", "perlin,nothing"], "--only nothing: no such source"),
         (["--run", f"x={eval_run}", "--n", "8", "--mix", "y"], "--mix y: no run of that name"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: use cpu, or cuda where")]),
+        (["--device", "tpu"], "--device tpu: use cpu"),
     ]:
         base = ["downstream", "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o")]
         result = run_eval([*base, *args], check=False)  # a repeated option: the later one wins
