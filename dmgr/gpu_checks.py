@@ -2,9 +2,11 @@
 
     python -m dmgr.gpu_checks
 
-The same tiny random networks and seeds run the DMGR walk (the `fast` preset) on the CPU in float32 and on
-CUDA in each speed setting; prints the largest difference of the final images from the CPU's, and fails
-(exit 1) where the fp32 GPU result is not the CPU's within float tolerance or any result is not finite.
+For each speed setting on CUDA: both tiny random networks' outputs against the CPU's in float32 (they must
+agree within 1e-4 of the output's range in fp32, 3e-2 under bf16 autocast), and a whole DMGR walk (the
+`fast` preset) that must stay finite. The walk's distance from the CPU's walk is printed, not checked: with
+random networks the rectified walk is chaotic (rounding flips line-search decisions), and the CPU's own
+walks at 1 and 2 threads are as far apart (mean |difference| 0.28 of the [-1, 1] range on this preset).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from dmgr.bench import GLOBAL_CONFIG, LOCAL_CONFIG, presets
 from dmgr.diffusion import make_diffusion
 from dmgr.models.acceleration import Acceleration, accelerate
+from dmgr.models.precision import autocast
 from dmgr.models.unet import set_attention_kernel
 from dmgr.sampler import PerSampleNoise, dmgr_sample, initial_noise, make_generators
 from dmgr.synth.engine import randomised_unet
@@ -36,6 +39,23 @@ def walk(device: str, precision: str, acceleration: Acceleration) -> torch.Tenso
         PerSampleNoise(generators), precision=precision,
     )
     return result.image.float().cpu()
+
+
+def network_gap(precision: str, acceleration: Acceleration) -> float:
+    """Largest |difference| of both networks' outputs, CUDA in this setting against the CPU in fp32, relative
+    to the largest |output|."""
+    gap = 0.0
+    for config, seed, y in ((GLOBAL_CONFIG, 1, None), (LOCAL_CONFIG, 2, torch.tensor([0, 3, 5, 1]))):
+        size = config["image_size"]
+        x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        t = torch.tensor([10, 300, 600, 900])
+        with torch.no_grad():
+            expected = randomised_unet(config, seed)(x, t, y)
+            model = accelerate(randomised_unet(config, seed).requires_grad_(False).cuda(), acceleration)
+            with autocast("cuda", precision):
+                out = model(x.cuda(), t.cuda(), None if y is None else y.cuda())
+        gap = max(gap, float((out.float().cpu() - expected).abs().max() / expected.abs().max()))
+    return gap
 
 
 def attention_gap(device: str) -> float:
@@ -66,12 +86,12 @@ def main() -> int:
         "cuda bf16, sdpa, channels_last, compile": ("bf16", Acceleration("default", True, "auto")),
     }
     for name, (precision, acceleration) in cases.items():
+        gap = network_gap(precision, acceleration)
         image = walk("cuda", precision, acceleration)
-        diff = (image - cpu).abs()
         finite = bool(torch.isfinite(image).all())
-        print(f"{name:42s} final image vs CPU fp32: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}, "
-              f"finite {finite}")
-        if not finite or (precision == "fp32" and diff.mean() > 1e-3):
+        print(f"{name:42s} networks vs CPU: max relative |diff| {gap:.1e}; walk finite {finite}, "
+              f"mean |diff| from the CPU walk {(image - cpu).abs().mean():.2f}")
+        if not finite or gap > (1e-4 if precision == "fp32" else 3e-2):
             failures.append(name)
     print("FAILED: " + ", ".join(failures) if failures else "all GPU checks passed")
     return 1 if failures else 0

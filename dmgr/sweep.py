@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dmgr.images import viridis
+
 # (column name, where it lives in the manifest, higher is better?)
 METRICS = [
     ("images_per_second", ("throughput", "images_per_second")),
@@ -23,7 +25,6 @@ METRICS = [
     ("mask_area", ("metrics", "mask_area")),
     ("mask_window_fraction", ("metrics", "mask_window_fraction")),
 ]
-VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
 
 
 def _dig(data: dict, path: tuple[str, ...]):
@@ -69,13 +70,6 @@ def metric_names(rows: list[dict]) -> list[str]:
     return names
 
 
-def colour(fraction: float) -> tuple[int, int, int]:
-    fraction = min(max(fraction, 0.0), 1.0) * (len(VIRIDIS) - 1)
-    i = min(int(fraction), len(VIRIDIS) - 2)
-    a, b, f = VIRIDIS[i], VIRIDIS[i + 1], fraction - i
-    return tuple(int(round(a[k] + (b[k] - a[k]) * f)) for k in range(3))
-
-
 def heatmap(rows: list[dict], metric: str, path: Path, cell: int = 72) -> None:
     t_s = sorted({r["T_s"] for r in rows})
     t_e = sorted({r["T_e"] for r in rows})
@@ -97,7 +91,7 @@ def heatmap(rows: list[dict], metric: str, path: Path, cell: int = 72) -> None:
                 draw.rectangle(box, fill=(220, 220, 220))
                 draw.text((box[0] + 6, box[1] + cell // 2 - 6), "skipped", fill=(90, 90, 90))
                 continue
-            fill = colour((value - lo) / (hi - lo) if hi > lo else 0.5)
+            fill = viridis((value - lo) / (hi - lo) if hi > lo else 0.5)
             draw.rectangle(box, fill=fill)
             ink = (0, 0, 0) if sum(fill) > 380 else (255, 255, 255)
             draw.text((box[0] + 6, box[1] + cell // 2 - 6), f"{value:.4g}", fill=ink)

@@ -179,8 +179,8 @@ def test_datasets_read_the_export(exported):
         ImageFolderDataset(Path(exported) / "nothing", 64)
 
 
-def test_contact_sheet_renders():
-    from dmgr.data.sheet import contact_sheet
+def test_domain_sheet_renders():
+    from dmgr.data.sheet import domain_sheet
 
-    sheet = contact_sheet(seed=2, sizes=(64,), cell=64)
+    sheet = domain_sheet(seed=2, sizes=(64,), cell=64)
     assert sheet.size == (7 * 64, 2 * (64 + 14))

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from dmgr.images import bounding_box
 from dmgr.sampler.gates import global_gate
-from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask, gaussian_blur, otsu_threshold, window_support
+from dmgr.sampler.masks import diff_mask, gate_mask, gaussian_blur, otsu_threshold, window_support
 
 
 def smooth_background(batch, size, seed):

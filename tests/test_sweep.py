@@ -9,7 +9,8 @@ from pathlib import Path
 from PIL import Image
 from synth_support import TINY, manifest, run_synth
 
-from dmgr.sweep import colour, write_report
+from dmgr.images import viridis
+from dmgr.sweep import write_report
 
 
 def test_local_sweep_skips_invalid_points_and_reports(tmp_path):
@@ -43,7 +44,7 @@ def test_local_sweep_skips_invalid_points_and_reports(tmp_path):
                     assert corner == (220, 220, 220)
                 else:
                     share = (values[t_s, t_e] - lo) / (hi - lo) if hi > lo else 0.5
-                    assert corner == colour(share), (metric, t_s, t_e)
+                    assert corner == viridis(share), (metric, t_s, t_e)
     text = written["markdown"].read_text()
     assert "Skipped points" in text and "T_e=3: must be smaller" in text
 

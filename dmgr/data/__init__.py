@@ -7,7 +7,7 @@ Nothing here imports the sampler. The exporters, importers and torch datasets lo
 
 from importlib import import_module
 
-from dmgr.data.pcb import CLASS_NAMES, Board, Mark, Pad, Trace, add_defect, class_id_of, make_board, mask_box
+from dmgr.data.pcb import CLASS_NAMES, Board, Mark, Pad, Trace, add_defect, class_id_of, make_board
 
 _LAZY = {
     "export_all": "export", "export_global": "export", "export_local": "export", "export_test": "export",
@@ -16,7 +16,7 @@ _LAZY = {
     "ImageFolderDataset": "dataset", "PatchDataset": "dataset",
 }
 
-__all__ = ["CLASS_NAMES", "Board", "Mark", "Pad", "Trace", "add_defect", "class_id_of", "make_board", "mask_box",
+__all__ = ["CLASS_NAMES", "Board", "Mark", "Pad", "Trace", "add_defect", "class_id_of", "make_board",
            *_LAZY]
 
 

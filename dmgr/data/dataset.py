@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dmgr.data.defects import CLASS_NAMES
-from dmgr.data.images import list_images, load_rgb, resize_center_crop
+from dmgr.images import list_images, load_rgb, resize_center_crop
 
 
 def to_tensor(img, size: int | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import numpy as np
 from dmgr.data.board import Board
 from dmgr.data.render import SUPERSAMPLE, canvas
 from dmgr.data.shapes import Trace, draw_disc, draw_polygon, draw_trace, segments
+from dmgr.images import bounding_box
 
 CLASS_NAMES = ("missinghole", "mousebite", "opencircuit", "short", "spur", "spuriouscopper")
 
@@ -32,12 +33,6 @@ def class_id_of(name_or_id: str | int) -> int:
     if not 0 <= int(name_or_id) < len(CLASS_NAMES):
         raise ValueError(f"defect class id must be in [0, {len(CLASS_NAMES) - 1}], got {name_or_id}")
     return int(name_or_id)
-
-
-def mask_box(mask: np.ndarray) -> list[int]:
-    """[x0, y0, x1, y1] (exclusive end) of a non-empty (H, W) bool mask."""
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def add_defect(board: Board, class_id: int | str, seed: int, center: Sequence[float] | None = None
@@ -60,7 +55,7 @@ def add_defect(board: Board, class_id: int | str, seed: int, center: Sequence[fl
         image = board.render(layers)
         mask = (image != board.image).any(axis=-1)
         if mask.any():
-            return image, mask, mask_box(mask)
+            return image, mask, bounding_box(mask)
     raise RuntimeError(f"no place for a {CLASS_NAMES[cid]} defect on board seed {board.seed}")
 
 

@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
-from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of, mask_box
-from dmgr.data.images import save_mask
+from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
+from dmgr.images import bounding_box, save_mask
 
 STREAM = 10_000_000
 GLOBAL_OFFSET, LOCAL_OFFSET, TEST_OFFSET = 0, STREAM, 2 * STREAM
@@ -90,7 +90,7 @@ def export_local(out: str | Path, size: int, per_class: int, seed: int = 0,
             save_mask(crop_mask, root / f"{name}.mask.png")
             labels.append({"file": f"{name}.png", "mask": f"{name}.mask.png", "class_name": CLASS_NAMES[cid],
                            "class_id": cid, "board_seed": bseed, "defect_seed": i, "window": window,
-                           "box": mask_box(crop_mask)})
+                           "box": bounding_box(crop_mask)})
     meta = {"classes": list(CLASS_NAMES), "patch_size": patch, "board_size": size, "items": labels}
     (root / "labels.json").write_text(json.dumps(meta, indent=1))
     return labels

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dmgr.data.defects import CLASS_NAMES, class_id_of
-from dmgr.data.images import list_images, resize_center_crop
 from dmgr.data.patches import PatchWriter, Reader, import_masked, scale
+from dmgr.images import list_images, resize_center_crop
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmgr.data.images import list_images, save_mask
+from dmgr.images import list_images, save_mask
 
 log = logging.getLogger(__name__)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

@@ -7,7 +7,7 @@ Pieces: `layout` (geometry in design units), `render` (layers -> photograph), `b
 """
 
 from dmgr.data.board import Board, make_board
-from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of, mask_box
+from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
 from dmgr.data.shapes import Mark, Pad, Trace
 
-__all__ = ["CLASS_NAMES", "Board", "Mark", "Pad", "Trace", "add_defect", "class_id_of", "make_board", "mask_box"]
+__all__ = ["CLASS_NAMES", "Board", "Mark", "Pad", "Trace", "add_defect", "class_id_of", "make_board"]

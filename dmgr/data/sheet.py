@@ -34,7 +34,7 @@ def outlined_tile(image: np.ndarray, cell: int, mask: np.ndarray | None = None) 
     return big
 
 
-def contact_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: int = 0, cell: int = 192
+def domain_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: int = 0, cell: int = 192
                   ) -> Image.Image:
     rows = []
     for size in sizes:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defect-seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 64])
     args = parser.parse_args(argv)
-    contact_sheet(args.seed, args.sizes, args.defect_seed).save(args.out)
+    domain_sheet(args.seed, args.sizes, args.defect_seed).save(args.out)
     print(args.out)
 
 

@@ -11,8 +11,7 @@ from PIL import Image, ImageDraw
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.sheet import outlined_tile
 from dmgr.eval.real import PATCH_CLASSES, Boards
-from dmgr.images import to_uint8
-from dmgr.sweep import colour
+from dmgr.images import to_uint8, viridis
 
 SAMPLE_COLUMNS = [  # (key, header)
     ("class_accuracy", "class accuracy (higher)"),
@@ -48,7 +47,7 @@ def confusion_png(confusion: list[list[int]], path: Path, title: str, cell: int 
         draw.text((4, top + i * cell + cell // 2 - 6), CLASS_NAMES[i], fill=(0, 0, 0))
         for j, count in enumerate(row):
             box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
-            fill = colour(count / total)
+            fill = viridis(count / total)
             draw.rectangle(box, fill=fill)
             draw.text((box[0] + 6, box[1] + cell // 2 - 6), str(count), fill=(0, 0, 0) if sum(fill) > 380 else "white")
     image.save(path)

@@ -22,10 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dmgr.data.dataset import mask_path
-from dmgr.data.images import list_images, load_rgb, resize_center_crop
 from dmgr.eval.classifier import ClassifierSettings, PatchClassifier, accuracy, train_classifier
 from dmgr.eval.real import Patches
-from dmgr.images import from_uint8
+from dmgr.images import from_uint8, list_images, load_rgb, resize_center_crop
 from dmgr.synth.backgrounds import Backgrounds
 
 log = logging.getLogger(__name__)

@@ -88,15 +88,6 @@ def gate_mask(
     return (gate >= 0.5) & window_support(height, width, windows, window_size)
 
 
-def bounding_box(mask: torch.Tensor) -> list[int] | None:
-    """[x0, y0, x1, y1] (exclusive end) of a (1, H, W) or (H, W) bool mask, None when empty."""
-    mask = mask.reshape(mask.shape[-2], mask.shape[-1])
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    if len(xs) == 0:
-        return None
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
 def local_mask(crop: torch.Tensor, windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, 1, H, W) bool: the crop's mask channel (index 3, > 0) placed at each sample's window."""
     size = crop.shape[-1]

@@ -102,6 +102,12 @@ def synthesise(spec: RunSpec) -> dict | None:
             _claim_out_dir(spec)
         handler = _file_logging(spec, worker)
         log.info("worker %d/%d: %d intra-op threads (%s), pid %d", worker, num_workers, threads, why, os.getpid())
+        if spec.batch_size > spec.samples_per_shard and worker == 0:
+            log.warning(
+                "batch_size=%d but samples_per_shard=%d: a sampler call never spans two shards, so batches hold "
+                "at most %d samples; raise samples_per_shard (e.g. to 1000) for large GPU batches",
+                spec.batch_size, spec.samples_per_shard, spec.samples_per_shard,
+            )
         worker_lock = acquire(
             spec.out_dir / "locks" / f"worker-{worker:04d}-of-{num_workers:04d}.lock",
             f"worker {worker} of {num_workers} in out_dir={spec.out_dir}",

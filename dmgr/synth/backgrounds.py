@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmgr.data.images import list_images, resize_center_crop
+from dmgr.images import list_images, resize_center_crop
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from PIL import Image
 
 from dmgr import __version__
 from dmgr.diffusion import Diffusion, make_diffusion
-from dmgr.images import from_uint8, to_uint8
+from dmgr.images import bounding_box, from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.acceleration import accelerate
 from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
-from dmgr.sampler.masks import bounding_box, diff_mask, gate_mask, local_mask
+from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
 from dmgr.synth.plan import SamplePlan, stream_seed
 
