@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dmgr import EVAL_CACHE, GATE_CACHE
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import write_areas
@@ -32,13 +33,12 @@ from dmgr.sampler.masks import MASK_METHODS
 from dmgr.shards.manifest import write_json_atomic
 
 log = logging.getLogger("dmgr.eval")
-DEFAULT_CACHE = Path("outputs/eval-cache")  # relative to the working directory, like the job's out_dir
 
 
 def evaluate_samples(
     run_dir: Path,
     out_dir: Path | None = None,
-    cache: Path = DEFAULT_CACHE,
+    cache: Path = EVAL_CACHE,
     classifier: ClassifierSettings | None = None,
     progress: bool = True,
 ) -> dict:
@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the patch classifier is cached")
+    common.add_argument("--cache", type=Path, default=EVAL_CACHE, help="where the patch classifier is cached")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("samples", parents=[common], help="sample metrics of one synthesis run")
     s.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
@@ -178,7 +178,7 @@ def train_gate_classifier(args: argparse.Namespace, progress: bool) -> None:
         classes = tuple(json.loads(labels.read_text())["classes"])
     backgrounds = scan_backgrounds(args.images, args.image_size, args.window, args.margin)
     settings = UserClassifierSettings(window=args.window, steps=args.steps, area_quantile=args.area_quantile)
-    cache = args.cache if args.cache != DEFAULT_CACHE else Path("outputs/gate-cache")
+    cache = args.cache if args.cache != EVAL_CACHE else GATE_CACHE
     gate = load_or_train_user(args.data_root.resolve(), classes, backgrounds, settings, cache, progress=progress)
     print(json.dumps(gate.record, indent=1))
 

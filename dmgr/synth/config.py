@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dmgr import PROJECT_ROOT
+from dmgr import EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
 from dmgr.models.acceleration import COMPILE_MODES, Acceleration
 from dmgr.models.precision import PRECISIONS
 from dmgr.models.unet import ATTENTION_KERNELS
@@ -138,7 +138,7 @@ class QualitySpec:
     enabled: bool = False
     classifier_steps: int = 1500
     classifier_boards: int = 600
-    cache_dir: Path = Path("outputs/eval-cache")
+    cache_dir: Path = EVAL_CACHE
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class GateSpec:
     max_changed_outside: int = 0
     max_seam: float = 4.0
     classifier_steps: int = 800
-    cache_dir: Path = Path("outputs/gate-cache")
+    cache_dir: Path = GATE_CACHE
     data_digest: str | None = None  # of the training patches and masks (part of the run's identity)
 
     def thresholds(self) -> dict:
@@ -383,7 +383,7 @@ def _quality(cfg: DictConfig) -> QualitySpec:
         bool(q.get("enabled", False)),
         _positive_int(cfg, "quality.classifier_steps"),
         _positive_int(cfg, "quality.classifier_boards"),
-        Path(str(q.get("cache_dir", "outputs/eval-cache"))).expanduser(),
+        Path(str(q.get("cache_dir", EVAL_CACHE))).expanduser(),
     )
 
 
@@ -519,7 +519,7 @@ def _gate(cfg: DictConfig, dataset: DatasetSpec) -> GateSpec:
         _positive_int(cfg, "gate.max_changed_outside", 0),
         _number(cfg, "gate.max_seam", -1e9, 1e9),
         _positive_int(cfg, "gate.classifier_steps"),
-        Path(str(g.get("cache_dir", "outputs/gate-cache"))).expanduser(),
+        Path(str(g.get("cache_dir", GATE_CACHE))).expanduser(),
         digest,
     )
 
