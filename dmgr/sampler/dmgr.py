@@ -103,6 +103,17 @@ class _Rectifier:
         self.precision, self.counter = precision, counter
         self.weight_map: torch.Tensor | None = None
         self.weight_t: int | None = None
+        self.local_memo: tuple | None = None  # (t, c, eps_l) of the last local forward without gradient
+
+    def local_eps(self, c: torch.Tensor, t: int, steps: torch.Tensor, grad_c: bool) -> tuple[torch.Tensor, bool]:
+        """(eps_l, whether the network ran). While only x moves (anchoring, and the line search's candidates)
+        the crop is unchanged, so its prediction is reused: the same input gives the same output."""
+        memo = self.local_memo
+        if not grad_c and memo is not None and memo[0] == t and torch.equal(memo[1], c):
+            return memo[2], False
+        eps_l = model_eps(self.local_model, c, steps, self.classes, self.precision)
+        self.local_memo = None if grad_c else (t, c, eps_l)
+        return eps_l, True
 
     def predict(self, x, c, t, grad_x, grad_c, phase) -> _Point:
         with torch.set_grad_enabled(grad_x or grad_c):
@@ -111,11 +122,12 @@ class _Rectifier:
             abar = self.diffusion.abar(t)
             steps = self.diffusion.model_timesteps(t, x.shape[0], x.device)
             eps_g = model_eps(self.global_model, x, steps, None, self.precision)
-            eps_l = model_eps(self.local_model, c, steps, self.classes, self.precision)
+            eps_l, local_ran = self.local_eps(c, t, steps, grad_c)
             point = _Point(x, c, eps_g, predict_x0(x, eps_g, abar), eps_l, predict_x0(c, eps_l, abar), [(x, c)])
         if self.counter is not None:
             self.counter.add(phase, "forward_grad_global" if grad_x else "forward_global")
-            self.counter.add(phase, "forward_grad_local" if grad_c else "forward_local")
+            if local_ran:
+                self.counter.add(phase, "forward_grad_local" if grad_c else "forward_local")
         return point
 
     def fit(self, p: _Point, t: int, weight_map) -> torch.Tensor:
