@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from dmgr.images import viridis
 
-# (column name, where it lives in the manifest, higher is better?)
+# (column name, its path in the manifest)
 METRICS = [
     ("images_per_second", ("throughput", "images_per_second")),
     ("final_loss", ("metrics", "final_loss")),
