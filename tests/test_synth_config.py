@@ -63,6 +63,7 @@ def out(tmp_path):
         ("extras.input=true", "extras.input"),  # generated boards have no input image
         ("dataset.source=images dataset.images=tests/fixtures/voc/images extras.twin=true", "extras.twin"),
         ("model.local.config.in_channels=3 mask.method=local", "mask.method"),
+        ("extras.crop=maybe", "extras.crop"),
         ("performance.compile=fast", "performance.compile"),
         ("performance.channels_last=maybe", "performance.channels_last"),
         ("performance.attention=flash", "performance.attention"),
@@ -215,3 +216,12 @@ def test_performance_settings_enter_the_identity_only_when_not_default(out):
     changed = spec_of([out, "performance.channels_last=true", "performance.compile=reduce-overhead"])
     assert changed.identity != default.identity
     assert (changed.acceleration.channels_last, changed.acceleration.compile) == (True, "reduce-overhead")
+
+
+def test_extras_name_every_member_a_sample_holds(out):
+    spec = spec_of([out, "extras.crop=true", "extras.masks=true", "extras.paste=true", "extras.twin=true"])
+    assert spec.extras.members(spec.available_masks) == (
+        "png", "mask.png", "json", "crop.png", "twin.png",
+        *(f"mask_{m}.png" for m in spec.available_masks), "paste.png", "paste_mask.png",
+    )
+    assert spec_of([out]).extras.members(("diff",)) == ("png", "mask.png", "json")

@@ -174,6 +174,27 @@ class GateSpec:
 
 
 @dataclass(frozen=True)
+class Extras:
+    """The optional members of each sample (conf/synth.yaml `extras`)."""
+
+    input: bool = False  # <key>.input.png: the background exactly as the model saw it (source=images)
+    crop: bool = False  # <key>.crop.png: the final local crop
+    twin: bool = False  # <key>.twin.png: the defect-free twin (source=generate)
+    grid: bool = False  # <key>.grid.png: x0 predictions every schedule.record_every indices
+    masks: bool = False  # <key>.mask_<method>.png for every mask method the run can make
+    paste: bool = False  # <key>.paste.png + paste_mask.png: the no-rectification baseline (source=generate)
+
+    def members(self, mask_methods: Sequence[str]) -> tuple[str, ...]:
+        """What every sample of the run holds: the one list the engine writes and the resume check expects."""
+        extra = [f"{name}.png" for name in ("crop", "twin", "grid", "input") if getattr(self, name)]
+        if self.masks:
+            extra += [f"mask_{method}.png" for method in mask_methods]
+        if self.paste:
+            extra += ["paste.png", "paste_mask.png"]
+        return ("png", "mask.png", "json", *extra)
+
+
+@dataclass(frozen=True)
 class RunSpec:
     seeds: Sequence[int]  # a range for "a-b", however long
     samples_per_shard: int
@@ -186,7 +207,7 @@ class RunSpec:
     mask_pixels: str  # source=images: where the pixels inside the mask come from (crop | global)
     mask_sigma: float
     mask_min_contrast: float
-    extras: dict
+    extras: Extras
     task_id: int
     task_count: int
     writer_queue: int
@@ -606,9 +627,13 @@ def validate(cfg: DictConfig) -> RunSpec:
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
     mask_method = _mask_method(str(cfg.mask.method), dataset, model)
-    extras = dict(resolved.get("extras", {}))
+    given = dict(resolved.get("extras", {}))
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            fail(f"extras.{name}", value, "true or false")
+    extras = Extras(**given)
     for name in ("twin", "paste") if dataset.source == "images" else ("input",):
-        if extras.get(name, False):
+        if getattr(extras, name):
             other = "generate" if name != "input" else "images"
             fail(f"extras.{name}", True, f"needs dataset.source={other} (on real images extras.input writes the input)")
     resolved.setdefault("mask", {})["method"] = mask_method

@@ -172,7 +172,7 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
     size, w = spec.dataset.image_size, spec.dataset.window_size
     inputs = np.stack([spec.backgrounds.image(p.background) for p in plans])
     canvas = inputs.copy()
-    methods = spec.available_masks if spec.extras.get("masks", False) else (spec.mask_method,)
+    methods = spec.available_masks if spec.extras.masks else (spec.mask_method,)
     unions = {m: np.zeros(inputs.shape[:3], dtype=bool) for m in methods}
     defects: list[list[dict]] = [[] for _ in plans]
     crops, grids = [None] * len(plans), [None] * len(plans)
@@ -193,7 +193,7 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
             spec.sampler,
             noise=PerSampleNoise(generators),
             precision=spec.precision,
-            record_process=spec.extras.get("grid", False) and k == 0,
+            record_process=spec.extras.grid and k == 0,
             known=known,
         )
         for j, ok in enumerate(_finite(result.image, result.crop)):
@@ -243,13 +243,13 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
         }
         sample = {"seed": plan.seed, "finite": finite[i], "png": Image.fromarray(canvas[i]),
                   "mask.png": _mask_image(union), "json": meta}
-        if spec.extras.get("input", False):
+        if spec.extras.input:
             sample["input.png"] = Image.fromarray(inputs[i])
-        if spec.extras.get("crop", False):
+        if spec.extras.crop:
             sample["crop.png"] = Image.fromarray(crops[i])
         if grids[i] is not None:
             sample["grid.png"] = Image.fromarray(grids[i])
-        if spec.extras.get("masks", False):
+        if spec.extras.masks:
             for method in methods:
                 sample[f"mask_{method}.png"] = _mask_image(unions[method][i])
         samples.append(sample)
@@ -274,11 +274,11 @@ def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> l
         spec.sampler,
         noise=PerSampleNoise(generators),
         precision=spec.precision,
-        record_process=spec.extras.get("grid", False),
+        record_process=spec.extras.grid,
     )
-    all_masks, paste = spec.extras.get("masks", False), spec.extras.get("paste", False)
+    all_masks, paste = spec.extras.masks, spec.extras.paste
     twin = None
-    if spec.mask_method == "diff" or all_masks or paste or spec.extras.get("twin", False):
+    if spec.mask_method == "diff" or all_masks or paste or spec.extras.twin:
         twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
     methods = spec.available_masks if all_masks else (spec.mask_method,)
     masks_by_method = defect_masks(spec, methods, result, twin)
@@ -292,7 +292,7 @@ def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> l
     crops = to_uint8(result.crop[:, :3])
     twins = to_uint8(twin) if twin is not None else None
     grids = None
-    if spec.extras.get("grid", False) and result.x0_process:
+    if spec.extras.grid and result.x0_process:
         grids = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
     finite = _finite(result.image, result.crop)
     samples = []
@@ -313,9 +313,9 @@ def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> l
             "mask.png": _mask_image(mask),
             "json": meta,
         }
-        if spec.extras.get("crop", False):
+        if spec.extras.crop:
             sample["crop.png"] = Image.fromarray(crops[i])
-        if twins is not None and spec.extras.get("twin", False):
+        if twins is not None and spec.extras.twin:
             sample["twin.png"] = Image.fromarray(twins[i])
         if grids is not None:
             sample["grid.png"] = Image.fromarray(grids[i])

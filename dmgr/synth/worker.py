@@ -41,12 +41,7 @@ class WorkerStats:
 
 
 def expected_members(spec: RunSpec) -> tuple[str, ...]:
-    extra = [f"{name}.png" for name in ("crop", "twin", "grid", "input") if spec.extras.get(name, False)]
-    if spec.extras.get("masks", False):
-        extra += [f"mask_{method}.png" for method in spec.available_masks]
-    if spec.extras.get("paste", False):
-        extra += ["paste.png", "paste_mask.png"]
-    return ("png", "mask.png", "json", *extra)
+    return spec.extras.members(spec.available_masks)
 
 
 def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -> bool:
