@@ -46,6 +46,22 @@ def test_kid_needs_two_rows():
         kid(torch.zeros(1, 3), torch.zeros(5, 3))
 
 
+def test_kid_subsets_follow_the_seed_and_leave_the_global_generator_alone():
+    x, y = _normal(9, 3, 4), _normal(7, 3, 5, shift=0.3)
+    g = torch.Generator().manual_seed(3)  # the subsets: x's then y's permutation, per subset, from this generator
+    values = []
+    for _ in range(5):
+        a, b = x.double()[torch.randperm(9, generator=g)[:4]], y.double()[torch.randperm(7, generator=g)[:4]]
+        k = lambda u, v: (u @ v.T / 3 + 1) ** 3  # noqa: E731
+        off_diagonal = lambda m: (m.sum() - m.diagonal().sum()) / 12  # noqa: E731  (4 * 3 pairs)
+        values.append(off_diagonal(k(a, a)) + off_diagonal(k(b, b)) - 2 * k(a, b).mean())
+    torch.manual_seed(11)
+    result = kid(x, y, subsets=5, subset_size=4, seed=3)
+    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(11)).item()
+    assert result["mean"] == pytest.approx(float(torch.stack(values).mean()))
+    assert result["std"] == pytest.approx(float(torch.stack(values).std()))  # the sample std over subsets
+
+
 def _smooth_images(n: int, size: int = 64) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     images = [torch.sin(xs / (5 + i) + i) * torch.cos(ys / (7 + i)) for i in range(n)]
@@ -100,6 +116,12 @@ def test_average_precision_known_values():
     assert ap == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     # tied scores form one threshold: both at once, precision 1/2
     assert average_precision(torch.tensor([0.5, 0.5]), torch.tensor([1, 0])) == pytest.approx(0.5)
+
+
+def test_scores_outside_the_unit_interval_keep_their_order():
+    scores, labels = torch.tensor([40.0, 50.0, 60.0, -45.0]), torch.tensor([0, 1, 1, 0])
+    assert auroc(scores, labels) == 1.0 and average_precision(scores, labels) == 1.0  # sigmoid would tie 40, 50, 60
+    assert auroc(torch.tensor([-3.0, 7.0, 7.0]), torch.tensor([0, 1, 0])) == pytest.approx(0.75)
 
 
 def test_intersection_union():

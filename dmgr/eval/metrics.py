@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    multiclass_confusion_matrix,
+)
+from torchmetrics.image.kid import KernelInceptionDistance
 
 
 def kid(x: torch.Tensor, y: torch.Tensor, subsets: int = 50, subset_size: int = 100, seed: int = 0) -> dict:
@@ -12,22 +21,19 @@ def kid(x: torch.Tensor, y: torch.Tensor, subsets: int = 50, subset_size: int = 
     averaged over `subsets` random subsets of min(subset_size, n, m) rows each; returns mean and std.
     Two samples of one distribution give ~0 (it can go slightly negative); a shift makes it grow.
     """
-    x, y = x.double(), y.double()
     size = min(subset_size, len(x), len(y))
     if size < 2:
         raise ValueError(f"kid needs at least 2 feature rows on each side, got {len(x)} and {len(y)}")
-    d = x.shape[1]
-    g = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(subsets):
-        a = x[torch.randperm(len(x), generator=g)[:size]]
-        b = y[torch.randperm(len(y), generator=g)[:size]]
-        k_aa, k_bb, k_ab = ((a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3)
-        off = size * (size - 1)
-        mmd = (k_aa.sum() - k_aa.diagonal().sum()) / off + (k_bb.sum() - k_bb.diagonal().sum()) / off
-        values.append(float(mmd - 2 * k_ab.mean()))
-    values_t = torch.tensor(values)
-    return {"mean": float(values_t.mean()), "std": float(values_t.std()) if subsets > 1 else 0.0}
+    with warnings.catch_warnings():  # its note that it keeps every feature row: ours are already in memory
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(torch.nn.Identity(), subsets, size, sync_on_compute=False)
+    metric.update(x.double(), real=True)
+    metric.update(y.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # it draws the subsets from the global generator: seed it, then restore
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    # torchmetrics reports the population std over subsets; ours has been the sample std
+    return {"mean": float(mean), "std": float(std) * math.sqrt(subsets / (subsets - 1)) if subsets > 1 else 0.0}
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
@@ -92,46 +98,33 @@ def nan_mean(values) -> float:
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     """(rows, columns) int64 counts: entry [t, p] counts samples of target t predicted as p."""
-    flat = targets.long() * columns + predictions.long()
-    return torch.bincount(flat, minlength=rows * columns).reshape(rows, columns)
+    square = multiclass_confusion_matrix(predictions.long(), targets.long(), max(rows, columns))
+    return square[:rows, :columns]
+
+
+def _unit(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as float64 in [0, 1]: torchmetrics reads others as logits, and its sigmoid ties large ones
+    (sigmoid(40) == sigmoid(50) == 1.0), so those are replaced by their dense ranks (same order, same ties)."""
+    scores = scores.flatten().double()
+    if scores.min() < 0 or scores.max() > 1:
+        scores = torch.unique(scores, return_inverse=True)[1].double() / len(scores)
+    return scores
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve (ties counted half), via ranks; nan without both labels present."""
-    scores, labels = scores.flatten().double(), labels.flatten().bool()
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
+    """Area under the ROC curve (ties counted half); nan without both labels present."""
+    labels = labels.flatten().long()
+    if labels.all() or not labels.any():
         return float("nan")
-    order = torch.argsort(scores)
-    sorted_scores = scores[order]
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    if len(unique) < len(scores):  # average the ranks of tied scores
-        first = torch.cumsum(counts, 0) - counts + 1
-        mean_rank = first + (counts - 1) / 2
-        ranks[order] = mean_rank[inverse].double()
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return float(binary_auroc(_unit(scores), labels))
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Average precision (area under precision-recall, step-wise, as scikit-learn computes it)."""
-    scores, labels = scores.flatten().double(), labels.flatten().bool()
-    positives = int(labels.sum())
-    if positives == 0:
+    labels = labels.flatten().long()
+    if not labels.any():
         return float("nan")
-    order = torch.argsort(scores, descending=True)
-    sorted_scores, sorted_labels = scores[order], labels[order].double()
-    true_pos = torch.cumsum(sorted_labels, 0)
-    # thresholds sit at the last index of each run of equal scores
-    last = torch.ones_like(sorted_scores, dtype=torch.bool)
-    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    tp = true_pos[last]
-    predicted = torch.arange(1, len(scores) + 1, dtype=torch.float64)[last]
-    precision = tp / predicted
-    recall = tp / positives
-    previous = torch.cat([torch.zeros(1, dtype=torch.float64), recall[:-1]])
-    return float(((recall - previous) * precision).sum())
+    return float(binary_average_precision(_unit(scores), labels))
 
 
 def intersection_union(prediction: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
