@@ -18,12 +18,15 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -38,12 +41,64 @@ from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
 from dmgr.sampler import ddim_sample
+from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, build, fail, register_defaults
 
 log = logging.getLogger("dmgr.train")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     pass
+
+
+@dataclass(frozen=True)
+class ArchSettings:
+    """conf/arch/*.yaml: one network to train."""
+
+    __pydantic_config__ = STRICT_SECTION
+    name: str
+    role: Literal["global", "local"]
+    config: dict  # the UNet's architecture (guided-diffusion create_model names)
+    classes: tuple[str, ...] | None = None  # local: the class names, ids are positions
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """conf/train.yaml: every training setting, its type, allowed values and default."""
+
+    __pydantic_config__ = STRICT_SECTION
+    arch: ArchSettings  # config group conf/arch/
+    data_root: str = "outputs/pcb-data"  # folders written by `python -m dmgr.data.export` (global/, local/)
+    steps: Count() = 2000
+    batch_size: Count() = 16
+    lr: Annotated[float, Field(gt=0)] = 2.0e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    ema_rate: Annotated[float, Field(ge=0, lt=1)] = 0.999  # with the usual warm-up min(rate, (1 + step) / (10 + step))
+    grad_clip: float = 1.0
+    precision: Literal[PRECISIONS] = "fp32"  # autocast
+    diffusion_steps: Count(2) = 1000
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str | None = None  # null: outputs/train-<arch name>
+    init_from: str | None = None  # a checkpoint to start from (fine-tuning; 3 -> 4 channels is allowed)
+    resume: Flag = True  # continue from out_dir/state.pt when it exists (same data_root and arch only)
+    log_every: Count() = 50
+    sample_every: Count() = 500  # a DDIM sample grid from the EMA weights, into out_dir/samples/
+    sample_steps: Count() = 25
+    save_every: Count() = 500  # a checkpoint every this many steps, and at the end
+    save_every_minutes: Annotated[float, Field(gt=0)] | None = 10  # ... and at least this often (null: by
+    #   steps only); SIGTERM/SIGINT also save
+    num_workers: Count(0) = 0
+    progress: Flag = True
+
+    def __post_init__(self) -> None:
+        arch = self.arch
+        if arch.role == "local" and arch.config.get("num_classes") != len(arch.classes or ()):
+            fail("arch.config.num_classes", arch.config.get("num_classes"),
+                 f"must equal the number of arch.classes ({len(arch.classes or ())})")
+
+
+register_defaults("train_defaults", TrainSettings)
 
 
 class TrainInterrupted(RuntimeError):
@@ -55,33 +110,21 @@ class TrainInterrupted(RuntimeError):
         self.signum = signum
 
 
-def check_config(cfg: DictConfig) -> None:
-    def need(ok: bool, key: str, allowed: str) -> None:
-        if not ok:
-            raise TrainConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: {allowed}")
-
-    need(cfg.arch.role in ("global", "local"), "arch.role", "allowed: global, local")
-    for key in ("steps", "batch_size", "log_every", "sample_every", "save_every", "sample_steps"):
-        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "must be an integer >= 1")
-    minutes = cfg.get("save_every_minutes")
-    need(minutes is None or (isinstance(minutes, (int, float)) and minutes > 0), "save_every_minutes",
-         "must be > 0 (or null: by steps only)")
-    need(cfg.lr > 0, "lr", "must be > 0")
-    need(0 <= cfg.ema_rate < 1, "ema_rate", "must lie in [0, 1)")
-    need(cfg.precision in PRECISIONS, "precision", f"allowed: {', '.join(PRECISIONS)}")
-    subdir = Path(cfg.data_root) / cfg.arch.role
-    need(
-        subdir.is_dir(),
-        "data_root",
-        f"no {subdir}: prepare your images with `python -m dmgr.data.prepare ... --out {cfg.data_root}` "
-        f"(README: Your own product), or the demo's with `python -m dmgr.data.export --out {cfg.data_root}`",
-    )
-    if cfg.arch.role == "local":
-        need(
-            cfg.arch.config.get("num_classes") == len(cfg.arch.classes),
-            "arch.config.num_classes",
-            f"must equal the number of arch.classes ({len(cfg.arch.classes)})",
+def check_config(cfg: DictConfig) -> TrainSettings:
+    """The schema's checks, then the one that reads the disk: data_root holds the role's folder."""
+    try:
+        settings = build(TrainSettings, {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                                         if k != "hydra"})
+    except ConfigError as exc:
+        raise TrainConfigError(str(exc)) from None
+    subdir = Path(settings.data_root) / settings.arch.role
+    if not subdir.is_dir():
+        raise TrainConfigError(
+            f"data_root={settings.data_root!r}: no {subdir}: prepare your images with `python -m dmgr.data.prepare "
+            f"... --out {settings.data_root}` (README: Your own product), or the demo's with "
+            f"`python -m dmgr.data.export --out {settings.data_root}`"
         )
+    return settings
 
 
 def run_record(cfg: DictConfig) -> dict:

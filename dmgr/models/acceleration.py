@@ -7,22 +7,33 @@ so they are part of a run's identity). Mixed precision is separate: `dmgr.models
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BeforeValidator
 from torch import nn
 
 from dmgr.models.unet import ATTENTION_KERNELS, set_attention_kernel
+from dmgr.schema import STRICT_SECTION, Flag
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
+def _off_when_false(value: object) -> object:
+    return "off" if value in (None, False) else value  # YAML reads a bare `off` as false
+
+
 @dataclass(frozen=True)
 class Acceleration:
-    compile: str = "off"  # off | a torch.compile mode (reduce-overhead adds CUDA graphs)
-    channels_last: bool = False  # NHWC weights and activations: faster convolutions on tensor cores
-    attention: str = "auto"  # auto (sdpa on CUDA, classic on CPU) | classic | sdpa
+    """conf/synth.yaml `performance` (README "Speed")."""
 
-    def __post_init__(self) -> None:
+    __pydantic_config__ = STRICT_SECTION
+    compile: Annotated[Literal[COMPILE_MODES], BeforeValidator(_off_when_false)] = "off"  # a torch.compile mode
+    #   (reduce-overhead adds CUDA graphs)
+    channels_last: Flag = False  # NHWC weights and activations: faster convolutions on tensor cores
+    attention: Literal[ATTENTION_KERNELS] = "auto"  # auto (sdpa on CUDA, classic on CPU) | classic | sdpa
+
+    def __post_init__(self) -> None:  # built directly (bench, gpu_checks), not through a config
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r}: allowed {', '.join(COMPILE_MODES)}")
         if self.attention not in ATTENTION_KERNELS:

@@ -1,6 +1,10 @@
-"""Validate the composed Hydra config once, before any model is loaded.
+"""The synthesis job's settings: one schema (the dataclasses below; types, allowed values, bounds and
+defaults on one line each) and `validate`, which checks a composed Hydra config once, before any model is
+loaded, and returns the typed `RunSpec`.
 
-Every problem is a `ConfigError` with one line: the key, the value, and what is allowed.
+Every problem is a `ConfigError` with one line: the key, the value, and what is allowed. The defaults seed
+Hydra's ConfigStore (`synth_defaults`, `schedule/base`, `dataset/base`, `model/base`), so the
+YAML files under conf/ hold only presets.
 """
 
 from __future__ import annotations
@@ -12,56 +16,29 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
 
 from dmgr import EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
-from dmgr.models.acceleration import COMPILE_MODES, Acceleration
+from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
-from dmgr.models.unet import ATTENTION_KERNELS
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.settings import DMGRSettings
+from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, UserPath, build, defaults_of, fail, register_defaults
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
-CLASS_CHOICES = ("uniform", "fixed", "weighted")
-SOURCES = ("images", "generate")
-PIXEL_SOURCES = ("crop", "global")
-WINDOW_CHOICES = ("uniform", "fixed")
-NONFINITE_ACTIONS = ("retry", "stop")
-EXHAUSTED_ACTIONS = ("flag", "skip")
+__all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
+
 # Keys that change how a run is executed but not what it produces: left out of the run's identity.
 EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality", "threads")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# The settings the job knows, by section; anything else (a typo, a `+key=value`) is refused.
-TOP_LEVEL_KEYS = {
-    "dataset", "model", "schedule", "seeds", "samples_per_shard", "batch_size", "out_dir", "device", "precision",
-    "shard_prefix", "mask", "extras", "quality", "array", "writer_queue", "progress", "threads", "nonfinite",
-    "gate", "performance",
-}
-SECTION_KEYS = {
-    "mask": {"method", "pixels", "sigma", "min_contrast"},
-    "extras": {"input", "crop", "twin", "grid", "masks", "paste"},
-    "quality": {"enabled", "classifier_steps", "classifier_boards", "cache_dir"},
-    "array": {"task_id", "task_count"},
-    "nonfinite": {"action", "max_attempts"},
-    "gate": {"enabled", "data_root", "max_attempts", "on_exhausted", "min_fidelity", "area_quantile",
-             "max_mask_outside", "max_changed_outside", "max_seam", "classifier_steps", "cache_dir"},
-    "performance": {"compile", "channels_last", "attention"},
-    "model": {"name", "random_init", "diffusion_steps", "beta_schedule", "global", "local"},
-    "model.global": {"checkpoint", "config"},
-    "model.local": {"checkpoint", "config"},
-}
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r}: {allowed}")
+MASK_CHOICES = ("auto", *MASK_METHODS)
+Fraction = Annotated[float, Field(ge=0, le=1)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 def parse_seeds(value: Any) -> Sequence[int]:
@@ -98,19 +75,67 @@ def parse_seeds(value: Any) -> Sequence[int]:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """conf/dataset/*.yaml."""
+
+    __pydantic_config__ = STRICT_SECTION
     name: str
-    image_size: int
-    window_size: int
-    margin: int
-    classes: tuple[str, ...]
-    class_choice: str
-    fixed_class: str | None
-    class_weights: tuple[float, ...] | None
-    window_choice: str
-    fixed_window: tuple[int, int] | None
-    source: str = "generate"  # images: defects into the user's real images; generate: whole boards
+    image_size: Count(8)
+    window_size: Count(4)
+    margin: Count(0)  # window top-left drawn uniformly in [margin, image_size - window_size - margin)
+    classes: tuple[str, ...]  # ids are positions
+    class_choice: Literal["uniform", "fixed", "weighted"] = "uniform"
+    fixed_class: str | None = None  # a class name, for class_choice=fixed
+    class_weights: tuple[float, ...] | None = None  # one weight per class, for class_choice=weighted
+    window_choice: Literal["uniform", "fixed"] = "uniform"
+    fixed_window: tuple[int, int] | None = None  # [x, y] top-left, for window_choice=fixed
+    source: Literal["images", "generate"] = "generate"  # images: defects into the user's real images
     images: Path | None = None  # source=images: a folder or a JSONL manifest
-    defects_per_image: int = 1
+    defects_per_image: Count() = 1  # each with its own class, window and mask (source=images)
+
+    def __post_init__(self) -> None:
+        size, window, margin = self.image_size, self.window_size, self.margin
+        if window + 2 * margin >= size:
+            fail("dataset.window_size", window, f"window plus 2 x margin ({margin}) must fit inside image_size {size}")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            fail("dataset.classes", list(self.classes), "give a non-empty list of distinct class names")
+        if self.class_choice == "fixed" and self.fixed_class not in self.classes:
+            fail("dataset.fixed_class", self.fixed_class, f"unknown class; allowed: {', '.join(self.classes)}")
+        weights = self.class_weights or ()
+        if self.class_choice == "weighted" and (len(weights) != len(self.classes) or min(weights) < 0
+                                                or sum(weights) <= 0):
+            fail("dataset.class_weights", self.class_weights,
+                 f"give {len(self.classes)} non-negative weights, not all zero")
+        if self.window_choice == "fixed":
+            if self.fixed_window is None:
+                fail("dataset.fixed_window", None, "give the window's top-left as [x, y]")
+            if min(self.fixed_window) < 0 or max(self.fixed_window) + window > size:
+                fail("dataset.fixed_window", list(self.fixed_window),
+                     f"the {window} px window must lie inside the {size} px image")
+        if self.source == "images" and str(self.images or "") in ("", "???"):
+            fail("dataset.images", self.images, "source=images needs a folder of images or a .jsonl manifest")
+        if self.defects_per_image > 1 and (self.source != "images" or self.window_choice == "fixed"):
+            fail("dataset.defects_per_image", self.defects_per_image,
+                 "several defects need source=images and window_choice=uniform")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """model.global / model.local."""
+
+    __pydantic_config__ = STRICT_SECTION
+    checkpoint: str | None = None  # a .safetensors written by dmgr, or a guided-diffusion .pt with a config
+    config: dict | None = None  # the UNet's architecture (null: the one a project checkpoint stores)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """conf/model/*.yaml, except `global` and `local` (NetworkSettings each)."""
+
+    __pydantic_config__ = STRICT_SECTION
+    name: str
+    random_init: Flag = False  # tiny random networks, no checkpoints (tests and smoke runs)
+    diffusion_steps: Count(2) = 1000
+    beta_schedule: Literal["linear", "cosine"] = "linear"
 
 
 @dataclass(frozen=True)
@@ -132,57 +157,28 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class QualitySpec:
-    """End the run with the sample metrics (dmgr.eval) and record them in the manifest."""
+class MaskSettings:
+    """The defect masks (README "Defect masks")."""
 
-    enabled: bool = False
-    classifier_steps: int = 1500
-    classifier_boards: int = 600
-    cache_dir: Path = EVAL_CACHE
-
-
-@dataclass(frozen=True)
-class NonfiniteSpec:
-    """A sample whose image holds NaN/Inf never reaches a shard: retry its noise from a derived seed
-    (dmgr.synth.plan.retry_seed) up to `max_attempts` times, or stop the run naming the seed."""
-
-    action: str = "retry"
-    max_attempts: int = 3
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """Score every sample, regenerate the rejected ones from the next attempt's derived noise (README
-    "Quality gate"). Only for dataset.source=images."""
-
-    enabled: bool = False
-    data_root: Path | None = None  # DATA_ROOT/local/<class>/ holds the local model's training patches + masks
-    max_attempts: int = 4
-    on_exhausted: str = "flag"  # flag: write the last attempt marked as rejected | skip: leave the seed out
-    min_fidelity: float = 0.5
-    area_quantile: float = 0.01
-    max_mask_outside: int = 0
-    max_changed_outside: int = 0
-    max_seam: float = 4.0
-    classifier_steps: int = 800
-    cache_dir: Path = GATE_CACHE
-    data_digest: str | None = None  # of the training patches and masks (part of the run's identity)
-
-    def thresholds(self) -> dict:
-        return {"min_fidelity": self.min_fidelity, "max_mask_outside": self.max_mask_outside,
-                "max_changed_outside": self.max_changed_outside, "max_seam": self.max_seam}
+    __pydantic_config__ = STRICT_SECTION
+    method: Literal[MASK_CHOICES] = "auto"  # auto: local when the local model generates a mask channel, else
+    #   diff on real images, gate on generated boards
+    pixels: Literal["crop", "global"] = "crop"  # real images: inside the mask the crop's pixels or the global's
+    sigma: NonNegative = 1.0  # diff: Gaussian smoothing of |image - twin|, pixels
+    min_contrast: NonNegative = 0.1  # diff: smallest smoothed difference counted as defect ([-1, 1] scale)
 
 
 @dataclass(frozen=True)
 class Extras:
-    """The optional members of each sample (conf/synth.yaml `extras`)."""
+    """The optional members of each sample."""
 
-    input: bool = False  # <key>.input.png: the background exactly as the model saw it (source=images)
-    crop: bool = False  # <key>.crop.png: the final local crop
-    twin: bool = False  # <key>.twin.png: the defect-free twin (source=generate)
-    grid: bool = False  # <key>.grid.png: x0 predictions every schedule.record_every indices
-    masks: bool = False  # <key>.mask_<method>.png for every mask method the run can make
-    paste: bool = False  # <key>.paste.png + paste_mask.png: the no-rectification baseline (source=generate)
+    __pydantic_config__ = STRICT_SECTION
+    input: Flag = False  # <key>.input.png: the background exactly as the model saw it (source=images)
+    crop: Flag = False  # <key>.crop.png: the final local crop
+    twin: Flag = False  # <key>.twin.png: the defect-free twin (source=generate)
+    grid: Flag = False  # <key>.grid.png: x0 predictions every schedule.record_every indices
+    masks: Flag = False  # <key>.mask_<method>.png for every mask method the run can make
+    paste: Flag = False  # <key>.paste.png + paste_mask.png: the no-rectification baseline (source=generate)
 
     def members(self, mask_methods: Sequence[str]) -> tuple[str, ...]:
         """What every sample of the run holds: the one list the engine writes and the resume check expects."""
@@ -192,6 +188,113 @@ class Extras:
         if self.paste:
             extra += ["paste.png", "paste_mask.png"]
         return ("png", "mask.png", "json", *extra)
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """End the run with the sample metrics (dmgr.eval): RUN/eval/ and the manifest's "quality"."""
+
+    __pydantic_config__ = STRICT_SECTION
+    enabled: Flag = False
+    classifier_steps: Count() = 1500  # the patch classifier the metrics use (trained once, cached)
+    classifier_boards: Count() = 600  # real boards per class it trains on
+    cache_dir: UserPath = EVAL_CACHE
+
+
+@dataclass(frozen=True)
+class NonfiniteSpec:
+    """A sample whose image holds NaN/Inf never reaches a shard: retry its noise from a derived seed
+    (dmgr.synth.plan.retry_seed, same class and window) up to `max_attempts` times, or stop the run."""
+
+    __pydantic_config__ = STRICT_SECTION
+    action: Literal["retry", "stop"] = "retry"
+    max_attempts: Count() = 3  # attempts in all before the run stops, naming the seed
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Score every sample, regenerate the weak ones (README "Quality gate"; only for dataset.source=images)."""
+
+    __pydantic_config__ = STRICT_SECTION
+    enabled: Flag = False  # false: the shards are exactly those of a run without the gate
+    data_root: UserPath = Path("outputs/pcb-data")  # local/<class>/ training patches + masks: classifier, areas
+    max_attempts: Count() = 4  # attempts per seed in all (each from the next derived noise seed, same plan)
+    on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
+    min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
+    area_quantile: Annotated[float, Field(ge=0, le=0.5)] = 0.01  # per defect: mask area in [q, 1-q] of training
+    max_mask_outside: Count(0) = 0  # mask pixels outside the defect windows
+    max_changed_outside: Count(0) = 0  # pixels changed outside the mask (the real-image path promises 0)
+    max_seam: float = 4.0  # colour step across the mask border, z-score against the input's own steps
+    classifier_steps: Count() = 800  # the gate classifier's training (cached by a digest of its inputs)
+    cache_dir: UserPath = GATE_CACHE
+    data_digest: str | None = None  # set by validate: of the training patches and masks (part of the identity)
+
+    def thresholds(self) -> dict:
+        return {"min_fidelity": self.min_fidelity, "max_mask_outside": self.max_mask_outside,
+                "max_changed_outside": self.max_changed_outside, "max_seam": self.max_seam}
+
+
+@dataclass(frozen=True)
+class ArraySettings:
+    """The Slurm array split (set by the jobs/ scripts)."""
+
+    __pydantic_config__ = STRICT_SECTION
+    task_id: Count(0) = 0
+    task_count: Count() = 1
+
+    def __post_init__(self) -> None:
+        if self.task_id >= self.task_count:
+            fail("array.task_id", self.task_id, f"must be below array.task_count={self.task_count}")
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """conf/synth.yaml: every setting of the job. Override anything on the command line:
+    `make synth ARGS="seeds=0-99 schedule=paper mask.method=gate"`."""
+
+    __pydantic_config__ = STRICT_SECTION
+    dataset: DatasetSpec  # config group conf/dataset/
+    model: dict  # config group conf/model/: ModelSettings + global/local NetworkSettings
+    schedule: dict  # config group conf/schedule/: name, respacing and the DMGRSettings
+    seeds: Any = "0-15"  # a range "a-b" (inclusive), a single seed, or a list [3, 7, 11]
+    samples_per_shard: Count() = 8  # shard k holds the k-th block of this many seeds
+    batch_size: Count() = 4  # samples per sampler call (per worker); does not change the samples
+    out_dir: str | None = None  # null: outputs/<dataset>-<model>-<schedule>-<config hash> (reruns resume)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
+    precision: Literal[PRECISIONS] = "fp32"  # autocast for the networks; the sampler maths stays fp32
+    performance: Acceleration = Acceleration()  # how the networks run (README "Speed")
+    shard_prefix: str = "dmgr"  # shard file names: <prefix>-000000.tar (letters, digits, . _ -)
+    threads: Any = "auto"  # intra-op threads per worker; auto: OMP_NUM_THREADS if set, else the CPUs given
+    #   (Slurm, affinity) / workers, less one each for the writer. Equal threads: bit-identical shards
+    nonfinite: NonfiniteSpec = NonfiniteSpec()
+    mask: MaskSettings = MaskSettings()
+    extras: Extras = Extras()
+    quality: QualitySpec = QualitySpec()
+    gate: GateSpec = GateSpec()
+    array: ArraySettings = ArraySettings()
+    writer_queue: Count() = 16  # samples buffered between the sampler and the shard-writer thread
+    progress: Flag = True
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.shard_prefix):
+            fail("shard_prefix", self.shard_prefix, "a plain file-name prefix: letters, digits, '.', '_', '-' (no '/')")
+        if self.threads != "auto" and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                       or self.threads < 1):
+            fail("threads", self.threads, "intra-op threads per worker: an integer >= 1, or auto (from the CPUs given)")
+        if self.gate.enabled and self.dataset.source != "images":
+            fail("gate.enabled", True, "the quality gate needs dataset.source=images (real defect-free images)")
+        for name in ("twin", "paste") if self.dataset.source == "images" else ("input",):
+            if getattr(self.extras, name):
+                other = "generate" if name != "input" else "images"
+                fail(f"extras.{name}", True,
+                     f"needs dataset.source={other} (on real images extras.input writes the input)")
+
+
+register_defaults("synth_defaults", SynthSettings)
+register_defaults("base", DMGRSettings, group="schedule", name="???", respacing="???", gate_radius=None)
+register_defaults("base", DatasetSpec, group="dataset")
+nets = defaults_of(NetworkSettings)
+register_defaults("base", ModelSettings, group="model", **{"global": nets, "local": nets})
 
 
 @dataclass(frozen=True)
@@ -234,76 +337,18 @@ class RunSpec:
         return tuple(m for m in MASK_METHODS if m != "local" or has_mask)
 
 
-def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(key, value, f"must be an integer >= {minimum}")
-    return value
-
-
-def _dataset(cfg: DictConfig) -> DatasetSpec:
-    d = cfg.dataset
-    size = _positive_int(cfg, "dataset.image_size", 8)
-    window = _positive_int(cfg, "dataset.window_size", 4)
-    margin = _positive_int(cfg, "dataset.margin", 0)
-    if window + 2 * margin >= size:
-        fail("dataset.window_size", window, f"window plus 2 x margin ({margin}) must fit inside image_size {size}")
-    classes = tuple(str(c) for c in d.classes)
-    if not classes or len(set(classes)) != len(classes):
-        fail("dataset.classes", list(classes), "give a non-empty list of distinct class names")
-    if d.class_choice not in CLASS_CHOICES:
-        fail("dataset.class_choice", d.class_choice, f"allowed: {', '.join(CLASS_CHOICES)}")
-    if d.class_choice == "fixed" and d.fixed_class not in classes:
-        fail("dataset.fixed_class", d.fixed_class, f"unknown class; allowed: {', '.join(classes)}")
-    weights = None
-    if d.class_choice == "weighted":
-        weights = tuple(float(w) for w in (d.class_weights or []))
-        if len(weights) != len(classes) or min(weights) < 0 or sum(weights) <= 0:
-            fail("dataset.class_weights", d.class_weights, f"give {len(classes)} non-negative weights, not all zero")
-    if d.window_choice not in WINDOW_CHOICES:
-        fail("dataset.window_choice", d.window_choice, f"allowed: {', '.join(WINDOW_CHOICES)}")
-    fixed_window = None
-    if d.window_choice == "fixed":
-        fw = d.fixed_window
-        if fw is None or len(fw) != 2 or not all(isinstance(v, int) for v in fw):
-            fail("dataset.fixed_window", fw, "give the window's top-left as [x, y]")
-        if min(fw) < 0 or max(fw) + window > size:
-            fail("dataset.fixed_window", list(fw), f"the {window} px window must lie inside the {size} px image")
-        fixed_window = (int(fw[0]), int(fw[1]))
-    source = str(d.get("source", "generate"))
-    if source not in SOURCES:
-        fail("dataset.source", source, f"allowed: {', '.join(SOURCES)}")
-    images = None
-    if source == "images":
-        if d.get("images") in (None, "", "???"):
-            fail("dataset.images", d.get("images"), "source=images needs a folder of images or a .jsonl manifest")
-        images = _find_path(str(d.images))
-        if images is None:
-            fail(
-                "dataset.images",
-                str(d.images),
-                "no such folder or .jsonl manifest (the demo's boards: `make backgrounds`)",
-            )
-    defects = _positive_int(cfg, "dataset.defects_per_image") if "defects_per_image" in d else 1
-    if defects > 1 and (source != "images" or d.window_choice == "fixed"):
-        fail("dataset.defects_per_image", defects, "several defects need source=images and window_choice=uniform")
-    return DatasetSpec(
-        str(d.name),
-        size,
-        window,
-        margin,
-        classes,
-        str(d.class_choice),
-        None if d.fixed_class is None else str(d.fixed_class),
-        weights,
-        str(d.window_choice),
-        fixed_window,
-        source,
-        images,
-        defects,
-    )
-
-
+def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
+    """The validated DMGRSettings of `cfg.schedule` for a window of `window_size` px."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg.schedule, resolve=True).items()
+              if k not in ("name", "respacing")}
+    if values.get("gate_radius") is None:
+        values["gate_radius"] = 9.0 * window_size / 64.0
+    settings = build(DMGRSettings, values, "schedule")
+    if settings.T_e >= settings.T_s:
+        fail("schedule.T_e", settings.T_e, f"must be smaller than schedule.T_s={settings.T_s}")
+    if settings.multiscale_loss and window_size % (2**settings.pyramid_levels):
+        fail("schedule.pyramid_levels", settings.pyramid_levels, f"window {window_size} px must divide by 2^levels")
+    return settings
 
 
 def _find_path(value: str, kind: str = "any") -> Path | None:
@@ -317,29 +362,30 @@ def _find_path(value: str, kind: str = "any") -> Path | None:
     return None
 
 
-def _find_checkpoint(value: str) -> Path | None:
-    return _find_path(value, "file")
+def _model(raw: dict) -> tuple[ModelSettings, NetworkSettings, NetworkSettings]:
+    model = build(ModelSettings, {k: v for k, v in raw.items() if k not in ("global", "local")}, "model")
+    nets = [build(NetworkSettings, raw.get(which) or {}, f"model.{which}") for which in ("global", "local")]
+    return model, *nets
 
 
-def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
+def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec:
+    """Reads the checkpoint's header: its stored architecture, class names and sha256."""
     from dmgr.models import CheckpointError, file_digest, stored_metadata
 
-    net = cfg.model[which]
-    checkpoint = net.get("checkpoint")
-    config = OmegaConf.to_container(net.config, resolve=True) if net.get("config") is not None else None
     if random_init:
-        if config is None:
+        if net.config is None:
             fail(f"model.{which}.config", None, "random_init needs an architecture config")
-        return NetworkSpec(None, config)
-    if checkpoint in (None, "???", ""):
-        fail(f"model.{which}.checkpoint", checkpoint, "give the path of a checkpoint file")
-    path = _find_checkpoint(str(checkpoint))
+        return NetworkSpec(None, net.config)
+    if net.checkpoint in (None, "???", ""):
+        fail(f"model.{which}.checkpoint", net.checkpoint, "give the path of a checkpoint file")
+    path = _find_path(net.checkpoint, "file")
     if path is None:
-        fail(f"model.{which}.checkpoint", str(checkpoint), "file not found: fix the path or train one (README)")
+        fail(f"model.{which}.checkpoint", net.checkpoint, "file not found: fix the path or train one (README)")
     try:
         stored, meta = stored_metadata(path)
     except CheckpointError as exc:
-        fail(f"model.{which}.checkpoint", str(checkpoint), str(exc))
+        fail(f"model.{which}.checkpoint", net.checkpoint, str(exc))
+    config = net.config
     if config is None:
         if stored is None:
             fail(f"model.{which}.config", None, f"{path.name} stores no architecture: give model.{which}.config")
@@ -348,32 +394,32 @@ def _network(cfg: DictConfig, which: str, random_init: bool) -> NetworkSpec:
     return NetworkSpec(str(path), config, file_digest(path), classes)
 
 
-def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
-    """The validated DMGRSettings of `cfg.schedule` for a window of `window_size` px."""
-    s = OmegaConf.to_container(cfg.schedule, resolve=True)
-    known = {f.name for f in fields(DMGRSettings)}
-    unknown = sorted(set(s) - known - {"name", "respacing"})
-    if unknown:
-        fail(f"schedule.{unknown[0]}", s[unknown[0]], f"unknown schedule setting; known: {', '.join(sorted(known))}")
-    values = {k: v for k, v in s.items() if k in known}
-    if values.get("gate_radius") is None:
-        values["gate_radius"] = 9.0 * window_size / 64.0
-    settings = DMGRSettings(**values)
-    if settings.T_e >= settings.T_s:
-        fail("schedule.T_e", settings.T_e, f"must be smaller than schedule.T_s={settings.T_s}")
-    if settings.T_e < 0:
-        fail("schedule.T_e", settings.T_e, "must be >= 0")
-    for key in ("iterations", "gate_every", "jump_length", "jump_n_sample", "record_every", "pyramid_levels"):
-        if getattr(settings, key) < 1:
-            fail(f"schedule.{key}", getattr(settings, key), "must be >= 1")
-    for key in ("lr_xt", "reg", "eta", "max_backtracks"):
-        if getattr(settings, key) < 0:
-            fail(f"schedule.{key}", getattr(settings, key), "must be >= 0")
-    if not 0 < settings.backtrack < 1:
-        fail("schedule.backtrack", settings.backtrack, "must lie strictly between 0 and 1")
-    if settings.multiscale_loss and window_size % (2**settings.pyramid_levels):
-        fail("schedule.pyramid_levels", settings.pyramid_levels, f"window {window_size} px must divide by 2^levels")
-    return settings
+def _check_model(model: ModelSpec, dataset: DatasetSpec) -> None:
+    for which, spec, size in (
+        ("global", model.global_net, dataset.image_size),
+        ("local", model.local_net, dataset.window_size),
+    ):
+        if spec.config and spec.config.get("image_size") not in (None, size):
+            fail(f"model.{which}.config.image_size", spec.config["image_size"], f"must equal {size} (dataset)")
+    local_classes = (model.local_net.config or {}).get("num_classes")
+    if model.local_net.config is not None and (local_classes or 0) < len(dataset.classes):
+        fail("model.local.config.num_classes", local_classes,
+             f"the local model must know all {len(dataset.classes)} dataset classes")
+    stored_classes = model.local_net.classes
+    if stored_classes is not None and tuple(dataset.classes) != stored_classes:
+        fail("dataset.classes", list(dataset.classes), f"the local checkpoint was trained on {list(stored_classes)} "
+             "(class ids are positions): give the same names in the same order")
+
+
+def _respaced_steps(diffusion_steps: int, respacing: str) -> int:
+    from dmgr.diffusion import space_timesteps  # local import keeps config import light
+
+    try:
+        return len(space_timesteps(diffusion_steps, respacing))
+    except ValueError as exc:
+        detail = str(exc) if "invalid literal" not in str(exc) else "not a step count"
+        fail("schedule.respacing", respacing,
+             f"{detail}: use a step count like 50, section counts like 10,10,5, or ddimN")
 
 
 def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> str:
@@ -392,20 +438,6 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     if images_digest is not None:
         kept["dataset"] = {**kept["dataset"], "images": images_digest}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _quality(cfg: DictConfig) -> QualitySpec:
-    q = cfg.get("quality")
-    if q is None:
-        return QualitySpec()
-    if not isinstance(q.get("enabled", False), bool):
-        fail("quality.enabled", q.enabled, "must be true or false")
-    return QualitySpec(
-        bool(q.get("enabled", False)),
-        _positive_int(cfg, "quality.classifier_steps"),
-        _positive_int(cfg, "quality.classifier_boards"),
-        Path(str(q.get("cache_dir", EVAL_CACHE))).expanduser(),
-    )
 
 
 def _mask_method(method: str, dataset: DatasetSpec, model: ModelSpec) -> str:
@@ -434,22 +466,7 @@ def check_writable(directory: Path) -> None:
         fail("out_dir", str(directory), f"cannot write there ({exc.strerror or exc}): choose a writable directory")
 
 
-def _unknown_keys(cfg: DictConfig) -> None:
-    for key in cfg:
-        if key not in TOP_LEVEL_KEYS and key != "hydra":
-            fail(str(key), cfg[key], f"unknown setting (a typo?); known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
-    for section, known in SECTION_KEYS.items():
-        node = OmegaConf.select(cfg, section)
-        for key in node or {}:
-            if key not in known:
-                fail(f"{section}.{key}", node[key], f"unknown setting; known: {', '.join(sorted(known))}")
-    dataset_keys = {f.name for f in fields(DatasetSpec)}
-    for key in cfg.get("dataset") or {}:
-        if key not in dataset_keys:
-            fail(f"dataset.{key}", cfg.dataset[key], f"unknown setting; known: {', '.join(sorted(dataset_keys))}")
-
-
-def _device(value: Any) -> str:
+def _device(value: str) -> str:
     import torch
 
     device = str(value)
@@ -464,228 +481,105 @@ def _device(value: Any) -> str:
     return device
 
 
-def _threads(cfg: DictConfig) -> int | None:
-    value = cfg.get("threads")
-    if value in (None, "auto"):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        fail("threads", value, "intra-op threads per worker: an integer >= 1, or auto (from the CPUs given)")
-    return value
-
-
-def _nonfinite(cfg: DictConfig) -> NonfiniteSpec:
-    n = cfg.get("nonfinite")
-    if n is None:
-        return NonfiniteSpec()
-    action = str(n.get("action", "retry"))
-    if action not in NONFINITE_ACTIONS:
-        fail("nonfinite.action", action, f"allowed: {', '.join(NONFINITE_ACTIONS)}")
-    return NonfiniteSpec(action, _positive_int(cfg, "nonfinite.max_attempts") if "max_attempts" in n else 3)
-
-
-def _acceleration(cfg: DictConfig) -> Acceleration:
-    p = cfg.get("performance") or {}
-    compile_mode = "off" if p.get("compile") in (None, False) else str(p.get("compile"))
-    if compile_mode not in COMPILE_MODES:
-        fail("performance.compile", p.get("compile"), f"allowed: {', '.join(COMPILE_MODES)}")
-    channels_last = p.get("channels_last", False)
-    if not isinstance(channels_last, bool):
-        fail("performance.channels_last", channels_last, "true or false")
-    attention = str(p.get("attention", "auto"))
-    if attention not in ATTENTION_KERNELS:
-        fail("performance.attention", attention, f"allowed: {', '.join(ATTENTION_KERNELS)}")
-    return Acceleration(compile_mode, channels_last, attention)
-
-
-def _number(cfg: DictConfig, key: str, low: float, high: float) -> float:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        fail(key, value, f"a number in [{low}, {high}]")
-    return float(value)
-
-
-def _gate(cfg: DictConfig, dataset: DatasetSpec) -> GateSpec:
-    """The gate's settings; when enabled, the training data is found and digested here (the digest joins the
-    run's identity, written to resolved gate.data_digest)."""
-    g = cfg.get("gate")
-    if g is None or not g.get("enabled", False):
-        if g is not None and not isinstance(g.get("enabled", False), bool):
-            fail("gate.enabled", g.enabled, "must be true or false")
-        return GateSpec()
-    if not isinstance(g.enabled, bool):
-        fail("gate.enabled", g.enabled, "must be true or false")
-    if dataset.source != "images":
-        fail("gate.enabled", True, "the quality gate needs dataset.source=images (real defect-free images)")
-    on_exhausted = str(g.get("on_exhausted", "flag"))
-    if on_exhausted not in EXHAUSTED_ACTIONS:
-        fail("gate.on_exhausted", on_exhausted, f"allowed: {', '.join(EXHAUSTED_ACTIONS)}")
-    root = _find_path(str(g.get("data_root"))) if g.get("data_root") not in (None, "") else None
+def _gate_data(gate: GateSpec, dataset: DatasetSpec) -> GateSpec:
+    """The enabled gate with its training data found and digested (the digest joins the run's identity)."""
+    root = _find_path(str(gate.data_root))
     if root is None or not (root / "local").is_dir():
-        fail("gate.data_root", g.get("data_root"), "a data root with local/<class>/ training patches and their "
+        fail("gate.data_root", str(gate.data_root), "a data root with local/<class>/ training patches and their "
              "masks (the demo's: `make data` writes outputs/pcb-data)")
     from dmgr.eval.user_classifier import data_digest  # local import keeps config import light
 
     try:
-        digest = data_digest(root, dataset.classes)
+        return dataclasses.replace(gate, data_root=root, data_digest=data_digest(root, dataset.classes))
     except FileNotFoundError as exc:
         fail("gate.data_root", str(root), str(exc))
-    return GateSpec(
-        True,
-        root,
-        _positive_int(cfg, "gate.max_attempts"),
-        on_exhausted,
-        _number(cfg, "gate.min_fidelity", 0, 1),
-        _number(cfg, "gate.area_quantile", 0, 0.5),
-        _positive_int(cfg, "gate.max_mask_outside", 0),
-        _positive_int(cfg, "gate.max_changed_outside", 0),
-        _number(cfg, "gate.max_seam", -1e9, 1e9),
-        _positive_int(cfg, "gate.classifier_steps"),
-        Path(str(g.get("cache_dir", GATE_CACHE))).expanduser(),
-        digest,
-    )
+
+
+def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[NetworkSettings]):
+    """The checks that read the disk, all in one step (nothing is written): each checkpoint's header, the
+    background images (source=images) and the gate's training data (when it is on). The weights load later,
+    in `load_engine`, still before out_dir is created. Returns (model spec, dataset, backgrounds, gate)."""
+    spec = ModelSpec(model.name, model.random_init, model.diffusion_steps, model.beta_schedule,
+                     *(_network(which, net, model.random_init) for which, net in zip(("global", "local"), nets)))
+    dataset, backgrounds, gate = settings.dataset, None, settings.gate
+    if dataset.source == "images":
+        images = _find_path(str(dataset.images))
+        if images is None:
+            fail("dataset.images", str(dataset.images),
+                 "no such folder or .jsonl manifest (the demo's boards: `make backgrounds`)")
+        dataset = dataclasses.replace(dataset, images=images)
+        try:
+            backgrounds = scan_backgrounds(images, dataset.image_size, dataset.window_size, dataset.margin)
+        except BackgroundError as exc:
+            fail("dataset.images", str(images), str(exc))
+    if gate.enabled:
+        gate = _gate_data(gate, dataset)
+    return spec, dataset, backgrounds, gate
 
 
 def validate(cfg: DictConfig) -> RunSpec:
-    """Check every setting and return the typed run spec. Reads the disk (and writes nothing): the
-    checkpoints' stored architecture, class names and sha256, the background images (source=images), the
-    gate's data when it is on, and whether out_dir (or its nearest existing parent) is writable. The
-    checkpoints' weights load later, in `load_engine`, still before out_dir is created."""
+    """Check every setting and return the typed run spec: first the schema (types, allowed values, bounds,
+    rules between fields), then `read_inputs` (the disk, read only), then whether out_dir (or its nearest
+    existing parent) is writable, without creating it."""
     for key in ("dataset", "model", "schedule"):
         if key not in cfg:
             fail(key, None, f"missing config group: add {key}=<name> (see conf/{key}/)")
-    _unknown_keys(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    seeds = parse_seeds(cfg.seeds)
-    samples_per_shard = _positive_int(cfg, "samples_per_shard")
-    batch_size = _positive_int(cfg, "batch_size")
-    dataset = _dataset(cfg)
-    if cfg.precision not in PRECISIONS:
-        fail("precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
-    device = _device(cfg.device)
-    shard_prefix = str(cfg.shard_prefix)
-    if not NAME_PATTERN.fullmatch(shard_prefix):
-        fail("shard_prefix", shard_prefix, "a plain file-name prefix: letters, digits, '.', '_', '-' (no '/')")
-    if cfg.mask.method not in ("auto", *MASK_METHODS):
-        fail("mask.method", cfg.mask.method, f"allowed: auto, {', '.join(MASK_METHODS)}")
-    mask_pixels = str(cfg.mask.get("pixels", "crop"))
-    if mask_pixels not in PIXEL_SOURCES:
-        fail("mask.pixels", mask_pixels, f"allowed: {', '.join(PIXEL_SOURCES)}")
-    if float(cfg.mask.sigma) < 0 or float(cfg.mask.min_contrast) < 0:
-        fail("mask.sigma", cfg.mask.sigma, "mask.sigma and mask.min_contrast must be >= 0")
-    task_count = _positive_int(cfg, "array.task_count")
-    task_id = _positive_int(cfg, "array.task_id", 0)
-    if task_id >= task_count:
-        fail("array.task_id", task_id, f"must be below array.task_count={task_count}")
-    m = cfg.model
-    if m.beta_schedule not in ("linear", "cosine"):
-        fail("model.beta_schedule", m.beta_schedule, "allowed: linear, cosine")
-    diffusion_steps = _positive_int(cfg, "model.diffusion_steps", 2)
-    random_init = bool(m.get("random_init", False))
-    model = ModelSpec(
-        str(m.name),
-        random_init,
-        diffusion_steps,
-        str(m.beta_schedule),
-        _network(cfg, "global", random_init),
-        _network(cfg, "local", random_init),
-    )
-    for which, spec, size in (
-        ("global", model.global_net, dataset.image_size),
-        ("local", model.local_net, dataset.window_size),
-    ):
-        if spec.config and spec.config.get("image_size") not in (None, size):
-            fail(f"model.{which}.config.image_size", spec.config["image_size"], f"must equal {size} (dataset)")
-    local_classes = (model.local_net.config or {}).get("num_classes")
-    if model.local_net.config is not None and (local_classes or 0) < len(dataset.classes):
-        fail(
-            "model.local.config.num_classes",
-            local_classes,
-            f"the local model must know all {len(dataset.classes)} dataset classes",
-        )
-    stored_classes = model.local_net.classes
-    if stored_classes is not None and tuple(dataset.classes) != stored_classes:
-        fail(
-            "dataset.classes",
-            list(dataset.classes),
-            f"the local checkpoint was trained on {list(stored_classes)} (class ids are positions): "
-            "give the same names in the same order",
-        )
-    from dmgr.diffusion import space_timesteps  # local import keeps config import light
-
-    respacing = str(cfg.schedule.respacing)
-    try:
-        steps = len(space_timesteps(diffusion_steps, respacing))
-    except ValueError as exc:
-        detail = str(exc) if "invalid literal" not in str(exc) else "not a step count"
-        fail(
-            "schedule.respacing",
-            respacing,
-            f"{detail}: use a step count like 50, section counts like 10,10,5, or ddimN",
-        )
-    sampler = sampler_settings(cfg, dataset.window_size)
+    settings: SynthSettings = build(SynthSettings, resolved)
+    seeds = parse_seeds(settings.seeds)
+    device = _device(settings.device)
+    model_settings, *nets = _model(settings.model)
+    respacing = str(settings.schedule.get("respacing"))
+    steps = _respaced_steps(model_settings.diffusion_steps, respacing)
+    sampler = sampler_settings(cfg, settings.dataset.window_size)
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
-    mask_method = _mask_method(str(cfg.mask.method), dataset, model)
-    given = dict(resolved.get("extras", {}))
-    for name, value in given.items():
-        if not isinstance(value, bool):
-            fail(f"extras.{name}", value, "true or false")
-    extras = Extras(**given)
-    for name in ("twin", "paste") if dataset.source == "images" else ("input",):
-        if getattr(extras, name):
-            other = "generate" if name != "input" else "images"
-            fail(f"extras.{name}", True, f"needs dataset.source={other} (on real images extras.input writes the input)")
-    resolved.setdefault("mask", {})["method"] = mask_method
-    backgrounds = None
-    if dataset.source == "images":
-        try:
-            backgrounds = scan_backgrounds(dataset.images, dataset.image_size, dataset.window_size, dataset.margin)
-        except BackgroundError as exc:
-            fail("dataset.images", str(dataset.images), str(exc))
+    model, dataset, backgrounds, gate = read_inputs(settings, model_settings, nets)
+    _check_model(model, dataset)
+    mask_method = _mask_method(settings.mask.method, dataset, model)
+    resolved["mask"]["method"] = mask_method
+    if backgrounds is not None:
         resolved["dataset"]["images"] = str(dataset.images)
         resolved["dataset"]["images_digest"] = backgrounds.digest
-    quality = _quality(cfg)
-    gate = _gate(cfg, dataset)
     if gate.enabled:
         resolved["gate"]["data_root"] = str(gate.data_root)
         resolved["gate"]["data_digest"] = gate.data_digest
-    acceleration = _acceleration(cfg)
-    resolved["performance"] = dataclasses.asdict(acceleration)
+    resolved["performance"] = dataclasses.asdict(settings.performance)
     identity = _identity(resolved, model, backgrounds.digest if backgrounds is not None else None)
-    if cfg.out_dir:
-        out_dir = Path(str(cfg.out_dir)).expanduser()
+    if settings.out_dir:
+        out_dir = Path(settings.out_dir).expanduser()
     else:
-        out_dir = Path("outputs") / f"{dataset.name}-{model.name}-{cfg.schedule.name}-{identity}"
+        out_dir = Path("outputs") / f"{dataset.name}-{model.name}-{settings.schedule.get('name')}-{identity}"
     check_writable(out_dir)
     return RunSpec(
         seeds=seeds,
-        samples_per_shard=samples_per_shard,
-        batch_size=batch_size,
+        samples_per_shard=settings.samples_per_shard,
+        batch_size=settings.batch_size,
         out_dir=out_dir.resolve(),
         device=device,
-        precision=str(cfg.precision),
-        shard_prefix=shard_prefix,
+        precision=settings.precision,
+        shard_prefix=settings.shard_prefix,
         mask_method=mask_method,
-        mask_pixels=mask_pixels,
-        mask_sigma=float(cfg.mask.sigma),
-        mask_min_contrast=float(cfg.mask.min_contrast),
-        extras=extras,
-        task_id=task_id,
-        task_count=task_count,
-        writer_queue=_positive_int(cfg, "writer_queue"),
-        progress=bool(cfg.progress) and os.environ.get("DMGR_NO_PROGRESS") is None,
-        quality=quality,
+        mask_pixels=settings.mask.pixels,
+        mask_sigma=settings.mask.sigma,
+        mask_min_contrast=settings.mask.min_contrast,
+        extras=settings.extras,
+        task_id=settings.array.task_id,
+        task_count=settings.array.task_count,
+        writer_queue=settings.writer_queue,
+        progress=settings.progress and os.environ.get("DMGR_NO_PROGRESS") is None,
+        quality=settings.quality,
         dataset=dataset,
         model=model,
-        schedule_name=str(cfg.schedule.name),
+        schedule_name=str(settings.schedule.get("name")),
         respacing=respacing,
         sampler=sampler,
         resolved=resolved,
         identity=identity,
         backgrounds=backgrounds,
-        threads=_threads(cfg),
-        nonfinite=_nonfinite(cfg),
+        threads=None if settings.threads == "auto" else settings.threads,
+        nonfinite=settings.nonfinite,
         gate=gate,
-        acceleration=acceleration,
+        acceleration=settings.performance,
     )
