@@ -30,6 +30,7 @@ from dmgr.eval.segment import SegmentSettings
 from dmgr.eval.shards import first_sample, geometry, read_run
 from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
 from dmgr.sampler.masks import MASK_METHODS
+from dmgr.schema import build
 from dmgr.shards.manifest import write_json_atomic
 
 log = logging.getLogger("dmgr.eval")
@@ -87,13 +88,6 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dmgr.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,10 +100,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     s.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     s.add_argument("--record", action="store_true", help="also write the metrics into RUN_DIR/manifest.json quality")
-    s.add_argument("--classifier-steps", type=_positive, default=ClassifierSettings.steps)
+    s.add_argument("--classifier-steps", type=int, default=ClassifierSettings.steps)
     s.add_argument(
         "--classifier-boards",
-        type=_positive,
+        type=int,
         default=ClassifierSettings.per_class,
         help="real boards per class the patch classifier trains on",
     )
@@ -122,10 +116,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the defect-free images (folder or .jsonl manifest) clean patches are cut from")
     c.add_argument("--classes", type=lambda v: tuple(v.split(",")), default=None,
                    help="A,B,...: class names in id order (default: DATA_ROOT/local/labels.json)")
-    c.add_argument("--image-size", type=_positive, default=64, help="the job's dataset.image_size")
-    c.add_argument("--window", type=_positive, default=16, help="the job's dataset.window_size")
-    c.add_argument("--margin", type=int, default=5, help="the job's dataset.margin")
-    c.add_argument("--steps", type=_positive, default=UserClassifierSettings.steps, help="gate.classifier_steps")
+    c.add_argument("--image-size", type=int, default=ClassifierSettings.image_size, help="the job's dataset.image_size")
+    c.add_argument("--window", type=int, default=UserClassifierSettings.window, help="the job's dataset.window_size")
+    c.add_argument("--margin", type=int, default=DownstreamSettings.margin, help="the job's dataset.margin")
+    c.add_argument("--steps", type=int, default=UserClassifierSettings.steps, help="gate.classifier_steps")
     c.add_argument("--area-quantile", type=float, default=UserClassifierSettings.area_quantile,
                    help="gate.area_quantile")
     d = sub.add_parser(
@@ -140,18 +134,18 @@ def parser() -> argparse.ArgumentParser:
         help="a DMGR run (synthesised with extras.masks=true; the first with extras.paste=true too)",
     )
     d.add_argument("--out", type=Path, default=Path("outputs/eval/downstream"), help="report folder")
-    d.add_argument("--n", type=_positive, default=64, help="training pairs per source")
-    d.add_argument("--real-small", type=_positive, default=8, help="the user's few real images")
-    d.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="segmenter seeds, e.g. 0,1,2")
-    d.add_argument("--steps", type=_positive, default=SegmentSettings.steps, help="training steps per model")
-    d.add_argument("--batch-size", type=_positive, default=SegmentSettings.batch_size)
-    d.add_argument("--width", type=_positive, default=SegmentSettings.width, help="U-Net base channels (>= 4)")
-    d.add_argument("--test-defective", type=_positive, default=180, help="held-out real defective test boards")
-    d.add_argument("--test-clean", type=_positive, default=60, help="held-out real clean test boards")
+    d.add_argument("--n", type=int, default=DownstreamSettings.n, help="training pairs per source")
+    d.add_argument("--real-small", type=int, default=DownstreamSettings.real_small, help="the user's few real images")
+    d.add_argument("--seeds", type=_seeds, default=DownstreamSettings.seeds, help="segmenter seeds, e.g. 0,1,2")
+    d.add_argument("--steps", type=int, default=SegmentSettings.steps, help="training steps per model")
+    d.add_argument("--batch-size", type=int, default=SegmentSettings.batch_size)
+    d.add_argument("--width", type=int, default=SegmentSettings.width, help="U-Net base channels (a multiple of 4)")
+    d.add_argument("--test-defective", type=int, default=DownstreamSettings.test_defective)
+    d.add_argument("--test-clean", type=int, default=DownstreamSettings.test_clean)
     d.add_argument(
         "--device", default="cpu", help="where segmenters train: cpu (default) or cuda (cached apart from cpu)"
     )
-    d.add_argument("--jobs", type=_positive, default=1, help="models trained at once (processes of one thread)")
+    d.add_argument("--jobs", type=int, default=1, help="models trained at once (processes of one thread)")
     d.add_argument(
         "--mask-default",
         choices=MASK_METHODS,
@@ -177,7 +171,8 @@ def train_gate_classifier(args: argparse.Namespace, progress: bool) -> None:
             raise FileNotFoundError(f"{labels} not found: give --classes A,B,...")
         classes = tuple(json.loads(labels.read_text())["classes"])
     backgrounds = scan_backgrounds(args.images, args.image_size, args.window, args.margin)
-    settings = UserClassifierSettings(window=args.window, steps=args.steps, area_quantile=args.area_quantile)
+    settings = build(UserClassifierSettings,
+                     dict(window=args.window, steps=args.steps, area_quantile=args.area_quantile))
     cache = args.cache if args.cache != EVAL_CACHE else GATE_CACHE
     gate = load_or_train_user(args.data_root.resolve(), classes, backgrounds, settings, cache, progress=progress)
     print(json.dumps(gate.record, indent=1))
@@ -215,7 +210,7 @@ def _main(argv: list[str] | None) -> None:
     if args.command == "samples":
         if not (args.run_dir / "shards").is_dir():
             parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
-        classifier = ClassifierSettings(per_class=args.classifier_boards, steps=args.classifier_steps)
+        classifier = build(ClassifierSettings, dict(per_class=args.classifier_boards, steps=args.classifier_steps))
         sets = evaluate_samples(args.run_dir, args.out, args.cache, classifier, progress=progress)
         if args.record:
             record_quality(args.run_dir, sets)
@@ -233,18 +228,13 @@ def _main(argv: list[str] | None) -> None:
         return
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         parser().error(f"--device {args.device}: use cpu, or cuda where a CUDA device is visible")
-    if args.width < 4 or args.width % 4:
-        parser().error(f"--width must be a multiple of 4 (GroupNorm groups), got {args.width}")
-    settings = DownstreamSettings(
-        n=args.n,
-        real_small=args.real_small,
-        seeds=args.seeds,
-        test_defective=args.test_defective,
+    if args.jobs < 1:
+        parser().error(f"--jobs must be >= 1, got {args.jobs}")
+    settings = build(DownstreamSettings, dict(
+        n=args.n, real_small=args.real_small, seeds=args.seeds, test_defective=args.test_defective,
         test_clean=args.test_clean,
-        segment=SegmentSettings(
-            steps=args.steps, batch_size=args.batch_size, width=args.width, device=args.device
-        ),
-    )
+        segment=dict(steps=args.steps, batch_size=args.batch_size, width=args.width, device=args.device),
+    ))
     runs = dict(args.run)
     if runs:
         size, window = geometry(first_sample(next(iter(runs.values()))))

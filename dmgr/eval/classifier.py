@@ -22,19 +22,21 @@ from tqdm import tqdm
 
 from dmgr.data.export import LOCAL_OFFSET
 from dmgr.eval.real import PATCH_CLASSES, VALIDATION, Patches, defect_patches
+from dmgr.schema import STRICT_SECTION, Count
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ClassifierSettings:
-    image_size: int = 64
-    window: int = 16
-    per_class: int = 600  # training boards; each gives one patch per label
-    validation_per_class: int = 100
-    jitter: int = 3  # px the window centre moves off the defect centre (DMGR defects are not centred)
-    steps: int = 1500
-    batch_size: int = 128
+    __pydantic_config__ = STRICT_SECTION
+    image_size: Count(8) = 64
+    window: Count(4) = 16
+    per_class: Count() = 600  # training boards; each gives one patch per label
+    validation_per_class: Count() = 100
+    jitter: Count(0) = 3  # px the window centre moves off the defect centre (DMGR defects are not centred)
+    steps: Count() = 1500
+    batch_size: Count() = 128
     lr: float = 2e-3
     seed: int = 0
 

@@ -30,6 +30,7 @@ from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, t
 from dmgr.eval.shards import first_sample, read_run
 from dmgr.eval.sources import cut_paste, perlin_anomalies
 from dmgr.sampler.masks import MASK_METHODS
+from dmgr.schema import STRICT_SECTION, Count
 from dmgr.shards.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,15 @@ SCALARS = ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou")
 
 @dataclass(frozen=True)
 class DownstreamSettings:
-    n: int = 64  # training pairs per source
-    real_small: int = 8  # the user's few real images
+    __pydantic_config__ = STRICT_SECTION
+    n: Count() = 64  # training pairs per source
+    real_small: Count() = 8  # the user's few real images
     seeds: tuple[int, ...] = (0, 1, 2)  # segmenter initialisation and batch order
-    test_defective: int = 180
-    test_clean: int = 60
-    image_size: int = 64
-    window: int = 16
-    margin: int = 5
+    test_defective: Count() = 180  # held-out real defective test boards
+    test_clean: Count() = 60  # held-out real clean test boards
+    image_size: Count(8) = 64
+    window: Count(4) = 16
+    margin: Count(0) = 5
     segment: SegmentSettings = field(default_factory=SegmentSettings)
 
 

@@ -4,26 +4,35 @@ source, and scored on the held-out real test boards."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.eval.classifier import augment
 from dmgr.eval.metrics import auroc, average_precision, intersection_union, nan_mean
 from dmgr.eval.real import Boards
+from dmgr.schema import STRICT_SECTION, Count, fail
 
 
 @dataclass(frozen=True)
 class SegmentSettings:
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 3e-3
-    width: int = 16
-    pos_weight: float = 20.0  # BCE weight of defect pixels: without it 1000 steps learn only missing holes
-    threshold: float = 0.5  # probability above which a pixel counts as defect (IoU)
+    __pydantic_config__ = STRICT_SECTION
+    steps: Count() = 1000
+    batch_size: Count() = 16
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    width: Count(4) = 16  # U-Net base channels: a multiple of 4 (GroupNorm groups)
+    pos_weight: Annotated[float, Field(gt=0)] = 20.0  # BCE weight of defect pixels: without it 1000 steps learn
+    #   only missing holes
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.5  # probability above which a pixel counts as defect (IoU)
     device: str = "cpu"  # where the segmenter trains (scores from cpu and cuda differ in float rounding)
+
+    def __post_init__(self) -> None:
+        if self.width % 4:
+            fail("segment.width", self.width, "a multiple of 4 (GroupNorm groups)")
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:

@@ -15,16 +15,19 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from dmgr.data.dataset import mask_path
 from dmgr.eval.classifier import ClassifierSettings, PatchClassifier, accuracy, train_classifier
 from dmgr.eval.real import Patches
 from dmgr.images import from_uint8, list_images, load_rgb, resize_center_crop
+from dmgr.schema import STRICT_SECTION, Count
 from dmgr.synth.backgrounds import Backgrounds
 
 log = logging.getLogger(__name__)
@@ -32,13 +35,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UserClassifierSettings:
-    window: int = 16
-    steps: int = 800
-    batch_size: int = 128
+    __pydantic_config__ = STRICT_SECTION
+    window: Count(4) = 16
+    steps: Count() = 800
+    batch_size: Count() = 128
     lr: float = 2e-3
-    clean_per_image: int = 4  # clean windows cut from each defect-free image (inside its ROI)
-    validation_every: int = 10  # every 10th patch of each label is held out for the accuracy check
-    area_quantile: float = 0.01  # a class's plausible mask area: [q, 1 - q] quantiles of its training masks
+    clean_per_image: Count() = 4  # clean windows cut from each defect-free image (inside its ROI)
+    validation_every: Count(2) = 10  # every 10th patch of each label is held out for the accuracy check
+    area_quantile: Annotated[float, Field(ge=0, le=0.5)] = 0.01  # a class's plausible mask area: [q, 1 - q]
+    #   quantiles of its training masks
     seed: int = 0
 
 
