@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import OneByOne
 
-from dmgr.diffusion import ddim_step, make_diffusion, predict_x0
+from dmgr.diffusion import ddim_step, make_diffusion, predict_x0, time_walk
 from dmgr.sampler import (
     DMGRSettings,
     PassCounter,
@@ -376,3 +376,37 @@ def test_a_mask_channel_crop_follows_the_known_window_outside_its_defect(global_
     outside = (result.crop[:, 3:] < -0.1).expand(-1, 3, -1, -1)
     assert outside.float().mean() > 0.3
     assert (result.crop[:, :3][outside] - known_crop[outside]).abs().max() < tolerance
+
+
+# ---------------------------------------------------------------- callback
+
+
+def test_callback_sees_every_move_of_the_walk_in_order(global_model, local_model, diffusion10):
+    """Every reverse step and undo of the time-travel walk reaches the callback in order, each undo that follows a
+    reverse step preceded by its optimisation ("pre_undo"); the last move's state is the result."""
+    settings = DMGRSettings(T_s=7, T_e=3, lr_xt=0.2, time_travel=True, jump_length=3)
+    moves = []
+    result = dmgr_sample(
+        global_model, local_model, diffusion10, noise(2, 10), torch.tensor([[3, 5], [16, 12]]), torch.tensor([2, 0]),
+        W, settings, noise=PerSampleNoise(make_generators([1, 2])), record_trace=True, callback=moves.append,
+    )
+    walk = [9, 8, 7, 6, 7, 8, 9, 8, 7, 6, 5, 4, 3, 4, 5, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
+    assert time_walk(10, True, 3, 2) == walk
+    expected = [("reverse" if b < a else "undo", a, b) for a, b in zip(walk[:-1], walk[1:])]
+    assert [(m["kind"], m["t"], m["target"]) for m in moves if m["kind"] != "pre_undo"] == expected
+
+    turns = [i for i, m in enumerate(moves) if m["kind"] == "pre_undo"]
+    assert [moves[i]["t"] for i in turns] == [6, 3, 0]  # where the walk turns back up
+    for i in turns:
+        assert moves[i - 1]["kind"] == "reverse" and moves[i + 1]["kind"] == "undo"
+        assert moves[i]["x"].shape == (2, 3, 32, 32) and moves[i]["loss"].shape == (2,)
+    assert all((m["x0"] is not None) == (m["kind"] == "reverse") for m in moves)
+    assert all(m["loss"] is None for m in moves if m["kind"] == "undo")
+
+    assert moves[-1]["kind"] == "reverse" and moves[-1]["target"] == 0
+    assert torch.equal(moves[-1]["x"], result.image) and torch.equal(moves[-1]["crop"], result.crop)
+    # record_trace is built from the same moves
+    reverse = [m for m in moves if m["kind"] == "reverse"]
+    assert [(e["t"], e["prev_t"]) for e in result.trace] == [(m["t"], m["target"]) for m in reverse]
+    assert all(e["x_prev"] is m["x"] and e["loss"] is m["loss"] for e, m in zip(result.trace, reverse, strict=True))
+    assert [i for i in turns if any(x is moves[i]["x"] for x, _ in result.pre_undo)] == turns

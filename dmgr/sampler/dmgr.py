@@ -9,13 +9,15 @@ reference spends one extra forward per iteration).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk, undo_step
+from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk
+from dmgr.diffusion import undo_step as diffusion_undo
 from dmgr.models.precision import autocast
 from dmgr.sampler.gates import crop_gate, global_gate
 from dmgr.sampler.loss import disagreement_map, rectification_loss
@@ -92,7 +94,7 @@ class _Point:
 
 
 class _Rectifier:
-    """State and helpers for one call of `dmgr_sample`."""
+    """Steps 1-5 (the rectification at one index) for one call of `dmgr_sample`, and the memos they keep."""
 
     def __init__(
         self, global_model, local_model, diffusion, windows, classes, window_size, settings, precision, counter
@@ -153,15 +155,10 @@ class _Rectifier:
         return self.weight_map
 
     def rates(self, t: int, lr_base: float) -> tuple[float, float]:
-        lr = lr_base
-        if self.s.smart_lr:
-            lr = lr_base * math.sqrt(self.diffusion.abar(t)) / math.sqrt(self.diffusion.abar(0))
-        phase = self.s.phase(t)
-        if phase == "anchoring":
-            return lr, 0.0
-        if phase == "free":
-            return 0.0, 0.0
-        return lr, (lr if self.s.gating else 0.0)
+        """(lr on x, lr on c) at t: the phase table of step 2."""
+        abar, s = self.diffusion.abar, self.s
+        lr = lr_base * math.sqrt(abar(t)) / math.sqrt(abar(0)) if s.smart_lr else lr_base
+        return {"anchoring": (lr, 0.0), "free": (0.0, 0.0)}.get(s.phase(t), (lr, lr if s.gating else 0.0))
 
     def gradients(self, point: _Point, loss: torch.Tensor, grad_c: bool, phase: str):
         """d loss / d x and d loss / d c at `point` (None for c when the crop is not optimised)."""
@@ -209,10 +206,7 @@ class _Rectifier:
         batch, phase = x.shape[0], self.s.phase(t)
         lr_x, lr_c = self.rates(t, lr_base)
         if lr_x == 0.0 and lr_c == 0.0:
-            point = None
-            if need_predictions:
-                with torch.no_grad():
-                    point = self.predict(x, c, t, False, False, phase)
+            point = self.predict(x, c, t, False, False, phase) if need_predictions else None
             return point, x, c, torch.zeros(batch, dtype=torch.float64)
         optimise_c = lr_c > 0
         x_start, c_start = x.detach(), c.detach()
@@ -235,6 +229,113 @@ class _Rectifier:
         return point, point.x, point.c, final
 
 
+class _Walk:
+    """What DMGR carries from one index of the walk to the next (both states, the decaying rates, the gates,
+    the known background) and the moves that change it."""
+
+    def __init__(self, rect: _Rectifier, noise: NoiseSource | None, x_T: torch.Tensor, known, t0: int):
+        s, windows, w = rect.s, rect.windows, rect.w
+        self.rect, self.s, self.diffusion, self.noise, self.known = rect, s, rect.diffusion, noise, known
+        self.edit = None if known is None else window_support(*x_T.shape[2:], windows, w)
+        self.x = self.condition(x_T.clone(), t0)
+        c = crop_windows(x_T, windows, w).clone()
+        extra_channels = getattr(rect.local_model, "in_channels", 3) - c.shape[1]
+        if extra_channels > 0:
+            c = torch.cat([c, noise.draw(c[:, :extra_channels], "crop_mask")], dim=1)
+        # A mask-generating local model on a known background: the crop's RGB is known too, except where the
+        # crop's own latest mask prediction says defect, so the defect grows into the real window around it.
+        self.known_crop = crop_windows(known, windows, w) if known is not None and extra_channels > 0 else None
+        self.defect = torch.zeros_like(c[:, :1], dtype=torch.bool)
+        self.c = self.condition_crop(c, t0)
+        self.lr_base, self.reg = s.lr_xt, s.reg
+        self.set_gates(s.initial_falloff)
+        self.final_loss = torch.zeros(len(x_T), dtype=torch.float64)
+        self.reanchor_at, self.last_move = (s.T_e if s.multistage and s.reanchor else None), None
+
+    def repaint(self, state, keep, clean, t: int, z) -> torch.Tensor:
+        """RePaint's rule: `state` where `keep`, elsewhere `clean` noised to index t with the noise z."""
+        abar = self.diffusion.abar(t)
+        return torch.where(keep, state, math.sqrt(abar) * clean + math.sqrt(1 - abar) * z)
+
+    def condition(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Outside the windows: the known background noised to index t."""
+        return x if self.known is None else self.repaint(x, self.edit, self.known, t, self.noise.draw(x, "known"))
+
+    def condition_crop(self, c: torch.Tensor, t: int) -> torch.Tensor:
+        """Outside the crop's latest predicted defect: the known window noised to index t."""
+        if self.known_crop is None:
+            return c
+        z = self.noise.draw(self.known_crop, "known_crop")
+        return torch.cat([self.repaint(c[:, :3], self.defect, self.known_crop, t, z), c[:, 3:]], dim=1)
+
+    def set_gates(self, falloff: float) -> None:
+        """G_x and G_c for falloff f; without gating ones (x everywhere, and the crop is never rectified)."""
+        s, w, ones = self.s, self.rect.w, torch.ones(1, 1, 1, 1, device=self.x.device)
+        centers = self.rect.windows + w // 2
+        self.gate_x = global_gate(*self.x.shape[2:], centers, s.gate_radius, falloff) if s.gating else ones
+        self.gate_c = crop_gate(w, falloff, self.x.device) if s.gating else ones
+        self.falloff = falloff
+
+    def reanchor(self, t: int) -> None:
+        """On first reaching T_e the crop restarts as the window of x (its mask channel kept)."""
+        if t == self.reanchor_at:
+            self.c = torch.cat([crop_windows(self.x, self.rect.windows, self.rect.w), self.c[:, 3:]], dim=1)
+            self.reanchor_at = None
+
+    def reverse_step(self, t: int, target: int) -> dict:
+        """Refresh the gates, rectify at t (steps 1-5), then DDIM both states down to `target` (step 6)."""
+        s, draw = self.s, (self.noise.draw if self.s.eta > 0 else lambda like, role: None)
+        if s.gating and target % s.gate_every == 0:
+            self.set_gates(self.diffusion.abar(target))
+        point, x, c, loss = self.rect.step(self.x, self.c, t, self.lr_base, self.reg, self.gate_x, self.gate_c)
+        if s.phase(t) != "free":
+            self.final_loss = loss
+        abar_t, abar_prev = self.diffusion.abar(t), self.diffusion.abar(target)
+        # per-sample generators serve every role in turn: the order of the draws is part of what a seed means
+        x = ddim_step(point.x0_g, point.eps_g, abar_t, abar_prev, s.eta, draw(x, "ddim_x"))
+        c = ddim_step(point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, draw(c, "ddim_crop"))
+        self.x = self.condition(x, target)
+        if self.known_crop is not None:
+            self.defect = point.x0_l[:, 3:4] > 0
+        self.c = self.condition_crop(c, target)
+        self.lr_base, self.reg, self.last_move = self.lr_base * s.lr_decay, self.reg * s.reg_decay, "reverse"
+        return dict(kind="reverse", t=t, target=target, x=self.x, crop=self.c, x0=point.x0_g, loss=loss)
+
+    def rectify_before_undo(self, t: int) -> dict:
+        """Steps 1-5 once more at t: the optimised states, not their DDIM updates, are what the undo re-noises."""
+        _, self.x, self.c, loss = self.rect.step(self.x, self.c, t, self.lr_base, self.reg, self.gate_x, self.gate_c,
+                                                 need_predictions=False)
+        return dict(kind="pre_undo", t=t, target=t, x=self.x, crop=self.c, x0=None, loss=loss)
+
+    def undo_step(self, t: int, target: int) -> dict:
+        """Re-noise both states from t up to target = t + 1 with fresh noise."""
+        beta = float(self.diffusion.betas[target])
+        self.x = self.condition(diffusion_undo(self.x, beta, self.noise.draw(self.x, "undo_x")), target)
+        self.c = self.condition_crop(diffusion_undo(self.c, beta, self.noise.draw(self.c, "undo_crop")), target)
+        self.lr_base, self.reg, self.last_move = self.lr_base / self.s.lr_decay, self.reg / self.s.reg_decay, "undo"
+        return dict(kind="undo", t=t, target=target, x=self.x, crop=self.c, x0=None, loss=None)
+
+
+def _recorder(result: DMGRResult, process_every: int | None, trace: bool, then) -> Callable[[dict], None]:
+    """`record_process` and `record_trace` as a callback that fills `result`'s lists, then calls `then`."""
+
+    def record(move: dict) -> None:
+        kind, target, x0s = move["kind"], move["target"], result.x0_process
+        if kind == "reverse" and process_every is not None and target % process_every == 0:
+            if x0s and x0s[-1][0] == target:  # back down to the index last recorded: keep the later prediction
+                x0s.pop()
+            x0s.append((target, move["x0"]))
+        if trace and kind == "reverse":
+            result.trace.append(dict(t=move["t"], prev_t=target, x_prev=move["x"], crop_prev=move["crop"],
+                                     loss=move["loss"]))
+        elif trace and kind == "pre_undo":
+            result.pre_undo.append((move["x"], move["crop"]))
+        if then is not None:
+            then(move)
+
+    return record
+
+
 def dmgr_sample(
     global_model: nn.Module,
     local_model: nn.Module,
@@ -251,6 +352,7 @@ def dmgr_sample(
     counter: PassCounter | None = None,
     progress: bool = False,
     known: torch.Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
 ) -> DMGRResult:
     """Run the DMGR walk from x_T.
 
@@ -262,102 +364,30 @@ def dmgr_sample(
     every index t, the background noised to t (RePaint's rule, noise role "known"); inside, DMGR as usual.
     With a mask-generating local model the crop's RGB follows the same rule outside the defect its latest
     x0 prediction shows (mask channel > 0; noise role "known_crop").
+    callback: called after every move with a dict: kind ("reverse"; "pre_undo", the optimisation before an
+    undo; "undo"), t, target (the index moved to), x and crop (the states after the move), x0 (a reverse
+    step's global x0 prediction, else None) and loss ((B,) rectification loss, None for undos).
+    record_process and record_trace are callbacks too, filling x0_process, trace and pre_undo of the result.
     """
     s = settings
-    batch, _, height, width = x_T.shape
-    windows = windows.to(x_T.device).long()
-    classes = classes.to(x_T.device).long()
+    windows, classes = windows.to(x_T.device).long(), classes.to(x_T.device).long()
     if (s.time_travel or s.eta > 0 or known is not None) and noise is None:
         raise ValueError("time travel, eta > 0 and known backgrounds need a noise source (per-sample generators)")
+    indices = time_walk(diffusion.num_steps, s.time_travel, s.jump_length, s.jump_n_sample)
+    moves = list(zip(indices[:-1], indices[1:]))
+    if any(target >= t and target != t + 1 for t, target in moves):
+        raise ValueError(f"time travel goes up one index at a time, got {moves}")
     rect = _Rectifier(global_model, local_model, diffusion, windows, classes, window_size, s, precision, counter)
-    centers = windows + window_size // 2
-
-    def gates(falloff: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if not s.gating:
-            return torch.ones(batch, 1, height, width, device=x_T.device), torch.ones(
-                1, 1, window_size, window_size, device=x_T.device
-            )
-        return global_gate(height, width, centers, s.gate_radius, falloff), crop_gate(window_size, falloff, x_T.device)
-
-    walk = time_walk(diffusion.num_steps, s.time_travel, s.jump_length, s.jump_n_sample)
-    edit = None if known is None else window_support(height, width, windows, window_size)
-
-    def condition(x: torch.Tensor, t: int) -> torch.Tensor:
-        """Outside the windows: the known background noised to index t."""
-        if known is None:
-            return x
-        abar = diffusion.abar(t)
-        noised = math.sqrt(abar) * known + math.sqrt(1 - abar) * noise.draw(x, "known")
-        return torch.where(edit, x, noised)
-
-    x = condition(x_T.clone(), walk[0])
-    c = crop_windows(x_T, windows, window_size).clone()
-    extra_channels = getattr(local_model, "in_channels", 3) - c.shape[1]
-    if extra_channels > 0:
-        c = torch.cat([c, noise.draw(c[:, :extra_channels], "crop_mask")], dim=1)
-    # A mask-generating local model on a known background: the crop's RGB is known too, except where the
-    # crop's own latest mask prediction says defect, so the defect grows into the real window around it.
-    known_crop = crop_windows(known, windows, window_size) if known is not None and extra_channels > 0 else None
-    defect = torch.zeros_like(c[:, :1], dtype=torch.bool)
-
-    def condition_crop(c: torch.Tensor, t: int) -> torch.Tensor:
-        if known_crop is None:
-            return c
-        abar = diffusion.abar(t)
-        noised = math.sqrt(abar) * known_crop + math.sqrt(1 - abar) * noise.draw(known_crop, "known_crop")
-        return torch.cat([torch.where(defect, c[:, :3], noised), c[:, 3:]], dim=1)
-
-    c = condition_crop(c, walk[0])
-    lr_base, reg = s.lr_xt, s.reg
-    falloff = s.initial_falloff
-    gate_x, gate_c = gates(falloff)
-    result = DMGRResult(x, c, windows, classes, falloff, torch.zeros(batch, dtype=torch.float64))
-    reanchored, previous_move = False, None
-    pairs = list(zip(walk[:-1], walk[1:]))
-    for t, target in tqdm(pairs, desc="dmgr", disable=not progress, leave=False):
-        if s.multistage and s.reanchor and t == s.T_e and not reanchored:
-            c = torch.cat([crop_windows(x, windows, window_size), c[:, 3:]], dim=1)
-            reanchored = True
+    walk = _Walk(rect, noise, x_T, known, indices[0])
+    result = DMGRResult(walk.x, walk.c, windows, classes, walk.falloff, walk.final_loss)
+    emit = _recorder(result, s.record_every if record_process else None, record_trace, then=callback)
+    for t, target in tqdm(moves, desc="dmgr", disable=not progress, leave=False):
+        walk.reanchor(t)
         if target < t:
-            if s.gating and target % s.gate_every == 0:
-                falloff = diffusion.abar(target)
-                gate_x, gate_c = gates(falloff)
-            point, x, c, loss = rect.step(x, c, t, lr_base, reg, gate_x, gate_c)
-            if s.phase(t) != "free":
-                result.final_loss = loss
-            abar_t, abar_prev = diffusion.abar(t), diffusion.abar(target)
-            x = ddim_step(
-                point.x0_g, point.eps_g, abar_t, abar_prev, s.eta, noise.draw(x, "ddim_x") if s.eta > 0 else None
-            )
-            c = ddim_step(
-                point.x0_l, point.eps_l, abar_t, abar_prev, s.eta, noise.draw(c, "ddim_crop") if s.eta > 0 else None
-            )
-            x = condition(x, target)
-            if known_crop is not None:
-                defect = point.x0_l[:, 3:4] > 0
-                c = condition_crop(c, target)
-            if record_process and target % s.record_every == 0:
-                if result.x0_process and result.x0_process[-1][0] == target:
-                    result.x0_process[-1] = (target, point.x0_g)
-                else:
-                    result.x0_process.append((target, point.x0_g))
-            if record_trace:
-                result.trace.append({"t": t, "prev_t": target, "x_prev": x, "crop_prev": c, "loss": loss})
-            lr_base *= s.lr_decay
-            reg *= s.reg_decay
-            previous_move = "reverse"
-        else:
-            if target != t + 1:
-                raise ValueError(f"time travel goes up one index at a time, got {t} -> {target}")
-            if previous_move == "reverse" and s.optimise_before_undo:
-                _, x, c, _ = rect.step(x, c, t, lr_base, reg, gate_x, gate_c, need_predictions=False)
-                if record_trace:
-                    result.pre_undo.append((x, c))
-            previous_move = "undo"
-            beta = float(diffusion.betas[target])
-            x = condition(undo_step(x, beta, noise.draw(x, "undo_x")), target)
-            c = condition_crop(undo_step(c, beta, noise.draw(c, "undo_crop")), target)
-            lr_base /= s.lr_decay
-            reg /= s.reg_decay
-    result.image, result.crop, result.gate_falloff = x, c, falloff
+            emit(walk.reverse_step(t, target))
+            continue
+        if walk.last_move == "reverse" and s.optimise_before_undo:
+            emit(walk.rectify_before_undo(t))
+        emit(walk.undo_step(t, target))
+    result.image, result.crop, result.gate_falloff, result.final_loss = walk.x, walk.c, walk.falloff, walk.final_loss
     return result
