@@ -32,7 +32,7 @@ DEMO_GLOBAL_STEPS ?= 3000
 DEMO_LOCAL_STEPS ?= 6000
 DEMO_MASK_STEPS ?= 1500
 
-.PHONY: venv backgrounds synth test test-fast bench lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
+.PHONY: venv backgrounds synth test test-fast bench bench-job lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ test-fast: venv
 # make bench DEVICE=cuda: the paper architecture on the GPU, with seconds per image and the FLOP bound.
 bench: venv
 	$(PY) -m dmgr.bench --device $(DEVICE) $(ARGS)
+
+# make bench-job: the whole job's images/s with 1 and 2 workers and with a null shard writer.
+bench-job: venv
+	$(PY) -m dmgr.bench_job $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check dmgr tests

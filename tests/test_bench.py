@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -47,3 +49,20 @@ def test_bench_refuses_cuda_without_a_gpu():
         [sys.executable, "-m", "dmgr.bench", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and "--device cuda: no CUDA device is visible here" in result.stderr
+
+
+def test_job_bench_null_writer_makes_the_samples_and_writes_no_shard(tmp_path):
+    from synth_support import TINY
+
+    from dmgr.bench_job import RESULT
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "dmgr.bench_job", "--child", "--null-writer", *TINY, "seeds=0-2",
+         "samples_per_shard=2", f"out_dir={out}"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith(RESULT))[len(RESULT):])
+    assert summary["images_this_run"] == 3 and summary["images_per_second"] > 0
+    assert not list((out / "shards").glob("*.tar")) and not (out / "manifest.json").exists()
