@@ -139,6 +139,21 @@ def run_flops(counts: dict, runs: int, flops: dict) -> float:
     return total / runs
 
 
+def reference_structure_flops(result: dict, flops: dict) -> float:
+    """FLOPs per image the reference's pass structure would spend on the same walk and the same backtracking
+    (the fixture README): per rectification 3 forwards with gradient and 2 + retries without, of each network,
+    and 2 backwards through both; per free step one forward of each."""
+    counts, steps = result["counts"], result["steps"]
+    rectifications = (steps["anchoring"] + steps["resonance"] + result["pre_undo"]) * result["runs"]
+    global_forwards = sum(counts.get(phase, {}).get(kind, 0) for phase in ("anchoring", "resonance")
+                          for kind in ("forward_grad_global", "forward_global"))
+    retries = global_forwards - 3 * rectifications  # our structure: 3 global forwards per rectification + retries
+    forward = flops["global"][0] + flops["local"][0]
+    backward = flops["global"][1] + flops["local"][1]
+    free = steps["free"] * result["runs"]
+    return ((5 * rectifications + retries) * forward + 2 * rectifications * backward + free * forward) / result["runs"]
+
+
 def reverse_steps_per_phase(settings: DMGRSettings, num_steps: int) -> tuple[dict[str, int], int, int]:
     """Reverse steps of the walk by phase of their index t, undo count, optimise-before-undo passes."""
     walk = time_walk(num_steps, settings.time_travel, settings.jump_length, settings.jump_n_sample)
@@ -308,6 +323,15 @@ def main(argv: list[str] | None = None) -> None:
     print("FLOPs per image (passes actually made x per-sample FLOPs of each network) and the FLOP bound"
           + (f" at {peak:g} TFLOP/s:" if peak else " (no --peak-tflops given):"))
     print(table(rows, ["preset", "TFLOP/image", "s/image", "TFLOP/s achieved", "s/image at peak", "of bound"]))
+    print()
+
+    rows = []
+    for name, r in results.items():
+        ours, reference = run_flops(r["counts"], r["runs"], flops), reference_structure_flops(r, flops)
+        rows.append([name, f"{ours / 1e9:.1f}", f"{reference / 1e9:.1f}", f"{reference / ours:.2f}x"])
+    print("against the reference's pass structure on the same walk and backtracking (per rectification 3")
+    print("forwards with gradient, 2 + retries without, of each network, 2 backwards through both):")
+    print(table(rows, ["preset", "GFLOP/image", "reference GFLOP/image", "reference / ours"]))
     print()
 
     rows = []

@@ -40,6 +40,8 @@ def test_bench_prints_seconds_and_passes_per_phase():
     flop_rows = [line.split() for line in lines if line.startswith("fast ") and len(line.split()) == 6]
     assert len(flop_rows) == 1 and float(flop_rows[0][1]) > 0.1, result.stdout  # TFLOP per image, tiny models
     assert "GFLOP per sample: global forward" in result.stdout
+    ratio = [line.split() for line in lines if line.startswith("fast ") and line.endswith("x")]
+    assert len(ratio) == 1 and 1.2 < float(ratio[0][-1][:-1]) < 2, result.stdout  # fewer passes than the reference
 
 
 def test_bench_refuses_cuda_without_a_gpu():
@@ -66,3 +68,16 @@ def test_job_bench_null_writer_makes_the_samples_and_writes_no_shard(tmp_path):
     summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith(RESULT))[len(RESULT):])
     assert summary["images_this_run"] == 3 and summary["images_per_second"] > 0
     assert not list((out / "shards").glob("*.tar")) and not (out / "manifest.json").exists()
+
+
+def test_reference_structure_flops_known_answer():
+    from dmgr.bench import reference_structure_flops
+
+    # 3 rectifications (2 anchoring, 1 resonance) with one backtracking retry, 1 free step, one run
+    counts = {"anchoring": {"forward_grad_global": 4, "forward_global": 3, "forward_local": 2, "backward": 4},
+              "resonance": {"forward_grad_global": 2, "forward_global": 1, "forward_grad_local": 2, "backward": 2},
+              "free": {"forward_global": 1, "forward_local": 1}}
+    result = {"counts": counts, "steps": {"anchoring": 2, "free": 1, "resonance": 1}, "pre_undo": 0, "runs": 1}
+    flops = {"global": (10.0, 20.0), "local": (1.0, 2.0)}
+    # (5 x 3 + 1 retry) forwards of both (11) + 2 x 3 backwards of both (22) + 1 free forward of both
+    assert reference_structure_flops(result, flops) == 16 * 11 + 6 * 22 + 11
