@@ -110,9 +110,8 @@ def test_bf16_autocast_close_to_fp32(global_model, local_model, which):
         full = model_eps(model, x, STEPS, y, "fp32")
         half = model_eps(model, x, STEPS, y, "bf16")
     assert half.dtype == torch.float32 and half.shape == (2, 3, size, size)
-    assert torch.isfinite(half).all()
     difference = (half - full).abs().max()
-    assert difference > 0  # autocast really computed in bf16
+    assert difference > 0  # autocast really computed in bf16 (NaN anywhere fails this and the next line)
     assert difference < 0.1 * full.abs().max()
     correlation = torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1]
     assert correlation > 0.99
