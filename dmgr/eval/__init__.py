@@ -8,5 +8,6 @@ real.py      real procedural data with exact masks, from seed streams disjoint f
 classifier.py the 7-class patch classifier whose features the sample metrics use
 shards.py    reading runs back through webdataset
 samples.py   the sample metrics; sources.py / segment.py / downstream.py the benchmark
+paste.py     the no-rectification baseline (extras.paste): a plain local-model sample pasted into the twin
 report.py    markdown + JSON + PNG
 """

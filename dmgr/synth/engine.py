@@ -1,4 +1,5 @@
-"""Models and samplers composed for the job: seed plans in, finished samples (arrays + metadata) out."""
+"""Models and samplers composed for the job: seed plans in, sampled tensors and masks (a `Batch`), then the
+samples' shard members out (`shard_members`)."""
 
 from __future__ import annotations
 
@@ -83,67 +84,47 @@ def load_gate(spec: RunSpec) -> object | None:
                               spec.gate.cache_dir, spec.gate.data_digest, progress=spec.progress)
 
 
-def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:
-    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
-    return Image.fromarray(mask.astype(np.uint8) * 255)
+@dataclass
+class Batch:
+    """One batch sampled, before it becomes shard members. Masks are (B, H, W) bool, by method (the run's
+    `spec.mask_method` is the sample's mask); `defects` holds per sample, per defect, at least window_box
+    and final_loss. The extra images are None when the run does not write them."""
+
+    image: torch.Tensor | np.ndarray  # (B, 3, H, W) in [-1, 1], or (B, H, W, 3) uint8 (real images: composited)
+    masks: dict[str, torch.Tensor | np.ndarray]
+    defects: list[list[dict]]
+    finite: list[bool]  # no NaN/Inf in the sample's image or crop
+    crop: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
+    twin: torch.Tensor | None = None
+    input: np.ndarray | None = None
+    paste: torch.Tensor | None = None
+    paste_mask: torch.Tensor | None = None
 
 
-def paste_local_sample(
-    engine: Engine, spec: RunSpec, plans: list[SamplePlan], twin: torch.Tensor, windows: torch.Tensor
-) -> torch.Tensor:
-    """The no-rectification baseline: a plain local-model DDIM sample of each plan's class pasted into
-    the defect-free twin at the window (the local noise comes from its own per-seed generator)."""
-    w = spec.dataset.window_size
-    generators = make_generators([stream_seed(p.noise_seed, "paste") for p in plans])
-    patches = ddim_sample(
-        engine.local_model,
-        engine.diffusion,
-        initial_noise(generators, (engine.local_model.in_channels, w, w), engine.device),
-        y=torch.tensor([p.class_id for p in plans], device=engine.device),
-        precision=spec.precision,
-    )
-    pasted = twin.clone()
-    for i, (x, y) in enumerate(p.window for p in plans):
-        pasted[i, :, y : y + w, x : x + w] = patches[i, :3]
-    return pasted
+def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """One batch of plans -> webdataset samples (seed, finite: no NaN/Inf in the image, + members): sampled
+    with their masks into a `Batch`, then turned into members by `shard_members`."""
+    methods = spec.available_masks if spec.extras.masks else (spec.mask_method,)
+    sampler = sample_into_backgrounds if spec.dataset.source == "images" else sample_boards
+    return shard_members(spec, engine.digests, plans, sampler(engine, spec, plans, methods))
 
 
 def defect_masks(
     spec: RunSpec, methods: tuple[str, ...], result: DMGRResult, reference: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
-    """(B, 1, H, W) bool masks of a sampler result by method; `reference` is what `diff` compares with
+    """(B, H, W) bool masks of a sampler result by method; `reference` is what `diff` compares with
     (the defect-free twin, or the real background)."""
     size, w = spec.dataset.image_size, spec.dataset.window_size
-    masks = {}
-    for method in methods:
+
+    def mask(method: str) -> torch.Tensor:
         if method == "local":
-            masks[method] = local_mask(result.crop, result.windows, size, size)
-        elif method == "diff":
-            masks[method] = diff_mask(
-                result.image, reference, result.windows, w, spec.mask_sigma, spec.mask_min_contrast
-            )
-        else:
-            masks[method] = gate_mask(size, size, result.windows, w, spec.sampler.gate_radius, result.gate_falloff)
-    return masks
+            return local_mask(result.crop, result.windows, size, size)
+        if method == "diff":
+            return diff_mask(result.image, reference, result.windows, w, spec.mask_sigma, spec.mask_min_contrast)
+        return gate_mask(size, size, result.windows, w, spec.sampler.gate_radius, result.gate_falloff)
 
-
-def _common_meta(spec: RunSpec, engine: Engine, plan: SamplePlan) -> dict:
-    return {
-        "seed": plan.seed,
-        **({"attempt": plan.attempt} if plan.attempt else {}),
-        "class_name": plan.class_name,
-        "class_id": plan.class_id,
-        "mask_method": spec.mask_method,
-        "image_size": spec.dataset.image_size,
-        "dataset": spec.dataset.name,
-        "source": spec.dataset.source,
-        "schedule": dict(spec.resolved["schedule"]),
-        "respacing": spec.respacing,
-        "checkpoints": {"model": spec.model.name, **engine.digests},
-        "precision": spec.precision,
-        "run_identity": spec.identity,
-        "dmgr_version": __version__,
-    }
+    return {method: mask(method)[:, 0] for method in methods}
 
 
 def _finite(*tensors: torch.Tensor) -> list[bool]:
@@ -158,24 +139,57 @@ def _box(x: int, y: int, w: int) -> list[int]:
     return [x, y, x + w, y + w]
 
 
-def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """One batch of plans -> webdataset samples (seed, finite: no NaN/Inf in the image, + members)."""
-    if spec.dataset.source == "images":
-        return generate_into_backgrounds(engine, spec, plans)
-    return generate_boards(engine, spec, plans)
+def _grid(result: DMGRResult) -> torch.Tensor | None:
+    """The recorded x0 predictions side by side, or None when none were recorded."""
+    return torch.cat([x0 for _, x0 in result.x0_process], dim=3) if result.x0_process else None
 
 
-def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]) -> Batch:
+    """The whole-board walk (dataset.source=generate): the global model makes the board, DMGR the defect;
+    the defect-free twin (plain DDIM from the same x_T) when a diff mask, the twin or the paste needs it."""
+    size, w = spec.dataset.image_size, spec.dataset.window_size
+    generators = make_generators([p.noise_seed for p in plans])
+    x_T = initial_noise(generators, (3, size, size), engine.device)
+    windows = torch.tensor([p.window for p in plans], device=engine.device)
+    result = dmgr_sample(
+        engine.global_model,
+        engine.local_model,
+        engine.diffusion,
+        x_T,
+        windows,
+        torch.tensor([p.class_id for p in plans], device=engine.device),
+        w,
+        spec.sampler,
+        noise=PerSampleNoise(generators),
+        precision=spec.precision,
+        record_process=spec.extras.grid,
+    )
+    twin = None
+    if "diff" in methods or spec.extras.twin or spec.extras.paste:
+        twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
+    defects = [[{"window_box": _box(*p.window, w), "final_loss": float(result.final_loss[i])}]
+               for i, p in enumerate(plans)]
+    batch = Batch(result.image, defect_masks(spec, methods, result, twin), defects,
+                  _finite(result.image, result.crop), crop=result.crop[:, :3], grid=_grid(result), twin=twin)
+    if spec.extras.paste:  # evaluation only
+        from dmgr.eval.paste import paste_baseline
+
+        batch.paste, batch.paste_mask = paste_baseline(engine, spec, plans, twin, windows)
+    return batch
+
+
+def sample_into_backgrounds(
+    engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]
+) -> Batch:
     """DMGR into real backgrounds: defect k of every plan in one sampler call (defect k > 0 draws its noise
     from stream_seed(seed, "defect", k)), the background known outside the window; the result takes the
-    generated pixels only inside the defect mask, so everything outside the masks is the input, byte for byte."""
+    generated pixels only inside the defect mask, so everything outside the masks is the input, byte for byte.
+    The masks are the union over the defects; crop and grid are defect 0's."""
     size, w = spec.dataset.image_size, spec.dataset.window_size
     inputs = np.stack([spec.backgrounds.image(p.background) for p in plans])
     canvas = inputs.copy()
-    methods = spec.available_masks if spec.extras.masks else (spec.mask_method,)
     unions = {m: np.zeros(inputs.shape[:3], dtype=bool) for m in methods}
     defects: list[list[dict]] = [[] for _ in plans]
-    crops, grids = [None] * len(plans), [None] * len(plans)
     finite = [True] * len(plans)
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
@@ -196,134 +210,91 @@ def generate_into_backgrounds(engine: Engine, spec: RunSpec, plans: list[SampleP
             record_process=spec.extras.grid and k == 0,
             known=known,
         )
+        if k == 0:
+            crop, grid = result.crop[:, :3], _grid(result)
         for j, ok in enumerate(_finite(result.image, result.crop)):
             finite[rows[j]] &= ok
-        masks = {m: v[:, 0].cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
+        masks = {m: v.cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
         pixels = result.image.clone()
         if spec.mask_pixels == "crop":
             for j, (x, y) in enumerate(result.windows.tolist()):
                 pixels[j, :, y : y + w, x : x + w] = result.crop[j, :3]
-        generated = to_uint8(pixels)
         chosen = masks[spec.mask_method]
-        canvas[rows] = np.where(chosen[..., None], generated, canvas[rows])
+        canvas[rows] = np.where(chosen[..., None], to_uint8(pixels), canvas[rows])
         for m in methods:
             unions[m][rows] |= masks[m]
         for j, i in enumerate(rows):
             d = plans[i].defects[k]
-            mask = torch.from_numpy(chosen[j])
             defects[i].append({
                 "class_name": d.class_name,
                 "class_id": d.class_id,
                 "window_box": _box(*d.window, w),
-                "mask_box": bounding_box(mask),
-                "mask_area": int(mask.sum()),
+                "mask_box": bounding_box(chosen[j]),
+                "mask_area": int(chosen[j].sum()),
                 "final_loss": float(result.final_loss[j]),
             })
-        if k == 0:
-            crop_images = to_uint8(result.crop[:, :3])
-            grid = None
-            if result.x0_process:
-                grid = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
-            for j, i in enumerate(rows):
-                crops[i], grids[i] = crop_images[j], None if grid is None else grid[j]
-    samples = []
-    for i, plan in enumerate(plans):
-        union = unions[spec.mask_method][i]
-        background = spec.backgrounds.items[plan.background]
-        meta = {
-            **_common_meta(spec, engine, plan),
-            "window_box": defects[i][0]["window_box"],
-            "mask_box": bounding_box(torch.from_numpy(union)),
-            "mask_area": int(union.sum()),
-            "mask_pixels": spec.mask_pixels,
-            "final_loss": defects[i][0]["final_loss"],
-            "defects": defects[i],
-            "defects_requested": spec.dataset.defects_per_image,
-            "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
-        }
-        sample = {"seed": plan.seed, "finite": finite[i], "png": Image.fromarray(canvas[i]),
-                  "mask.png": _mask_image(union), "json": meta}
-        if spec.extras.input:
-            sample["input.png"] = Image.fromarray(inputs[i])
-        if spec.extras.crop:
-            sample["crop.png"] = Image.fromarray(crops[i])
-        if grids[i] is not None:
-            sample["grid.png"] = Image.fromarray(grids[i])
-        if spec.extras.masks:
-            for method in methods:
-                sample[f"mask_{method}.png"] = _mask_image(unions[method][i])
-        samples.append(sample)
-    return samples
+    return Batch(canvas, unions, defects, finite, crop=crop, grid=grid, input=inputs)
 
 
-def generate_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """The whole-board walk (dataset.source=generate): the global model makes the board, DMGR the defect."""
-    size, w = spec.dataset.image_size, spec.dataset.window_size
-    generators = make_generators([p.noise_seed for p in plans])
-    x_T = initial_noise(generators, (3, size, size), engine.device)
-    windows = torch.tensor([p.window for p in plans], device=engine.device)
-    classes = torch.tensor([p.class_id for p in plans], device=engine.device)
-    result = dmgr_sample(
-        engine.global_model,
-        engine.local_model,
-        engine.diffusion,
-        x_T,
-        windows,
-        classes,
-        w,
-        spec.sampler,
-        noise=PerSampleNoise(generators),
-        precision=spec.precision,
-        record_process=spec.extras.grid,
-    )
-    all_masks, paste = spec.extras.masks, spec.extras.paste
-    twin = None
-    if spec.mask_method == "diff" or all_masks or paste or spec.extras.twin:
-        twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
-    methods = spec.available_masks if all_masks else (spec.mask_method,)
-    masks_by_method = defect_masks(spec, methods, result, twin)
-    masks = masks_by_method[spec.mask_method]
-    pasted = paste_masks = None
-    if paste:
-        pasted = paste_local_sample(engine, spec, plans, twin, windows)
-        paste_masks = diff_mask(pasted, twin, windows, w, spec.mask_sigma, spec.mask_min_contrast)
-        pasted = to_uint8(pasted)
-    images = to_uint8(result.image)
-    crops = to_uint8(result.crop[:, :3])
-    twins = to_uint8(twin) if twin is not None else None
-    grids = None
-    if spec.extras.grid and result.x0_process:
-        grids = to_uint8(torch.cat([x0 for _, x0 in result.x0_process], dim=3))
-    finite = _finite(result.image, result.crop)
+def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:
+    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
+    return Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects: list[dict],
+              mask: torch.Tensor | np.ndarray) -> dict:
+    """The sample's json: the run, the plan, and the mask's box and area (a real image's also lists its
+    defects and background)."""
+    meta = {
+        "seed": plan.seed,
+        **({"attempt": plan.attempt} if plan.attempt else {}),
+        "class_name": plan.class_name,
+        "class_id": plan.class_id,
+        "mask_method": spec.mask_method,
+        "image_size": spec.dataset.image_size,
+        "dataset": spec.dataset.name,
+        "source": spec.dataset.source,
+        "schedule": dict(spec.resolved["schedule"]),
+        "respacing": spec.respacing,
+        "checkpoints": {"model": spec.model.name, **digests},
+        "precision": spec.precision,
+        "run_identity": spec.identity,
+        "dmgr_version": __version__,
+        "window_box": defects[0]["window_box"],
+        "mask_box": bounding_box(mask),
+        "mask_area": int(mask.sum()),
+    }
+    if spec.dataset.source != "images":
+        return {**meta, "final_loss": defects[0]["final_loss"]}
+    background = spec.backgrounds.items[plan.background]
+    return {
+        **meta,
+        "mask_pixels": spec.mask_pixels,
+        "final_loss": defects[0]["final_loss"],
+        "defects": defects,
+        "defects_requested": spec.dataset.defects_per_image,
+        "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
+    }
+
+
+def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan], batch: Batch) -> list[dict]:
+    """Per plan: {"seed", "finite", + every member of `spec.extras.members(spec.available_masks)`}, the
+    images as PIL images (uint8, guided-diffusion's conversion), the masks as 0/255 L images, json a dict."""
+    names = spec.extras.members(spec.available_masks)
+    masks = {"mask.png": batch.masks[spec.mask_method], "paste_mask.png": batch.paste_mask,
+             **{f"mask_{method}.png": mask for method, mask in batch.masks.items()}}
+    pictures = {"png": batch.image, "crop.png": batch.crop, "twin.png": batch.twin, "grid.png": batch.grid,
+                "input.png": batch.input, "paste.png": batch.paste}
+    pictures = {name: x if isinstance(x, np.ndarray) else to_uint8(x) for name, x in pictures.items() if name in names}
     samples = []
     for i, plan in enumerate(plans):
-        x, y = plan.window
-        mask = masks[i, 0].cpu()
-        meta = {
-            **_common_meta(spec, engine, plan),
-            "window_box": _box(x, y, w),
-            "mask_box": bounding_box(mask),
-            "mask_area": int(mask.sum()),
-            "final_loss": float(result.final_loss[i]),
-        }
-        sample = {
-            "seed": plan.seed,
-            "finite": finite[i],
-            "png": Image.fromarray(images[i]),
-            "mask.png": _mask_image(mask),
-            "json": meta,
-        }
-        if spec.extras.crop:
-            sample["crop.png"] = Image.fromarray(crops[i])
-        if twins is not None and spec.extras.twin:
-            sample["twin.png"] = Image.fromarray(twins[i])
-        if grids is not None:
-            sample["grid.png"] = Image.fromarray(grids[i])
-        if all_masks:
-            for method, method_masks in masks_by_method.items():
-                sample[f"mask_{method}.png"] = _mask_image(method_masks[i, 0])
-        if pasted is not None:
-            sample["paste.png"] = Image.fromarray(pasted[i])
-            sample["paste_mask.png"] = _mask_image(paste_masks[i, 0])
+        sample = {"seed": plan.seed, "finite": batch.finite[i]}
+        for name in names:
+            if name == "json":
+                sample[name] = _metadata(spec, digests, plan, batch.defects[i], masks["mask.png"][i])
+            elif name in pictures:
+                sample[name] = Image.fromarray(pictures[name][i])
+            else:
+                sample[name] = _mask_image(masks[name][i])
         samples.append(sample)
     return samples

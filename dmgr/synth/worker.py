@@ -40,10 +40,6 @@ class WorkerStats:
     nonfinite_retries: int = 0
 
 
-def expected_members(spec: RunSpec) -> tuple[str, ...]:
-    return spec.extras.members(spec.available_masks)
-
-
 def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -> bool:
     """True when the shard's bytes match its record. A shard without a record (written before records
     existed) is checked member by member and adopted; a damaged shard is logged, deleted, and False."""
@@ -51,7 +47,7 @@ def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -
     if record is None:
         if not path.exists():
             return False
-        problem = verify_shard(path, list(seeds), expected_members(spec))
+        problem = verify_shard(path, list(seeds), spec.extras.members(spec.available_masks))
         if problem is None:
             adopt_legacy_shard(path, k, seeds, spec)
             return True
@@ -173,7 +169,7 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
             bar.set_postfix(accept=f"{1 - metrics['gate_rejected'] / metrics['gate_scored']:.0%}")
     gated = {"skipped_seeds": skipped} if spec.gate.enabled else {}
     return {"samples": len(seeds) - len(skipped), "first_seed": seeds[0], "last_seed": seeds[-1],
-            "members": list(expected_members(spec)), "metrics": metrics, **gated}
+            "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics, **gated}
 
 
 def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, position: int = 0) -> WorkerStats:
@@ -247,7 +243,7 @@ def adopt_legacy_shard(path: Path, k: int, seeds: Sequence[int], spec: RunSpec) 
                 metrics = add_metrics(metrics, sample_metrics(json.loads(tar.extractfile(member).read())))
     record = {"name": path.name, "index": k, "bytes": path.stat().st_size, "sha256": sha256_file(path),
               "samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
-              "members": list(expected_members(spec)), "metrics": metrics}
+              "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics}
     write_record(path, record)
     return record
 
