@@ -10,8 +10,10 @@ each worker with one intra-op thread (threads=1), in three set-ups:
   2 workers (torchrun)          the real writer
 
 and prints each one's images/s (the manifest's throughput: images over the slowest worker's seconds,
-model loading excluded), the 2-worker speed-up and the writer's share of the wall time
-(1 - null-writer time / writer time). Rounds alternate the set-ups, so a neighbour's load falls on all.
+model loading excluded), the 2-worker speed-up, the writer's share of the wall time (1 - null-writer time
+/ writer time) and the part of it the sampling thread spent blocked on the writer (the manifest's
+`writer_wait_seconds`). Every other round runs the set-ups in reverse order, so drift in a neighbour's load
+falls on all of them.
 Two workers can reach 2x only with two free cores: the table prints the machine's CPU count and load.
 """
 
@@ -34,6 +36,7 @@ class NullWriter:
 
     def __init__(self, max_queue: int = 16) -> None:
         self.lock: int | None = None
+        self.waited = 0.0
 
     def open(self, path: Path, lock: int | None = None) -> None:
         self.lock = lock
@@ -70,11 +73,15 @@ def child(overrides: list[str], null_writer: bool) -> None:
         spec = validate(compose(config_name="synth", overrides=overrides))
     summary = synthesise(spec)
     if summary is not None:
+        manifest = spec.out_dir / "manifest.json"  # the null writer leaves none (no shard records)
+        workers = json.loads(manifest.read_text())["throughput"]["workers"] if manifest.exists() else []
+        summary["writer_wait_share"] = sum(w["writer_wait_seconds"] for w in workers) / max(
+            sum(w["seconds"] for w in workers), 1e-9)
         print(RESULT + json.dumps(summary), flush=True)
 
 
-def run(setup: str, overrides: list[str], out_dir: Path) -> float:
-    """images/s of one set-up, in fresh processes."""
+def run(setup: str, overrides: list[str], out_dir: Path) -> dict:
+    """The summary of one set-up's run (images/s, the writer's wait share), in fresh processes."""
     args = [*overrides, "threads=1", "progress=false", f"out_dir={out_dir}"]
     if setup == "2 workers":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -88,7 +95,7 @@ def run(setup: str, overrides: list[str], out_dir: Path) -> float:
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{setup} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT):])["images_per_second"]
+    return json.loads(lines[-1][len(RESULT):])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,12 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [f"seeds={args.seeds}", "samples_per_shard=4", *overrides]
     setups = ("1 worker", "1 worker, null writer", "2 workers")
     speeds: dict[str, list[float]] = {s: [] for s in setups}
+    waits: list[float] = []
     print(f"job throughput: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; overrides {' '.join(overrides)}")
     with tempfile.TemporaryDirectory(prefix="dmgr-bench-job-") as tmp:
         for r in range(args.rounds):
-            for setup in setups:
-                out_dir = Path(tmp) / f"{r}-{setups.index(setup)}"
-                speeds[setup].append(run(setup, overrides, out_dir))
+            for setup in setups if r % 2 == 0 else setups[::-1]:  # alternate the order: drift falls on all
+                summary = run(setup, overrides, Path(tmp) / f"{r}-{setups.index(setup)}")
+                speeds[setup].append(summary["images_per_second"])
+                if setup == "1 worker":
+                    waits.append(summary["writer_wait_share"])
                 print(f"  round {r + 1}: {setup}: {speeds[setup][-1]:.3f} images/s", flush=True)
     mean = {s: statistics.mean(v) for s, v in speeds.items()}
     print()
@@ -121,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"2 workers / 1 worker: {mean['2 workers'] / mean['1 worker']:.2f}x (target >= 1.9x)")
     print(f"shard writer's share of wall time: {1 - mean['1 worker'] / mean['1 worker, null writer']:.1%} "
-          "(target <= 2 %)")
+          "(target <= 2 %), by the null writer")
+    print(f"  of which the sampler waited on the writer (full queue, final flush): {statistics.mean(waits):.1%}")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

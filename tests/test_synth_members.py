@@ -20,7 +20,7 @@ def batch_of(spec, plans, extras: bool) -> Batch:
     mask = torch.zeros(b, size, size, dtype=torch.bool)
     mask[:, 7:9, 5:8] = True
     image = torch.stack([torch.full((3, size, size), -1.0), torch.zeros(3, size, size)])
-    methods = spec.available_masks if spec.extras.masks else (spec.mask_method,)
+    methods = spec.available_masks if spec.extras.masks else (spec.mask.method,)
     defects = [[{"window_box": [1, 2, 1 + w, 2 + w], "final_loss": 0.5}] for _ in plans]
     batch = Batch(image, {m: mask for m in methods}, defects, [True, False])
     if extras:

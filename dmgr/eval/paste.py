@@ -39,5 +39,5 @@ def paste_baseline(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pasted images (B, 3, H, W), their (B, H, W) bool diff masks against the twin)."""
     pasted = paste_local_sample(engine, spec, plans, twin)
-    mask = diff_mask(pasted, twin, windows, spec.dataset.window_size, spec.mask_sigma, spec.mask_min_contrast)
+    mask = diff_mask(pasted, twin, windows, spec.dataset.window_size, spec.mask.sigma, spec.mask.min_contrast)
     return pasted, mask[:, 0]

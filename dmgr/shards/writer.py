@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ class ShardWriter:
         self.error: BaseException | None = None
         self.aborting = False
         self.completed: list[Path] = []
+        self.waited = 0.0  # seconds the sampling thread spent blocked on a full queue or on `finish`
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -50,6 +52,13 @@ class ShardWriter:
         raise ShardWriteError(f"writing a shard failed, the shard was abandoned: {detail}") from error
 
     def _send(self, item: tuple) -> None:
+        start = time.perf_counter()
+        try:
+            self._put(item)
+        finally:
+            self.waited += time.perf_counter() - start
+
+    def _put(self, item: tuple) -> None:
         while True:
             if self.error is not None:
                 self._raise_error()
@@ -70,7 +79,9 @@ class ShardWriter:
 
     def finish(self) -> list[Path]:
         self._send(("stop", None))
+        start = time.perf_counter()
         self.thread.join()
+        self.waited += time.perf_counter() - start
         if self.error is not None:
             self._raise_error()
         return self.completed

@@ -93,7 +93,7 @@ def synthesise(spec: RunSpec) -> dict | None:
     try:
         threads, why = worker_threads(spec.threads, ctx.local_world_size)
         torch.set_num_threads(threads)
-        worker, num_workers = worker_index(ctx.rank, ctx.world_size, spec.task_id, spec.task_count)
+        worker, num_workers = worker_index(ctx.rank, ctx.world_size, spec.array.task_id, spec.array.task_count)
         engine = load_engine(spec, ctx.device)
         if ctx.rank == 0:
             _claim_out_dir(spec)

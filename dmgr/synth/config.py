@@ -306,19 +306,14 @@ class RunSpec:
     device: str
     precision: str
     shard_prefix: str
-    mask_method: str
-    mask_pixels: str  # source=images: where the pixels inside the mask come from (crop | global)
-    mask_sigma: float
-    mask_min_contrast: float
+    mask: MaskSettings  # its method resolved (never auto)
     extras: Extras
-    task_id: int
-    task_count: int
+    array: ArraySettings
     writer_queue: int
     progress: bool
     quality: QualitySpec
     dataset: DatasetSpec
     model: ModelSpec
-    schedule_name: str
     respacing: str
     sampler: DMGRSettings
     resolved: dict  # the whole resolved config, for metadata and the manifest
@@ -326,7 +321,6 @@ class RunSpec:
     backgrounds: Backgrounds | None = None  # source=images: the usable input list
     threads: int | None = None  # intra-op threads per worker; None: from the CPUs the worker was given
     nonfinite: NonfiniteSpec = NonfiniteSpec()
-    checkpoint_digests: dict | None = None  # sha256 of each checkpoint file (part of the identity)
     gate: GateSpec = GateSpec()
     acceleration: Acceleration = Acceleration()
 
@@ -560,19 +554,14 @@ def validate(cfg: DictConfig) -> RunSpec:
         device=device,
         precision=settings.precision,
         shard_prefix=settings.shard_prefix,
-        mask_method=mask_method,
-        mask_pixels=settings.mask.pixels,
-        mask_sigma=settings.mask.sigma,
-        mask_min_contrast=settings.mask.min_contrast,
+        mask=dataclasses.replace(settings.mask, method=mask_method),
         extras=settings.extras,
-        task_id=settings.array.task_id,
-        task_count=settings.array.task_count,
+        array=settings.array,
         writer_queue=settings.writer_queue,
         progress=settings.progress and os.environ.get("DMGR_NO_PROGRESS") is None,
         quality=settings.quality,
         dataset=dataset,
         model=model,
-        schedule_name=str(settings.schedule.get("name")),
         respacing=respacing,
         sampler=sampler,
         resolved=resolved,

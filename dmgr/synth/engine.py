@@ -87,7 +87,7 @@ def load_gate(spec: RunSpec) -> object | None:
 @dataclass
 class Batch:
     """One batch sampled, before it becomes shard members. Masks are (B, H, W) bool, by method (the run's
-    `spec.mask_method` is the sample's mask); `defects` holds per sample, per defect, at least window_box
+    `spec.mask.method` is the sample's mask); `defects` holds per sample, per defect, at least window_box
     and final_loss. The extra images are None when the run does not write them."""
 
     image: torch.Tensor | np.ndarray  # (B, 3, H, W) in [-1, 1], or (B, H, W, 3) uint8 (real images: composited)
@@ -105,7 +105,7 @@ class Batch:
 def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
     """One batch of plans -> webdataset samples (seed, finite: no NaN/Inf in the image, + members): sampled
     with their masks into a `Batch`, then turned into members by `shard_members`."""
-    methods = spec.available_masks if spec.extras.masks else (spec.mask_method,)
+    methods = spec.available_masks if spec.extras.masks else (spec.mask.method,)
     sampler = sample_into_backgrounds if spec.dataset.source == "images" else sample_boards
     return shard_members(spec, engine.digests, plans, sampler(engine, spec, plans, methods))
 
@@ -121,7 +121,7 @@ def defect_masks(
         if method == "local":
             return local_mask(result.crop, result.windows, size, size)
         if method == "diff":
-            return diff_mask(result.image, reference, result.windows, w, spec.mask_sigma, spec.mask_min_contrast)
+            return diff_mask(result.image, reference, result.windows, w, spec.mask.sigma, spec.mask.min_contrast)
         return gate_mask(size, size, result.windows, w, spec.sampler.gate_radius, result.gate_falloff)
 
     return {method: mask(method)[:, 0] for method in methods}
@@ -216,10 +216,10 @@ def sample_into_backgrounds(
             finite[rows[j]] &= ok
         masks = {m: v.cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
         pixels = result.image.clone()
-        if spec.mask_pixels == "crop":
+        if spec.mask.pixels == "crop":
             for j, (x, y) in enumerate(result.windows.tolist()):
                 pixels[j, :, y : y + w, x : x + w] = result.crop[j, :3]
-        chosen = masks[spec.mask_method]
+        chosen = masks[spec.mask.method]
         canvas[rows] = np.where(chosen[..., None], to_uint8(pixels), canvas[rows])
         for m in methods:
             unions[m][rows] |= masks[m]
@@ -250,7 +250,7 @@ def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects:
         **({"attempt": plan.attempt} if plan.attempt else {}),
         "class_name": plan.class_name,
         "class_id": plan.class_id,
-        "mask_method": spec.mask_method,
+        "mask_method": spec.mask.method,
         "image_size": spec.dataset.image_size,
         "dataset": spec.dataset.name,
         "source": spec.dataset.source,
@@ -269,7 +269,7 @@ def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects:
     background = spec.backgrounds.items[plan.background]
     return {
         **meta,
-        "mask_pixels": spec.mask_pixels,
+        "mask_pixels": spec.mask.pixels,
         "final_loss": defects[0]["final_loss"],
         "defects": defects,
         "defects_requested": spec.dataset.defects_per_image,
@@ -281,7 +281,7 @@ def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan
     """Per plan: {"seed", "finite", + every member of `spec.extras.members(spec.available_masks)`}, the
     images as PIL images (uint8, guided-diffusion's conversion), the masks as 0/255 L images, json a dict."""
     names = spec.extras.members(spec.available_masks)
-    masks = {"mask.png": batch.masks[spec.mask_method], "paste_mask.png": batch.paste_mask,
+    masks = {"mask.png": batch.masks[spec.mask.method], "paste_mask.png": batch.paste_mask,
              **{f"mask_{method}.png": mask for method, mask in batch.masks.items()}}
     pictures = {"png": batch.image, "crop.png": batch.crop, "twin.png": batch.twin, "grid.png": batch.grid,
                 "input.png": batch.input, "paste.png": batch.paste}

@@ -38,6 +38,7 @@ class WorkerStats:
     images: int
     seconds: float
     nonfinite_retries: int = 0
+    writer_wait_seconds: float = 0.0  # of `seconds`, blocked on the shard writer (full queue, final flush)
 
 
 def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -> bool:
@@ -215,10 +216,10 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
         bar.close()
     seconds = time.perf_counter() - start
     log.info(
-        "worker %d: %d shards complete and verified, %d made (%d images in %.1f s, %.3f images/s)",
-        worker, skipped, done, images, seconds, images / max(seconds, 1e-9),
+        "worker %d: %d shards complete and verified, %d made (%d images in %.1f s, %.3f images/s; %.1f s waiting "
+        "on the shard writer)", worker, skipped, done, images, seconds, images / max(seconds, 1e-9), writer.waited,
     )
-    return WorkerStats(worker, done, skipped, images, seconds, retries)
+    return WorkerStats(worker, done, skipped, images, seconds, retries, round(writer.waited, 3))
 
 
 def shard_records(spec: RunSpec) -> tuple[list[dict], list[str]]:
