@@ -11,9 +11,9 @@ each worker with one intra-op thread (threads=1), in three set-ups:
 
 and prints each one's images/s (the manifest's throughput: images over the slowest worker's seconds,
 model loading excluded), the 2-worker speed-up, the writer's share of the wall time (1 - null-writer time
-/ writer time) and the part of it the sampling thread spent blocked on the writer (the manifest's
-`writer_wait_seconds`). Every other round runs the set-ups in reverse order, so drift in a neighbour's load
-falls on all of them.
+/ writer time), the part of it the sampling thread spent blocked on the writer and the writer thread's CPU
+time (the manifest's `writer_wait_seconds`, `writer_cpu_seconds`). Every other round runs the set-ups
+in reverse order, so drift in a neighbour's load falls on all of them.
 Two workers can reach 2x only with two free cores: the table prints the machine's CPU count and load.
 """
 
@@ -36,7 +36,7 @@ class NullWriter:
 
     def __init__(self, max_queue: int = 16) -> None:
         self.lock: int | None = None
-        self.waited = 0.0
+        self.waited = self.cpu_seconds = 0.0
 
     def open(self, path: Path, lock: int | None = None) -> None:
         self.lock = lock
@@ -75,8 +75,9 @@ def child(overrides: list[str], null_writer: bool) -> None:
     if summary is not None:
         manifest = spec.out_dir / "manifest.json"  # the null writer leaves none (no shard records)
         workers = json.loads(manifest.read_text())["throughput"]["workers"] if manifest.exists() else []
-        summary["writer_wait_share"] = sum(w["writer_wait_seconds"] for w in workers) / max(
-            sum(w["seconds"] for w in workers), 1e-9)
+        seconds = max(sum(w["seconds"] for w in workers), 1e-9)
+        summary["writer_wait_share"] = sum(w["writer_wait_seconds"] for w in workers) / seconds
+        summary["writer_cpu_share"] = sum(w["writer_cpu_seconds"] for w in workers) / seconds
         print(RESULT + json.dumps(summary), flush=True)
 
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     setups = ("1 worker", "1 worker, null writer", "2 workers")
     speeds: dict[str, list[float]] = {s: [] for s in setups}
     waits: list[float] = []
+    cpu: list[float] = []
     print(f"job throughput: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; overrides {' '.join(overrides)}")
     with tempfile.TemporaryDirectory(prefix="dmgr-bench-job-") as tmp:
         for r in range(args.rounds):
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                 speeds[setup].append(summary["images_per_second"])
                 if setup == "1 worker":
                     waits.append(summary["writer_wait_share"])
+                    cpu.append(summary["writer_cpu_share"])
                 print(f"  round {r + 1}: {setup}: {speeds[setup][-1]:.3f} images/s", flush=True)
     mean = {s: statistics.mean(v) for s, v in speeds.items()}
     print()
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"2 workers / 1 worker: {mean['2 workers'] / mean['1 worker']:.2f}x (target >= 1.9x)")
     print(f"shard writer's share of wall time: {1 - mean['1 worker'] / mean['1 worker, null writer']:.1%} "
           "(target <= 2 %), by the null writer")
-    print(f"  of which the sampler waited on the writer (full queue, final flush): {statistics.mean(waits):.1%}")
+    print(f"  the sampler waited on the writer (full queue, final flush) {statistics.mean(waits):.1%} of its time;"
+          f" the writer thread's CPU time is {statistics.mean(cpu):.1%} of it (its cost when no core is free)")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

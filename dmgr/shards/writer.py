@@ -43,6 +43,7 @@ class ShardWriter:
         self.aborting = False
         self.completed: list[Path] = []
         self.waited = 0.0  # seconds the sampling thread spent blocked on a full queue or on `finish`
+        self.cpu_seconds = 0.0  # CPU time of the writer thread (encoding, tar, digest), set when it stops
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -125,6 +126,7 @@ class ShardWriter:
         except BaseException as exc:  # noqa: BLE001 - reported to the sampling thread
             self.error = exc
         finally:
+            self.cpu_seconds = time.thread_time()
             if stream is not None:
                 stream.close()
             if tmp is not None:

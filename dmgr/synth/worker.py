@@ -39,6 +39,7 @@ class WorkerStats:
     seconds: float
     nonfinite_retries: int = 0
     writer_wait_seconds: float = 0.0  # of `seconds`, blocked on the shard writer (full queue, final flush)
+    writer_cpu_seconds: float = 0.0  # the writer thread's CPU time (what it takes from a busy machine)
 
 
 def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -> bool:
@@ -217,9 +218,11 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
     seconds = time.perf_counter() - start
     log.info(
         "worker %d: %d shards complete and verified, %d made (%d images in %.1f s, %.3f images/s; %.1f s waiting "
-        "on the shard writer)", worker, skipped, done, images, seconds, images / max(seconds, 1e-9), writer.waited,
+        "on the shard writer, which used %.1f s of CPU)", worker, skipped, done, images, seconds,
+        images / max(seconds, 1e-9), writer.waited, writer.cpu_seconds,
     )
-    return WorkerStats(worker, done, skipped, images, seconds, retries, round(writer.waited, 3))
+    return WorkerStats(worker, done, skipped, images, seconds, retries, round(writer.waited, 3),
+                       round(writer.cpu_seconds, 3))
 
 
 def shard_records(spec: RunSpec) -> tuple[list[dict], list[str]]:
