@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"2 workers / 1 worker: {mean['2 workers'] / mean['1 worker']:.2f}x (target >= 1.9x)")
     print(f"shard writer's share of wall time: {1 - mean['1 worker'] / mean['1 worker, null writer']:.1%} "
           "(target <= 2 %), by the null writer")
-    print(f"  the sampler waited on the writer (full queue, final flush) {statistics.mean(waits):.1%} of its time;"
-          f" the writer thread's CPU time is {statistics.mean(cpu):.1%} of it (its cost when no core is free)")
+    print(f"  the sampler waited on the writer (full queue, final flush) {statistics.mean(waits):.2%} of its time;"
+          f" the writer thread's CPU time is {statistics.mean(cpu):.2%} of it (its cost when no core is free)")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
