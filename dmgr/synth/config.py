@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import Field
 
 from dmgr import EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
+from dmgr.eval.classifier import ClassifierSettings
+from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler.masks import MASK_METHODS
@@ -196,8 +198,8 @@ class QualitySpec:
 
     __pydantic_config__ = STRICT_SECTION
     enabled: Flag = False
-    classifier_steps: Count() = 1500  # the patch classifier the metrics use (trained once, cached)
-    classifier_boards: Count() = 600  # real boards per class it trains on
+    classifier_steps: Count() = ClassifierSettings.steps  # the patch classifier the metrics use (trained once)
+    classifier_boards: Count() = ClassifierSettings.per_class  # real boards per class it trains on
     cache_dir: UserPath = EVAL_CACHE
 
 
@@ -221,11 +223,12 @@ class GateSpec:
     max_attempts: Count() = 4  # attempts per seed in all (each from the next derived noise seed, same plan)
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
-    area_quantile: Annotated[float, Field(ge=0, le=0.5)] = 0.01  # per defect: mask area in [q, 1-q] of training
+    area_quantile: Annotated[float, Field(ge=0, le=0.5)] = UserClassifierSettings.area_quantile  # per defect:
+    #   mask area within the [q, 1-q] quantiles of the class's training masks
     max_mask_outside: Count(0) = 0  # mask pixels outside the defect windows
     max_changed_outside: Count(0) = 0  # pixels changed outside the mask (the real-image path promises 0)
     max_seam: float = 4.0  # colour step across the mask border, z-score against the input's own steps
-    classifier_steps: Count() = 800  # the gate classifier's training (cached by a digest of its inputs)
+    classifier_steps: Count() = UserClassifierSettings.steps  # the gate classifier's training (cached)
     cache_dir: UserPath = GATE_CACHE
     data_digest: str | None = None  # set by validate: of the training patches and masks (part of the identity)
 
