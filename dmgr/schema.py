@@ -1,4 +1,4 @@
-"""One way to declare and check the jobs' settings (synthesis and training).
+"""One way to declare and check the settings of synthesis, training and evaluation.
 
 A section of a config is a frozen dataclass: each field's type, its allowed values (`Literal`), its bounds
 (`Annotated[..., Field(ge=...)]`) and its default sit on one line. pydantic checks a composed Hydra config
@@ -21,6 +21,7 @@ from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationE
 STRICT_SECTION = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # out_dir=3 is a name
 Flag = Annotated[bool, Field(strict=True)]  # true/false only, not "yes" or 1
 UserPath = Annotated[Path, AfterValidator(Path.expanduser)]  # "~/data" works
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 def Count(minimum: int = 1) -> Any:  # noqa: N802 - reads as a type in annotations

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dmgr import CONF_DIR
+from dmgr import CONF_DIR, DEMO_DATA
 from dmgr.data.dataset import ImageFolderDataset, PatchDataset
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
@@ -41,7 +41,7 @@ from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
 from dmgr.sampler import ddim_sample
-from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, build, fail, register_defaults
+from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, NonNegative, build, fail, register_defaults
 
 log = logging.getLogger("dmgr.train")
 
@@ -67,11 +67,11 @@ class TrainSettings:
 
     __pydantic_config__ = STRICT_SECTION
     arch: ArchSettings  # config group conf/arch/
-    data_root: str = "outputs/pcb-data"  # folders written by `python -m dmgr.data.export` (global/, local/)
+    data_root: str = str(DEMO_DATA)  # folders written by `python -m dmgr.data.export` (global/, local/)
     steps: Count() = 2000
     batch_size: Count() = 16
     lr: Annotated[float, Field(gt=0)] = 2.0e-4
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: NonNegative = 0.0
     ema_rate: Annotated[float, Field(ge=0, lt=1)] = 0.999  # with the usual warm-up min(rate, (1 + step) / (10 + step))
     grad_clip: float = 1.0
     precision: Literal[PRECISIONS] = "fp32"  # autocast

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dmgr import EVAL_CACHE, GATE_CACHE
+from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import write_areas
@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     c = sub.add_parser("classifier", parents=[common], help="train (or find cached) the quality gate's classifier")
-    c.add_argument("--data-root", type=Path, default=Path("outputs/pcb-data"), help="holds local/<class>/ patches")
+    c.add_argument("--data-root", type=Path, default=DEMO_DATA, help="holds local/<class>/ patches")
     c.add_argument("--images", type=Path, default=Path("outputs/pcb-backgrounds/global"),
                    help="the defect-free images (folder or .jsonl manifest) clean patches are cut from")
     c.add_argument("--classes", type=lambda v: tuple(v.split(",")), default=None,

@@ -12,9 +12,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from dmgr.schema import STRICT_SECTION, Count, Flag
-
-NonNegative = Annotated[float, Field(ge=0)]
+from dmgr.schema import STRICT_SECTION, Count, Flag, NonNegative
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,25 @@ from typing import Annotated, Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from pydantic import Field
 
-from dmgr import EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
+from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
 from dmgr.eval.classifier import ClassifierSettings
 from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.settings import DMGRSettings
-from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, UserPath, build, defaults_of, fail, register_defaults
+from dmgr.schema import (
+    STRICT_SECTION,
+    ConfigError,
+    Count,
+    Flag,
+    NonNegative,
+    UserPath,
+    build,
+    defaults_of,
+    fail,
+    register_defaults,
+)
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
 __all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
@@ -40,7 +51,6 @@ EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue",
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MASK_CHOICES = ("auto", *MASK_METHODS)
 Fraction = Annotated[float, Field(ge=0, le=1)]
-NonNegative = Annotated[float, Field(ge=0)]
 
 
 def parse_seeds(value: Any) -> Sequence[int]:
@@ -219,7 +229,7 @@ class GateSpec:
 
     __pydantic_config__ = STRICT_SECTION
     enabled: Flag = False  # false: the shards are exactly those of a run without the gate
-    data_root: UserPath = Path("outputs/pcb-data")  # local/<class>/ training patches + masks: classifier, areas
+    data_root: UserPath = DEMO_DATA  # local/<class>/ training patches + masks: classifier, areas
     max_attempts: Count() = 4  # attempts per seed in all (each from the next derived noise seed, same plan)
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
