@@ -2,7 +2,8 @@
 
     python -m dmgr.bench [--batch 4] [--images N] [--presets paper,fast] [--weights random|FILE]
                          [--device cpu|cuda] [--models tiny|paper] [--precision bf16] [--channels-last]
-                         [--compile default] [--attention auto|classic|sdpa]
+                         [--compile default] [--attention auto|classic|sdpa] [--cudnn-benchmark]
+                         [--json FILE]
 
 `--models tiny` (the CPU default) has the architecture of the reference fixture (global 64 px, 32 channels,
 mult 1,2,2, attention at 8; local 16 px, 6 classes); `--models paper` (the CUDA default) the architecture of
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import platform
 import time
@@ -242,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile mode of both networks")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms (faster; a GPU run's last bits may then differ "
+                        "from run to run)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for the FLOP bound (default: 989 on cuda, none on cpu)")
     args = parser.parse_args(argv)
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device {device}: no CUDA device is visible here")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     architecture = args.models or ("paper" if device.startswith("cuda") else "tiny")
     peak = args.peak_tflops or (989.0 if device.startswith("cuda") else None)
 
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"DMGR sampler benchmark: torch {torch.__version__}, {where}; precision {args.precision}, "
-          f"channels_last {args.channels_last}, compile {args.compile}, attention {args.attention}")
+          f"channels_last {args.channels_last}, compile {args.compile}, attention {args.attention}, "
+          f"cudnn benchmark {args.cudnn_benchmark}")
     print(f"models: {source}; global {size}px, local {window}px ({local_model.config.num_classes} classes); "
           f"window {window}px, gate radius {9 * window / 64:g}px")
     print(f"GFLOP per sample: global forward {flops['global'][0] / 1e9:.1f}, backward {flops['global'][1] / 1e9:.1f}; "
@@ -291,11 +299,14 @@ def main(argv: list[str] | None = None) -> None:
         batch = min(args.batch, images)
         if device.startswith("cuda") or args.compile != "off":
             print(f"warming up at batch {batch} ...", flush=True)
+            start = time.perf_counter()
             warm_up(global_model, local_model, batch, device, args.precision)
+            print(f"warm-up (with any compilation) took {time.perf_counter() - start:.1f} s", flush=True)
         print(f"running {name}: {images} image(s) in batches of {batch} ...", flush=True)
-        results[name] = run_preset(
+        results[name] = r = run_preset(
             available[name], global_model, local_model, batch, images, args.seed, device, args.precision
         )
+        print(f"{name}: {r['seconds']:.2f} s, {r['seconds'] / r['images']:.2f} s/image", flush=True)
     print()
 
     rows = []
@@ -349,6 +360,17 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"{name}: {r['pre_undo']} optimise-before-undo passes" for name, r in results.items() if r["pre_undo"]]
     if notes:
         print("(" + "; ".join(notes) + ")")
+    if args.json:
+        setting = dict(device=where, torch=torch.__version__, precision=args.precision, models=architecture,
+                       channels_last=args.channels_last, compile=args.compile, attention=args.attention,
+                       cudnn_benchmark=args.cudnn_benchmark, weights=source)
+        per_preset = {
+            name: dict(r, seconds_per_image=r["seconds"] / r["images"],
+                       tflop_per_image=run_flops(r["counts"], r["runs"], flops) / 1e12,
+                       reference_tflop_per_image=reference_structure_flops(r, flops) / 1e12)
+            for name, r in results.items()
+        }
+        args.json.write_text(json.dumps(dict(setting=setting, presets=per_preset), indent=1))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ def test_weights_from_a_reference_format_file(tmp_path):
     assert torch.all(next(global_model.parameters()) == 0.25) and torch.all(next(local_model.parameters()) == 0.25)
 
 
-def test_bench_prints_seconds_and_passes_per_phase():
+def test_bench_prints_seconds_and_passes_per_phase(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "dmgr.bench", "--presets", "fast", "--images", "1", "--batch", "1", "--threads", "1"],
+        [sys.executable, "-m", "dmgr.bench", "--presets", "fast", "--images", "1", "--batch", "1", "--threads", "1",
+         "--json", str(tmp_path / "bench.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     )
     lines = result.stdout.splitlines()
@@ -42,6 +43,14 @@ def test_bench_prints_seconds_and_passes_per_phase():
     assert "GFLOP per sample: global forward" in result.stdout
     ratio = [line.split() for line in lines if line.startswith("fast ") and line.endswith("x")]
     assert len(ratio) == 1 and 1.2 < float(ratio[0][-1][:-1]) < 2, result.stdout  # fewer passes than the reference
+
+    saved = json.loads((tmp_path / "bench.json").read_text())  # the same numbers as the tables, unrounded
+    fast = saved["presets"]["fast"]
+    assert saved["setting"]["precision"] == "fp32" and saved["setting"]["cudnn_benchmark"] is False
+    assert f"{fast['tflop_per_image']:.2f}" == flop_rows[0][1] and f"{fast['seconds_per_image']:.2f}" == flop_rows[0][2]
+    assert f"{fast['reference_tflop_per_image'] / fast['tflop_per_image']:.2f}x" == ratio[0][-1]
+    assert fast["steps"] == {"anchoring": 19, "free": 22, "resonance": 8} and fast["images"] == 1
+    assert f"fast: {fast['seconds']:.2f} s, {fast['seconds_per_image']:.2f} s/image" in lines
 
 
 def test_bench_refuses_cuda_without_a_gpu():
