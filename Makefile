@@ -53,8 +53,10 @@ backgrounds: $(DEMO_BACKGROUNDS)/.exported
 synth: venv backgrounds
 	$(PY) -m dmgr.synth $(ARGS)
 
+# Two pytest workers, one test module at a time each (tests/conftest.py orders the long modules first).
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
 
 # Everything but the end-to-end tests (tests/conftest.py SLOW_MODULES / SLOW_TESTS): about a minute.
 test-fast: venv

@@ -37,10 +37,22 @@ SLOW_TESTS = {
 }
 
 
+# The longest modules, longest first (`pytest --durations`). `make test` runs two pytest workers that take a
+# module each (`-n 2 --dist loadfile`, so module fixtures are made once) in collection order: starting with
+# the long ones keeps one of them from being the last to start while the other worker sits idle.
+LONGEST_FIRST = (
+    "test_eval_job", "test_synth_reliability", "test_synth_job", "test_slurm", "test_synth_gate",
+    "test_synth_backgrounds", "test_reference_parity", "test_sampler_dmgr", "test_train", "test_bench",
+    "test_sweep", "test_own_product", "test_eval_sources",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: order within a module kept
 
 
 FIXTURE_DIR = Path(__file__).parents[1] / ".." / "shared" / "fixtures" / "dmgr-reference"

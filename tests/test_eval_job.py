@@ -191,7 +191,9 @@ def test_downstream_benchmark_end_to_end(eval_run, real_image_run, tmp_path):
     assert rerun["dmgr-real/local"]["runs"] == sources["dmgr-real/local"]["runs"]
 
 
-def test_downstream_rejects_bad_arguments(eval_run, tmp_path):
+def test_downstream_rejects_bad_arguments(eval_run, tmp_path, capsys):
+    from dmgr.eval.app import main
+
     for args, message in [
         (["--run", "nothing"], "--run wants NAME=RUN_DIR"),
         (["--run", f"x={tmp_path}"], "does not exist; synthesise it first"),
@@ -203,13 +205,16 @@ def test_downstream_rejects_bad_arguments(eval_run, tmp_path):
         *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: use cpu, or cuda where")]),
         (["--device", "tpu"], "--device tpu: use cpu"),
     ]:
-        base = ["downstream", "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o")]
-        result = run_eval([*base, *args], check=False)  # a repeated option: the later one wins
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+        base = ["downstream", "--quiet", "--steps", "1", "--seeds", "0", "--out", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as exit_:  # in this process: each case fails before any work
+            main([*base, *args])  # a repeated option: the later one wins
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in stderr, (args, stderr[-500:])
+    assert not (tmp_path / "o").exists()
 
 
 def test_mask_areas_per_class_against_real_defects(real_image_run, tmp_path):
-    result = run_eval(["masks", str(real_image_run), "--out", str(tmp_path)])
+    result = run_eval(["masks", str(real_image_run), "--out", str(tmp_path), "--real-per-class", "12"])
     table = json.loads((tmp_path / "mask-areas.json").read_text())
     by_class: dict[str, list[int]] = {}
     for sample in read_samples(real_image_run).values():
@@ -219,5 +224,5 @@ def test_mask_areas_per_class_against_real_defects(real_image_run, tmp_path):
     for name, areas in by_class.items():
         assert table[name]["run"]["n"] == len(areas)
         assert table[name]["run"]["mean"] == pytest.approx(sum(areas) / len(areas))
-        assert table[name]["real"]["n"] == 100 and 3 < table[name]["real"]["mean"] < 40  # defects of a 64 px board
+        assert table[name]["real"]["n"] == 12 and 3 < table[name]["real"]["mean"] < 40  # defects of a 64 px board
     assert "| class | run n |" in result.stdout

@@ -110,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("masks", parents=[common], help="per class, a run's mask areas against real defects'")
     m.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
+    m.add_argument("--real-per-class", type=int, default=100, help="real defects rendered per class (default 100)")
     c = sub.add_parser("classifier", parents=[common], help="train (or find cached) the quality gate's classifier")
     c.add_argument("--data-root", type=Path, default=DEMO_DATA, help="holds local/<class>/ patches")
     c.add_argument("--images", type=Path, default=Path("outputs/pcb-backgrounds/global"),
@@ -222,8 +223,10 @@ def _main(argv: list[str] | None) -> None:
     if args.command == "masks":
         if not (args.run_dir / "shards").is_dir():
             parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
+        if args.real_per_class < 1:
+            parser().error(f"--real-per-class must be >= 1, got {args.real_per_class}")
         size, _ = geometry(first_sample(args.run_dir))
-        written = write_areas(args.run_dir, args.out or args.run_dir / "eval", size)
+        written = write_areas(args.run_dir, args.out or args.run_dir / "eval", size, args.real_per_class)
         print(written["markdown"].read_text())
         return
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):

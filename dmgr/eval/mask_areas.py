@@ -69,8 +69,8 @@ def areas_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_areas(run_dir: Path, out_dir: Path, size: int) -> dict[str, Path]:
-    table = compare_areas(run_dir, size)
+def write_areas(run_dir: Path, out_dir: Path, size: int, per_class: int = 100) -> dict[str, Path]:
+    table = compare_areas(run_dir, size, per_class)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "mask-areas.json").write_text(json.dumps(table, indent=1))
     (out_dir / "mask-areas.md").write_text(f"# Mask areas: {run_dir} against real defects (pixels)\n\n"
