@@ -14,7 +14,8 @@ import webdataset as wds
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny random models on generated boards, 10 respaced steps with time travel: seconds per image on a CPU.
+# Tiny random models on generated boards, 10 respaced steps with time travel, one gradient iteration per
+# rectified step (the sampler's own tests cover K = 2 and backtracking at length): seconds per image on a CPU.
 TINY = [
     "model=tiny_random",
     "dataset.source=generate",
@@ -24,6 +25,8 @@ TINY = [
     "schedule.T_e=3",
     "schedule.time_travel=true",
     "schedule.jump_length=3",
+    "schedule.iterations=1",
+    "schedule.max_backtracks=4",
     "progress=false",
     "threads=1",  # shards are bit-identical across processes for equal intra-op threads
 ]

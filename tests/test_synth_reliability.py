@@ -307,15 +307,17 @@ def test_kill_9_in_a_torchrun_job_then_rerun_gives_every_seed_once(victim, basel
     wait_for(lambda: len(shard_files(out)) >= 1)
     workers = [pid for pid in jobs_on(out) if pid != job.pid]
     assert len(workers) == 2
+    if victim == "launcher":  # held still, so that they are certainly alive when the rerun starts
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
     os.kill(workers[0] if victim == "worker" else job.pid, signal.SIGKILL)
     job.wait(timeout=120)
-    if victim == "launcher":  # the orphaned workers may still be writing: a rerun now is refused
-        alive = jobs_on(out)
-        if alive:
-            refused = run_synth(overrides, check=False)
-            assert refused.returncode == 2 and "is held by pid" in one_error_line(refused)
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
+    if victim == "launcher":  # the orphaned workers still hold their shards: a rerun now is refused
+        assert sorted(jobs_on(out)) == sorted(workers)
+        refused = run_synth(overrides, check=False)
+        assert refused.returncode == 2 and "is held by pid" in one_error_line(refused)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not jobs_on(out), timeout=120)
     run_synth(overrides)
     assert_same_dataset(out, baseline)
