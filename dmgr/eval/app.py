@@ -23,7 +23,7 @@ import torch
 from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
-from dmgr.eval.mask_areas import write_areas
+from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
 from dmgr.eval.report import write_downstream_report, write_sample_report
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
@@ -110,7 +110,8 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("masks", parents=[common], help="per class, a run's mask areas against real defects'")
     m.add_argument("run_dir", type=Path, help="a synthesis run directory (holds shards/)")
     m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
-    m.add_argument("--real-per-class", type=int, default=100, help="real defects rendered per class (default 100)")
+    m.add_argument("--real-per-class", type=int, default=REAL_PER_CLASS,
+                   help=f"real defects rendered per class (default {REAL_PER_CLASS})")
     c = sub.add_parser("classifier", parents=[common], help="train (or find cached) the quality gate's classifier")
     c.add_argument("--data-root", type=Path, default=DEMO_DATA, help="holds local/<class>/ patches")
     c.add_argument("--images", type=Path, default=Path("outputs/pcb-backgrounds/global"),

@@ -16,6 +16,8 @@ from dmgr.data.defects import CLASS_NAMES
 from dmgr.eval.real import VALIDATION, defective_boards
 from dmgr.eval.shards import shard_paths
 
+REAL_PER_CLASS = 100  # real defects rendered per class, by default
+
 
 def run_areas(run_dir: str | Path) -> dict[str, list[int]]:
     """Every defect's mask area in a run, by class name (a real-image run lists each defect)."""
@@ -49,7 +51,7 @@ def _stats(values: list[int]) -> dict:
     }
 
 
-def compare_areas(run_dir: str | Path, size: int, per_class: int = 100) -> dict:
+def compare_areas(run_dir: str | Path, size: int, per_class: int = REAL_PER_CLASS) -> dict:
     synth, real = run_areas(run_dir), real_areas(per_class, size)
     return {name: {"run": _stats(synth.get(name, [])), "real": _stats(real[name])} for name in CLASS_NAMES
             if name in synth}
@@ -69,7 +71,7 @@ def areas_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_areas(run_dir: Path, out_dir: Path, size: int, per_class: int = 100) -> dict[str, Path]:
+def write_areas(run_dir: Path, out_dir: Path, size: int, per_class: int = REAL_PER_CLASS) -> dict[str, Path]:
     table = compare_areas(run_dir, size, per_class)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "mask-areas.json").write_text(json.dumps(table, indent=1))
