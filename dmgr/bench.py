@@ -306,7 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = r = run_preset(
             available[name], global_model, local_model, batch, images, args.seed, device, args.precision
         )
-        print(f"{name}: {r['seconds']:.2f} s, {r['seconds'] / r['images']:.2f} s/image", flush=True)
+        r.update(seconds_per_image=r["seconds"] / r["images"],
+                 tflop_per_image=run_flops(r["counts"], r["runs"], flops) / 1e12,
+                 reference_tflop_per_image=reference_structure_flops(r, flops) / 1e12)
+        print(f"{name}: {r['seconds']:.2f} s, {r['seconds_per_image']:.2f} s/image", flush=True)
     print()
 
     rows = []
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([
             name, available[name].respacing, f"{s.T_s}/{s.T_e}", s.iterations, r["batch"], r["images"],
             f"jump {s.jump_length}x{s.jump_n_sample}" if s.time_travel else "off",
-            reverse, r["undos"], f"{r['seconds']:.2f}", f"{r['seconds'] / r['images']:.2f}",
+            reverse, r["undos"], f"{r['seconds']:.2f}", f"{r['seconds_per_image']:.2f}",
             f"{1000 * r['seconds'] / (reverse * r['runs']):.1f}",
         ])
     header = ["preset", "respacing", "T_s/T_e", "K", "batch", "images", "time travel", "reverse steps", "undos",
@@ -326,11 +329,9 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name, r in results.items():
-        per_image = run_flops(r["counts"], r["runs"], flops)
-        achieved = per_image / (r["seconds"] / r["images"])
-        bound = [f"{per_image / (peak * 1e12):.2f}", f"{achieved / (peak * 1e12):.1%}"] if peak else ["-", "-"]
-        rows.append([name, f"{per_image / 1e12:.2f}", f"{r['seconds'] / r['images']:.2f}",
-                     f"{achieved / 1e12:.2f}", *bound])
+        per_image, achieved = r["tflop_per_image"], r["tflop_per_image"] / r["seconds_per_image"]
+        bound = [f"{per_image / peak:.2f}", f"{achieved / peak:.1%}"] if peak else ["-", "-"]
+        rows.append([name, f"{per_image:.2f}", f"{r['seconds_per_image']:.2f}", f"{achieved:.2f}", *bound])
     print("FLOPs per image (passes actually made x per-sample FLOPs of each network) and the FLOP bound"
           + (f" at {peak:g} TFLOP/s:" if peak else " (no --peak-tflops given):"))
     print(table(rows, ["preset", "TFLOP/image", "s/image", "TFLOP/s achieved", "s/image at peak", "of bound"]))
@@ -338,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name, r in results.items():
-        ours, reference = run_flops(r["counts"], r["runs"], flops), reference_structure_flops(r, flops)
-        rows.append([name, f"{ours / 1e9:.1f}", f"{reference / 1e9:.1f}", f"{reference / ours:.2f}x"])
+        ours, reference = r["tflop_per_image"], r["reference_tflop_per_image"]
+        rows.append([name, f"{1000 * ours:.1f}", f"{1000 * reference:.1f}", f"{reference / ours:.2f}x"])
     print("against the reference's pass structure on the same walk and backtracking (per rectification 3")
     print("forwards with gradient, 2 + retries without, of each network, 2 backwards through both):")
     print(table(rows, ["preset", "GFLOP/image", "reference GFLOP/image", "reference / ours"]))
@@ -364,13 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         setting = dict(device=where, torch=torch.__version__, precision=args.precision, models=architecture,
                        channels_last=args.channels_last, compile=args.compile, attention=args.attention,
                        cudnn_benchmark=args.cudnn_benchmark, weights=source)
-        per_preset = {
-            name: dict(r, seconds_per_image=r["seconds"] / r["images"],
-                       tflop_per_image=run_flops(r["counts"], r["runs"], flops) / 1e12,
-                       reference_tflop_per_image=reference_structure_flops(r, flops) / 1e12)
-            for name, r in results.items()
-        }
-        args.json.write_text(json.dumps(dict(setting=setting, presets=per_preset), indent=1))
+        args.json.write_text(json.dumps(dict(setting=setting, presets=results), indent=1))
 
 
 if __name__ == "__main__":
