@@ -3,7 +3,7 @@
     python -m dmgr.bench [--batch 4] [--images N] [--presets paper,fast] [--weights random|FILE]
                          [--device cpu|cuda] [--models tiny|paper] [--precision bf16] [--channels-last]
                          [--compile default] [--attention auto|classic|sdpa] [--cudnn-benchmark]
-                         [--json FILE]
+                         [--profile] [--json FILE]
 
 `--models tiny` (the CPU default) has the architecture of the reference fixture (global 64 px, 32 channels,
 mult 1,2,2, attention at 8; local 16 px, 6 classes); `--models paper` (the CUDA default) the architecture of
@@ -11,6 +11,11 @@ ALGORITHM.md (conf/model/paper.yaml: global 256 px, local 64 px). Weights are ra
 trained weights of a file in the reference fixture's format (`{global,local}_config` and `_state_dict`, e.g.
 the parity fixture ../shared/fixtures/dmgr-reference/tiny-64px-100steps.pt): speed does not depend on the
 values, the number of backtracking retries does a little.
+
+`--profile` also prints where the time of one rectified step's passes goes (a forward with graph, its
+input-gradient backward and a forward without graph of each network, at the timed batch), by operator,
+from torch.profiler: the operators that the FLOP count does not see (norms, activations, casts, layout
+copies) show up there.
 
 FLOPs are counted by torch.utils.flop_counter for one sample's forward and input-gradient backward of each
 network, times the passes the run made; the bound is that count at --peak-tflops (default on CUDA: 989, the
@@ -182,6 +187,37 @@ def warm_up(global_model, local_model, batch: int, device: str, precision: str) 
     run_preset(preset, global_model, local_model, batch, batch, 10**6, device, precision)
 
 
+def profile_passes(global_model, local_model, batch: int, device: str, precision: str, rows: int = 25) -> str:
+    """torch.profiler's table, by operator and sorted by own device time, of one rectified step's passes of
+    each network at `batch`: a forward with graph, its input-gradient backward, a forward without graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    inputs = []
+    for model in (global_model, local_model):
+        config = model.config
+        x = torch.randn(batch, model.in_channels, config.image_size, config.image_size, device=device)
+        t = torch.full((batch,), 500, dtype=torch.long, device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device) if config.num_classes else None
+        inputs.append((model, x, t, y))
+
+    def passes():
+        for model, x, t, y in inputs:
+            x = x.clone().requires_grad_(True)
+            torch.autograd.grad(model_eps(model, x, t, y, precision).square().sum(), x)
+            with torch.no_grad():
+                model_eps(model, x, t, y, precision)
+        synchronize(device)
+
+    passes()  # first-call costs (allocator, autotuning, compilation) outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        passes()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    title = f"where one rectified step's passes spend their time (batch {batch}, both networks):"
+    return title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60) + "\n"
+
+
 def run_preset(preset, global_model, local_model, batch, images, seed, device="cpu", precision="fp32") -> dict:
     size = global_model.config.image_size
     window = local_model.config.image_size
@@ -244,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile mode of both networks")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operators that take the time of one rectified step's passes")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms (faster; a GPU run's last bits may then differ "
                         "from run to run)")
@@ -302,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             warm_up(global_model, local_model, batch, device, args.precision)
             print(f"warm-up (with any compilation) took {time.perf_counter() - start:.1f} s", flush=True)
+        if args.profile and name == chosen[0]:
+            print(profile_passes(global_model, local_model, batch, device, args.precision), flush=True)
         print(f"running {name}: {images} image(s) in batches of {batch} ...", flush=True)
         results[name] = r = run_preset(
             available[name], global_model, local_model, batch, images, args.seed, device, args.precision

@@ -91,3 +91,15 @@ def test_reference_structure_flops_known_answer():
     flops = {"global": (10.0, 20.0), "local": (1.0, 2.0)}
     # (5 x 3 + 1 retry) forwards of both (11) + 2 x 3 backwards of both (22) + 1 free forward of both
     assert reference_structure_flops(result, flops) == 16 * 11 + 6 * 22 + 11
+
+
+def test_profile_names_the_operators_of_one_rectified_steps_passes():
+    from dmgr.bench import profile_passes
+
+    global_model, local_model, _ = load_models("random")
+    report = profile_passes(global_model.requires_grad_(False), local_model.requires_grad_(False), 1, "cpu", "fp32")
+    assert report.startswith("where one rectified step's passes spend their time (batch 1, both networks):")
+    lines = report.splitlines()
+    convolution = next(line for line in lines if line.split() and line.split()[0] == "aten::convolution_backward")
+    assert int(convolution.split()[-1]) > 0  # calls: the input-gradient backward was profiled, not only forwards
+    assert "Self CPU time total" in report
