@@ -116,14 +116,21 @@ def load_models(weights: str, architecture: str = "tiny") -> tuple[torch.nn.Modu
     return global_model, local_model, f"random non-zero weights, {architecture} architecture"
 
 
+def example_inputs(model: torch.nn.Module, batch: int, device: str, timestep: int = 0) -> tuple:
+    """(x, t, y) of the shapes `model` takes: noise, one timestep for all, class 0 if it is conditional."""
+    config = model.config
+    x = torch.randn(batch, model.in_channels, config.image_size, config.image_size, device=device)
+    t = torch.full((batch,), timestep, dtype=torch.long, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device) if config.num_classes else None
+    return x, t, y
+
+
 def flops_per_sample(model: torch.nn.Module, device: str, precision: str) -> tuple[float, float]:
     """(forward, input-gradient backward) FLOPs of one sample through `model`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = model.config
-    x = torch.randn(1, model.in_channels, config.image_size, config.image_size, device=device, requires_grad=True)
-    t = torch.zeros(1, dtype=torch.long, device=device)
-    y = torch.zeros(1, dtype=torch.long, device=device) if config.num_classes else None
+    x, t, y = example_inputs(model, 1, device)
+    x.requires_grad_(True)
     with FlopCounterMode(display=False) as forward:
         with torch.no_grad():
             model_eps(model, x, t, y, precision)
@@ -193,13 +200,7 @@ def profile_passes(global_model, local_model, batch: int, device: str, precision
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
-    inputs = []
-    for model in (global_model, local_model):
-        config = model.config
-        x = torch.randn(batch, model.in_channels, config.image_size, config.image_size, device=device)
-        t = torch.full((batch,), 500, dtype=torch.long, device=device)
-        y = torch.zeros(batch, dtype=torch.long, device=device) if config.num_classes else None
-        inputs.append((model, x, t, y))
+    inputs = [(model, *example_inputs(model, batch, device, timestep=500)) for model in (global_model, local_model)]
 
     def passes():
         for model, x, t, y in inputs:
