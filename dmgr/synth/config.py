@@ -103,9 +103,12 @@ class DatasetSpec:
     source: Literal["images", "generate"] = "generate"  # images: defects into the user's real images
     images: Path | None = None  # source=images: a folder or a JSONL manifest
     defects_per_image: Count() = 1  # each with its own class, window and mask (source=images)
+    scale: float = 1.0  # source=images: model pixels per image pixel; a context crop covers image_size / scale
 
     def __post_init__(self) -> None:
         size, window, margin = self.image_size, self.window_size, self.margin
+        if not self.scale > 0 or self.scale == float("inf"):
+            fail("dataset.scale", self.scale, "model pixels per image pixel: a number > 0 (1.0: native pixels)")
         if window + 2 * margin >= size:
             fail("dataset.window_size", window, f"window plus 2 x margin ({margin}) must fit inside image_size {size}")
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -120,7 +123,7 @@ class DatasetSpec:
         if self.window_choice == "fixed":
             if self.fixed_window is None:
                 fail("dataset.fixed_window", None, "give the window's top-left as [x, y]")
-            if min(self.fixed_window) < 0 or max(self.fixed_window) + window > size:
+            if min(self.fixed_window) < 0 or (self.source == "generate" and max(self.fixed_window) + window > size):
                 fail("dataset.fixed_window", list(self.fixed_window),
                      f"the {window} px window must lie inside the {size} px image")
         if self.source == "images" and str(self.images or "") in ("", "???"):
@@ -502,6 +505,15 @@ def _gate_data(gate: GateSpec, dataset: DatasetSpec) -> GateSpec:
         fail("gate.data_root", str(root), str(exc))
 
 
+def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> None:
+    """A fixed window (top-left in image pixels) must lie inside every usable image."""
+    side = backgrounds.geometry.window
+    for item in backgrounds.items:
+        if window[0] + side > item.size[0] or window[1] + side > item.size[1]:
+            fail("dataset.fixed_window", list(window), f"the {side} px window leaves {item.name} "
+                 f"({item.size[0]}x{item.size[1]}): give a top-left inside every image")
+
+
 def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[NetworkSettings]):
     """The checks that read the disk, all in one step (nothing is written): each checkpoint's header, the
     background images (source=images) and the gate's training data (when it is on). The weights load later,
@@ -516,9 +528,12 @@ def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[Ne
                  "no such folder or .jsonl manifest (the demo's boards: `make backgrounds`)")
         dataset = dataclasses.replace(dataset, images=images)
         try:
-            backgrounds = scan_backgrounds(images, dataset.image_size, dataset.window_size, dataset.margin)
+            backgrounds = scan_backgrounds(images, dataset.image_size, dataset.window_size, dataset.margin,
+                                           dataset.scale)
         except BackgroundError as exc:
             fail("dataset.images", str(images), str(exc))
+        if dataset.window_choice == "fixed":
+            _check_fixed_window(dataset.fixed_window, backgrounds)
     if gate.enabled:
         gate = _gate_data(gate, dataset)
     return spec, dataset, backgrounds, gate

@@ -4,10 +4,12 @@ samples' shard members out (`shard_members`)."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dmgr import __version__
@@ -18,9 +20,10 @@ from dmgr.models.acceleration import accelerate
 from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
-from dmgr.synth.plan import SamplePlan, stream_seed
+from dmgr.synth.plan import SamplePlan, model_window, stream_seed
 
 log = logging.getLogger(__name__)
+GIVEN = "_given"  # a real-image sample's decoded input frame, dropped before the sample is written
 
 
 @dataclass
@@ -90,14 +93,14 @@ class Batch:
     `spec.mask.method` is the sample's mask); `defects` holds per sample, per defect, at least window_box
     and final_loss. The extra images are None when the run does not write them."""
 
-    image: torch.Tensor | np.ndarray  # (B, 3, H, W) in [-1, 1], or (B, H, W, 3) uint8 (real images: composited)
-    masks: dict[str, torch.Tensor | np.ndarray]
+    image: torch.Tensor | list[np.ndarray]  # (B, 3, H, W) in [-1, 1], or real images: B (H_i, W_i, 3) uint8
+    masks: dict[str, torch.Tensor | list[np.ndarray]]
     defects: list[list[dict]]
     finite: list[bool]  # no NaN/Inf in the sample's image or crop
     crop: torch.Tensor | None = None
     grid: torch.Tensor | None = None
     twin: torch.Tensor | None = None
-    input: np.ndarray | None = None
+    input: list[np.ndarray] | None = None
     paste: torch.Tensor | None = None
     paste_mask: torch.Tensor | None = None
 
@@ -178,31 +181,70 @@ def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], method
     return batch
 
 
+def to_model(crops: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, c, c) context crops -> (B, 3, size, size): bilinear with antialiasing (an area-like filter when
+    shrinking); unchanged when c == size."""
+    if crops.shape[-1] == size:
+        return crops
+    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def to_image(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """Model-pixel results (B, 3, S, S) back to a context crop of `side` image pixels (bilinear, antialiased);
+    unchanged when S == side."""
+    if pixels.shape[-1] == side:
+        return pixels
+    return F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+
+def mask_to_image(masks: torch.Tensor, side: int) -> np.ndarray:
+    """(B, S, S) bool model-pixel masks -> (B, side, side) bool numpy, nearest neighbour."""
+    if masks.shape[-1] != side:
+        masks = F.interpolate(masks[:, None].float(), size=(side, side), mode="nearest")[:, 0] > 0.5
+    return masks.cpu().numpy()
+
+
+def image_window_box(defect, geometry) -> list[int]:
+    """The image pixels [x0, y0, x1, y1] that the defect's model window covers once resized back (the
+    nearest-neighbour masks fall inside it)."""
+    ratio = geometry.crop / geometry.image_size
+    (mx, my), (cx, cy) = model_window(defect, geometry), defect.context
+    w = geometry.window_size
+    return [cx + math.ceil(mx * ratio), cy + math.ceil(my * ratio),
+            cx + math.ceil((mx + w) * ratio), cy + math.ceil((my + w) * ratio)]
+
+
 def sample_into_backgrounds(
     engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]
 ) -> Batch:
-    """DMGR into real backgrounds: defect k of every plan in one sampler call (defect k > 0 draws its noise
-    from stream_seed(seed, "defect", k)), the background known outside the window; the result takes the
-    generated pixels only inside the defect mask, so everything outside the masks is the input, byte for byte.
-    The masks are the union over the defects; crop and grid are defect 0's."""
+    """DMGR into real backgrounds at their own size: each frame is decoded once; defect k of every plan is
+    made in one sampler call on its context crop (resized to image_size when scale != 1; defect k > 0 draws
+    its noise from stream_seed(seed, "defect", k)) with the crop known outside the window, into the result
+    of defects < k. Only the pixels inside the defect mask go back into the frame, so everything outside
+    the masks is the input, byte for byte. The masks are the union over the defects; crop and grid are
+    defect 0's."""
     size, w = spec.dataset.image_size, spec.dataset.window_size
-    inputs = np.stack([spec.backgrounds.image(p.background) for p in plans])
-    canvas = inputs.copy()
-    unions = {m: np.zeros(inputs.shape[:3], dtype=bool) for m in methods}
+    geometry, side = spec.backgrounds.geometry, spec.backgrounds.geometry.crop
+    inputs = [spec.backgrounds.image(p.background) for p in plans]
+    canvas = [frame.copy() for frame in inputs]
+    unions = {m: [np.zeros(frame.shape[:2], dtype=bool) for frame in inputs] for m in methods}
     defects: list[list[dict]] = [[] for _ in plans]
     finite = [True] * len(plans)
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
+        chosen_defects = [plans[i].defects[k] for i in rows]
         generators = make_generators([plans[i].noise_seed if k == 0 else stream_seed(plans[i].noise_seed, "defect", k)
                                       for i in rows])
-        known = from_uint8(canvas[rows]).to(engine.device)
+        crops = np.stack([canvas[i][d.context[1] : d.context[1] + side, d.context[0] : d.context[0] + side]
+                          for i, d in zip(rows, chosen_defects)])
+        known = to_model(from_uint8(crops), size).to(engine.device)
         result = dmgr_sample(
             engine.global_model,
             engine.local_model,
             engine.diffusion,
             initial_noise(generators, (3, size, size), engine.device),
-            torch.tensor([plans[i].defects[k].window for i in rows], device=engine.device),
-            torch.tensor([plans[i].defects[k].class_id for i in rows], device=engine.device),
+            torch.tensor([model_window(d, geometry) for d in chosen_defects], device=engine.device),
+            torch.tensor([d.class_id for d in chosen_defects], device=engine.device),
             w,
             spec.sampler,
             noise=PerSampleNoise(generators),
@@ -214,23 +256,26 @@ def sample_into_backgrounds(
             crop, grid = result.crop[:, :3], _grid(result)
         for j, ok in enumerate(_finite(result.image, result.crop)):
             finite[rows[j]] &= ok
-        masks = {m: v.cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
         pixels = result.image.clone()
         if spec.mask.pixels == "crop":
             for j, (x, y) in enumerate(result.windows.tolist()):
                 pixels[j, :, y : y + w, x : x + w] = result.crop[j, :3]
-        chosen = masks[spec.mask.method]
-        canvas[rows] = np.where(chosen[..., None], to_uint8(pixels), canvas[rows])
-        for m in methods:
-            unions[m][rows] |= masks[m]
-        for j, i in enumerate(rows):
-            d = plans[i].defects[k]
+        masks = {m: mask_to_image(v, side) for m, v in defect_masks(spec, methods, result, known).items()}
+        pixels = to_uint8(to_image(pixels.float(), side))
+        for j, (i, d) in enumerate(zip(rows, chosen_defects)):
+            (cx, cy), chosen = d.context, masks[spec.mask.method][j]
+            region = canvas[i][cy : cy + side, cx : cx + side]
+            region[chosen] = pixels[j][chosen]
+            for m in methods:
+                unions[m][i][cy : cy + side, cx : cx + side] |= masks[m][j]
+            box = bounding_box(chosen)
             defects[i].append({
                 "class_name": d.class_name,
                 "class_id": d.class_id,
-                "window_box": _box(*d.window, w),
-                "mask_box": bounding_box(chosen[j]),
-                "mask_area": int(chosen[j].sum()),
+                "window_box": image_window_box(d, geometry),
+                "mask_box": None if box is None else [box[0] + cx, box[1] + cy, box[2] + cx, box[3] + cy],
+                "mask_area": int(chosen.sum()),
+                "context_box": [cx, cy, cx + side, cy + side],
                 "final_loss": float(result.final_loss[j]),
             })
     return Batch(canvas, unions, defects, finite, crop=crop, grid=grid, input=inputs)
@@ -269,6 +314,9 @@ def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects:
     background = spec.backgrounds.items[plan.background]
     return {
         **meta,
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "scale": spec.backgrounds.scale,
         "mask_pixels": spec.mask.pixels,
         "final_loss": defects[0]["final_loss"],
         "defects": defects,
@@ -285,10 +333,13 @@ def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan
              **{f"mask_{method}.png": mask for method, mask in batch.masks.items()}}
     pictures = {"png": batch.image, "crop.png": batch.crop, "twin.png": batch.twin, "grid.png": batch.grid,
                 "input.png": batch.input, "paste.png": batch.paste}
-    pictures = {name: x if isinstance(x, np.ndarray) else to_uint8(x) for name, x in pictures.items() if name in names}
+    pictures = {name: x if isinstance(x, (np.ndarray, list)) else to_uint8(x)
+                for name, x in pictures.items() if name in names}
     samples = []
     for i, plan in enumerate(plans):
         sample = {"seed": plan.seed, "finite": batch.finite[i]}
+        if batch.input is not None:
+            sample[GIVEN] = batch.input[i]  # the decoded input frame, for the gate; never written
         for name in names:
             if name == "json":
                 sample[name] = _metadata(spec, digests, plan, batch.defects[i], masks["mask.png"][i])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dmgr.images import from_uint8
 
@@ -52,11 +53,15 @@ def seam_z(image: np.ndarray, given: np.ndarray, mask: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def fidelity(model: torch.nn.Module, image: np.ndarray, box: list[int], class_id: int) -> float:
-    """The classifier's probability of `class_id` on the window `box` of the (H, W, 3) uint8 image. One
-    window per call, so the score never depends on how samples were batched."""
+def fidelity(model: torch.nn.Module, image: np.ndarray, box: list[int], class_id: int,
+             size: int | None = None) -> float:
+    """The classifier's probability of `class_id` on the window `box` of the (H, W, 3) uint8 image, resized
+    to `size` model pixels when given and different (dataset.scale != 1). One window per call, so the score
+    never depends on how samples were batched."""
     x0, y0, x1, y1 = box
     window = from_uint8(np.ascontiguousarray(image[None, y0:y1, x0:x1]))
+    if size is not None and window.shape[-2:] != (size, size):
+        window = F.interpolate(window, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return float(torch.softmax(model(window), 1)[0, class_id])
 
 

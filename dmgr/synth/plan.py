@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dmgr.synth.backgrounds import Backgrounds
+from dmgr.synth.backgrounds import Backgrounds, Geometry
 from dmgr.synth.config import DatasetSpec
 
 PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM (in effect the noise seed: see below)
@@ -39,7 +39,8 @@ def stream_seed(seed: int, stream: str, index: int = 0) -> int:
 class Defect:
     class_id: int
     class_name: str
-    window: tuple[int, int]  # top-left (x, y)
+    window: tuple[int, int]  # top-left (x, y); in image pixels on real backgrounds
+    context: tuple[int, int] | None = None  # real backgrounds: top-left (x, y) of the context crop, image pixels
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,33 @@ def _class(dataset: DatasetSpec, g: torch.Generator) -> int:
     return int(torch.randint(len(dataset.classes), (1,), generator=g))
 
 
-def _free_corners(allowed: np.ndarray, taken: list[tuple[int, int]], window: int) -> np.ndarray:
-    """(N, 2) top-left (x, y) among `allowed` whose window overlaps none of `taken`."""
+def _draw_free(allowed: np.ndarray, taken: list[tuple[int, int]], window: int,
+               g: torch.Generator) -> tuple[int, int] | None:
+    """A top-left (x, y) drawn uniformly among `allowed` whose window overlaps none of `taken` (row-major
+    order, as np.nonzero lists them; per-row counts instead of a list of every corner), or None."""
     free = allowed.copy()
     for x, y in taken:
         free[max(0, y - window + 1) : y + window, max(0, x - window + 1) : x + window] = False
-    ys, xs = np.nonzero(free)
-    return np.stack([xs, ys], 1)
+    ends = np.cumsum(free.sum(1, dtype=np.int64))
+    if ends[-1] == 0:
+        return None
+    r = int(torch.randint(int(ends[-1]), (1,), generator=g))
+    row = int(np.searchsorted(ends, r, side="right"))
+    column = np.flatnonzero(free[row])[r - (int(ends[row - 1]) if row else 0)]
+    return int(column), row
+
+
+def context_origin(window: tuple[int, int], size: tuple[int, int], geometry: Geometry) -> tuple[int, int]:
+    """Top-left of the context crop around a window (image pixels): centred on the window, shifted inside
+    the (width, height) image."""
+    half = geometry.window // 2 - geometry.crop // 2
+    return tuple(min(max(0, w + half), side - geometry.crop) for w, side in zip(window, size))
+
+
+def model_window(defect: Defect, geometry: Geometry) -> tuple[int, int]:
+    """The defect's window top-left in its context crop's model pixels (the crop resized to image_size)."""
+    high = geometry.image_size - geometry.window_size
+    return tuple(min(max(0, round((w - c) * geometry.scale)), high) for w, c in zip(defect.window, defect.context))
 
 
 def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None = None) -> SamplePlan:
@@ -95,8 +116,8 @@ def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None
 
     Generated boards: one defect, window uniform in [margin, size - window - margin) per axis. Real
     backgrounds: the image uniform among the usable ones, then each defect's class and a window drawn
-    uniformly among the top-left corners inside the ROI and margins that overlap no earlier window (an
-    image with no room left gets fewer defects; its json says so).
+    uniformly among the top-left corners (image pixels) inside the ROI and margins that overlap no earlier
+    window (an image with no room left gets fewer defects; its json says so), and its context crop.
     """
     g = torch.Generator().manual_seed(seed + PLAN_STREAM)
     if backgrounds is None:
@@ -109,18 +130,20 @@ def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None
             window = (int(x), int(y))
         return SamplePlan(seed, (Defect(class_id, dataset.classes[class_id], window),))
     background = int(torch.randint(len(backgrounds), (1,), generator=g))
-    allowed = backgrounds.allowed_corners(background)
+    geometry, size = backgrounds.geometry, backgrounds.items[background].size
     defects: list[Defect] = []
     for _ in range(dataset.defects_per_image):
         class_id = _class(dataset, g)
         if dataset.window_choice == "fixed":  # validation allows one defect per image here
-            defects.append(Defect(class_id, dataset.classes[class_id], dataset.fixed_window))
+            window = tuple(dataset.fixed_window)
+        else:
+            window = _draw_free(backgrounds.allowed_corners(background), [d.window for d in defects],
+                                geometry.window, g)
+            if window is None:
+                break
+        defects.append(Defect(class_id, dataset.classes[class_id], window, context_origin(window, size, geometry)))
+        if dataset.window_choice == "fixed":
             break
-        corners = _free_corners(allowed, [d.window for d in defects], dataset.window_size)
-        if len(corners) == 0:
-            break
-        x, y = corners[int(torch.randint(len(corners), (1,), generator=g))].tolist()
-        defects.append(Defect(class_id, dataset.classes[class_id], (int(x), int(y))))
     return SamplePlan(seed, tuple(defects), background)
 
 

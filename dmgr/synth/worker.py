@@ -19,7 +19,7 @@ from dmgr.shards import ShardWriter, check_shard, read_record, shard_path, verif
 from dmgr.shards.locks import acquire, release
 from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
-from dmgr.synth.engine import Engine, generate
+from dmgr.synth.engine import GIVEN, Engine, generate
 from dmgr.synth.gate import changed_outside, fidelity, gate_metrics, gate_summary, mask_outside, seam_z, verdict
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
 
@@ -108,11 +108,12 @@ def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list
     """(scores, reasons for rejection) of one real-image sample (dmgr.synth.gate)."""
     meta = sample["json"]
     image, mask = np.asarray(sample["png"]), np.asarray(sample["mask.png"]) > 0
-    given = spec.backgrounds.image(meta["background"]["index"])
+    given = sample[GIVEN]
     model, classes = engine.gate.model, engine.gate.classes
     defects = meta["defects"]
+    size = spec.dataset.window_size
     scores = {
-        "fidelity": [round(fidelity(model, image, d["window_box"], classes.index(d["class_name"])), 6)
+        "fidelity": [round(fidelity(model, image, d["window_box"], classes.index(d["class_name"]), size), 6)
                      for d in defects],
         "mask_area": [d["mask_area"] for d in defects],
         "mask_outside": mask_outside(mask, [d["window_box"] for d in defects]),
@@ -165,6 +166,7 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
                     skipped.append(sample["seed"])
                     continue
             metrics = add_metrics(metrics, sample_metrics(meta))
+            sample.pop(GIVEN, None)
             writer.put(sample)
         bar.update(len(plans))
         if spec.gate.enabled:
