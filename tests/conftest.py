@@ -24,6 +24,7 @@ torch.set_num_threads(int(os.environ.get("DMGR_TEST_THREADS", "1")))
 SLOW_MODULES = {
     "test_synth_job", "test_synth_reliability", "test_synth_gate", "test_slurm", "test_sweep", "test_eval_job",
     "test_own_product", "test_reference_parity", "test_train", "test_synth_backgrounds", "test_bench",
+    "test_native_size",
 }
 # Single tests elsewhere that sample many steps, train a network or start the job.
 SLOW_TESTS = {

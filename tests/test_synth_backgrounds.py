@@ -124,7 +124,7 @@ def test_plans_pick_backgrounds_and_windows_from_the_seed(boards):
         windows = [d.window for d in p.defects]
         assert len(windows) == 3
         for i, (x, y) in enumerate(windows):
-            assert 5 <= x < 64 - 16 - 5 and 5 <= y < 64 - 16 - 5
+            assert 5 <= x <= 64 - 16 - 5 and 5 <= y <= 64 - 16 - 5
             for u, v in windows[i + 1 :]:
                 assert abs(x - u) >= 16 or abs(y - v) >= 16
 
@@ -160,20 +160,21 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path):
     assert "ROI is 32x32" in reasons["in/000.png"]
     assert "no room" in reasons["in/001.png"]
     assert "unreadable" in reasons["in/broken.png"]
-    assert "smaller than the 16 px window" in reasons["in/tiny.png"]
+    assert "smaller than one context crop (64 px" in reasons["in/tiny.png"]
     assert found.image(0).shape == (64, 64, 3)
 
 
-def test_larger_images_are_scaled_and_centre_cropped(tmp_path):
+def test_larger_images_come_back_whole_at_their_own_size(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 128, 0).repeat(3, 2)).save(
-        folder / "wide.png"
-    )
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 128, 0).repeat(3, 2)
+    Image.fromarray(ramp).save(folder / "wide.png")
     found = scan_backgrounds(folder, 64, 16, 5)
-    image = found.image(0)  # 256 x 128 -> 128 x 64 -> centre 64 x 64: the middle half of the ramp
-    assert image.shape == (64, 64, 3)
-    assert 60 <= int(image[0, 0, 0]) <= 70 and 185 <= int(image[0, -1, 0]) <= 195
+    assert found.items[0].size == (256, 128)
+    assert (found.image(0) == ramp).all()
+    corners = found.allowed_corners(0)  # top-left corners in image pixels, margin 5 from every edge
+    ys, xs = np.nonzero(corners)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (5, 256 - 16 - 5, 5, 128 - 16 - 5)
 
 
 def test_no_usable_image_is_one_line_and_writes_nothing(tmp_path):

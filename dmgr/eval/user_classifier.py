@@ -95,15 +95,20 @@ def area_ranges(data_root: Path, classes: tuple[str, ...], window: int, q: float
 
 
 def clean_windows(backgrounds: Backgrounds, window: int, per_image: int, seed: int) -> np.ndarray:
-    """(N, w, w, 3) uint8 windows of the defect-free images, corners drawn uniformly inside each ROI."""
+    """(N, w, w, 3) uint8 windows of the defect-free images, corners drawn uniformly inside each ROI (in image
+    pixels, windows of `backgrounds.geometry.window` px resized to `window` when dataset.scale != 1)."""
     rng = np.random.default_rng(seed)
+    side = backgrounds.geometry.window
     out = []
     for i in range(len(backgrounds)):
         image, corners = backgrounds.image(i), backgrounds.allowed_corners(i)
         ys, xs = np.nonzero(corners)
         for j in rng.integers(len(xs), size=per_image):
             x, y = int(xs[j]), int(ys[j])
-            out.append(image[y : y + window, x : x + window])
+            patch = image[y : y + side, x : x + side]
+            if side != window:
+                patch = np.asarray(Image.fromarray(patch).resize((window, window), Image.BILINEAR))
+            out.append(patch)
     return np.stack(out)
 
 
