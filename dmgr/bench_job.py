@@ -15,6 +15,12 @@ model loading excluded), the 2-worker speed-up, the writer's share of the wall t
 time (the manifest's `writer_wait_seconds`, `writer_cpu_seconds`). Every other round runs the set-ups
 in reverse order, so drift in a neighbour's load falls on all of them.
 Two workers can reach 2x only with two free cores: the table prints the machine's CPU count and load.
+
+    python -m dmgr.bench_job --sizes 64x64,512x512,4096x3072 [--seeds 0-3] [OVERRIDE ...]
+
+instead times the job (1 worker, the real writer) on one input image of each size (a demo board tiled to
+it): seconds per defect (the worker's seconds over the defects made, model loading excluded), the share of
+them spent waiting on the shard writer, and the process's peak memory.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,7 +85,42 @@ def child(overrides: list[str], null_writer: bool) -> None:
         seconds = max(sum(w["seconds"] for w in workers), 1e-9)
         summary["writer_wait_share"] = sum(w["writer_wait_seconds"] for w in workers) / seconds
         summary["writer_cpu_share"] = sum(w["writer_cpu_seconds"] for w in workers) / seconds
+        records, _ = worker.shard_records(spec)
+        summary["defects"] = int(sum(r.get("metrics", {}).get("defects", 0) for r in records))
+        summary["seconds_per_defect"] = seconds / max(summary["defects"], 1)
+        summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(RESULT + json.dumps(summary), flush=True)
+
+
+def write_input(folder: Path, width: int, height: int) -> Path:
+    """One input image of width x height: a 64 px demo board tiled to the size."""
+    import numpy as np
+    from PIL import Image
+
+    from dmgr.data.board import make_board
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tile = make_board(0, 64).image
+    image = np.tile(tile, (-(-height // 64), -(-width // 64), 1))[:height, :width]
+    Image.fromarray(image).save(folder / f"{width}x{height}.png")
+    return folder
+
+
+def per_defect(sizes: list[tuple[int, int]], overrides: list[str]) -> None:
+    """Seconds per defect, writer wait and peak memory of the job on one input of each size."""
+    print(f"seconds per defect by input size: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
+          f"overrides {' '.join(overrides)}")
+    print(f"{'input':<12}{'s/defect':>10}{'defects':>9}{'writer wait':>13}{'peak MiB':>10}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dmgr-bench-sizes-") as tmp:
+        for width, height in sizes:
+            folder = write_input(Path(tmp) / f"in-{width}x{height}", width, height)
+            summary = run("1 worker", [*overrides, "dataset.source=images", f"dataset.images={folder}"],
+                          Path(tmp) / f"out-{width}x{height}")
+            rows.append(summary["seconds_per_defect"])
+            print(f"{f'{width}x{height}':<12}{summary['seconds_per_defect']:>10.3f}{summary['defects']:>9}"
+                  f"{summary['writer_wait_share']:>13.2%}{summary['peak_rss_mib']:>10.0f}", flush=True)
+    print(f"largest / smallest: {rows[-1] / rows[0]:.2f}x (target <= 1.3x); load after {os.getloadavg()[0]:.2f}")
 
 
 def run(setup: str, overrides: list[str], out_dir: Path) -> dict:
@@ -103,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.bench_job", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0-15", help="the seed range every set-up makes (default 0-15)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the three set-ups (default 2)")
+    parser.add_argument("--sizes", default=None, metavar="WxH,...",
+                        help="instead: seconds per defect on one input of each size (e.g. 64x64,512x512,4096x3072)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--null-writer", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
@@ -112,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     overrides = [f"seeds={args.seeds}", "samples_per_shard=4", *overrides]
+    if args.sizes:
+        try:
+            sizes = [tuple(int(v) for v in item.lower().split("x")) for item in args.sizes.split(",")]
+        except ValueError:
+            parser.error(f"--sizes={args.sizes}: give WxH,WxH,... e.g. 64x64,512x512,4096x3072")
+        per_defect(sizes, overrides)
+        return
     setups = ("1 worker", "1 worker, null writer", "2 workers")
     speeds: dict[str, list[float]] = {s: [] for s in setups}
     waits: list[float] = []

@@ -26,6 +26,14 @@ def overlay(image: Image.Image, mask: Image.Image, *window_boxes: list[int]) -> 
     return out
 
 
+def whole(tile: Image.Image, cell: int) -> Image.Image:
+    """The whole tile scaled to fit a cell x cell square, its aspect ratio kept (nearest neighbour, so
+    pixels stay visible; a box filter when shrinking a large frame)."""
+    f = cell / max(tile.size)
+    size = (max(1, round(tile.width * f)), max(1, round(tile.height * f)))
+    return tile.resize(size, Image.NEAREST if f >= 1 else Image.BOX)
+
+
 def sample_row(sample: dict, cell: int) -> Image.Image:
     image, mask, meta = sample["png"], sample["mask.png"], sample["json"]
     x0, y0, x1, y1 = meta["window_box"]
@@ -39,7 +47,8 @@ def sample_row(sample: dict, cell: int) -> Image.Image:
         tiles.append(sample["twin.png"])
     row = Image.new("RGB", (cell * len(tiles), cell + LABEL_HEIGHT), "white")
     for i, tile in enumerate(tiles):
-        row.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (i * cell, LABEL_HEIGHT))
+        fitted = whole(tile.convert("RGB"), cell)
+        row.paste(fitted, (i * cell + (cell - fitted.width) // 2, LABEL_HEIGHT + (cell - fitted.height) // 2))
     label = f"seed {meta['seed']}  {meta['class_name']}  mask {meta['mask_area']} px"
     ImageDraw.Draw(row).text((2, 1), label, fill=(0, 0, 0))
     return row

@@ -277,3 +277,32 @@ def test_an_unreadable_large_file_is_counted_and_nothing_wrong_is_written(tmp_pa
     assert "unreadable" in dict(spec.backgrounds.skipped)["big.png"]
     for sample in make(spec, [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(2)]):
         check_sample(spec, sample)
+
+
+def test_the_contact_sheet_shows_whole_frames():
+    from dmgr.preview import LABEL_HEIGHT, sample_row
+
+    rng = np.random.default_rng(2)
+    board = Image.fromarray(rng.integers(0, 200, (112, 160, 3), dtype=np.uint8))
+    mask = np.zeros((112, 160), dtype=np.uint8)
+    mask[90:100, 140:150] = 255
+    meta = {"seed": 0, "class_name": "spur", "mask_area": 100, "window_box": [136, 88, 152, 104],
+            "defects": [{"window_box": [136, 88, 152, 104]}]}
+    row = np.asarray(sample_row({"png": board, "mask.png": Image.fromarray(mask), "json": meta}, 128))
+    first = row[LABEL_HEIGHT:, :128]
+    drawn = ~(first == 255).all(-1)
+    assert drawn.any(1).sum() == round(112 * 128 / 160) and drawn.any(0).sum() == 128  # aspect ratio kept
+    overlay = row[LABEL_HEIGHT:, 128:256]
+    assert (overlay[..., 0] > overlay[..., 1] + 60).any(axis=None)  # the mask in the bottom-right corner shows
+
+
+def test_demo_backgrounds_are_panels_of_boards_at_the_training_pixel_scale(tmp_path):
+    from dmgr.data.board import make_board
+    from dmgr.data.export import export_global
+
+    paths = export_global(tmp_path, 64, 2, panel=(160, 112), progress=False)
+    first = np.asarray(Image.open(paths[0]))
+    assert first.shape == (112, 160, 3)
+    assert (first[:64, :64] == make_board(0, 64).image).all()  # board 0 at its 64 px training size
+    assert (first[64:112, 64:128] == make_board(4, 64).image[:48]).all()  # 3 boards a row, cut to 112 rows
+    assert not (np.asarray(Image.open(paths[1]))[:64, :64] == first[:64, :64]).all()

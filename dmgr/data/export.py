@@ -2,7 +2,8 @@
 
     python -m dmgr.data.export --out outputs/pcb-data --size 64 --boards 1000 --patches-per-class 500 --test 60
 
-    OUT/global/NNNNNN.png                    defect-free boards (the global model)
+    OUT/global/NNNNNN.png                    defect-free boards (the global model); with --panel WxH,
+                                             W x H panels of size-px boards (native-size backgrounds)
     OUT/local/<class>/NNNNNN.png, .mask.png  size//4 defect patches centred on the defect (the local model)
     OUT/local/labels.json                    one entry per patch: file, class, id, seeds, window, box
     OUT/test/NNNNNN.png, .mask.png, .json    held-out defective boards with class, id and box
@@ -17,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -51,16 +53,33 @@ def _check(size: int, **counts: int) -> None:
             raise ValueError(f"{name} must be >= 0, got {n}")
 
 
-def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: bool = True) -> list[Path]:
-    """Write `n` defect-free boards to OUT/global/NNNNNN.png; returns their paths."""
+def panel_tiles(size: int, panel: tuple[int, int]) -> int:
+    """Boards per W x H panel of size-px boards."""
+    return -(-panel[0] // size) * -(-panel[1] // size)
+
+
+def make_panel(seeds: list[int], size: int, panel: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8: boards of side `size` (their own pixel scale) side by side, row by row, cut to W x H."""
+    width, height = panel
+    columns = -(-width // size)
+    boards = [make_board(s, size).image for s in seeds]
+    rows = [np.concatenate(boards[r : r + columns], 1) for r in range(0, len(boards), columns)]
+    return np.ascontiguousarray(np.concatenate(rows, 0)[:height, :width])
+
+
+def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: bool = True,
+                  panel: tuple[int, int] | None = None) -> list[Path]:
+    """Write `n` defect-free boards (or W x H panels of them) to OUT/global/NNNNNN.png; returns their paths."""
     _check(size, boards=n)
     folder = Path(out) / "global"
     folder.mkdir(parents=True, exist_ok=True)
+    tiles = 1 if panel is None else panel_tiles(size, panel)
     paths = []
     for i in tqdm(range(n), desc="global", disable=not progress):
-        board = make_board(board_seed(GLOBAL_OFFSET, seed, i), size)
+        seeds = [board_seed(GLOBAL_OFFSET, seed, i * tiles + j) for j in range(tiles)]
+        image = make_board(seeds[0], size).image if panel is None else make_panel(seeds, size, panel)
         path = folder / f"{i:06d}.png"
-        Image.fromarray(board.image).save(path)
+        Image.fromarray(image).save(path)
         paths.append(path)
     return paths
 
@@ -116,8 +135,8 @@ def export_test(out: str | Path, size: int, n: int, seed: int = 0, progress: boo
 
 
 def export_all(out: str | Path, size: int, boards: int, per_class: int, test: int, seed: int = 0,
-               progress: bool = True) -> None:
-    export_global(out, size, boards, seed, progress)
+               progress: bool = True, panel: tuple[int, int] | None = None) -> None:
+    export_global(out, size, boards, seed, progress, panel)
     export_local(out, size, per_class, seed, progress=progress)
     export_test(out, size, test, seed, progress)
 
@@ -127,19 +146,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--size", type=int, default=64, help="board side in pixels (patches are size//4)")
     parser.add_argument("--boards", type=int, default=1000, help="defect-free boards for OUT/global")
+    parser.add_argument("--panel", default=None, metavar="WxH",
+                        help="OUT/global images are W x H panels of --size px boards (e.g. 160x112), not single boards")
     parser.add_argument("--patches-per-class", type=int, default=500, help="defect patches per class for OUT/local")
     parser.add_argument("--test", type=int, default=60, help="held-out defective boards for OUT/test")
     parser.add_argument("--seed", type=int, default=0, help="base seed (each part adds its own offset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
+        panel = parse_panel(args.panel)
         _check(args.size, boards=args.boards, patches_per_class=args.patches_per_class, test=args.test)
-        board_seed(0, args.seed, max(args.boards, args.patches_per_class, args.test, 1) - 1)
+        tiles = 1 if panel is None else panel_tiles(args.size, panel)
+        board_seed(0, args.seed, max(args.boards * tiles, args.patches_per_class, args.test, 1) - 1)
     except ValueError as err:
         parser.error(str(err))
-    export_all(args.out, args.size, args.boards, args.patches_per_class, args.test, args.seed, not args.quiet)
+    export_all(args.out, args.size, args.boards, args.patches_per_class, args.test, args.seed, not args.quiet, panel)
     print(json.dumps({"out": str(args.out), "global": args.boards, "local_per_class": args.patches_per_class,
-                      "test": args.test, "size": args.size, "patch": args.size // 4}))
+                      "test": args.test, "size": args.size, "patch": args.size // 4,
+                      **({"panel": list(panel)} if panel else {})}))
+
+
+def parse_panel(text: str | None) -> tuple[int, int] | None:
+    """"160x112" -> (160, 112); None stays None."""
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--panel={text}: give WxH in pixels, e.g. 160x112") from None
+    if min(width, height) < 1 or max(width, height) > 16384:
+        raise ValueError(f"--panel={text}: W and H must be in [1, 16384]")
+    return width, height
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def sample_metrics(meta: dict) -> dict[str, float]:
     window_area = sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
     return {
         "samples": 1,
+        "defects": len(boxes),
         "final_loss": meta["final_loss"],
         "mask_area": meta["mask_area"],
         "mask_window_fraction": meta["mask_area"] / window_area,
