@@ -306,3 +306,15 @@ def test_demo_backgrounds_are_panels_of_boards_at_the_training_pixel_scale(tmp_p
     assert (first[:64, :64] == make_board(0, 64).image).all()  # board 0 at its 64 px training size
     assert (first[64:112, 64:128] == make_board(4, 64).image[:48]).all()  # 3 boards a row, cut to 112 rows
     assert not (np.asarray(Image.open(paths[1]))[:64, :64] == first[:64, :64]).all()
+
+
+def test_the_reader_keeps_frames_of_different_sizes_apart():
+    from dmgr.shards.dataset import collate
+
+    batch = [(torch.zeros(3, 37, 50), torch.zeros(1, 37, 50), {"seed": 0}),
+             (torch.ones(3, 130, 97), torch.ones(1, 130, 97), {"seed": 1})]
+    images, masks, metas = collate(batch)
+    assert [x.shape[1:] for x in images] == [(37, 50), (130, 97)] and [m.shape[1:] for m in masks] == [(37, 50),
+                                                                                                      (130, 97)]
+    same = collate([batch[0], batch[0]])
+    assert same[0].shape == (2, 3, 37, 50)

@@ -79,7 +79,12 @@ def dataset(urls: str | Sequence[str] | Path, shuffle: int = 0, seed: int = 0, r
     return pipeline.map(decode_sample, handler=handler)
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Stack images and masks; metadata stays a list of dicts (their `defects` lists differ in length)."""
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor, dict]]
+            ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor], list[dict]]:
+    """Stack images and masks when they share one size; frames of different sizes (real images at their
+    own size) stay lists of tensors, as detection models take them. Metadata stays a list of dicts (their
+    `defects` lists differ in length)."""
     images, masks, metas = zip(*batch)
+    if len({x.shape for x in images}) > 1:
+        return list(images), list(masks), list(metas)
     return torch.stack(images), torch.stack(masks), list(metas)
