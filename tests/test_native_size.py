@@ -245,8 +245,26 @@ def test_two_workers_write_the_same_native_size_shards(inputs, tmp_path):
     run_synth([*images, f"out_dir={tmp_path / 'one'}"])
     run_synth([*images, f"out_dir={tmp_path / 'two'}"], nproc=2)
     assert raw_members(tmp_path / "one") == raw_members(tmp_path / "two")
-    sizes = {s["json"]["background"]["image"]: s["png"].size for s in read_samples(tmp_path / "one").values()}
+    samples = read_samples(tmp_path / "one")
+    sizes = {s["json"]["background"]["image"]: s["png"].size for s in samples.values()}
     assert all(sizes[name] == (w, h) for name, w, h, _ in INPUTS if name in sizes)
+    from dmgr.export.__main__ import main as export
+
+    export(["coco", str(tmp_path / "one"), str(tmp_path / "coco")])
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    for image in coco["images"]:
+        key = Path(image["file_name"]).stem
+        assert (image["width"], image["height"]) == samples[key]["png"].size
+        assert Image.open(tmp_path / "coco" / "images" / image["file_name"]).size == samples[key]["png"].size
+    for a in coco["annotations"]:
+        image = next(i for i in coco["images"] if i["id"] == a["image_id"])
+        assert a["segmentation"]["size"] == [image["height"], image["width"]]
+        x, y, w, h = a["bbox"]
+        assert x + w <= image["width"] and y + h <= image["height"]
+    export(["yolo", str(tmp_path / "one"), str(tmp_path / "yolo")])
+    for label in (tmp_path / "yolo" / "labels").glob("*.txt"):
+        values = [float(v) for line in label.read_text().splitlines() for v in line.split()[1:]]
+        assert values and all(0 <= v <= 1 for v in values)
 
 
 def test_images_smaller_than_a_context_crop_are_skipped_and_counted(inputs):
@@ -318,3 +336,24 @@ def test_the_reader_keeps_frames_of_different_sizes_apart():
                                                                                                       (130, 97)]
     same = collate([batch[0], batch[0]])
     assert same[0].shape == (2, 3, 37, 50)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
+    from types import SimpleNamespace
+
+    from dmgr.synth.worker import gate_scores
+
+    seen = []
+
+    def classifier(window: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(window.shape[-2:]))
+        return torch.zeros(1, 7)
+
+    spec = images_spec(inputs, f"dataset.scale={scale}")
+    sample = make(spec, [plan_sample(3, spec.dataset, spec.backgrounds)])[0]
+    gate = SimpleNamespace(model=classifier, classes=list(spec.dataset.classes),
+                           area_ranges={c: (0, 1e9) for c in spec.dataset.classes})
+    scores, _ = gate_scores(SimpleNamespace(gate=gate), spec, sample)
+    assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
+    assert scores["mask_area"] == [sample["json"]["mask_area"]] and seen == [(16, 16)]
