@@ -241,13 +241,21 @@ def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
-def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects: list[dict],
-              mask: torch.Tensor | np.ndarray) -> dict:
-    """The sample's json: the run, the plan, and the mask's box and area (a real image's also lists its
-    defects and background)."""
-    meta = {
+DIAGNOSTIC_DIGITS = 4
+
+
+def diagnostic(value: float) -> float:
+    """A float diagnostic (a sampler loss) to DIAGNOSTIC_DIGITS significant digits: its last digits depend on
+    the sample's batch-mates (kernel blocking), and the json must not, so that a shard redone with another
+    batch_size reproduces its record."""
+    return float(f"{value:.{DIAGNOSTIC_DIGITS}g}")
+
+
+def config_fields(spec: RunSpec, digests: dict[str, str], plan: SamplePlan) -> dict:
+    """The json fields a sample takes from the run's config and its seed's plan, none from sampling: what a
+    shard found without a record is checked against before it is adopted."""
+    fields = {
         "seed": plan.seed,
-        **({"attempt": plan.attempt} if plan.attempt else {}),
         "class_name": plan.class_name,
         "class_id": plan.class_id,
         "mask_method": spec.mask.method,
@@ -259,22 +267,35 @@ def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects:
         "checkpoints": {"model": spec.model.name, **digests},
         "precision": spec.precision,
         "run_identity": spec.identity,
-        "dmgr_version": __version__,
-        "window_box": defects[0]["window_box"],
-        "mask_box": bounding_box(mask),
-        "mask_area": int(mask.sum()),
+        "window_box": _box(*plan.window, spec.dataset.window_size),
     }
     if spec.dataset.source != "images":
-        return {**meta, "final_loss": defects[0]["final_loss"]}
+        return fields
     background = spec.backgrounds.items[plan.background]
     return {
-        **meta,
+        **fields,
         "mask_pixels": spec.mask.pixels,
-        "final_loss": defects[0]["final_loss"],
-        "defects": defects,
         "defects_requested": spec.dataset.defects_per_image,
         "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
     }
+
+
+def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects: list[dict],
+              mask: torch.Tensor | np.ndarray) -> dict:
+    """The sample's json: the run, the plan, and the mask's box and area (a real image's also lists its
+    defects and background)."""
+    meta = {
+        "seed": plan.seed,
+        **({"attempt": plan.attempt} if plan.attempt else {}),
+        **config_fields(spec, digests, plan),
+        "dmgr_version": __version__,
+        "mask_box": bounding_box(mask),
+        "mask_area": int(mask.sum()),
+        "final_loss": diagnostic(defects[0]["final_loss"]),
+    }
+    if spec.dataset.source == "images":
+        meta["defects"] = [{**d, "final_loss": diagnostic(d["final_loss"])} for d in defects]
+    return meta
 
 
 def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan], batch: Batch) -> list[dict]:
