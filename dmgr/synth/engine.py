@@ -289,6 +289,7 @@ def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects:
         **({"attempt": plan.attempt} if plan.attempt else {}),
         **config_fields(spec, digests, plan),
         "dmgr_version": __version__,
+        "window_box": defects[0]["window_box"],  # as sampled (config_fields gives the plan's, the same)
         "mask_box": bounding_box(mask),
         "mask_area": int(mask.sum()),
         "final_loss": diagnostic(defects[0]["final_loss"]),
