@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     module = FORMATS[args.format]
     options = {"boxes": True} if args.boxes else {}
     try:
-        summary = export(args.run, args.out, args.format, options, module.write_sample, module.finish)
-    except (ExportError, FileNotFoundError) as err:
+        summary = export(args.run, args.out, args.format, options, module.write_sample, module.finish,
+                         getattr(module, "prepare", None))
+    except (ExportError, OSError) as err:
         print(f"dmgr-export: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: summary[k] for k in ("format", "counts", "this_run")}, indent=1))
