@@ -229,6 +229,16 @@ class _Rectifier:
         return point, point.x, point.c, final
 
 
+def _mask_channel_noise(noise: NoiseSource | None, x_T: torch.Tensor, windows, w: int, like) -> torch.Tensor:
+    """The initial noise of a local model's extra (mask) channels: from `noise`, or without one from x_T
+    itself, each window shifted by w (wrapping round), so the walk stays a function of x_T; that noise is
+    independent of the crop's RGB when the image is at least twice the window each way."""
+    if noise is not None:
+        return noise.draw(like, "crop_mask")
+    channels = [k % x_T.shape[1] for k in range(like.shape[1])]
+    return crop_windows(torch.roll(x_T, shifts=(w, w), dims=(2, 3)), windows, w)[:, channels].clone()
+
+
 class _Walk:
     """What DMGR carries from one index of the walk to the next (both states, the decaying rates, the gates,
     the known background) and the moves that change it."""
@@ -241,7 +251,7 @@ class _Walk:
         c = crop_windows(x_T, windows, w).clone()
         extra_channels = getattr(rect.local_model, "in_channels", 3) - c.shape[1]
         if extra_channels > 0:
-            c = torch.cat([c, noise.draw(c[:, :extra_channels], "crop_mask")], dim=1)
+            c = torch.cat([c, _mask_channel_noise(noise, x_T, windows, w, c[:, :extra_channels])], dim=1)
         # A mask-generating local model on a known background: the crop's RGB is known too, except where the
         # crop's own latest mask prediction says defect, so the defect grows into the real window around it.
         self.known_crop = crop_windows(known, windows, w) if known is not None and extra_channels > 0 else None
@@ -359,7 +369,7 @@ def dmgr_sample(
     windows: (B, 2) top-left (x, y) of each sample's window; classes: (B,) local-model labels.
     noise: needed for time travel, eta > 0 and `known` (per-sample generators or a replay).
     The crop state starts as the window of x_T; a local model with a mask channel (4 inputs) gets that
-    channel's initial noise from `noise` ("crop_mask").
+    channel's initial noise from `noise` ("crop_mask"), or without one from x_T (_mask_channel_noise).
     known: (B, 3, H, W) real backgrounds in [-1, 1]. Then outside each window the global state is, at
     every index t, the background noised to t (RePaint's rule, noise role "known"); inside, DMGR as usual.
     With a mask-generating local model the crop's RGB follows the same rule outside the defect its latest
