@@ -29,7 +29,6 @@ from PIL import Image
 from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from dmgr import CONF_DIR, DEMO_DATA
 from dmgr.data.dataset import ImageFolderDataset, PatchDataset
@@ -40,6 +39,7 @@ from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
+from dmgr.progress import progress_bar
 from dmgr.sampler import ddim_sample
 from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, NonNegative, build, fail, register_defaults
 
@@ -311,7 +311,8 @@ def train(cfg: DictConfig) -> Path:
             cfg.steps,
         )
         log_file = open(out / "loss.jsonl", "a") if ctx.rank == 0 else None
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}", disable=not cfg.progress or ctx.rank)
+        bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}",
+                           disable=not cfg.progress or ctx.rank)
         window, started, epoch = [], time.perf_counter(), step
         minutes = cfg.get("save_every_minutes")
         saved_at = time.monotonic()

@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
 from dmgr.images import bounding_box, save_mask
+from dmgr.progress import progress_bar
 
 STREAM = 10_000_000
 GLOBAL_OFFSET, LOCAL_OFFSET, TEST_OFFSET = 0, STREAM, 2 * STREAM
@@ -57,7 +57,7 @@ def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: b
     folder = Path(out) / "global"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in tqdm(range(n), desc="global", disable=not progress):
+    for i in progress_bar(range(n), desc="global", disable=not progress):
         board = make_board(board_seed(GLOBAL_OFFSET, seed, i), size)
         path = folder / f"{i:06d}.png"
         Image.fromarray(board.image).save(path)
@@ -78,7 +78,7 @@ def export_local(out: str | Path, size: int, per_class: int, seed: int = 0,
     for cid in ids:
         (root / CLASS_NAMES[cid]).mkdir(parents=True, exist_ok=True)
     labels = []
-    for i in tqdm(range(per_class), desc="local", disable=not progress):
+    for i in progress_bar(range(per_class), desc="local", disable=not progress):
         bseed = board_seed(LOCAL_OFFSET, seed, i)
         board = make_board(bseed, size)
         for cid in ids:
@@ -102,7 +102,7 @@ def export_test(out: str | Path, size: int, n: int, seed: int = 0, progress: boo
     folder = Path(out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
     metas = []
-    for i in tqdm(range(n), desc="test", disable=not progress):
+    for i in progress_bar(range(n), desc="test", disable=not progress):
         bseed = board_seed(TEST_OFFSET, seed, i)
         cid = i % len(CLASS_NAMES)
         image, mask, box = add_defect(make_board(bseed, size), cid, i)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk
 from dmgr.diffusion import undo_step as diffusion_undo
 from dmgr.models.precision import autocast
+from dmgr.progress import progress_bar
 from dmgr.sampler.gates import crop_gate, global_gate
 from dmgr.sampler.loss import disagreement_map, rectification_loss
 from dmgr.sampler.masks import window_support
@@ -391,7 +391,7 @@ def dmgr_sample(
     walk = _Walk(rect, noise, x_T, known, indices[0])
     result = DMGRResult(walk.x, walk.c, windows, classes, walk.falloff, walk.final_loss)
     emit = _recorder(result, s.record_every if record_process else None, record_trace, then=callback)
-    for t, target in tqdm(moves, desc="dmgr", disable=not progress, leave=False):
+    for t, target in progress_bar(moves, desc="dmgr", disable=not progress, leave=False):
         walk.reanchor(t)
         if target < t:
             emit(walk.reverse_step(t, target))

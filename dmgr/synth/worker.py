@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dmgr.digest import sha256_file
+from dmgr.progress import ProgressBar, progress_bar
 from dmgr.shards import ShardWriter, check_shard, read_record, shard_path
 from dmgr.shards.layout import damaged_path, decode_shard
 from dmgr.shards.locks import acquire, release
@@ -189,7 +189,7 @@ def made_with(spec: RunSpec, engine: Engine) -> dict:
             "torch": torch.__version__, "cpu": cpu_name()}
 
 
-def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: tqdm,
+def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: ProgressBar,
                check_time: bool = False) -> dict:
     """Generate one shard's samples into the writer; returns the record fields beyond the digest. With the
     gate, a seed skipped after gate.max_attempts is not written; the record lists it. With check_time, the
@@ -230,7 +230,7 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
     total = len(mine) * n - ((n - len(shard_seeds(spec.seeds, n, last))) if last in mine else 0)
     log.info("worker %d/%d: %d shards (%d images) assigned on %s", worker, num_workers, len(mine), total, engine.device)
     writer = ShardWriter(spec.writer_queue)
-    bar = tqdm(total=total, desc=f"worker {worker}", unit="img", position=position, disable=not spec.progress)
+    bar = progress_bar(total=total, desc=f"worker {worker}", unit="img", position=position, disable=not spec.progress)
     start = time.perf_counter()
     done = skipped = images = retries = 0
     try:
