@@ -473,23 +473,6 @@ def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_
     acquire(stop.out_dir / "locks" / "dmgr-000000.tar.lock", "test")  # the failed shard's lock was released
 
 
-def test_threads_follow_the_cpus_the_worker_was_given(monkeypatch):
-    from dmgr.distributed import worker_threads
-
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
-    assert worker_threads(None, 1)[0] == 5  # one CPU kept for the shard-writer thread
-    assert worker_threads(None, 4)[0] == 1  # four torchrun workers on six CPUs: one thread each
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert worker_threads(None, 1)[0] == 1  # a 2-core machine: one thread
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "9")
-    assert worker_threads(None, 2)[0] == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert worker_threads(None, 2) == (2, "OMP_NUM_THREADS")
-    assert worker_threads(3, 2) == (3, "threads setting")
-
-
 def test_a_read_only_out_dir_is_refused_then_the_rerun_completes(baseline, tmp_path):
     out = copy_of(baseline, tmp_path)
     (out / "shards" / "dmgr-000001.tar").unlink()
