@@ -252,10 +252,11 @@ def test_gate_counts_add_up_to_rates():
 
 
 def test_each_attempt_draws_different_noise():
+    from dmgr.sampler import make_generators
     from dmgr.synth.plan import SamplePlan
 
     for seed in (0, 5, 2**33 + 7):
-        draws = [torch.randn(8, generator=torch.Generator().manual_seed(SamplePlan(seed, (), attempt=a).noise_seed))
+        draws = [torch.randn(8, generator=make_generators([SamplePlan(seed, (), attempt=a).noise_seed])[0])
                  for a in range(4)]
         assert SamplePlan(seed, ()).noise_seed == seed  # attempt 0 is the seed itself, as before the gate
         assert len({tuple(d.tolist()) for d in draws}) == 4, seed

@@ -29,6 +29,7 @@ from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler.masks import MASK_METHODS
+from dmgr.sampler.noise import MAX_SEED
 from dmgr.sampler.settings import DMGRSettings
 from dmgr.schema import (
     STRICT_SECTION,
@@ -42,7 +43,7 @@ from dmgr.schema import (
     fail,
     register_defaults,
 )
-from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
+from dmgr.synth.backgrounds import BackgroundError, Backgrounds, demo_backgrounds, scan_backgrounds
 
 __all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
 
@@ -82,6 +83,8 @@ def parse_seeds(value: Any) -> Sequence[int]:
         fail("seeds", value, "the seed range is empty: the last seed must not be below the first")
     if (seeds.start if isinstance(seeds, range) else min(seeds)) < 0:  # min() would walk a range
         fail("seeds", value, "seeds must be >= 0")
+    if (seeds[-1] if isinstance(seeds, range) else max(seeds)) > MAX_SEED:
+        fail("seeds", value, f"seeds must be at most 2**63 - 1 = {MAX_SEED}")
     return seeds
 
 
@@ -504,16 +507,17 @@ def _gate_data(gate: GateSpec, dataset: DatasetSpec) -> GateSpec:
 
 def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[NetworkSettings]):
     """The checks that read the disk, all in one step (nothing is written): each checkpoint's header, the
-    background images (source=images) and the gate's training data (when it is on). The weights load later,
+    background images (source=images; the demo's default folder is rendered on first use, the one write) and
+    the gate's training data (when it is on). The weights load later,
     in `load_engine`, still before out_dir is created. Returns (model spec, dataset, backgrounds, gate)."""
     spec = ModelSpec(model.name, model.random_init, model.diffusion_steps, model.beta_schedule,
                      *(_network(which, net, model.random_init) for which, net in zip(("global", "local"), nets)))
     dataset, backgrounds, gate = settings.dataset, None, settings.gate
     if dataset.source == "images":
-        images = _find_path(str(dataset.images))
+        images = _find_path(str(dataset.images)) or demo_backgrounds(str(dataset.images))
         if images is None:
-            fail("dataset.images", str(dataset.images),
-                 "no such folder or .jsonl manifest (the demo's boards: `make backgrounds`)")
+            fail("dataset.images", str(dataset.images), "no such folder or .jsonl manifest: your images "
+                 "(`python -m dmgr.data.prepare` makes a data root), or the demo's boards (`make backgrounds`)")
         dataset = dataclasses.replace(dataset, images=images)
         try:
             backgrounds = scan_backgrounds(images, dataset.image_size, dataset.window_size, dataset.margin)
