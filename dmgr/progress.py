@@ -53,12 +53,14 @@ class LogProgress:
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
 
     def close(self) -> None:
-        """The closing line, when the bar is to be kept (leave) or a line was already written."""
+        """The closing line: at the end when the bar is to be kept (leave), and whenever a line was already
+        written (then also when stopped early, e.g. by Ctrl-C)."""
         if self.closed:
             return
         self.closed = True
-        if self.leave or self.printed:
-            self._write(time.monotonic(), " done")
+        complete = not self.total or self.n >= self.total
+        if self.printed or (complete and self.leave):
+            self._write(time.monotonic(), " done" if complete else " stopped")
 
     def line(self, now: float, suffix: str = "") -> str:
         elapsed = now - self.start

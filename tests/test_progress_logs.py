@@ -87,3 +87,19 @@ def test_a_cli_redirected_to_a_file_logs_few_lines(tmp_path, stream):
     lines = text.splitlines()
     assert [line.split(":")[0] for line in lines if " done, " in line] == ["global", "local", "test"]
     assert len(lines) <= 4
+
+
+def test_a_bar_stopped_early_says_so_only_when_it_had_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(progress_module.time, "monotonic", FakeClock(step=10.0))
+    log = tmp_path / "log"
+    with log.open("w") as stream:
+        quiet = progress_bar(total=100, desc="quiet", file=stream, every=1000)
+        quiet.update(5)
+        quiet.close()
+        talking = progress_bar(total=100, desc="talking", file=stream, every=30)
+        for _ in range(5):
+            talking.update(1)
+        talking.close()
+    lines = log.read_bytes().decode().splitlines()
+    assert not any(line.startswith("quiet") for line in lines)
+    assert lines[-1].startswith("talking: 5/100 it stopped, 5%")
