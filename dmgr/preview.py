@@ -13,6 +13,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from dmgr.cli import stop_on_interrupt
+
 LABEL_HEIGHT = 14
 
 
@@ -81,6 +83,7 @@ def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, col
     return sheet
 
 
+@stop_on_interrupt("dmgr.preview")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="+", help="shard tar files (or a run's shards/ folder)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
 from dmgr.images import bounding_box, save_mask
@@ -122,6 +123,7 @@ def export_all(out: str | Path, size: int, boards: int, per_class: int, test: in
     export_test(out, size, test, seed, progress)
 
 
+@stop_on_interrupt("python -m dmgr.data.export")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.data.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.defects import CLASS_NAMES, class_id_of
 from dmgr.data.patches import PatchWriter, Reader, import_masked, scale
 from dmgr.images import Conversions, list_images, resize_center_crop
@@ -296,6 +297,7 @@ def _patch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="scale each image's shorter side to this first")
 
 
+@stop_on_interrupt("dmgr-import")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.data.importers", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.importers import _one_line, _parse_map, check_data_root, import_coco, import_image_folder, import_voc
 from dmgr.data.patches import import_masked
 from dmgr.images import Conversions
@@ -169,6 +170,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@stop_on_interrupt("dmgr-prepare")
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

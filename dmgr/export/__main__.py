@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.export import anomalib, coco, yolo
 from dmgr.export.common import ExportError, export
 
 FORMATS = {"coco": coco, "yolo": yolo, "anomalib": anomalib}
 
 
+@stop_on_interrupt("dmgr-export", "rerun the same command to resume the export")
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m dmgr.export", description=__doc__)
     parser.add_argument("format", choices=sorted(FORMATS))

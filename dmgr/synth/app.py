@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dmgr import CONF_DIR, __version__
+from dmgr.cli import stop_on_interrupt
 from dmgr.distributed import barrier, gather, init_workers, shutdown, worker_threads
 from dmgr.models import CheckpointError
 from dmgr.shards import LockHeld, ShardWriteError, write_manifest
@@ -211,6 +212,7 @@ def _record_sweep_point(job_dir: Path, cfg: DictConfig, outcome: dict) -> None:
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="synth")
+@stop_on_interrupt("dmgr-synth", "the shard in progress was abandoned; rerun the same command to finish the run")
 def main(cfg: DictConfig) -> dict | None:
     job_dir = _sweep_job_dir()
     try:
