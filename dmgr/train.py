@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dmgr import CONF_DIR, DEMO_DATA
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.dataset import ImageFolderDataset, PatchDataset
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
@@ -368,6 +369,7 @@ def train(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+@stop_on_interrupt("dmgr-train", "rerun the same command to resume from the last saved checkpoint")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
