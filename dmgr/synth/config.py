@@ -281,7 +281,8 @@ class SynthSettings:
     performance: Acceleration = Acceleration()  # how the networks run (README "Speed")
     shard_prefix: str = "dmgr"  # shard file names: <prefix>-000000.tar (letters, digits, . _ -)
     threads: Any = "auto"  # intra-op threads per worker; auto: OMP_NUM_THREADS if set, else the CPUs given
-    #   (Slurm, affinity) / workers, less one each for the writer. Equal threads: bit-identical shards
+    #   (Slurm, affinity) / workers, lowered to the CPUs idle at the start (logged, and in each shard's record).
+    #   Bit-identical shards need equal threads: give a number to redo shards on a machine under other load
     nonfinite: NonfiniteSpec = NonfiniteSpec()
     mask: MaskSettings = MaskSettings()
     extras: Extras = Extras()
