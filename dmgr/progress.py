@@ -49,7 +49,8 @@ class LogProgress:
             self.last = now
             self._write(now)
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **values: Any) -> None:
+        values = {**(ordered_dict or {}), **values}
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
 
     def close(self) -> None:
