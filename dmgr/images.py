@@ -49,6 +49,9 @@ def _grey(img: Image.Image) -> tuple[np.ndarray, str]:
         return np.asarray(img), "grey to RGB"
     array = np.asarray(img)
     if mode.startswith("I;16"):
+        if array.size and 0 < int(array.max()) < 4096:  # a 12-bit camera's values in the low bits
+            return _scaled(array, 65535), ("16-bit grey to 8 bits (value * 255 / 65535, rounded) with no value "
+                                            "above 4095: dark; store 12-bit data shifted left by 4 bits")
         return _scaled(array, 65535), "16-bit grey to 8 bits (value * 255 / 65535, rounded)"
     if mode == "I":
         low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)

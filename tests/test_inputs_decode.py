@@ -41,7 +41,10 @@ def test_16_bit_grey_is_scaled_by_its_bit_depth_not_clipped():
     assert image.mode == "RGB" and rgb.shape == (48, 64, 3)
     assert (rgb == expected8(values)[:, :, None]).all()
     assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and len(np.unique(rgb)) > 60  # a ramp, not all white
-    assert any("16-bit" in n for n in notes)
+    assert any("16-bit" in n for n in notes) and not any("dark" in n for n in notes)
+    low = (values >> 4).astype(np.uint16)  # 12-bit data in the low bits: scaled the same way, and named
+    image, notes = decode_rgb(encoded(Image.fromarray(low)))
+    assert (np.asarray(image)[:, :, 0] == expected8(low)).all() and any("4095: dark" in n for n in notes)
 
 
 def test_32_bit_integer_and_float_grey_have_a_defined_scale_or_are_refused():
