@@ -178,7 +178,8 @@ def redo_mismatch(final: Path, record: dict[str, Any], expected: str, previous: 
             f"vs {expected[:12]})")
     before = previous.get("made_with")
     if before is None:
-        cause = ("its record does not say how it was made (batch_size, threads, device, torch): rerun with the "
+        source = "its record" if previous else "manifest.json, the only digest left for it,"
+        cause = (f"{source} does not say how it was made (batch_size, threads, device, torch): rerun with the "
                  "settings and machine of the run that began it")
     elif diffs := made_differently(before, record.get("made_with", {})):
         cause = (f"the run that recorded it differs: {', '.join(diffs)}; rerun with its settings (samples are "
