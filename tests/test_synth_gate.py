@@ -176,17 +176,33 @@ def test_regeneration_is_bit_identical_across_workers(setup, regenerated, cut):
     assert raw_members(out) == raw_members(regenerated)
 
 
+SEAM_ROUNDING = 0.01  # a grey level in a few border pixels moves the seam z-score by ~1e-3
+
+
+def attempts_seen(gate: dict) -> list[tuple[float, list[str]]]:
+    """(seam score, reasons) of every attempt of one seed, the written one last."""
+    return [(h["scores"]["seam"], h["reasons"]) for h in gate["rejected"]] + [(gate["scores"]["seam"],
+                                                                               gate["reasons"])]
+
+
 def test_regeneration_decisions_do_not_depend_on_the_batch_size(setup, regenerated, cut):
-    """Shards are bit-identical for equal batch sizes (README "Reproducibility"); across batch sizes the
-    window's pixels may move by a grey level, so here the same seeds take the same attempts and verdicts."""
+    """Shards are bit-identical for equal batch sizes only; across batch sizes a sample moves within rounding
+    (pixels by a grey level, the seam score by far less than SEAM_ROUNDING), so each attempt's verdict is the
+    same unless its seam score lies within that rounding of the threshold, and the written samples agree."""
     out = setup["base"] / "regen-b1"
     run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3", "batch_size=1"))
     a, b = read_samples(regenerated), read_samples(out)
     assert sorted(a) == sorted(b)
     for key in a:
         ga, gb = a[key]["json"]["gate"], b[key]["json"]["gate"]
-        assert (ga["attempt"], ga["accepted"], ga["reasons"]) == (gb["attempt"], gb["accepted"], gb["reasons"])
-        assert [h["reasons"] for h in ga["rejected"]] == [h["reasons"] for h in gb["rejected"]]
+        for (seam_a, reasons_a), (seam_b, reasons_b) in zip(attempts_seen(ga), attempts_seen(gb)):
+            assert abs(seam_a - seam_b) <= SEAM_ROUNDING, (key, seam_a, seam_b)
+            if abs(seam_a - cut) <= SEAM_ROUNDING:  # a verdict at the threshold may go either way
+                break
+            assert reasons_a == reasons_b, key
+        else:
+            assert (ga["attempt"], ga["accepted"]) == (gb["attempt"], gb["accepted"])
+            assert_same_sample(a[key], b[key], ignore=("gate",))
         x0, y0, x1, y1 = a[key]["json"]["window_box"]
         outside = np.ones((64, 64), dtype=bool)
         outside[y0:y1, x0:x1] = False
