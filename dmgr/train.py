@@ -44,6 +44,7 @@ from dmgr.models.unet import UNetConfig, UNetConfigError
 from dmgr.progress import progress_bar
 from dmgr.sampler import ddim_sample
 from dmgr.sampler.noise import generator, stream_seed
+from dmgr.sampler.settings import MASK_CHANNEL, RGB
 from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, NonNegative, build, fail, register_defaults
 
 log = logging.getLogger("dmgr.train")
@@ -266,8 +267,8 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     x_T = torch.randn(8 * classes, ema.in_channels, size, size, generator=g).to(device)
     y = torch.arange(classes, device=device).repeat_interleave(8) if cfg.arch.role == "local" else None
     out = ddim_sample(ema, diffusion, x_T, y=y)
-    if ema.in_channels == 4:  # every class row followed by its generated masks
-        out = torch.stack([out[:, :3], out[:, 3:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
+    if ema.in_channels > MASK_CHANNEL:  # every class row followed by its generated masks
+        out = torch.stack([out[:, RGB], out[:, MASK_CHANNEL:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
         out = out.reshape(classes, 8, 2, 3, size, size).transpose(1, 2).reshape(-1, 3, size, size)
         classes *= 2
     images = to_uint8(out)

@@ -30,7 +30,7 @@ from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.noise import MAX_SEED
-from dmgr.sampler.settings import DMGRSettings
+from dmgr.sampler.settings import MASK_CHANNEL, DMGRSettings
 from dmgr.schema import (
     STRICT_SECTION,
     ConfigError,
@@ -344,7 +344,7 @@ class RunSpec:
     @property
     def available_masks(self) -> tuple[str, ...]:
         """The mask methods this run can compute (`local` needs a local model with a mask channel)."""
-        has_mask = (self.model.local_net.config or {}).get("in_channels", 3) == 4
+        has_mask = (self.model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
         return tuple(m for m in MASK_METHODS if m != "local" or has_mask)
 
 
@@ -453,7 +453,7 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
 
 def _mask_method(method: str, dataset: DatasetSpec, model: ModelSpec) -> str:
     """`auto`: the local model's own mask when it generates one, else `diff` (real images) or `gate`."""
-    has_mask = (model.local_net.config or {}).get("in_channels", 3) == 4
+    has_mask = (model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
     if method == "auto":
         return "local" if has_mask else ("diff" if dataset.source == "images" else "gate")
     if method == "local" and not has_mask:

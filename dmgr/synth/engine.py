@@ -15,7 +15,7 @@ from dmgr.diffusion import Diffusion, make_diffusion
 from dmgr.images import bounding_box, from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.acceleration import accelerate
-from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
+from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
 from dmgr.synth.plan import SamplePlan, stream_seed
@@ -170,7 +170,7 @@ def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], method
     defects = [[{"window_box": _box(*p.window, w), "final_loss": float(result.final_loss[i])}]
                for i, p in enumerate(plans)]
     batch = Batch(result.image, defect_masks(spec, methods, result, twin), defects,
-                  _finite(result.image, result.crop), crop=result.crop[:, :3], grid=_grid(result), twin=twin)
+                  _finite(result.image, result.crop), crop=result.crop[:, RGB], grid=_grid(result), twin=twin)
     if spec.extras.paste:  # evaluation only
         from dmgr.eval.paste import paste_baseline
 
@@ -211,7 +211,7 @@ def sample_into_backgrounds(
             known=known,
         )
         if k == 0:
-            crop, grid = result.crop[:, :3], _grid(result)
+            crop, grid = result.crop[:, RGB], _grid(result)
         for j, ok in enumerate(_finite(result.image, result.crop)):
             finite[rows[j]] &= ok
         masks = {m: v.cpu().numpy() for m, v in defect_masks(spec, methods, result, known).items()}
