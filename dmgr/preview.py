@@ -6,11 +6,14 @@ python -m dmgr.preview outputs/<run>/shards/dmgr-000000.tar --out sheet.png --ma
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
+
+from dmgr.cli import stop_on_interrupt
 
 LABEL_HEIGHT = 14
 
@@ -54,15 +57,33 @@ def sample_row(sample: dict, cell: int) -> Image.Image:
     return row
 
 
-def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, columns: int = 2) -> Image.Image:
-    dataset = wds.WebDataset(shards, shardshuffle=False).decode("pil")
+class PreviewError(ValueError):
+    pass
+
+
+def shard_rows(shard: str, cell: int, limit: int) -> list[Image.Image]:
+    """Up to `limit` rows from one shard; a damaged shard or sample is a PreviewError naming it."""
     rows = []
-    for sample in dataset:
-        rows.append(sample_row(sample, cell))
+    try:
+        for sample in wds.WebDataset(shard, shardshuffle=False, empty_check=False).decode("pil"):
+            if len(rows) >= limit:
+                break
+            rows.append(sample_row(sample, cell))
+    except Exception as exc:  # noqa: BLE001 - any reader or decoder failure: the shard is damaged
+        reason = " ".join(str(exc).split())[:200]
+        raise PreviewError(f"{shard}: unreadable after {len(rows)} sample(s) ({type(exc).__name__}: {reason}); "
+                           "a rerun of the synthesis command repairs a run's damaged shard") from None
+    return rows
+
+
+def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, columns: int = 2) -> Image.Image:
+    rows = []
+    for shard in shards:
+        rows += shard_rows(shard, cell, max_samples - len(rows))
         if len(rows) >= max_samples:
             break
     if not rows:
-        raise SystemExit(f"no samples in {shards}")
+        raise PreviewError(f"no samples in {', '.join(shards) or 'the given paths'}")
     width, height = rows[0].width, max(r.height for r in rows)
     count_rows = (len(rows) + columns - 1) // columns
     sheet = Image.new("RGB", (width * min(columns, len(rows)), height * count_rows), "white")
@@ -71,6 +92,7 @@ def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, col
     return sheet
 
 
+@stop_on_interrupt("dmgr.preview")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="+", help="shard tar files (or a run's shards/ folder)")
@@ -83,8 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.shards:
         path = Path(item)
         shards += sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
-    sheet = contact_sheet(shards, args.max, args.cell, args.columns)
-    sheet.save(args.out)
+    try:
+        sheet = contact_sheet(shards, args.max, args.cell, args.columns)
+        sheet.save(args.out)
+    except (PreviewError, OSError, ValueError) as exc:
+        print(f"dmgr.preview: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.out} ({sheet.width}x{sheet.height}) from {len(shards)} shard(s)")
 
 

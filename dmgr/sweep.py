@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.images import viridis
 
 # (column name, its path in the manifest)
@@ -134,6 +135,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path
     return written
 
 
+@stop_on_interrupt("dmgr.sweep")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="the Hydra sweep directory (hydra.sweep.dir)")

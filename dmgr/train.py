@@ -29,9 +29,9 @@ from PIL import Image
 from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from dmgr import CONF_DIR, DEMO_DATA
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.dataset import ImageFolderDataset, PatchDataset
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
@@ -40,7 +40,11 @@ from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
+from dmgr.models.unet import UNetConfig, UNetConfigError
+from dmgr.progress import progress_bar
 from dmgr.sampler import ddim_sample
+from dmgr.sampler.noise import generator, stream_seed
+from dmgr.sampler.settings import MASK_CHANNEL, RGB
 from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, NonNegative, build, fail, register_defaults
 
 log = logging.getLogger("dmgr.train")
@@ -117,6 +121,10 @@ def check_config(cfg: DictConfig) -> TrainSettings:
                                          if k != "hydra"})
     except ConfigError as exc:
         raise TrainConfigError(str(exc)) from None
+    try:
+        UNetConfig.from_dict(settings.arch.config)
+    except UNetConfigError as exc:
+        raise TrainConfigError(f"arch.config: {exc}") from None
     subdir = Path(settings.data_root) / settings.arch.role
     if not subdir.is_dir():
         raise TrainConfigError(
@@ -140,12 +148,36 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     old, new = json.loads(record.read_text()), run_record(cfg)
     if old == new:
         return
-    names = [r["arch"].get("name") for r in (old, new)]
-    other = " (another architecture)" if names[0] == names[1] and old["arch"] != new["arch"] else ""
+    changes = "; ".join(f"{key}: {a} in the saved run, {b} in this one" for key, a, b in differences(old, new))
     raise TrainConfigError(
-        f"out_dir={out} holds a run with data_root={old['data_root']}, arch={names[0]}; this run has "
-        f"data_root={new['data_root']}, arch={names[1]}{other}: choose another out_dir, or resume=false to start over"
+        f"out_dir={out} holds another run ({changes}): choose another out_dir, or resume=false to start over"
     )
+
+
+def differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf that differs ("absent" where one lacks the key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(old.keys() | new.keys(), key=str)
+                for d in differences(old.get(key, "absent"), new.get(key, "absent"), f"{prefix}{key}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def load_state(path: Path, device: torch.device, steps: int) -> dict:
+    """The training state to resume from; one TrainConfigError for a file that cannot be read or holds more
+    steps than `steps` (the total to reach: a run that already went further would silently do nothing)."""
+    fix = "delete it to start over, or give another out_dir"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an empty, truncated or foreign file: one line, no traceback
+        raise TrainConfigError(f"cannot read the training state {path} ({type(exc).__name__}): {fix}") from None
+    if not isinstance(state, dict) or not {"model", "ema", "opt", "step"} <= state.keys():
+        raise TrainConfigError(f"{path} is not a dmgr training state: {fix}")
+    if int(state["step"]) > steps:
+        raise TrainConfigError(
+            f"steps={steps}: out_dir={path.parent} is already at step {state['step']} (steps is the total to "
+            f"reach): give steps > {state['step']} to train further, or resume=false or another out_dir to start over"
+        )
+    return state
 
 
 class StopSignals:
@@ -235,8 +267,8 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     x_T = torch.randn(8 * classes, ema.in_channels, size, size, generator=g).to(device)
     y = torch.arange(classes, device=device).repeat_interleave(8) if cfg.arch.role == "local" else None
     out = ddim_sample(ema, diffusion, x_T, y=y)
-    if ema.in_channels == 4:  # every class row followed by its generated masks
-        out = torch.stack([out[:, :3], out[:, 3:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
+    if ema.in_channels > MASK_CHANNEL:  # every class row followed by its generated masks
+        out = torch.stack([out[:, RGB], out[:, MASK_CHANNEL:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
         out = out.reshape(classes, 8, 2, 3, size, size).transpose(1, 2).reshape(-1, 3, size, size)
         classes *= 2
     images = to_uint8(out)
@@ -280,7 +312,7 @@ def train(cfg: DictConfig) -> Path:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step = 0
         if cfg.resume and (out / "state.pt").exists():
-            state = torch.load(out / "state.pt", map_location=ctx.device, weights_only=True)
+            state = load_state(out / "state.pt", ctx.device, cfg.steps)
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])
@@ -298,7 +330,7 @@ def train(cfg: DictConfig) -> Path:
             num_workers=cfg.num_workers,
         )
         diffusion = make_diffusion(cfg.diffusion_steps, cfg.beta_schedule)
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank + step)
+        g = generator(stream_seed(cfg.seed, "train", ctx.rank, step))  # each (seed, rank, resumed step) its own
         scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ctx.device.type == "cuda")
         log.info(
             "training %s (%d parameters) on %d %s images, %s, from step %d to %d",
@@ -311,7 +343,8 @@ def train(cfg: DictConfig) -> Path:
             cfg.steps,
         )
         log_file = open(out / "loss.jsonl", "a") if ctx.rank == 0 else None
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}", disable=not cfg.progress or ctx.rank)
+        bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}",
+                           disable=not cfg.progress or ctx.rank)
         window, started, epoch = [], time.perf_counter(), step
         minutes = cfg.get("save_every_minutes")
         saved_at = time.monotonic()
@@ -367,6 +400,7 @@ def train(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+@stop_on_interrupt("dmgr-train", "rerun the same command to resume from the last saved checkpoint")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)

@@ -65,7 +65,7 @@ def test_image_folder_resizes_and_crops(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         summary = import_image_folder(IMAGES, tmp_path / "out", 48)
         nested_summary = import_image_folder(tmp_path / "src", tmp_path / "out2", 48)
-    assert summary == {"written": 2, "skipped": [BROKEN], "grey_converted": 0}
+    assert summary == {"written": 2, "skipped": [BROKEN], "grey_converted": 0, "conversions": {}}
     assert any(BROKEN in r.getMessage() for r in caplog.records)
     for name in ("board_a.png", "board_b.png"):
         img = Image.open(tmp_path / "out" / name)
@@ -140,7 +140,8 @@ def test_coco_polygons_give_masks_and_grey_images_are_converted(tmp_path, caplog
         summary = import_coco(tmp_path / "coco.json", images, tmp_path / "out", patch_size=16)
     assert summary["classes"] == ["finger", "crack"] and summary["grey_converted"] == 1
     assert summary["per_class"] == {"crack": 1, "finger": 1} and summary["boxes_outside"] == 1
-    assert any("grey-level" in r.getMessage() for r in caplog.records)
+    assert summary["conversions"] == {"grey to RGB": 1}
+    assert len([r for r in caplog.records if "1 grey to RGB" in r.getMessage()]) == 1
     patch = Image.open(tmp_path / "out" / "crack" / "cell_1.png")
     assert patch.mode == "RGB" and patch.size == (16, 16)
     assert 36 <= (np.asarray(Image.open(tmp_path / "out" / "crack" / "cell_1.mask.png")) > 0).sum() <= 49

@@ -48,7 +48,8 @@ def test_prepare_writes_the_layout_training_reads_and_a_dataset_config(product, 
     assert {label for _, label in patches.items} == {0, 1}
     summary = json.loads((data / "prepare.json").read_text())
     assert summary["grey_converted"] == 4 and summary["local"]["patches"] == 12
-    assert any("grey-level" in r.getMessage() for r in caplog.records)
+    assert summary["conversions"] == {"grey to RGB": 4}
+    assert len([r for r in caplog.records if "4 grey to RGB" in r.getMessage()]) == 1  # once for the run
     assert Image.open(data / "global" / "cell-000.png").mode == "RGB"
     # every patch mask holds its defect: the mask pixels of the source, at the patch
     for path, _ in patches.items:

@@ -113,3 +113,33 @@ def test_file_digest(tmp_path):
     path = tmp_path / "blob.bin"
     path.write_bytes(b"dmgr" * 1000)
     assert file_digest(path) == hashlib.sha256(b"dmgr" * 1000).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_non_floating_tensors_are_refused_naming_file_tensor_and_dtype(model, tmp_path, suffix, dtype):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["out.2.weight"] = state["out.2.weight"].to(dtype)
+    path = tmp_path / f"int{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata={"dmgr.unet_config": json.dumps(model.config.to_dict())})
+    with pytest.raises(CheckpointError) as info:
+        load_unet(path, LOCAL_CONFIG)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "out.2.weight" in message and str(dtype).removeprefix("torch.") in message
+
+
+def test_a_typo_in_a_stored_config_is_refused_naming_the_key(model, tmp_path):
+    from safetensors.torch import save_file
+
+    config = model.config.to_dict()
+    config["num_head_channel"] = config.pop("num_head_channels")
+    path = tmp_path / "typo.safetensors"
+    save_file(dict(model.state_dict()), str(path), metadata={"dmgr.unet_config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match=r"typo.safetensors.*'num_head_channel'.*'num_head_channels'"):
+        load_unet(path)

@@ -123,3 +123,19 @@ def test_model_eps_takes_epsilon_channels(global_model):
         out = global_model(x, STEPS)
         eps = model_eps(global_model, x, STEPS, None, "fp32")
     assert torch.equal(eps, out[:, :3])
+
+
+def test_unknown_config_keys_are_refused_with_the_nearest_known_key():
+    from dmgr.models.unet import UNetConfigError
+
+    with pytest.raises(UNetConfigError, match=r"'num_head_channel'.*did you mean 'num_head_channels'") as info:
+        UNetConfig.from_dict({**LOCAL_CONFIG, "num_head_channel": 8})
+    assert "\n" not in str(info.value)
+    with pytest.raises(UNetConfigError, match="'class_cond'.*num_classes"):
+        build_unet({**LOCAL_CONFIG, "class_cond": True})
+
+
+def test_guided_diffusion_memory_settings_are_accepted():
+    """use_checkpoint and use_fp16 change memory and speed only (precision is the job's setting)."""
+    config = UNetConfig.from_dict({**LOCAL_CONFIG, "use_checkpoint": True, "use_fp16": False})
+    assert config == UNetConfig.from_dict(LOCAL_CONFIG)

@@ -99,9 +99,17 @@ def check_sample(spec, sample: dict) -> None:
     assert mask.any() and (image[mask] != source[mask]).any(), "the defect pixels come from the sampler"
 
 
+def covering_plans(spec, n: int = 8) -> list[SamplePlan]:
+    """At least n plans from the first seeds, among them the first seed drawn on each background (every input's size
+    and mode in one batch)."""
+    plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(64)]
+    firsts = [next(p for p in plans if p.background == b) for b in range(len(spec.backgrounds))]
+    return firsts + [p for p in plans if p not in firsts][: max(0, n - len(firsts))]
+
+
 def test_outside_the_masks_every_pixel_is_the_source_file(inputs):
     spec = images_spec(inputs, "dataset.defects_per_image=2")
-    samples = make(spec, [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(8)])
+    samples = make(spec, covering_plans(spec))
     assert {s["json"]["background"]["image"] for s in samples} == {name for name, *_ in INPUTS}
     for sample in samples:
         check_sample(spec, sample)
@@ -177,7 +185,7 @@ def test_roi_at_native_size_and_another_size_is_counted(tmp_path):
     (folder / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     spec = images_spec(folder / "list.jsonl", "dataset.defects_per_image=3")
     assert [b.name for b in spec.backgrounds.items] == ["tall.png"]
-    assert dict(spec.backgrounds.skipped)["other.png"] == "ROI is 64x64, the image 97x130"
+    assert dict(spec.backgrounds.skipped)["other.png"] == "ROI is 64x64, the image 97x130 (both upright)"
     plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(3)]
     for plan, sample in zip(plans, make(spec, plans)):
         assert len(plan.defects) == 3
@@ -357,3 +365,30 @@ def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
     scores, _ = gate_scores(SimpleNamespace(gate=gate), spec, sample)
     assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
     assert scores["mask_area"] == [sample["json"]["mask_area"]] and seen == [(16, 16)]
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_shard_found_without_a_record_is_checked_against_each_defects_plan(inputs, scale):
+    """Adoption compares every json with what the config and the seed's plan give: the frame's size, the
+    scale, and each defect's class, window and context box in image pixels."""
+    from dmgr.synth.worker import config_problem
+
+    spec = images_spec(inputs, f"dataset.scale={scale}", "dataset.defects_per_image=2")
+    plans = covering_plans(spec, 4)
+    metas = {s["seed"]: json.loads(json.dumps(s["json"])) for s in make(spec, plans)}
+    seed = plans[0].seed
+    digests = {k: v for k, v in metas[seed]["checkpoints"].items() if k != "model"}
+    assert config_problem(spec, digests, metas) is None
+
+    def shifted(meta: dict) -> None:
+        meta["defects"][-1]["context_box"][0] += 1
+
+    for key, change in [("defects", shifted),
+                        ("defects", lambda m: m["defects"][0].__setitem__("class_id", 9)),
+                        ("defects", lambda m: m["defects"].pop()),
+                        ("width", lambda m: m.__setitem__("width", m["width"] + 1)),
+                        ("scale", lambda m: m.__setitem__("scale", 3.0))]:
+        changed = {s: json.loads(json.dumps(m)) for s, m in metas.items()}
+        change(changed[seed])
+        problem = config_problem(spec, digests, changed)
+        assert problem is not None and problem.startswith(f"seed {seed}: its json's {key} is"), problem

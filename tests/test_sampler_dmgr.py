@@ -358,6 +358,22 @@ def test_a_mask_channel_local_model_gets_its_own_crop_channel(global_model, unet
     assert (a.crop[0, 3] - a.crop[1, 3]).abs().max() > 0.1  # and differs between seeds
 
 
+def test_a_mask_channel_local_model_samples_without_a_noise_source(global_model, unet_factory, diffusion10):
+    """No time travel, eta 0, no known background: the walk is a function of x_T alone, the mask channel too."""
+    from conftest import LOCAL_CONFIG
+
+    local4 = unet_factory(5, **{**LOCAL_CONFIG, "in_channels": 4})
+    x_T = noise(2, 7)
+    windows, classes = torch.tensor([[3, 5], [16, 12]]), torch.tensor([2, 0])
+    settings = DMGRSettings(T_s=7, T_e=3, lr_xt=0.2, time_travel=False, eta=0.0)
+    run = lambda x: dmgr_sample(global_model, local4, diffusion10, x, windows, classes, W, settings)  # noqa: E731
+    a, b = run(x_T), run(x_T.clone())
+    assert a.crop.shape == (2, 4, W, W) and torch.isfinite(a.crop).all()
+    torch.testing.assert_close(a.crop, b.crop, atol=0, rtol=0)
+    assert (a.crop[0, 3] - a.crop[1, 3]).abs().max() > 0.1
+    assert (run(noise(2, 8)).crop[:, 3] - a.crop[:, 3]).abs().max() > 0.1  # another x_T, another mask channel
+
+
 def test_a_mask_channel_crop_follows_the_known_window_outside_its_defect(global_model, unet_factory, diffusion10):
     from conftest import LOCAL_CONFIG
 

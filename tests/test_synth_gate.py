@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synth_support import manifest, raw_members, read_samples, run_synth
+from synth_support import (
+    assert_same_sample,
+    grey_difference,
+    manifest,
+    pixels_close,
+    raw_members,
+    read_samples,
+    run_synth,
+)
 from test_synth_backgrounds import IMAGES, write_boards
 from test_synth_config import spec_of
 
@@ -132,8 +140,8 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, 
             assert g["scores"]["seam"] <= cut and "flagged" not in g
         else:
             assert g["attempt"] == 2 and g["flagged"] and g["reasons"] == ["seam"]
-    # each written sample is its seed's plan made alone at the recorded attempt (the derived noise seed);
-    # the tiny random models saturate, so two attempts' pixels may coincide: the scores history shows they ran
+    # each written sample is its seed's plan made alone at the recorded attempt (the derived noise seed), up
+    # to rounding: it was made beside the other rejected seed, and kernels round per batch composition
     spec = spec_of(job(setup, setup["base"] / "unused", f"gate.max_seam={cut}", "gate.max_attempts=3"))
     engine = load_engine(spec, torch.device("cpu"))
     samples = read_samples(regenerated)
@@ -142,8 +150,11 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, 
         alone = generate(engine, spec, [plan])[0]
         written = samples[f"{seed:08d}"]
         assert alone["json"]["attempt"] == final[seed]["attempt"] == written["json"]["attempt"]
-        assert (np.asarray(alone["png"]) == np.asarray(written["png"])).all()
-        assert (np.asarray(alone["mask.png"]) == np.asarray(written["mask.png"].convert("L"))).all()
+        assert_same_sample(alone, written, ignore=("gate",))
+        for attempt in {plan.attempt - 1, plan.attempt + 1}:  # the neighbouring streams are far outside it
+            other = generate(engine, spec, [replace(plan, attempt=attempt)])[0]
+            assert not pixels_close(other["png"], written["png"]), (attempt, grey_difference(other["png"],
+                                                                                         written["png"]))
 
 
 def test_manifest_reports_reject_rates_from_the_records(regenerated):
@@ -165,17 +176,33 @@ def test_regeneration_is_bit_identical_across_workers(setup, regenerated, cut):
     assert raw_members(out) == raw_members(regenerated)
 
 
+SEAM_ROUNDING = 0.01  # a grey level in a few border pixels moves the seam z-score by ~1e-3
+
+
+def attempts_seen(gate: dict) -> list[tuple[float, list[str]]]:
+    """(seam score, reasons) of every attempt of one seed, the written one last."""
+    return [(h["scores"]["seam"], h["reasons"]) for h in gate["rejected"]] + [(gate["scores"]["seam"],
+                                                                               gate["reasons"])]
+
+
 def test_regeneration_decisions_do_not_depend_on_the_batch_size(setup, regenerated, cut):
-    """Shards are bit-identical for equal batch sizes (README "Reproducibility"); across batch sizes the
-    window's pixels may move by a grey level, so here the same seeds take the same attempts and verdicts."""
+    """Shards are bit-identical for equal batch sizes only; across batch sizes a sample moves within rounding
+    (pixels by a grey level, the seam score by far less than SEAM_ROUNDING), so each attempt's verdict is the
+    same unless its seam score lies within that rounding of the threshold, and the written samples agree."""
     out = setup["base"] / "regen-b1"
     run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3", "batch_size=1"))
     a, b = read_samples(regenerated), read_samples(out)
     assert sorted(a) == sorted(b)
     for key in a:
         ga, gb = a[key]["json"]["gate"], b[key]["json"]["gate"]
-        assert (ga["attempt"], ga["accepted"], ga["reasons"]) == (gb["attempt"], gb["accepted"], gb["reasons"])
-        assert [h["reasons"] for h in ga["rejected"]] == [h["reasons"] for h in gb["rejected"]]
+        for (seam_a, reasons_a), (seam_b, reasons_b) in zip(attempts_seen(ga), attempts_seen(gb)):
+            assert abs(seam_a - seam_b) <= SEAM_ROUNDING, (key, seam_a, seam_b)
+            if abs(seam_a - cut) <= SEAM_ROUNDING:  # a verdict at the threshold may go either way
+                break
+            assert reasons_a == reasons_b, key
+        else:
+            assert (ga["attempt"], ga["accepted"]) == (gb["attempt"], gb["accepted"])
+            assert_same_sample(a[key], b[key], ignore=("gate",))
         x0, y0, x1, y1 = a[key]["json"]["window_box"]
         outside = np.ones((64, 64), dtype=bool)
         outside[y0:y1, x0:x1] = False
@@ -252,10 +279,11 @@ def test_gate_counts_add_up_to_rates():
 
 
 def test_each_attempt_draws_different_noise():
+    from dmgr.sampler import make_generators
     from dmgr.synth.plan import SamplePlan
 
     for seed in (0, 5, 2**33 + 7):
-        draws = [torch.randn(8, generator=torch.Generator().manual_seed(SamplePlan(seed, (), attempt=a).noise_seed))
+        draws = [torch.randn(8, generator=make_generators([SamplePlan(seed, (), attempt=a).noise_seed])[0])
                  for a in range(4)]
         assert SamplePlan(seed, ()).noise_seed == seed  # attempt 0 is the seed itself, as before the gate
         assert len({tuple(d.tolist()) for d in draws}) == 4, seed

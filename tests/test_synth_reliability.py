@@ -47,6 +47,7 @@ def assert_same_dataset(out: Path, baseline: Path) -> None:
     for entry in shard_manifest(out):
         assert sha256_file(out / "shards" / entry["name"]) == entry["sha256"]
     assert not list((out / "shards").glob("*.tmp-*"))
+    assert not list((out / "shards").glob("*.damaged"))  # kept only until its redo is accepted
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -183,7 +184,8 @@ def flip_byte(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    ["flipped-byte", "zero-bytes", "truncated", "wrong-seeds", "deleted-shard", "changed-manifest", "bad-record"],
+    ["flipped-byte", "zero-bytes", "truncated", "wrong-seeds", "deleted-shard", "changed-manifest", "bad-record",
+     "malformed-manifest"],
 )
 def test_damage_is_redone_to_the_same_bytes(damage, baseline, tmp_path):
     out = copy_of(baseline, tmp_path)
@@ -204,9 +206,13 @@ def test_damage_is_redone_to_the_same_bytes(damage, baseline, tmp_path):
         (out / "manifest.json").write_text(json.dumps(m))
     elif damage == "bad-record":
         (out / "records" / "dmgr-000001.tar.json").write_text("{not json")
+    elif damage == "malformed-manifest":
+        (out / "manifest.json").write_text('{"shards": [{"na')  # cut short by a crash
     result = run_synth([*SMALL, f"out_dir={out}"])
     logs = result.stdout + result.stderr
-    if damage in ("changed-manifest",):
+    if damage == "malformed-manifest":
+        assert "manifest.json is unreadable" in logs and "rebuilding it from the shard records" in logs
+    if damage in ("changed-manifest", "malformed-manifest"):
         assert "3 shards complete and verified, 0 made" in logs
     elif damage == "deleted-shard":
         assert "2 shards complete and verified, 1 made" in logs
@@ -230,13 +236,83 @@ def test_a_redo_with_other_bytes_is_refused_and_the_record_kept(baseline, tmp_pa
     record_file = out / "records" / "dmgr-000001.tar.json"
     record = json.loads(record_file.read_text())
     record["sha256"] = "f" * 64  # as if the shard had first been made elsewhere, with other bytes
+    record["made_with"] = {**record["made_with"], "batch_size": 4}
     record_file.write_text(json.dumps(record))
+    shard = out / "shards" / "dmgr-000001.tar"
+    damaged = shard.read_bytes()
     result = run_synth([*SMALL, f"out_dir={out}"], check=False)
     assert result.returncode == 1
-    assert "made again with different bytes than its record" in one_error_line(result)
+    line = one_error_line(result)
+    assert "made again with different bytes than its record" in line
+    assert "batch_size=4 (here 1)" in line and "threads" not in line.split("differs:")[1].split(";")[0], line
     assert json.loads(record_file.read_text())["sha256"] == "f" * 64
-    assert not (out / "shards" / "dmgr-000001.tar").exists()
+    assert not shard.exists()
+    assert (out / "shards" / "dmgr-000001.tar.damaged").read_bytes() == damaged  # not deleted: the redo failed
     assert not list((out / "shards").glob("*.tmp-*"))
+
+
+def member_offset(shard: Path, name: str) -> tuple[int, int]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(name)
+        return member.offset_data, member.size
+
+
+def rewrite_shard(shard: Path, change_json=None, mtime: int = 0) -> None:
+    """The shard's members written again in order, each json passed through `change_json`."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if change_json and member.name.endswith(".json"):
+                data = json.dumps(change_json(json.loads(data))).encode()
+            member.size, member.mtime = len(data), mtime
+            tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("case", ["sound", "flipped-png-byte", "other-config", "other-bytes-than-manifest"])
+def test_a_shard_without_a_record_is_adopted_only_when_sound(case, baseline, tmp_path):
+    """Without records/, a shard is adopted only when every member decodes, every json matches this run's
+    config, and its sha256 is the one the manifest already holds; anything else is redone."""
+    out = copy_of(baseline, tmp_path)
+    shutil.rmtree(out / "records")
+    victim = out / "shards" / "dmgr-000001.tar"
+    if case != "other-bytes-than-manifest":
+        (out / "manifest.json").unlink()  # nothing to compare digests with: decoding must tell
+    if case == "flipped-png-byte":
+        offset, size = member_offset(victim, "00000001.png")
+        data = bytearray(victim.read_bytes())
+        data[offset + size // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+    elif case == "other-config":
+        rewrite_shard(victim, lambda meta: {**meta, "schedule": {**meta["schedule"], "T_e": 2}})
+    elif case == "other-bytes-than-manifest":
+        rewrite_shard(victim, mtime=1)  # every member decodes and matches: only the manifest's digest can tell
+    result = run_synth([*SMALL, f"out_dir={out}"])
+    logs = result.stdout + result.stderr
+    if case == "sound":
+        assert "3 shards complete and verified, 0 made" in logs and "adopted" in logs
+    else:
+        assert "shard dmgr-000001.tar is damaged" in logs and "2 shards complete and verified, 1 made" in logs
+    assert_same_dataset(out, baseline)
+    for entry in shard_manifest(baseline):
+        assert json.loads((out / "records" / f"{entry['name']}.json").read_text())["sha256"] == entry["sha256"]
+
+
+def test_an_unreadable_run_json_is_one_line_naming_it_and_the_fix(baseline, tmp_path):
+    out = copy_of(baseline, tmp_path)
+    (out / "run.json").write_bytes(b"")  # a crash while it was written, on a file system without fsync
+    result = run_synth([*SMALL, f"out_dir={out}"], check=False)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert f"{out / 'run.json'} is unreadable" in line and "delete run.json and rerun" in line, line
+    (out / "run.json").unlink()
+    run_synth([*SMALL, f"out_dir={out}"])
+    assert_same_dataset(out, baseline)
 
 
 def start(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
@@ -395,23 +471,6 @@ def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_
     assert not (stop.out_dir / "shards" / "dmgr-000000.tar").exists()
     assert not list((stop.out_dir / "shards").glob("*.tmp-*"))
     acquire(stop.out_dir / "locks" / "dmgr-000000.tar.lock", "test")  # the failed shard's lock was released
-
-
-def test_threads_follow_the_cpus_the_worker_was_given(monkeypatch):
-    from dmgr.distributed import worker_threads
-
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
-    assert worker_threads(None, 1)[0] == 5  # one CPU kept for the shard-writer thread
-    assert worker_threads(None, 4)[0] == 1  # four torchrun workers on six CPUs: one thread each
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert worker_threads(None, 1)[0] == 1  # a 2-core machine: one thread
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "9")
-    assert worker_threads(None, 2)[0] == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert worker_threads(None, 2) == (2, "OMP_NUM_THREADS")
-    assert worker_threads(3, 2) == (3, "threads setting")
 
 
 def test_a_read_only_out_dir_is_refused_then_the_rerun_completes(baseline, tmp_path):

@@ -172,9 +172,35 @@ def test_resume_into_a_run_on_other_data_or_architecture_is_refused(data_root, t
     assert result.returncode == 2
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1, line
-    assert f"data_root={data_root.resolve()}" in line and f"data_root={other.resolve()}" in line
-    with pytest.raises(TrainConfigError, match="another architecture"):
+    assert f"data_root: {data_root.resolve()} in the saved run, {other.resolve()} in this one" in line
+    with pytest.raises(TrainConfigError, match=r"arch.config.num_channels: 32 in the saved run, 16 in this one"):
         train(config([*tiny_global(data_root, out), "steps=4", "arch.config.num_channels=16"]))
     assert [r["step"] for r in losses(out)] == [1, 2]
     train(config([*tiny_global(data_root, out), "steps=3"]))  # the same run resumes
     assert [r["step"] for r in losses(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file" * 10, b"PK\x03\x04" + bytes(100)])
+def test_an_unreadable_state_file_is_named_in_one_line(data_root, tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.pt").write_bytes(content)
+    with pytest.raises(TrainConfigError) as info:
+        train(config([*tiny_global(data_root, out), "steps=2"]))
+    message = str(info.value)
+    assert "\n" not in message and str(out / "state.pt") in message and "delete it" in message
+
+
+def test_resuming_with_fewer_steps_than_done_is_refused(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(config([*tiny_global(data_root, out), "steps=3"]))
+    with pytest.raises(TrainConfigError, match=r"steps=2: .*already at step 3") as info:
+        train(config([*tiny_global(data_root, out), "steps=2"]))
+    assert "\n" not in str(info.value)
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
+    train(config([*tiny_global(data_root, out), "steps=3"]))  # the finished run's command again: nothing to do
+
+
+def test_a_typo_in_the_architecture_is_refused(data_root, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"'num_head_channel'.*did you mean 'num_head_channels'"):
+        train(config([*tiny_global(data_root, tmp_path / "run"), "steps=2", "+arch.config.num_head_channel=8"]))

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
 from dmgr.images import bounding_box, save_mask
+from dmgr.progress import progress_bar
 
 STREAM = 10_000_000
 GLOBAL_OFFSET, LOCAL_OFFSET, TEST_OFFSET = 0, STREAM, 2 * STREAM
@@ -75,7 +76,7 @@ def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: b
     folder.mkdir(parents=True, exist_ok=True)
     tiles = 1 if panel is None else panel_tiles(size, panel)
     paths = []
-    for i in tqdm(range(n), desc="global", disable=not progress):
+    for i in progress_bar(range(n), desc="global", disable=not progress):
         seeds = [board_seed(GLOBAL_OFFSET, seed, i * tiles + j) for j in range(tiles)]
         image = make_board(seeds[0], size).image if panel is None else make_panel(seeds, size, panel)
         path = folder / f"{i:06d}.png"
@@ -97,7 +98,7 @@ def export_local(out: str | Path, size: int, per_class: int, seed: int = 0,
     for cid in ids:
         (root / CLASS_NAMES[cid]).mkdir(parents=True, exist_ok=True)
     labels = []
-    for i in tqdm(range(per_class), desc="local", disable=not progress):
+    for i in progress_bar(range(per_class), desc="local", disable=not progress):
         bseed = board_seed(LOCAL_OFFSET, seed, i)
         board = make_board(bseed, size)
         for cid in ids:
@@ -121,7 +122,7 @@ def export_test(out: str | Path, size: int, n: int, seed: int = 0, progress: boo
     folder = Path(out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
     metas = []
-    for i in tqdm(range(n), desc="test", disable=not progress):
+    for i in progress_bar(range(n), desc="test", disable=not progress):
         bseed = board_seed(TEST_OFFSET, seed, i)
         cid = i % len(CLASS_NAMES)
         image, mask, box = add_defect(make_board(bseed, size), cid, i)
@@ -141,6 +142,7 @@ def export_all(out: str | Path, size: int, boards: int, per_class: int, test: in
     export_test(out, size, test, seed, progress)
 
 
+@stop_on_interrupt("python -m dmgr.data.export")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.data.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")

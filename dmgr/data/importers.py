@@ -11,8 +11,9 @@
 
 `python -m dmgr.data.prepare` runs these for a whole product and writes its dataset config (README: "Your
 own product, end to end"). Unreadable images and annotation files are reported by path (logging.warning)
-and skipped; grey-level images are converted to RGB (logged, counted); every import returns (and the CLI
-prints) a summary with the counts and the skipped paths.
+and skipped; every image is decoded by the one rule of `dmgr.images.decode_rgb` (EXIF orientation applied,
+grey and 16-bit grey to RGB by the bit depth, alpha dropped ...; the conversions are counted and logged once);
+every import returns (and the CLI prints) a summary with the counts and the skipped paths.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.defects import CLASS_NAMES, class_id_of
 from dmgr.data.patches import PatchWriter, Reader, import_masked, scale
-from dmgr.images import list_images, resize_center_crop
+from dmgr.images import Conversions, list_images, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +41,17 @@ PKU_CLASS_MAP = {"missing_hole": "missinghole", "mouse_bite": "mousebite", "open
                  "short": "short", "spur": "spur", "spurious_copper": "spuriouscopper"}
 
 
-def import_image_folder(src: str | Path, dst: str | Path, size: int) -> dict:
+def import_image_folder(src: str | Path, dst: str | Path, size: int, conversions: Conversions | None = None) -> dict:
     """Every image under `src` (png/jpg/bmp/tif, recursive), shorter side to `size`, centre-cropped, as png.
 
-    Names keep the relative path (`a/b.jpg` -> `a_b.png`). Returns {"written", "skipped", "grey_converted"}.
+    Names keep the relative path (`a/b.jpg` -> `a_b.png`). Returns {"written", "skipped", "grey_converted",
+    "conversions"}; `conversions`: a run-wide count the caller logs once (else this import logs its own).
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder {src} does not exist")
     dst.mkdir(parents=True, exist_ok=True)
-    reader, written, used = Reader(), 0, set()
+    reader, written, used = Reader(conversions), 0, set()
     for path in list_images(src):
         img = reader.rgb(path)
         if img is None:
@@ -60,7 +63,8 @@ def import_image_folder(src: str | Path, dst: str | Path, size: int) -> dict:
         resize_center_crop(img, size).save(dst / f"{name}.png")
         written += 1
     reader.report()
-    return {"written": written, "skipped": reader.skipped, "grey_converted": reader.grey}
+    return {"written": written, "skipped": reader.skipped, "grey_converted": reader.grey,
+            "conversions": reader.conversions.summary()}
 
 
 def _class_name(value: str | int) -> str:
@@ -116,7 +120,8 @@ class BoxCounter:
 
 
 def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | Path,
-               class_map: dict[str, str | int] | None, patch_size: int, image_size: int | None = None) -> dict:
+               class_map: dict[str, str | int] | None, patch_size: int, image_size: int | None = None,
+               conversions: Conversions | None = None) -> dict:
     """Cut a patch_size square centred on every VOC <object> box, into dst/<class>/<stem>_<i>.png (+ .mask.png).
 
     class_map maps VOC object names to class names (or ids into CLASS_NAMES); objects with other names
@@ -132,7 +137,7 @@ def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | P
         if not folder.is_dir():
             raise FileNotFoundError(f"VOC folder {folder} does not exist")
     names = None if class_map is None else {voc: _class_name(value) for voc, value in class_map.items()}
-    index, reader, boxes = _index(images_dir), Reader(), BoxCounter()
+    index, reader, boxes = _index(images_dir), Reader(conversions), BoxCounter()
     writer = PatchWriter(dst, patch_size, {c: i for i, c in enumerate(CLASS_NAMES)})
     unknown, images = Counter(), 0
     for xml_path in sorted(annotations_dir.rglob("*.xml")):
@@ -173,7 +178,8 @@ def import_voc(images_dir: str | Path, annotations_dir: str | Path, dst: str | P
                 writer.cut(img, tuple(v * f for v in box), cls, f"{image_path.stem}_{i}", image_path)
     reader.report()
     return {"images": images, **writer.close(), "unknown_classes": dict(unknown), "boxes_outside": boxes.outside,
-            "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey}
+            "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey,
+            "conversions": reader.conversions.summary()}
 
 
 def _coco_mask(ann: dict, width: int, height: int) -> np.ndarray | None:
@@ -198,7 +204,8 @@ def _coco_mask(ann: dict, width: int, height: int) -> np.ndarray | None:
 
 
 def import_coco(annotations: str | Path, images_dir: str | Path, dst: str | Path, patch_size: int,
-                image_size: int | None = None, class_map: dict[str, str | int] | None = None) -> dict:
+                image_size: int | None = None, class_map: dict[str, str | int] | None = None,
+                conversions: Conversions | None = None) -> dict:
     """Like import_voc, from a COCO annotations file: one patch per annotation, classes from its categories
     (renamed by class_map where given). The mask is the polygon segmentation where there is one (RLE needs
     pycocotools), else the box."""
@@ -216,7 +223,7 @@ def import_coco(annotations: str | Path, images_dir: str | Path, dst: str | Path
         raise ValueError(f"{annotations}: not a COCO annotations file ({type(err).__name__}: {err})") from None
     names = {cid: _class_name((class_map or {}).get(n, n)) for cid, n in categories.items()}
     classes = [names[cid] for cid in sorted(names)]
-    index, reader, boxes = _index(images_dir), Reader(), BoxCounter()
+    index, reader, boxes = _index(images_dir), Reader(conversions), BoxCounter()
     writer = PatchWriter(dst, patch_size, {c: i for i, c in enumerate(classes)})
     by_image: dict[int, list[dict]] = {}
     for ann in anns:
@@ -253,7 +260,8 @@ def import_coco(annotations: str | Path, images_dir: str | Path, dst: str | Path
             writer.cut(img, tuple(v * f for v in box), cls, f"{path.stem}_{ann.get('id', 0)}", path, mask)
     reader.report()
     return {"classes": classes, "images": images, **writer.close(), "boxes_outside": boxes.outside,
-            "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey}
+            "boxes_clipped": boxes.clipped, "skipped": reader.skipped, "grey_converted": reader.grey,
+            "conversions": reader.conversions.summary()}
 
 
 def _parse_map(items: list[str] | None, default: dict | None = PKU_CLASS_MAP) -> dict[str, str | int] | None:
@@ -266,6 +274,13 @@ def _parse_map(items: list[str] | None, default: dict | None = PKU_CLASS_MAP) ->
             raise ValueError(f"--map={item!r}: expects NAME=CLASS")
         out[voc] = int(cls) if cls.isdigit() else cls
     return out
+
+
+def _one_line(err: Exception) -> str:
+    """An error as one line; a file that cannot be read is named with the reason."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
+        return f"{err.filename}: cannot read or write it ({err.strerror or type(err).__name__})"
+    return " ".join(str(err).split())
 
 
 def check_data_root(root: Path) -> Path:
@@ -282,6 +297,7 @@ def _patch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="scale each image's shorter side to this first")
 
 
+@stop_on_interrupt("dmgr-import")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.data.importers", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,8 +333,8 @@ def main(argv: list[str] | None = None) -> None:
                                   _parse_map(args.map, None))
         else:
             summary = import_masked(args.defects, args.masks, root / "local", args.patch_size, args.image_size)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"dmgr-import: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # bad input or a file that cannot be read: one line, no traceback
+        print(f"dmgr-import: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, indent=1))
     role = "global" if args.command == "folder" else "local"

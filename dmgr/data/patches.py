@@ -17,43 +17,45 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmgr.images import list_images, save_mask
+from dmgr.images import Conversions, decode_mask, decode_rgb, list_images, save_mask
 
 log = logging.getLogger(__name__)
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 MASK_SUFFIXES = ("", "_mask", ".mask")  # NAME.png, NAME_mask.png (MVTec AD), NAME.mask.png
 
 
 class Reader:
-    """Decodes images to RGB; unreadable files are warned and recorded, grey-level ones counted."""
+    """Decodes user images by the one rule of `dmgr.images.decode_rgb`; unreadable files are warned (one line
+    each) and recorded, conversions counted (into `run` too, when the caller logs a whole run once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run: Conversions | None = None) -> None:
         self.skipped: list[str] = []
-        self.grey = 0
-        self.first_grey = ""
+        self.conversions = Conversions()
+        self.run = run
+
+    @property
+    def grey(self) -> int:
+        return self.conversions.grey
 
     def rgb(self, path: Path, mask: bool = False) -> Image.Image | None:
-        """The RGB image (an L image when `mask`), or None when it cannot be decoded."""
+        """The RGB image (a 0/255 L image when `mask`), or None when it cannot be decoded."""
         try:
-            with Image.open(path) as img:
-                img.load()
-                if mask:
-                    return img.convert("L")
-                if img.mode in GREY_MODES:
-                    self.grey += 1
-                    self.first_grey = self.first_grey or f"{path} (mode {img.mode})"
-                    log.debug("%s is grey-level (mode %s): converted to RGB", path, img.mode)
-                return img.convert("RGB")
-        except Exception as err:  # any decoder failure (truncated, not an image, bomb) is a skip, never a crash
-            log.warning("skipping unreadable image %s: %s", path, err)
+            data = path.read_bytes()
+            if mask:
+                return decode_mask(data)
+            image, notes = decode_rgb(data)
+        except Exception as err:  # any failure (unreadable, truncated, not an image, bomb) is a skip, never a crash
+            log.warning("skipping unreadable image %s: %s: %s", path, type(err).__name__, str(err)[:200])
             self.skipped.append(str(path))
             return None
-
+        for conversions in (self.conversions, self.run):
+            if conversions is not None:
+                conversions.add(notes, path)
+        return image
 
     def report(self) -> None:
-        if self.grey:
-            log.warning("%d grey-level images converted to RGB (3 equal channels), e.g. %s", self.grey,
-                        self.first_grey)
+        """Logs the conversions once, unless a run-wide count (`run`) is logged by the caller."""
+        if self.run is None:
+            self.conversions.report(log)
 
 
 def scale(img: Image.Image, image_size: int | None, nearest: bool = False) -> tuple[Image.Image, float]:
@@ -125,12 +127,15 @@ def find_mask(masks_dir: Path, relative: Path) -> Path | None:
 
 
 def import_masked(defects_dir: str | Path, masks_dir: str | Path, dst: str | Path, patch_size: int,
-                  image_size: int | None = None, classes: list[str] | None = None) -> dict:
+                  image_size: int | None = None, classes: list[str] | None = None,
+                  conversions: Conversions | None = None) -> dict:
     """Defect images in defects_dir/<class>/NAME.ext with masks in masks_dir/<class>/NAME.png (or NAME_mask.png).
 
     One patch per image, centred on its mask's bounding box; the patch's mask is the given mask (non-zero =
     defect). Class names are the folder names (sorted), or `classes` in that order. Images without a mask or
-    with an empty one are warned and skipped.
+    with an empty one are warned and skipped. Images are decoded by `dmgr.images.decode_rgb`, masks by
+    `decode_mask` (both turned upright by EXIF); `conversions`: a run-wide count the caller logs once (else
+    this import logs its own).
     """
     defects_dir, masks_dir = Path(defects_dir), Path(masks_dir)
     for folder in (defects_dir, masks_dir):
@@ -141,7 +146,7 @@ def import_masked(defects_dir: str | Path, masks_dir: str | Path, dst: str | Pat
     if not classes:
         raise ValueError(f"{defects_dir}: holds no class folders with images; put each class's defect images "
                          f"in {defects_dir}/<class>/")
-    reader = Reader()
+    reader = Reader(conversions)
     writer = PatchWriter(Path(dst), patch_size, {c: i for i, c in enumerate(classes)})
     no_mask, empty = [], []
     for cls in classes:
@@ -171,4 +176,4 @@ def import_masked(defects_dir: str | Path, masks_dir: str | Path, dst: str | Pat
             writer.cut(img, box, cls, path.stem, path, mask)
     reader.report()
     return {"classes": classes, **writer.close(), "without_mask": no_mask, "empty_mask": empty,
-            "skipped": reader.skipped, "grey_converted": reader.grey}
+            "skipped": reader.skipped, "grey_converted": reader.grey, "conversions": reader.conversions.summary()}

@@ -10,7 +10,9 @@ Writes DATA_ROOT/global/ (the defect-free images fitted to image_size: the globa
 the synthesis backgrounds), DATA_ROOT/local/<class>/NAME.png + NAME.mask.png (window_size patches around
 every defect: the mask-generating local model's training set), DATA_ROOT/prepare.json (what was done) and
 CONF_DIR/dataset/<name>.yaml (classes, sizes, `source: images`, `images: DATA_ROOT/global`), then prints
-the commands that train both models and synthesise. Grey-level sources are converted to RGB (logged).
+the commands that train both models and synthesise. Every source image is decoded by the one rule of
+`dmgr.images.decode_rgb` (EXIF orientation applied; grey, 16-bit grey (by the bit depth, never clipped),
+palette, CMYK to RGB; alpha dropped); what was converted is logged once with counts and kept in prepare.json.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import re
 import sys
 from pathlib import Path
 
-from dmgr.data.importers import _parse_map, check_data_root, import_coco, import_image_folder, import_voc
+from dmgr.cli import stop_on_interrupt
+from dmgr.data.importers import _one_line, _parse_map, check_data_root, import_coco, import_image_folder, import_voc
 from dmgr.data.patches import import_masked
+from dmgr.images import Conversions
 
 log = logging.getLogger("dmgr.prepare")
 PROJECT_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -112,15 +116,19 @@ def prepare(args: argparse.Namespace) -> dict:
     _check(args)
     root, size, window = args.out, args.image_size, args.window_size
     margin = args.margin if args.margin is not None else window // 4
-    good = import_image_folder(args.good, root / "global", size)
+    conversions = Conversions()
+    good = import_image_folder(args.good, root / "global", size, conversions)
     if not good["written"]:
         raise PrepareError(f"--good={args.good}: none of its images is usable")
     if args.masks is not None:
-        local = import_masked(args.defects, args.masks, root / "local", window, size)
+        local = import_masked(args.defects, args.masks, root / "local", window, size, conversions=conversions)
     elif args.voc is not None:
-        local = import_voc(args.defects, args.voc, root / "local", _parse_map(args.map, None), window, size)
+        local = import_voc(args.defects, args.voc, root / "local", _parse_map(args.map, None), window, size,
+                           conversions)
     else:
-        local = import_coco(args.coco, args.defects, root / "local", window, size, _parse_map(args.map, None))
+        local = import_coco(args.coco, args.defects, root / "local", window, size, _parse_map(args.map, None),
+                            conversions)
+    conversions.report(log, "prepare")
     classes = [c for c in local.get("classes", sorted(local["per_class"])) if local["per_class"].get(c)]
     if not classes:
         raise PrepareError(f"--defects={args.defects}: no defect patch could be cut (see the warnings above)")
@@ -131,10 +139,10 @@ def prepare(args: argparse.Namespace) -> dict:
     config = config_path(args)  # _check: absent, or written by prepare for this data root
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(text)
-    grey = good["grey_converted"] + local["grey_converted"]
     summary = {"name": args.name, "data_root": str(root.resolve()), "dataset_config": str(config),
                "image_size": size, "window_size": window, "margin": margin, "classes": classes,
-               "global": good, "local": local, "grey_converted": grey,
+               "global": good, "local": local, "grey_converted": conversions.grey,
+               "conversions": conversions.summary(),
                "next": commands(args.name, root, classes, size, window, Path(args.conf_dir))}
     (root / "prepare.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -162,13 +170,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@stop_on_interrupt("dmgr-prepare")
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         summary = prepare(args)
-    except (PrepareError, FileNotFoundError, ValueError) as err:
-        print(f"dmgr-prepare: error: {err}", file=sys.stderr)
+    except (PrepareError, OSError, ValueError) as err:  # bad input or a file that cannot be read: one line
+        print(f"dmgr-prepare: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     print(f"{summary['global']['written']} defect-free images -> {args.out / 'global'}; "
           f"{summary['local']['patches']} defect patches of {len(summary['classes'])} classes "

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
 from dmgr.data.export import patch_window
@@ -61,6 +62,7 @@ def domain_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: i
     return sheet
 
 
+@stop_on_interrupt("python -m dmgr.data.sheet")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmgr.data.sheet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("pcb_sheet.png"))

@@ -1,3 +1,8 @@
-from dmgr.eval.app import main
+from dmgr.cli import interrupted
+
+try:
+    from dmgr.eval.app import main
+except KeyboardInterrupt:  # Ctrl-C while torch loads
+    interrupted("dmgr-eval")
 
 main()

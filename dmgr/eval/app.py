@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE
+from dmgr.cli import stop_on_interrupt
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
@@ -196,6 +197,7 @@ def mask_winners(results: dict) -> dict[str, dict]:
     return winners
 
 
+@stop_on_interrupt("dmgr-eval")
 def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)

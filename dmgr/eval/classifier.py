@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from dmgr.data.export import LOCAL_OFFSET
 from dmgr.eval.real import PATCH_CLASSES, VALIDATION, Patches, defect_patches
+from dmgr.progress import progress_bar
 from dmgr.schema import STRICT_SECTION, Count
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps)
     model.train()
-    for _ in tqdm(range(settings.steps), desc="classifier", disable=not progress, leave=False):
+    for _ in progress_bar(range(settings.steps), desc="classifier", disable=not progress, leave=False):
         idx = torch.randint(len(train.labels), (settings.batch_size,), generator=g)
         loss = nn.functional.cross_entropy(model(*augment(g, train.images[idx])), train.labels[idx])
         opt.zero_grad(set_to_none=True)

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dmgr.eval.real import USER, Boards, defective_boards, heldout_boards
 from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
 from dmgr.eval.shards import first_sample, read_run
 from dmgr.eval.sources import cut_paste, perlin_anomalies
+from dmgr.progress import progress_bar
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.schema import STRICT_SECTION, Count
 from dmgr.shards.manifest import write_json_atomic
@@ -165,7 +165,7 @@ def run_benchmark(
         if done:
             log.info("reusing %d of %d models from %s", len(done), len(keys), cache)
     tasks = [task for task in keys if task not in done]
-    bar = tqdm(total=len(tasks), desc="downstream", unit="model", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc="downstream", unit="model", disable=not progress)
 
     def finished(name: str, seed: int, scores: dict) -> None:
         done[name, seed] = scores

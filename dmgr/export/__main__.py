@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 
+from dmgr.cli import stop_on_interrupt
 from dmgr.export import anomalib, coco, yolo
 from dmgr.export.common import ExportError, export
 
 FORMATS = {"coco": coco, "yolo": yolo, "anomalib": anomalib}
 
 
+@stop_on_interrupt("dmgr-export", "rerun the same command to resume the export")
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m dmgr.export", description=__doc__)
     parser.add_argument("format", choices=sorted(FORMATS))
@@ -27,8 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     module = FORMATS[args.format]
     options = {"boxes": True} if args.boxes else {}
     try:
-        summary = export(args.run, args.out, args.format, options, module.write_sample, module.finish)
-    except (ExportError, FileNotFoundError) as err:
+        summary = export(args.run, args.out, args.format, options, module.write_sample, module.finish,
+                         getattr(module, "prepare", None))
+    except (ExportError, OSError) as err:
         print(f"dmgr-export: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: summary[k] for k in ("format", "counts", "this_run")}, indent=1))

@@ -7,8 +7,9 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,11 @@ class Run:
     path: Path
     classes: list[str]
     shards: list[dict]  # manifest entries: name, samples, sha256
+    manifest: dict = field(default_factory=dict, compare=False)  # the whole manifest.json (config, backgrounds)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config") or {}
 
 
 def open_run(run: str | Path) -> Run:
@@ -38,8 +44,14 @@ def open_run(run: str | Path) -> Run:
     if not manifest.is_file():
         raise ExportError(f"RUN={run}: no manifest.json; give a finished synthesis run's out_dir (a rerun of the "
                           "synthesis command finishes an interrupted one)")
-    data = json.loads(manifest.read_text())
-    return Run(path.resolve(), [str(c) for c in data["config"]["dataset"]["classes"]], list(data["shards"]))
+    try:
+        data = json.loads(manifest.read_text())
+        classes = [str(c) for c in data["config"]["dataset"]["classes"]]
+        shards = list(data["shards"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ExportError(f"{manifest}: unreadable ({type(exc).__name__}); a rerun of the synthesis command "
+                          "rebuilds it") from None
+    return Run(path.resolve(), classes, shards, data)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class Sample:
     mask_png: bytes
     meta: dict
     input_png: bytes | None
+    twin_png: bytes | None = None
 
     def mask(self) -> np.ndarray:
         with Image.open(io.BytesIO(self.mask_png)) as img:
@@ -76,7 +89,27 @@ def read_shard(path: Path) -> Iterator[Sample]:
             meta = json.loads(raw["json"])
         except json.JSONDecodeError as exc:
             raise ExportError(f"{path}: sample {key}: unreadable json ({exc})") from None
-        yield Sample(key, raw["png"], raw["mask.png"], meta, raw.get("input.png"))
+        yield Sample(key, raw["png"], raw["mask.png"], meta, raw.get("input.png"), raw.get("twin.png"))
+
+
+def shard_index(path: Path) -> Iterator[tuple[str, dict, set[str]]]:
+    """(key, json, member extensions) of every sample, reading only the json members (a cheap first pass)."""
+    metas: dict[str, dict] = {}
+    members: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, set()).add(ext)
+                if ext == "json":
+                    metas[key] = json.loads(tar.extractfile(info).read())
+    except (tarfile.TarError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable shard ({type(exc).__name__}); rerun the synthesis command "
+                          "to repair it") from None
+    for key, exts in members.items():
+        if key not in metas:
+            raise ExportError(f"{path}: sample {key} has no json: not a dmgr shard")
+        yield key, metas[key], exts
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -114,9 +147,15 @@ SampleWriter = Callable[[Sample, Run, dict], tuple[dict[str, bytes], dict]]
 
 
 def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, write_sample: SampleWriter,
-           finish: Callable[[Run, Path, Callable[[], Iterator[dict]], dict], dict]) -> dict:
-    """Export every shard of a finished run into OUT; returns (and writes) OUT/export.json."""
+           finish: Callable[[Run, Path, Callable[[], Iterator[dict]], dict], dict],
+           prepare: Callable[[Run, dict], dict] | None = None) -> dict:
+    """Export every shard of a finished run into OUT; returns (and writes) OUT/export.json.
+
+    prepare(run, options), when given, runs before the shards are read; what it returns is added to the
+    options write_sample and finish see (not to the options a rerun must match)."""
     run, out = open_run(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"OUT={out}: is a file, not a folder: choose a new or empty folder")
     state = {"run": str(run.path), "format": fmt, "options": options}
     state_path = out / PARTS / "export.json"
     if state_path.is_file():
@@ -128,6 +167,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, write_
     elif out.exists() and any(out.iterdir()):
         raise ExportError(f"OUT={out}: is not empty and holds no dmgr export: choose a new or empty folder")
     write_json(state_path, state)
+    options = {**options, **(prepare(run, options) if prepare else {})}
     done = redone = 0
     part_paths = []
     for shard in run.shards:

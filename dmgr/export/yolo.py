@@ -1,8 +1,11 @@
 """YOLO (Ultralytics) labels: OUT/images/<key>.png, OUT/labels/<key>.txt, OUT/data.yaml.
 
 Segmentation (default): one line per connected part of each defect's mask, `class x1 y1 x2 y2 ...`, the
-part's outer outline along pixel edges, normalised to [0, 1]. With boxes=True (`--boxes`): one line per
-defect, `class cx cy w h` of its mask's bounding box. Defects with an empty mask get no line (counted).
+part's outer outline along pixel edges moved 1/64 px inward (so that OpenCV's `fillPoly`, which Ultralytics
+rasterises with, gives back the part's pixels), normalised to [0, 1]. data.yaml has no `path`: Ultralytics
+resolves `train`/`val` against the folder data.yaml is in, so a moved export trains on its own images.
+With boxes=True (`--boxes`): one line per defect, `class cx cy w h` of its mask's bounding box. Defects with
+an empty mask get no line (counted).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 import yaml
 
 from dmgr.export.common import Run, Sample, write_atomic
-from dmgr.export.polygons import components, outline
+from dmgr.export.polygons import components, inset, outline
 
 
 def _num(v: float) -> str:
@@ -36,7 +39,7 @@ def label_lines(sample: Sample, boxes: bool) -> tuple[list[str], int]:
             lines.append(" ".join([str(cls), *map(_num, values)]))
             continue
         for part in components(own):
-            points = [v for x, y in outline(part) for v in (x / width, y / height)]
+            points = [v for x, y in inset(outline(part)) for v in (x / width, y / height)]
             lines.append(" ".join([str(cls), *map(_num, points)]))
     return lines, empty
 
@@ -54,7 +57,8 @@ def finish(run: Run, out: Path, records: Callable[[], Iterator[dict]], options: 
         counts["images"] += 1
         counts["labels"] += r["lines"]
         counts["empty_defects"] += r["empty"]
-    data = {"path": str(out.resolve()), "train": "images", "val": "images", "nc": len(run.classes),
+    # no `path`: Ultralytics then resolves train/val against the folder holding data.yaml, wherever it is moved
+    data = {"train": "images", "val": "images", "nc": len(run.classes),
             "names": dict(enumerate(run.classes)), "task": "detect" if options.get("boxes") else "segment"}
     write_atomic(out / "data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
     return counts

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dmgr.digest import sha256_file
-from dmgr.models.unet import UNetConfig, UNetModel, build_unet
+from dmgr.models.unet import UNetConfig, UNetConfigError, UNetModel, build_unet
 
 CONFIG_KEY = "dmgr.unet_config"
 
@@ -46,8 +46,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
-            config = UNetConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
-            return state, config, meta
+            return state, _stored_config(meta, path), meta
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -61,7 +60,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear line
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if isinstance(obj, dict) and "state_dict" in obj:
-        config = UNetConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else None
+        config = _config(obj["config"], path) if isinstance(obj.get("config"), dict) else None
         return obj["state_dict"], config, {}
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
@@ -78,7 +77,18 @@ def stored_metadata(path: str | Path) -> tuple[UNetConfig | None, dict[str, str]
             meta = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    return (UNetConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None), meta
+    return _stored_config(meta, path), meta
+
+
+def _stored_config(meta: dict[str, str], path: Path) -> UNetConfig | None:
+    return _config(json.loads(meta[CONFIG_KEY]), path) if CONFIG_KEY in meta else None
+
+
+def _config(data: dict, path: str | Path) -> UNetConfig:
+    try:
+        return UNetConfig.from_dict(data)
+    except UNetConfigError as exc:
+        raise CheckpointError(f"checkpoint {path} stores an architecture that cannot be used: {exc}") from None
 
 
 def stored_config(path: str | Path) -> UNetConfig | None:
@@ -93,6 +103,7 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str 
     for a width change on a tiny UNet) with no hint what to change: this counts each kind and names five.
     """
     own = model.state_dict()
+    check_dtypes(own, state, path)
     found = {
         "missing keys": sorted(own.keys() - state.keys()),
         "unexpected keys": sorted(state.keys() - own.keys()),
@@ -114,6 +125,18 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str 
         )
 
 
+def check_dtypes(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise one CheckpointError for the first checkpoint tensor that is not floating point where the model's is:
+    load_state_dict would cast it silently (int32 bits read as numbers give a model that computes garbage)."""
+    for key, value in state.items():
+        if key in own and own[key].is_floating_point() and not value.is_floating_point():
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise CheckpointError(
+                f"checkpoint {path}: tensor {key} is {dtype}, not floating point: the file is damaged or holds "
+                "something other than model weights; save the model's float state_dict"
+            )
+
+
 def load_unet(
     path: str | Path, config: UNetConfig | dict | None = None, device: torch.device | str = "cpu"
 ) -> UNetModel:
@@ -122,7 +145,10 @@ def load_unet(
     config = config if config is not None else stored
     if config is None:
         raise CheckpointError(f"checkpoint {path} stores no architecture: give the model config")
-    model = build_unet(config)
+    try:
+        model = build_unet(config)
+    except UNetConfigError as exc:
+        raise CheckpointError(f"the architecture given for checkpoint {path}: {exc}") from None
     check_fit(model, state, path)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

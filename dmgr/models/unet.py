@@ -7,6 +7,7 @@ guided-diffusion are replaced by torch autocast (`dmgr.models.precision`).
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,16 @@ def _parse_numbers(value: str | Sequence[float | int], cast=float) -> tuple:
     if isinstance(value, str):
         return tuple(cast(part) for part in value.replace(" ", "").split(",") if part)
     return tuple(cast(part) for part in value)
+
+
+# guided-diffusion create_model arguments that change memory and speed only (the job's precision setting
+# replaces use_fp16): accepted and ignored
+IGNORED_KEYS = frozenset({"use_checkpoint", "use_fp16"})
+RENAMED_KEYS = {"class_cond": "num_classes (the number of classes; null for an unconditional model)"}
+
+
+class UNetConfigError(ValueError):
+    """A UNet config with a key this UNet does not know."""
 
 
 @dataclass
@@ -54,8 +65,20 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """The config of a dict of create_model names; an unknown key is refused (a typo would build another
+        network that may still load the weights strictly)."""
+        fields = cls.__dataclass_fields__
+        for key in data:
+            if key not in fields and key not in IGNORED_KEYS:
+                raise UNetConfigError(f"UNet config key {key!r} is unknown: {_hint(key, list(fields))}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _hint(key: str, known: list[str]) -> str:
+    if key in RENAMED_KEYS:
+        return f"use {RENAMED_KEYS[key]}"
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

@@ -3,9 +3,11 @@
 from dmgr.sampler.dmgr import DMGRResult, PassCounter, crop_windows, dmgr_sample, model_eps
 from dmgr.sampler.noise import NoiseSource, PerSampleNoise, ReplayNoise, initial_noise, make_generators
 from dmgr.sampler.plain import ddim_sample
-from dmgr.sampler.settings import DMGRSettings
+from dmgr.sampler.settings import MASK_CHANNEL, RGB, DMGRSettings
 
 __all__ = [
+    "MASK_CHANNEL",
+    "RGB",
     "DMGRResult",
     "DMGRSettings",
     "NoiseSource",

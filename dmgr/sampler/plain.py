@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk
+from dmgr.progress import progress_bar
 from dmgr.sampler.dmgr import model_eps
 from dmgr.sampler.noise import NoiseSource
 
@@ -27,7 +27,7 @@ def ddim_sample(
         raise ValueError("ddim_sample with eta > 0 needs a noise source")
     x = x_T
     walk = time_walk(diffusion.num_steps)
-    for t, target in tqdm(list(zip(walk[:-1], walk[1:])), desc="ddim", disable=not progress, leave=False):
+    for t, target in progress_bar(list(zip(walk[:-1], walk[1:])), desc="ddim", disable=not progress, leave=False):
         steps = diffusion.model_timesteps(t, x.shape[0], x.device)
         eps = model_eps(model, x, steps, y, precision)
         x0 = predict_x0(x, eps, diffusion.abar(t))

@@ -1,4 +1,4 @@
-"""Every number of the DMGR sampler, with the reference's values as defaults (ALGORITHM.md).
+"""Every number of the DMGR sampler, with the reference's values as defaults (docs/algorithm.md).
 
 The defaults are the only copy of the paper's numbers: conf/schedule/paper.yaml inherits them (via
 `schedule/base` in Hydra's ConfigStore). The bounds apply where a config is checked (dmgr.schema.build);
@@ -13,6 +13,10 @@ from typing import Annotated
 from pydantic import Field
 
 from dmgr.schema import STRICT_SECTION, Count, Flag, NonNegative
+
+# The crop of a mask-generating local model holds RGB, then the defect mask (a local model with 4 input channels).
+RGB = slice(0, 3)
+MASK_CHANNEL = 3
 
 
 @dataclass(frozen=True)

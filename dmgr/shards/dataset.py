@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
@@ -54,28 +56,91 @@ def decode_sample(sample: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return x, m, meta
 
 
+class ShardDataset(wds.DataPipeline, wds.FluidInterface):
+    """The reader's pipeline (webdataset's fluid interface: `.batched`, `.with_epoch`, ...) with a
+    `set_epoch(epoch)` as torch's DistributedSampler has: the shuffles are seeded by (seed, epoch)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.state = _Epoch(seed)  # shared with the shuffle stages and with the copies `.map(...)` etc. make
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch (before iterating the DataLoader, so that its workers get it)."""
+        self.state.epoch = int(epoch)
+
+
+class _Epoch:
+    def __init__(self, seed: int) -> None:
+        self.seed, self.epoch = seed, 0
+
+    def rng(self, stream: str) -> random.Random:
+        return random.Random(f"{self.seed}/{self.epoch}/{stream}")
+
+
+class _ShardList(wds.PipelineStage):
+    """The shard urls, the same order on every rank and worker: as listed, or shuffled by (seed, epoch)."""
+
+    def __init__(self, urls: list[str], owner: _Epoch | None = None) -> None:
+        self.urls, self.owner = urls, owner
+
+    def run(self) -> Iterator[dict]:
+        urls = list(self.urls)
+        if self.owner is not None:
+            self.owner.rng("shards").shuffle(urls)
+        return iter([{"url": url} for url in urls])
+
+
+class _SampleShuffle(wds.PipelineStage):
+    """A shuffle buffer of `size` samples, seeded by (seed, epoch, node rank, worker) at each iteration."""
+
+    def __init__(self, size: int, owner: _Epoch) -> None:
+        self.size, self.owner = size, owner
+
+    def run(self, src: Iterator) -> Iterator:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        return _buffer_shuffle(src, self.size, self.owner.rng(f"samples/{rank}/{worker}"))
+
+
+def _buffer_shuffle(src: Iterator, size: int, rng: random.Random) -> Iterator:
+    buffer = []
+    for item in src:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _expand(urls: str | Sequence[str] | Path) -> list[str]:
+    if isinstance(urls, Path) or (isinstance(urls, str) and Path(urls).is_dir()):
+        return shard_urls(urls)
+    return list(braceexpand.braceexpand(urls)) if isinstance(urls, str) else [str(u) for u in urls]
+
+
 def dataset(urls: str | Sequence[str] | Path, shuffle: int = 0, seed: int = 0, resampled: bool = False,
-            handler: Callable = wds.reraise_exception) -> wds.WebDataset:
+            handler: Callable = wds.reraise_exception) -> ShardDataset:
     """A webdataset pipeline yielding (image, mask, metadata) from shard urls (a brace pattern, a list, or a
     finished run directory).
 
-    shuffle > 0 shuffles the shard order (per epoch, seeded) and samples in a buffer of that many;
-    resampled=True draws shards with replacement, endlessly (use with `.with_epoch(n)` for multi-node DDP).
+    shuffle > 0 shuffles the shard order and the samples (in a buffer of that many), seeded by (seed, epoch):
+    call `.set_epoch(epoch)` before each epoch, as with torch's DistributedSampler, for another order per
+    epoch; a given (seed, epoch) always gives the same order. resampled=True draws shards with replacement,
+    endlessly (use with `.with_epoch(n)` for multi-node DDP).
     """
-    if isinstance(urls, Path) or (isinstance(urls, str) and Path(urls).is_dir()):
-        urls = shard_urls(urls)
-    pipeline = wds.WebDataset(
-        urls if isinstance(urls, str) else list(urls),
-        shardshuffle=100 if shuffle > 0 and not resampled else False,
-        resampled=resampled,
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-        seed=seed,
-        handler=handler,
-        empty_check=False,  # a DataLoader worker left without a shard (more workers than shards) yields nothing
-    )
+    urls = _expand(urls)
+    pipeline = ShardDataset(seed=seed)
+    if resampled:
+        pipeline.append(wds.ResampledShards(urls, seed=seed, deterministic=True))
+    else:
+        pipeline.append(_ShardList(urls, pipeline.state if shuffle > 0 else None))
+    pipeline.append(wds.split_by_node)
+    pipeline.append(wds.split_by_worker)
+    pipeline.append(wds.tarfile_to_samples(handler=handler))
     if shuffle > 0:
-        pipeline = pipeline.shuffle(shuffle, seed=seed)
+        pipeline.append(_SampleShuffle(shuffle, pipeline.state))
     return pipeline.map(decode_sample, handler=handler)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dmgr.digest import sha256_file
-from dmgr.shards.manifest import write_json_atomic
+from dmgr.shards.atomic import write_json_atomic
+from dmgr.shards.manifest import manifest_entry
 
 
 def record_path(shard: Path) -> Path:
@@ -33,6 +34,13 @@ def write_record(shard: Path, record: dict[str, Any]) -> None:
     path = record_path(shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, record)
+
+
+def expected_digest(shard: Path) -> str | None:
+    """The sha256 the shard must have: its record's, else the manifest's (a digest the run already published
+    is never replaced), else None."""
+    record = read_record(shard) or manifest_entry(shard) or {}
+    return record.get("sha256")
 
 
 def check_shard(shard: Path, record: dict[str, Any]) -> str | None:

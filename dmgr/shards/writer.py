@@ -18,9 +18,10 @@ from typing import Any
 import webdataset as wds
 
 from dmgr.digest import sha256_file
-from dmgr.shards.layout import sample_key
+from dmgr.shards.atomic import fsync_directory
+from dmgr.shards.layout import damaged_path, sample_key
 from dmgr.shards.locks import release
-from dmgr.shards.records import read_record, write_record
+from dmgr.shards.records import expected_digest, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,7 @@ class ShardWriter:
             self.error = exc
         finally:
             self.cpu_seconds = time.thread_time()
-            if stream is not None:
-                stream.close()
+            discard(tar, stream)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
             if lock is not None:
@@ -139,19 +139,52 @@ class ShardWriter:
             os.fsync(f.fileno())
         record = {"name": final.name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), **record}
         previous = read_record(final)
-        if previous and previous.get("sha256") not in (None, record["sha256"]):
-            raise ShardWriteError(
-                f"{final.name} was made again with different bytes than its record (sha256 {record['sha256'][:12]} "
-                f"vs {previous['sha256'][:12]}): the samples are not reproducible here (another torch build, "
-                "device or thread count?); the recorded digest is kept - finish the run where it began"
-            )
+        expected = expected_digest(final)
+        if expected not in (None, record["sha256"]):
+            raise ShardWriteError(redo_mismatch(final, record, expected, previous or {}))
         if not previous:
             write_record(final, record)
         os.replace(tmp, final)
-        directory = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_directory(final.parent)
+        damaged_path(final).unlink(missing_ok=True)  # the redo is accepted: the damaged copy has served
         self.completed.append(final)
         log.debug("completed %s", final)
+
+
+def discard(tar: wds.TarWriter | None, stream: Any) -> None:
+    """Close an abandoned shard's tar and file without raising (its temp file is deleted next). The tar is
+    closed first: left open, its buffer would be flushed into the closed file when garbage-collected
+    ("Exception ignored ... write to closed file" after a disk-full error or SIGTERM)."""
+    for close in (getattr(tar, "close", None), getattr(stream, "close", None)):
+        if close is not None:
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
+
+
+def made_differently(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key=<record's> (here <this run's>)' for each execution fact (`made_with`) that differs."""
+    keys = sorted(set(before) | set(now))
+    return [f"{key}={before.get(key)!r} (here {now.get(key)!r})" for key in keys if before.get(key) != now.get(key)]
+
+
+def redo_mismatch(final: Path, record: dict[str, Any], expected: str, previous: dict[str, Any]) -> str:
+    """One line: a redone shard's bytes differ from the digest already recorded, how the recording run
+    differed from this one, and what to do."""
+    kept = damaged_path(final)
+    where = f"; the damaged copy is kept as {kept.name}" if kept.exists() else ""
+    head = (f"{final.name} was made again with different bytes than its record (sha256 {record['sha256'][:12]} "
+            f"vs {expected[:12]})")
+    before = previous.get("made_with")
+    if before is None:
+        source = "its record" if previous else "manifest.json, the only digest left for it,"
+        cause = (f"{source} does not say how it was made (batch_size, threads, device, torch): rerun with the "
+                 "settings and machine of the run that began it")
+    elif diffs := made_differently(before, record.get("made_with", {})):
+        cause = (f"the run that recorded it differs: {', '.join(diffs)}; rerun with its settings (samples are "
+                 "bit-identical only for equal batch_size, threads, device and torch build)")
+    else:
+        cause = ("with the same batch_size, threads, device, torch and CPU as its record: the samples are not "
+                 "reproducible on this machine")
+    return f"{head}: {cause}; the recorded digest is kept{where}"

@@ -19,11 +19,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dmgr import CONF_DIR, __version__
+from dmgr.cli import stop_on_interrupt
 from dmgr.distributed import barrier, gather, init_workers, shutdown, worker_threads
 from dmgr.models import CheckpointError
 from dmgr.shards import LockHeld, ShardWriteError, write_manifest
 from dmgr.shards.locks import acquire, release
-from dmgr.shards.manifest import write_json_atomic
+from dmgr.shards.manifest import read_manifest, write_json_atomic
 from dmgr.synth.config import ConfigError, RunSpec, validate
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import worker_index
@@ -48,7 +49,7 @@ def _claim_out_dir(spec: RunSpec) -> None:
     """Record the run's identity in out_dir; refuse to mix two different runs in one directory."""
     path = spec.out_dir / "run.json"
     if path.exists():
-        previous = json.loads(path.read_text()).get("identity")
+        previous = _run_identity(path)
         if previous != spec.identity:
             raise RunError(
                 f"out_dir={spec.out_dir} holds another run (config {previous}, this one {spec.identity}): "
@@ -57,6 +58,20 @@ def _claim_out_dir(spec: RunSpec) -> None:
         return
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"identity": spec.identity, "config": spec.resolved})
+
+
+def _run_identity(path: Path) -> str | None:
+    """The identity run.json records; an unreadable run.json is a one-line RunError naming it and the fix."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise RunError(
+            f"{path} is unreadable ({type(exc).__name__}: {exc}): if this out_dir holds only this run, delete "
+            "run.json and rerun (it is written again), else choose a new out_dir"
+        ) from None
+    return data.get("identity")
 
 
 def _file_logging(spec: RunSpec, worker: int) -> logging.Handler:
@@ -72,8 +87,10 @@ def _carried_over(spec: RunSpec, summary: dict, everyone: list[dict]) -> dict:
     """Manifest entries a rerun keeps from the previous manifest of this run: the throughput when it
     only found complete shards, and the sample metrics (`quality`) unless it measures them again;
     samples are a function of (config, seed), so earlier measurements still describe them."""
-    path = spec.out_dir / "manifest.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous, unreadable = read_manifest(spec.out_dir)
+    if unreadable:
+        log.warning("%s is unreadable (%s): rebuilding it from the shard records", spec.out_dir / "manifest.json",
+                    unreadable)
     kept = {"throughput": {**summary, "workers": everyone}}
     if summary["images_this_run"] == 0 and previous:
         kept["throughput"] = previous.get("throughput", {})
@@ -195,6 +212,7 @@ def _record_sweep_point(job_dir: Path, cfg: DictConfig, outcome: dict) -> None:
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="synth")
+@stop_on_interrupt("dmgr-synth", "the shard in progress was abandoned; rerun the same command to finish the run")
 def main(cfg: DictConfig) -> dict | None:
     job_dir = _sweep_job_dir()
     try:

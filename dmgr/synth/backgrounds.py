@@ -1,25 +1,34 @@
 """The user's real defect-free images (`dataset.source=images`): listing, checking, placement at native size.
 
 Input: a folder of images (searched recursively; `*.mask.png` files are left out), or a JSONL manifest with
-one object per line, `{"image": "a/b.png", "roi": "a/b.roi.png"}` (paths relative to the manifest's folder;
-`roi` optional, at the image's own size: non-zero pixels are where defects may go).
+one object per line, `{"image": "a/b.png", "roi": "a/b.roi.png"}` (UTF-8, a byte-order mark allowed; paths
+relative to the manifest's folder; `roi` optional, at the image's own size: non-zero pixels are where defects
+may go). A manifest
+that names an image twice is used as written (the image is drawn twice as often) with one warning that
+counts the repeated lines. Each image is recorded by its path relative to the input root, normalised
+(`a/./b/../c.png` is `a/c.png`); an image outside the root by its normalised absolute path.
 
-Every image is used whole, at its own size: windows are placed in image pixels and each defect is made in a
-context crop of `image_size / scale` image pixels around its window (`dataset.scale`: model pixels per image
-pixel). Pixels are decoded as PIL's `convert("RGB")` gives them: grey-level and palette images become RGB
-with equal channels, RGBA loses its alpha, 16-bit images are clipped to 8 bits, EXIF orientation is not
-applied (the pixels as stored); each of these is logged at the scan. An image that cannot be decoded, is
-smaller than one context crop, or whose ROI cannot be read, has another size than the image, or leaves no
-room for a window, is skipped, logged and counted; none usable is an error.
+Every file is decoded by the one rule of `dmgr.images.decode_rgb` (EXIF orientation applied, 16-bit grey
+scaled by its bit depth, alpha dropped ...; the conversions are counted and logged once per scan); an ROI
+is turned by its own EXIF orientation the same way. Every image is used whole, at its own (upright) size:
+windows are placed in image pixels and each defect is made in a context crop of `image_size / scale` image
+pixels around its window (`dataset.scale`: model pixels per image pixel). An image that cannot be decoded,
+is smaller than one context crop, or whose ROI cannot be read, has another size than the image, or leaves
+no room for a window, is skipped, logged and counted; none usable is an error.
+
+Provenance: the sha256 recorded for an image is of the very bytes that are decoded. A file that changes
+after the scan (whose sha256 is part of the run's identity) stops the run with one line instead of being
+used under the old digest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,12 +36,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmgr.images import list_images, resize_center_crop
+from dmgr.images import Conversions, decode_mask, decode_rgb, list_images, resize_center_crop
+from dmgr.schema import fail
 
 log = logging.getLogger(__name__)
-LOSSY_MODES = {"I;16": "16-bit: clipped to 8 bits", "I": "32-bit integer: clipped to 8 bits",
-               "F": "float: clipped to 8 bits", "RGBA": "alpha dropped", "LA": "alpha dropped",
-               "P": "palette: expanded to RGB", "CMYK": "CMYK: converted to RGB"}
+DEMO_BACKGROUNDS = Path("outputs/pcb-backgrounds")  # the demo's boards (`make backgrounds`), rendered on first use
+DEMO_BOARDS = 256
 
 
 class BackgroundError(ValueError):
@@ -43,9 +52,10 @@ class BackgroundError(ValueError):
 class Background:
     path: Path  # the image file
     name: str  # its path relative to the input root (recorded in each sample's json)
-    sha256: str  # of the file's bytes
+    sha256: str  # of the file's bytes, the very bytes decoded
     roi: Path | None  # where defects may go (non-zero), or None: anywhere
-    size: tuple[int, int] = (0, 0)  # (width, height) in pixels
+    roi_sha256: str = ""  # of the ROI file's bytes
+    size: tuple[int, int] = (0, 0)  # (width, height) in pixels, upright
 
 
 @dataclass(frozen=True)
@@ -92,15 +102,16 @@ class Backgrounds:
         return Geometry(self.image_size, self.window_size, self.margin, self.scale)
 
     def image(self, index: int) -> np.ndarray:
-        """(H, W, 3) uint8: background `index`, the whole frame at its own size (decoded on each call: a
-        large frame is never kept here)."""
-        return load_frame(self.items[index].path)
+        """(H, W, 3) uint8: background `index`, the whole frame at its own size, decoded from bytes whose
+        sha256 is the recorded one (on each call: a large frame is never kept here)."""
+        item = self.items[index]
+        return load_frame(item.path, item.name, item.sha256)
 
     def allowed_corners(self, index: int) -> np.ndarray:
         """(H, W) bool: True at each top-left (x, y) -> [y, x] in image pixels whose window lies inside the
         ROI and the margins."""
         item, g = self.items[index], self.geometry
-        roi = None if item.roi is None else str(item.roi)
+        roi = None if item.roi is None else (str(item.roi), item.name, item.roi_sha256)
         return _corners(roi, item.size, g.window, g.border)
 
     def summary(self) -> dict:
@@ -122,28 +133,32 @@ def fit(image: Image.Image, size: int, nearest: bool = False) -> Image.Image:
     return resize_center_crop(image, size, nearest=nearest)
 
 
-def load_frame(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8, the file's pixels as `convert("RGB")` gives them."""
-    with Image.open(path) as img:
-        img.load()
-        return np.asarray(img.convert("RGB"))
+def _verified_bytes(path: Path, name: str, sha256: str) -> bytes:
+    """The file's bytes, whose sha256 must be the one the scan recorded (the run's identity holds it)."""
+    data = path.read_bytes()
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        fail("dataset.images", name, f"{path} changed since the run started (sha256 {found[:12]}, the run holds "
+             f"{sha256[:12]}): restore the file, or rerun to start a run on the new inputs")
+    return data
 
 
-def _roi_array(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        img.load()
-        return np.asarray(img.convert("L")) > 0
+def load_frame(path: Path, name: str, sha256: str) -> np.ndarray:
+    """(H, W, 3) uint8: the file decoded by `decode_rgb`, from bytes whose sha256 is the recorded one."""
+    image, _ = decode_rgb(_verified_bytes(path, name, sha256))
+    return np.asarray(image)
 
 
 @lru_cache(maxsize=8)
-def _corners(roi: str | None, size: tuple[int, int], window: int, margin: int) -> np.ndarray:
+def _corners(roi: tuple[str, str, str] | None, size: tuple[int, int], window: int, margin: int) -> np.ndarray:
+    """roi: (path, image name, sha256) or None; size: (width, height) of the upright image."""
     width, height = size
     corners = np.zeros((height, width), dtype=bool)
     corners[margin : height - window - margin + 1, margin : width - window - margin + 1] = True
     if roi is None:
         corners.setflags(write=False)
         return corners
-    inside = _roi_array(Path(roi)).astype(np.int32)
+    inside = (np.asarray(decode_mask(_verified_bytes(Path(roi[0]), roi[1], roi[2]))) > 0).astype(np.int32)
     integral = np.zeros((height + 1, width + 1), dtype=np.int64 if height * width >= 2**31 else np.int32)
     integral[1:, 1:] = inside.cumsum(0).cumsum(1)
     ny, nx = height - window + 1, width - window + 1
@@ -155,69 +170,102 @@ def _corners(roi: str | None, size: tuple[int, int], window: int, margin: int) -
     return corners
 
 
+def _normal(path: Path) -> Path:
+    """The absolute path with `.` and `..` resolved textually (symlinks kept, as the user named them)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
+def _manifest_lines(source: Path) -> list[str]:
+    try:
+        return source.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BackgroundError(f"{source}: not UTF-8 text (byte {exc.start}); a manifest holds one JSON object a "
+                              'line, {"image": "path.png", "roi": "optional-roi.png"}') from None
+    except OSError as exc:
+        raise BackgroundError(f"{source}: cannot read the manifest ({exc.strerror or exc})") from None
+
+
+def _manifest(source: Path) -> list[tuple[Path, Path | None]]:
+    root, entries, first_line, repeated = _normal(source.parent), [], {}, []
+    for number, line in enumerate(_manifest_lines(source), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            image = _normal(root / str(item["image"]))
+            roi = item.get("roi")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BackgroundError(
+                f'{source}:{number}: not a JSON object with an "image" ({type(exc).__name__}); '
+                'each line reads {"image": "path.png", "roi": "optional-roi.png"}'
+            ) from None
+        if image in first_line:
+            repeated.append(f"{number} (= {first_line[image]})")
+        first_line.setdefault(image, number)
+        entries.append((image, None if roi in (None, "") else _normal(root / str(roi))))
+    if repeated:
+        log.warning("%s: %d lines name an image an earlier line names (lines %s%s): each is used as often as it is "
+                    "listed", source, len(repeated), ", ".join(repeated[:10]), " ..." if len(repeated) > 10 else "")
+    return entries
+
+
 def _entries(source: Path) -> tuple[Path, list[tuple[Path, Path | None]]]:
     """(root, [(image path, roi path or None)]) from a folder or a JSONL manifest."""
     if source.is_dir():
         return source, [(p, None) for p in list_images(source)]
     if source.is_file() and source.suffix.lower() in (".jsonl", ".json"):
-        root, entries = source.parent, []
-        for number, line in enumerate(source.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                image = root / str(item["image"])
-                roi = item.get("roi")
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise BackgroundError(
-                    f'{source}:{number}: not a JSON object with an "image" ({type(exc).__name__}); '
-                    'each line reads {"image": "path.png", "roi": "optional-roi.png"}'
-                ) from None
-            entries.append((image, None if roi in (None, "") else root / str(roi)))
-        return root, entries
+        return source.parent, _manifest(source)
     raise BackgroundError(f"{source}: no such folder or .jsonl manifest")
 
 
 def _relative(path: Path, root: Path) -> str:
+    """The path relative to the root when inside it, else its normalised absolute path."""
+    path, root = _normal(path), _normal(root)
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return path.relative_to(root).as_posix()
     except ValueError:
-        return str(path)
+        return path.as_posix()
 
 
-def _check(image: Path, roi: Path | None, g: Geometry) -> tuple[str | None, str, tuple[int, int]]:
-    """(reason to skip or None, sha256 of the image file, (width, height) or (0, 0) when undecodable)."""
+def _decoded_size(data: bytes, conversions: Conversions, name: str) -> tuple[int, int]:
+    """(width, height) of the upright image, the conversions counted."""
+    image, notes = decode_rgb(data)
+    conversions.add(notes, name)
+    return image.size
+
+
+def _check(image: Path, roi: Path | None, g: Geometry,
+           conversions: Conversions) -> tuple[str | None, str, str, tuple[int, int]]:
+    """(reason to skip or None, sha256 of the image file, sha256 of the ROI file or "", (width, height) or
+    (0, 0) when undecodable)."""
     try:
         data = image.read_bytes()
-    except OSError as exc:
-        return f"cannot read ({exc.strerror or exc})", "", (0, 0)
+    except (OSError, MemoryError) as exc:
+        return f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})", "", "", (0, 0)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            size, mode, rotated = img.size, img.mode, img.getexif().get(0x0112, 1) not in (1, None)
+        size = _decoded_size(data, conversions, image.name)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a skipped image
-        return f"unreadable image ({type(exc).__name__})", digest, (0, 0)
+        return f"unreadable image ({type(exc).__name__}: {str(exc)[:160]})", digest, "", (0, 0)
     width, height = size
     if min(width, height) < g.crop:
         return (f"{width}x{height} is smaller than one context crop ({g.crop} px at dataset.scale={g.scale:g})",
-                digest, size)
-    if mode in LOSSY_MODES:
-        log.info("background %s (%s): %s", image.name, mode, LOSSY_MODES[mode])
-    if rotated:
-        log.info("background %s: EXIF orientation not applied (the pixels as stored)", image.name)
+                digest, "", size)
+    roi_digest = ""
     if roi is not None:
         try:
-            with Image.open(roi) as r:
-                r.load()
-                roi_size = r.size
+            roi_data = roi.read_bytes()
+            roi_size = decode_mask(roi_data).size
         except Exception as exc:  # noqa: BLE001
-            return f"ROI {roi.name} unreadable ({type(exc).__name__})", digest, size
+            return f"ROI {roi.name} unreadable ({type(exc).__name__})", digest, "", size
+        roi_digest = hashlib.sha256(roi_data).hexdigest()
         if roi_size != size:
-            return f"ROI is {roi_size[0]}x{roi_size[1]}, the image {width}x{height}", digest, size
-    if not _corners(None if roi is None else str(roi), size, g.window, g.border).any():
-        return f"no room for a {g.window} px window (margin {g.border} px)", digest, size
-    return None, digest, size
+            return (f"ROI is {roi_size[0]}x{roi_size[1]}, the image {width}x{height} (both upright)", digest,
+                    roi_digest, size)
+    key = None if roi is None else (str(roi), roi.name, roi_digest)
+    if not _corners(key, size, g.window, g.border).any():
+        return f"no room for a {g.window} px window (margin {g.border} px)", digest, roi_digest, size
+    return None, digest, roi_digest, size
 
 
 def fitting_scale(image_size: int, shorter_side: int) -> float:
@@ -234,19 +282,19 @@ def scan_backgrounds(source: str | Path, image_size: int, window_size: int, marg
     if not entries:
         raise BackgroundError(f"{source} holds no images ({', '.join(('.png', '.jpg', '.bmp', '.tif'))} ...)")
     g = Geometry(image_size, window_size, margin, scale)
-    items, skipped, sides = [], [], []
+    items, skipped, sides, conversions = [], [], [], Conversions()
     digest = hashlib.sha256(f"native size={image_size} window={window_size} scale={scale!r}".encode())
     for image, roi in entries:
         name = _relative(image, root)
-        reason, sha, size = _check(image, roi, g)
+        reason, sha, roi_sha, size = _check(image, roi, g, conversions)
         sides.append(min(size))
         if reason is not None:
             skipped.append((name, reason))
             log.warning("skipping background %s: %s", name, reason)
             continue
-        roi_sha = "" if roi is None else hashlib.sha256(roi.read_bytes()).hexdigest()
-        items.append(Background(image.resolve(), name, sha, None if roi is None else roi.resolve(), size))
+        items.append(Background(image.resolve(), name, sha, None if roi is None else roi.resolve(), roi_sha, size))
         digest.update(f"{name}\0{sha}\0{roi_sha}\n".encode())
+    conversions.report(log, f"backgrounds in {source}")
     if not items:
         first = f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         hint = ""
@@ -258,3 +306,24 @@ def scan_backgrounds(source: str | Path, image_size: int, window_size: int, marg
     return Backgrounds(
         root.resolve(), tuple(items), tuple(skipped), digest.hexdigest(), image_size, window_size, margin, scale
     )
+
+
+def demo_backgrounds(value: str | Path, boards: int | None = None) -> Path | None:
+    """The demo's default input (DEMO_BACKGROUNDS/global), rendered on first use as `make backgrounds` renders
+    it, relative to the working directory; None for any other path."""
+    if _normal(Path(value)) != _normal(DEMO_BACKGROUNDS / "global"):
+        return None
+    from dmgr.data.export import export_all  # the procedural boards, only when needed
+
+    boards = DEMO_BOARDS if boards is None else boards
+    log.info("rendering the demo's %d defect-free boards into %s (first use; `make backgrounds` does the same)",
+             boards, DEMO_BACKGROUNDS)
+    staging = DEMO_BACKGROUNDS.with_name(f".{DEMO_BACKGROUNDS.name}.tmp-{os.getpid()}")
+    export_all(staging, 64, boards, 0, 0, progress=False)
+    (staging / ".exported").touch()
+    try:
+        staging.rename(DEMO_BACKGROUNDS)  # whole or not at all; another worker may have finished first
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    found = DEMO_BACKGROUNDS / "global"
+    return found.resolve() if found.is_dir() else None

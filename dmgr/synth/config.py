@@ -29,7 +29,8 @@ from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler.masks import MASK_METHODS
-from dmgr.sampler.settings import DMGRSettings
+from dmgr.sampler.noise import MAX_SEED
+from dmgr.sampler.settings import MASK_CHANNEL, DMGRSettings
 from dmgr.schema import (
     STRICT_SECTION,
     ConfigError,
@@ -42,7 +43,7 @@ from dmgr.schema import (
     fail,
     register_defaults,
 )
-from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
+from dmgr.synth.backgrounds import BackgroundError, Backgrounds, demo_backgrounds, scan_backgrounds
 
 __all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
 
@@ -82,6 +83,8 @@ def parse_seeds(value: Any) -> Sequence[int]:
         fail("seeds", value, "the seed range is empty: the last seed must not be below the first")
     if (seeds.start if isinstance(seeds, range) else min(seeds)) < 0:  # min() would walk a range
         fail("seeds", value, "seeds must be >= 0")
+    if (seeds[-1] if isinstance(seeds, range) else max(seeds)) > MAX_SEED:
+        fail("seeds", value, f"seeds must be at most 2**63 - 1 = {MAX_SEED}")
     return seeds
 
 
@@ -281,7 +284,8 @@ class SynthSettings:
     performance: Acceleration = Acceleration()  # how the networks run (README "Speed")
     shard_prefix: str = "dmgr"  # shard file names: <prefix>-000000.tar (letters, digits, . _ -)
     threads: Any = "auto"  # intra-op threads per worker; auto: OMP_NUM_THREADS if set, else the CPUs given
-    #   (Slurm, affinity) / workers, less one each for the writer. Equal threads: bit-identical shards
+    #   (Slurm, affinity) / workers, lowered to the CPUs idle at the start (logged, and in each shard's record).
+    #   Bit-identical shards need equal threads: give a number to redo shards on a machine under other load
     nonfinite: NonfiniteSpec = NonfiniteSpec()
     mask: MaskSettings = MaskSettings()
     extras: Extras = Extras()
@@ -343,7 +347,7 @@ class RunSpec:
     @property
     def available_masks(self) -> tuple[str, ...]:
         """The mask methods this run can compute (`local` needs a local model with a mask channel)."""
-        has_mask = (self.model.local_net.config or {}).get("in_channels", 3) == 4
+        has_mask = (self.model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
         return tuple(m for m in MASK_METHODS if m != "local" or has_mask)
 
 
@@ -452,7 +456,7 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
 
 def _mask_method(method: str, dataset: DatasetSpec, model: ModelSpec) -> str:
     """`auto`: the local model's own mask when it generates one, else `diff` (real images) or `gate`."""
-    has_mask = (model.local_net.config or {}).get("in_channels", 3) == 4
+    has_mask = (model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
     if method == "auto":
         return "local" if has_mask else ("diff" if dataset.source == "images" else "gate")
     if method == "local" and not has_mask:
@@ -516,16 +520,17 @@ def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> No
 
 def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[NetworkSettings]):
     """The checks that read the disk, all in one step (nothing is written): each checkpoint's header, the
-    background images (source=images) and the gate's training data (when it is on). The weights load later,
+    background images (source=images; the demo's default folder is rendered on first use, the one write) and
+    the gate's training data (when it is on). The weights load later,
     in `load_engine`, still before out_dir is created. Returns (model spec, dataset, backgrounds, gate)."""
     spec = ModelSpec(model.name, model.random_init, model.diffusion_steps, model.beta_schedule,
                      *(_network(which, net, model.random_init) for which, net in zip(("global", "local"), nets)))
     dataset, backgrounds, gate = settings.dataset, None, settings.gate
     if dataset.source == "images":
-        images = _find_path(str(dataset.images))
+        images = _find_path(str(dataset.images)) or demo_backgrounds(str(dataset.images))
         if images is None:
-            fail("dataset.images", str(dataset.images),
-                 "no such folder or .jsonl manifest (the demo's boards: `make backgrounds`)")
+            fail("dataset.images", str(dataset.images), "no such folder or .jsonl manifest: your images "
+                 "(`python -m dmgr.data.prepare` makes a data root), or the demo's boards (`make backgrounds`)")
         dataset = dataclasses.replace(dataset, images=images)
         try:
             backgrounds = scan_backgrounds(images, dataset.image_size, dataset.window_size, dataset.margin,

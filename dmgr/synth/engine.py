@@ -17,7 +17,7 @@ from dmgr.diffusion import Diffusion, make_diffusion
 from dmgr.images import bounding_box, from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.acceleration import accelerate
-from dmgr.sampler import DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
+from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
 from dmgr.synth.config import NetworkSpec, RunSpec
 from dmgr.synth.plan import SamplePlan, model_window, stream_seed
@@ -173,7 +173,7 @@ def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], method
     defects = [[{"window_box": _box(*p.window, w), "final_loss": float(result.final_loss[i])}]
                for i, p in enumerate(plans)]
     batch = Batch(result.image, defect_masks(spec, methods, result, twin), defects,
-                  _finite(result.image, result.crop), crop=result.crop[:, :3], grid=_grid(result), twin=twin)
+                  _finite(result.image, result.crop), crop=result.crop[:, RGB], grid=_grid(result), twin=twin)
     if spec.extras.paste:  # evaluation only
         from dmgr.eval.paste import paste_baseline
 
@@ -212,6 +212,17 @@ def image_window_box(defect, geometry) -> list[int]:
     w = geometry.window_size
     return [cx + math.ceil(mx * ratio), cy + math.ceil(my * ratio),
             cx + math.ceil((mx + w) * ratio), cy + math.ceil((my + w) * ratio)]
+
+
+def planned_defect(defect, geometry) -> dict:
+    """The json fields of one defect on a real background that its plan gives (boxes in image pixels)."""
+    cx, cy = defect.context
+    return {
+        "class_name": defect.class_name,
+        "class_id": defect.class_id,
+        "window_box": image_window_box(defect, geometry),
+        "context_box": [cx, cy, cx + geometry.crop, cy + geometry.crop],
+    }
 
 
 def sample_into_backgrounds(
@@ -253,7 +264,7 @@ def sample_into_backgrounds(
             known=known,
         )
         if k == 0:
-            crop, grid = result.crop[:, :3], _grid(result)
+            crop, grid = result.crop[:, RGB], _grid(result)
         for j, ok in enumerate(_finite(result.image, result.crop)):
             finite[rows[j]] &= ok
         pixels = result.image.clone()
@@ -268,14 +279,11 @@ def sample_into_backgrounds(
             region[chosen] = pixels[j][chosen]
             for m in methods:
                 unions[m][i][cy : cy + side, cx : cx + side] |= masks[m][j]
-            box = bounding_box(chosen)
+            box, planned = bounding_box(chosen), planned_defect(d, geometry)
             defects[i].append({
-                "class_name": d.class_name,
-                "class_id": d.class_id,
-                "window_box": image_window_box(d, geometry),
+                **planned,
                 "mask_box": None if box is None else [box[0] + cx, box[1] + cy, box[2] + cx, box[3] + cy],
                 "mask_area": int(chosen.sum()),
-                "context_box": [cx, cy, cx + side, cy + side],
                 "final_loss": float(result.final_loss[j]),
             })
     return Batch(canvas, unions, defects, finite, crop=crop, grid=grid, input=inputs)
@@ -286,13 +294,22 @@ def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
-def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects: list[dict],
-              mask: torch.Tensor | np.ndarray) -> dict:
-    """The sample's json: the run, the plan, and the mask's box and area (a real image's also lists its
-    defects and background)."""
-    meta = {
+DIAGNOSTIC_DIGITS = 4
+
+
+def diagnostic(value: float) -> float:
+    """A float diagnostic (a sampler loss) to DIAGNOSTIC_DIGITS significant digits: its last digits depend on
+    the sample's batch-mates (kernel blocking), and the json must not, so that a shard redone with another
+    batch_size reproduces its record."""
+    return float(f"{value:.{DIAGNOSTIC_DIGITS}g}")
+
+
+def config_fields(spec: RunSpec, digests: dict[str, str], plan: SamplePlan) -> dict:
+    """The json fields a sample takes from the run's config and its seed's plan, none from sampling: what a
+    shard found without a record is checked against before it is adopted. On a real background "defects"
+    lists the planned part of each defect; the sample's entries add what sampling gives (mask box, area, loss)."""
+    fields = {
         "seed": plan.seed,
-        **({"attempt": plan.attempt} if plan.attempt else {}),
         "class_name": plan.class_name,
         "class_id": plan.class_id,
         "mask_method": spec.mask.method,
@@ -304,25 +321,41 @@ def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects:
         "checkpoints": {"model": spec.model.name, **digests},
         "precision": spec.precision,
         "run_identity": spec.identity,
-        "dmgr_version": __version__,
-        "window_box": defects[0]["window_box"],
-        "mask_box": bounding_box(mask),
-        "mask_area": int(mask.sum()),
+        "window_box": _box(*plan.window, spec.dataset.window_size),
     }
     if spec.dataset.source != "images":
-        return {**meta, "final_loss": defects[0]["final_loss"]}
-    background = spec.backgrounds.items[plan.background]
+        return fields
+    background, geometry = spec.backgrounds.items[plan.background], spec.backgrounds.geometry
     return {
-        **meta,
-        "width": int(mask.shape[1]),
-        "height": int(mask.shape[0]),
+        **fields,
+        "window_box": image_window_box(plan.defects[0], geometry),
+        "width": background.size[0],
+        "height": background.size[1],
         "scale": spec.backgrounds.scale,
         "mask_pixels": spec.mask.pixels,
-        "final_loss": defects[0]["final_loss"],
-        "defects": defects,
+        "defects": [planned_defect(d, geometry) for d in plan.defects],
         "defects_requested": spec.dataset.defects_per_image,
         "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
     }
+
+
+def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects: list[dict],
+              mask: torch.Tensor | np.ndarray) -> dict:
+    """The sample's json: the run, the plan, and the mask's box and area (a real image's also lists its
+    defects and background)."""
+    meta = {
+        "seed": plan.seed,
+        **({"attempt": plan.attempt} if plan.attempt else {}),
+        **config_fields(spec, digests, plan),
+        "dmgr_version": __version__,
+        "window_box": defects[0]["window_box"],  # as sampled (config_fields gives the plan's, the same)
+        "mask_box": bounding_box(mask),
+        "mask_area": int(mask.sum()),
+        "final_loss": diagnostic(defects[0]["final_loss"]),
+    }
+    if spec.dataset.source == "images":
+        meta["defects"] = [{**d, "final_loss": diagnostic(d["final_loss"])} for d in defects]
+    return meta
 
 
 def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan], batch: Batch) -> list[dict]:

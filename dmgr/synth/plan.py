@@ -1,38 +1,22 @@
 """Seed -> sample plan, and seeds -> shards -> workers. Pure functions of their arguments; no models.
 
 A sample is a function of (config, seed, the input list): its background, classes and windows come from
-a CPU generator seeded by the seed (offset so that this stream differs from the noise stream), its noise
-from another.
+the seed's plan stream, its noise from the seed's own stream (attempt a > 0 and defect k > 0 from their own
+streams). Every stream is a generator built by dmgr.sampler.noise.generator from a key: the seed, or
+stream_seed(seed, name, index...); distinct keys give independent streams.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dmgr.sampler.noise import generator, stream_seed
 from dmgr.synth.backgrounds import Backgrounds, Geometry
 from dmgr.synth.config import DatasetSpec
-
-PLAN_STREAM = 1 << 40  # the plan generator's seed is seed + PLAN_STREAM (in effect the noise seed: see below)
-RETRY_STREAM = 4 << 40  # attempt a > 0 (a NaN retry or a gate rejection): see retry_seed
-# torch's CPU generator keeps only the low 32 bits of its seed, so offsets of 1 << 40 and up select the same
-# stream as the seed itself: retry_seed and stream_seed mix their inputs into the low 32 bits. (The plan
-# generator keeps its historical seed: changing it would change every sample of every existing run.)
-
-
-def _with_hashed_low_bits(seed: int, key: str) -> int:
-    """`seed` with its low 32 bits (all torch's CPU generator keeps) replaced by a hash of `key`."""
-    return seed - (seed & 0xFFFFFFFF) + int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def stream_seed(seed: int, stream: str, index: int = 0) -> int:
-    """The seed of a named side stream of `seed` (defect k > 0 of an image, the paste baseline): the low 32
-    bits hash (seed, stream, index), so its draws differ from the seed's own."""
-    return _with_hashed_low_bits(seed, f"{seed}:{stream}:{index}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +36,7 @@ class SamplePlan:
 
     @property
     def noise_seed(self) -> int:
+        """The key of the sample's noise stream (dmgr.sampler.make_generators): the seed at attempt 0."""
         return self.seed if self.attempt == 0 else retry_seed(self.seed, self.attempt)
 
     @property
@@ -68,9 +53,13 @@ class SamplePlan:
 
 
 def retry_seed(seed: int, attempt: int) -> int:
-    """The noise seed of attempt > 0: low 32 bits from a hash of (seed, attempt), so the stream differs
-    from attempt 0's (a collision with another seed's stream has odds ~ seeds / 2^32)."""
-    return _with_hashed_low_bits(seed, f"{seed}:{attempt}") + attempt * RETRY_STREAM
+    """The noise key of attempt > 0 (a NaN retry or a gate rejection): its own stream, same plan."""
+    return stream_seed(seed, "attempt", attempt)
+
+
+def plan_generator(seed: int) -> torch.Generator:
+    """The generator of a seed's plan draws (background, classes, windows)."""
+    return generator(stream_seed(seed, "plan"))
 
 
 def _class(dataset: DatasetSpec, g: torch.Generator) -> int:
@@ -119,7 +108,7 @@ def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None
     uniformly among the top-left corners (image pixels) inside the ROI and margins that overlap no earlier
     window (an image with no room left gets fewer defects; its json says so), and its context crop.
     """
-    g = torch.Generator().manual_seed(seed + PLAN_STREAM)
+    g = plan_generator(seed)
     if backgrounds is None:
         class_id = _class(dataset, g)
         if dataset.window_choice == "fixed":

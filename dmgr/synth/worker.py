@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
+import os
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import torch
 
 from dmgr.digest import sha256_file
-from dmgr.shards import ShardWriter, check_shard, read_record, shard_path, verify_shard
+from dmgr.progress import ProgressBar, progress_bar
+from dmgr.shards import ShardWriter, check_shard, read_record, shard_path
+from dmgr.shards.layout import damaged_path, decode_shard
 from dmgr.shards.locks import acquire, release
+from dmgr.shards.manifest import manifest_entry
 from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
-from dmgr.synth.engine import GIVEN, Engine, generate
+from dmgr.synth.engine import GIVEN, Engine, config_fields, generate
 from dmgr.synth.gate import changed_outside, fidelity, gate_metrics, gate_summary, mask_outside, seam_z, verdict
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
 
@@ -42,16 +46,17 @@ class WorkerStats:
     writer_cpu_seconds: float = 0.0  # the writer thread's CPU time (what it takes from a busy machine)
 
 
-def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -> bool:
+def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int], digests: dict[str, str]) -> bool:
     """True when the shard's bytes match its record. A shard without a record (written before records
-    existed) is checked member by member and adopted; a damaged shard is logged, deleted, and False."""
+    existed, or its record lost) is adopted only when every member decodes, every json agrees with this
+    run's config, and its digest is the one the manifest holds, if any. A damaged shard is logged, moved
+    aside to `<shard>.damaged` until its redo is accepted (the writer removes it then), and False."""
     record = read_record(path)
     if record is None:
         if not path.exists():
             return False
-        problem = verify_shard(path, list(seeds), spec.extras.members(spec.available_masks))
+        problem = adopt_legacy_shard(path, k, seeds, spec, digests)
         if problem is None:
-            adopt_legacy_shard(path, k, seeds, spec)
             return True
     else:
         problem = check_shard(path, record)
@@ -59,8 +64,9 @@ def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int]) -
             return True
         if problem == "missing":
             return False
-    log.warning("shard %s is damaged (%s): redoing it", path.name, problem)
-    path.unlink(missing_ok=True)
+    log.warning("shard %s is damaged (%s): redoing it (kept as %s until the redo is accepted)",
+                path.name, problem, damaged_path(path).name)
+    os.replace(path, damaged_path(path))
     return False
 
 
@@ -151,13 +157,50 @@ def gated_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> lis
     return done
 
 
-def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: tqdm) -> dict:
+LONG_SHARD_SECONDS = 1800.0  # a shard estimated longer than this gets a warning: a preemption loses it whole
+
+
+def long_shard_warning(spec: RunSpec, shard: str, seconds_per_image: float) -> str | None:
+    """The warning for a shard that takes long enough that one preemption or crash loses much work, or None."""
+    estimate = seconds_per_image * spec.samples_per_shard
+    if estimate <= LONG_SHARD_SECONDS:
+        return None
+    suggested = max(1, int(600 / max(seconds_per_image, 1e-9)))
+    return (f"{shard}: a shard takes about {estimate / 60:.0f} min here (samples_per_shard={spec.samples_per_shard} "
+            f"at {seconds_per_image:.1f} s per image) and a preemption or crash loses the shard in progress; "
+            f"samples_per_shard={suggested} gives about 10 min shards (it changes the run: use a new out_dir)")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def made_with(spec: RunSpec, engine: Engine) -> dict:
+    """How a shard was executed (recorded, and named when a redo does not reproduce the record): the samples
+    are bit-identical only for equal batch composition, threads, device and torch build."""
+    device = str(engine.device)
+    if engine.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(engine.device)})"
+    return {"batch_size": spec.batch_size, "threads": torch.get_num_threads(), "device": device,
+            "torch": torch.__version__, "cpu": cpu_name()}
+
+
+def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: ProgressBar,
+               check_time: bool = False) -> dict:
     """Generate one shard's samples into the writer; returns the record fields beyond the digest. With the
-    gate, a seed skipped after gate.max_attempts is not written; the record lists it."""
+    gate, a seed skipped after gate.max_attempts is not written; the record lists it. With check_time, the
+    second batch (the first pays the warm-up) times the shard for `long_shard_warning`."""
     metrics: dict[str, float] = {}
     skipped = []
     make = gated_samples if spec.gate.enabled else finite_samples
     for i in range(0, len(seeds), spec.batch_size):
+        start = time.perf_counter()
         plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
         for sample in make(engine, spec, plans):
             meta = sample["json"]
@@ -169,12 +212,17 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
             metrics = add_metrics(metrics, sample_metrics(meta))
             sample.pop(GIVEN, None)
             writer.put(sample)
+        if check_time and i == spec.batch_size:
+            warning = long_shard_warning(spec, path.name, (time.perf_counter() - start) / len(plans))
+            if warning:
+                log.warning(warning)
         bar.update(len(plans))
         if spec.gate.enabled:
             bar.set_postfix(accept=f"{1 - metrics['gate_rejected'] / metrics['gate_scored']:.0%}")
     gated = {"skipped_seeds": skipped} if spec.gate.enabled else {}
     return {"samples": len(seeds) - len(skipped), "first_seed": seeds[0], "last_seed": seeds[-1],
-            "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics, **gated}
+            "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics,
+            "made_with": made_with(spec, engine), **gated}
 
 
 def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, position: int = 0) -> WorkerStats:
@@ -185,7 +233,7 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
     total = len(mine) * n - ((n - len(shard_seeds(spec.seeds, n, last))) if last in mine else 0)
     log.info("worker %d/%d: %d shards (%d images) assigned on %s", worker, num_workers, len(mine), total, engine.device)
     writer = ShardWriter(spec.writer_queue)
-    bar = tqdm(total=total, desc=f"worker {worker}", unit="img", position=position, disable=not spec.progress)
+    bar = progress_bar(total=total, desc=f"worker {worker}", unit="img", position=position, disable=not spec.progress)
     start = time.perf_counter()
     done = skipped = images = retries = 0
     try:
@@ -194,7 +242,7 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
             seeds = shard_seeds(spec.seeds, spec.samples_per_shard, k)
             lock = acquire(path.parent.parent / "locks" / f"{path.name}.lock", f"shard {path.name}")
             try:
-                complete = shard_is_complete(spec, k, path, seeds)
+                complete = shard_is_complete(spec, k, path, seeds, engine.digests)
                 for leftover in path.parent.glob(path.name + ".tmp-*"):  # safe: we hold the shard's lock
                     log.info("removing unfinished %s", leftover.name)
                     leftover.unlink(missing_ok=True)
@@ -207,7 +255,7 @@ def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, pos
                 bar.update(len(seeds))
                 continue
             writer.open(path, lock)  # the writer releases the lock once the shard is final
-            record = make_shard(engine, spec, writer, path, seeds, bar)
+            record = make_shard(engine, spec, writer, path, seeds, bar, check_time=done == 0)
             writer.close({"index": k, **record})
             done += 1
             images += len(seeds)
@@ -241,18 +289,46 @@ def shard_records(spec: RunSpec) -> tuple[list[dict], list[str]]:
     return records, missing
 
 
-def adopt_legacy_shard(path: Path, k: int, seeds: Sequence[int], spec: RunSpec) -> dict:
-    """A record for a complete shard written before records existed (read once, then never again)."""
+def config_problem(spec: RunSpec, digests: dict[str, str], metas: dict[int, dict]) -> str | None:
+    """None when every sample's json holds what this run's config and the seed's plan give; else the first
+    difference (a shard made with another config, or damaged inside a json)."""
+    for seed, meta in metas.items():
+        plan = plan_sample(seed, spec.dataset, spec.backgrounds)
+        expected = json.loads(json.dumps(config_fields(spec, digests, plan), default=str))
+        for key, value in expected.items():
+            found = _planned_part(meta.get(key), value) if key == "defects" else meta.get(key)
+            if found != value:
+                return f"seed {seed}: its json's {key} is {str(found)[:80]}, this run's {str(value)[:80]}"
+    return None
+
+
+def _planned_part(found: object, planned: list[dict]) -> object:
+    """A json's per-defect entries cut to the fields their plan gives (as is when not such a list)."""
+    if not isinstance(found, list) or len(found) != len(planned) or not all(isinstance(d, dict) for d in found):
+        return found
+    return [{key: entry.get(key) for key in plan} for entry, plan in zip(found, planned)]
+
+
+def adopt_legacy_shard(path: Path, k: int, seeds: Sequence[int], spec: RunSpec, digests: dict[str, str]) -> str | None:
+    """Write the record of a shard found without one, after checking every member and json and that its digest
+    is the manifest's when the manifest lists it; returns None when adopted, else why not."""
+    members = spec.extras.members(spec.available_masks)
+    problem, metas = decode_shard(path, list(seeds), members)
+    problem = problem or config_problem(spec, digests, metas)
+    if problem is not None:
+        return problem
+    digest = sha256_file(path)
+    published = manifest_entry(path)
+    if published is not None and published.get("sha256") != digest:
+        return f"sha256 {digest[:12]} differs from the manifest's {str(published.get('sha256'))[:12]}"
     metrics: dict[str, float] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            if member.name.endswith(".json"):
-                metrics = add_metrics(metrics, sample_metrics(json.loads(tar.extractfile(member).read())))
-    record = {"name": path.name, "index": k, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-              "samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
-              "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics}
-    write_record(path, record)
-    return record
+    for meta in metas.values():
+        metrics = add_metrics(metrics, sample_metrics(meta))
+    write_record(path, {"name": path.name, "index": k, "bytes": path.stat().st_size, "sha256": digest,
+                        "samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
+                        "members": list(members), "metrics": metrics})
+    log.info("shard %s had no record: every member decodes and matches this run's config, adopted", path.name)
+    return None
 
 
 def run_metrics(records: list[dict]) -> dict:
