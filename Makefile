@@ -51,7 +51,7 @@ venv: $(VENV)/.installed ## create .venv: the pinned torch (TORCH_SPEC=... for y
 # The demo's real defect-free backgrounds: boards rendered by dmgr.data (no model involved).
 DEMO_BACKGROUNDS ?= outputs/pcb-backgrounds
 $(DEMO_BACKGROUNDS)/.exported: | venv
-	$(PY) -m dmgr.data.export --out $(DEMO_BACKGROUNDS) --size 64 --boards 256 --patches-per-class 0 --test 0 --quiet
+	$(PY) -m dmgr.data.export --out $(DEMO_BACKGROUNDS) --size 64 --panel 160x112 --boards 256 --patches-per-class 0 --test 0 --quiet
 	touch $@
 
 backgrounds: $(DEMO_BACKGROUNDS)/.exported ## render the demo's 256 defect-free boards into outputs/pcb-backgrounds/ (no model)

@@ -7,6 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +105,17 @@ def test_a_manifest_that_is_not_text_is_one_line(tmp_path):
     assert "\n" not in str(caught.value)
 
 
+def make_backgrounds(out: Path, boards: int) -> None:
+    """What `make backgrounds` runs (the Makefile's own command line), into `out` with `boards` boards."""
+    from dmgr.data.export import main
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    line = re.search(r"-m dmgr\.data\.export --out \$\(DEMO_BACKGROUNDS\) (.*)$", makefile, re.M).group(1)
+    args = shlex.split(line)
+    args[args.index("--boards") + 1] = str(boards)
+    main(["--out", str(out), *args])
+
+
 def test_the_demo_backgrounds_are_rendered_on_first_use(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bg, "DEMO_BOARDS", 3)
@@ -112,7 +126,11 @@ def test_the_demo_backgrounds_are_rendered_on_first_use(tmp_path, monkeypatch, c
     folder = tmp_path / "outputs" / "pcb-backgrounds" / "global"
     assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert (folder.parent / ".exported").is_file()
-    assert (np.asarray(Image.open(folder / "000001.png")) == make_board(1, 64).image).all()  # make's boards
+    make_backgrounds(tmp_path / "by-make", 3)
+    for name in ("000000.png", "000002.png"):  # the boards `make backgrounds` renders
+        rendered = np.asarray(Image.open(folder / name))
+        assert rendered.shape == (112, 160, 3)  # panels larger than the models, not square: native size
+        assert (rendered == np.asarray(Image.open(tmp_path / "by-make" / "global" / name))).all()
     assert len(spec.backgrounds) == 3
     assert len([r for r in caplog.records if "rendering the demo" in r.getMessage()]) == 1
 

@@ -42,6 +42,7 @@ from dmgr.schema import fail
 log = logging.getLogger(__name__)
 DEMO_BACKGROUNDS = Path("outputs/pcb-backgrounds")  # the demo's boards (`make backgrounds`), rendered on first use
 DEMO_BOARDS = 256
+DEMO_PANEL = (160, 112)  # each demo background: W x H of 64 px boards at the demo models' pixel scale
 
 
 class BackgroundError(ValueError):
@@ -319,7 +320,7 @@ def demo_backgrounds(value: str | Path, boards: int | None = None) -> Path | Non
     log.info("rendering the demo's %d defect-free boards into %s (first use; `make backgrounds` does the same)",
              boards, DEMO_BACKGROUNDS)
     staging = DEMO_BACKGROUNDS.with_name(f".{DEMO_BACKGROUNDS.name}.tmp-{os.getpid()}")
-    export_all(staging, 64, boards, 0, 0, progress=False)
+    export_all(staging, 64, boards, 0, 0, progress=False, panel=DEMO_PANEL)
     (staging / ".exported").touch()
     try:
         staging.rename(DEMO_BACKGROUNDS)  # whole or not at all; another worker may have finished first
