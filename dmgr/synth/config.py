@@ -274,7 +274,8 @@ class SynthSettings:
     schedule: dict  # config group conf/schedule/: name, respacing and the DMGRSettings
     seeds: Any = "0-15"  # a range "a-b" (inclusive), a single seed, or a list [3, 7, 11]
     samples_per_shard: Count() = 8  # shard k holds the k-th block of this many seeds
-    batch_size: Count() = 4  # samples per sampler call (per worker); does not change the samples
+    batch_size: Count() = 4  # samples per sampler call (per worker); bit-identical shards need the same
+    #   batch_size and threads (another batch_size: the same samples within rounding)
     out_dir: str | None = None  # null: outputs/<dataset>-<model>-<schedule>-<config hash> (reruns resume)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
     precision: Literal[PRECISIONS] = "fp32"  # autocast for the networks; the sampler maths stays fp32
