@@ -28,6 +28,7 @@ from dmgr.eval.classifier import ClassifierSettings
 from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
+from dmgr.models.unet import UNetConfig, UNetConfigError
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.noise import MAX_SEED
 from dmgr.sampler.settings import MASK_CHANNEL, DMGRSettings
@@ -387,6 +388,10 @@ def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec
     if random_init:
         if net.config is None:
             fail(f"model.{which}.config", None, "random_init needs an architecture config")
+        try:
+            UNetConfig.from_dict(net.config)
+        except UNetConfigError as exc:
+            fail(f"model.{which}.config", dict(net.config), str(exc))
         return NetworkSpec(None, net.config)
     if net.checkpoint in (None, "???", ""):
         fail(f"model.{which}.checkpoint", net.checkpoint, "give the path of a checkpoint file")
