@@ -449,6 +449,8 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     performance = kept.pop("performance", None)
     if performance and performance != dataclasses.asdict(Acceleration()):
         kept["performance"] = performance  # the defaults keep the identity runs had before the setting existed
+    if not kept.get("schedule", {}).get("guidance", 1):  # off: the identity runs had before the setting existed
+        kept["schedule"] = {k: v for k, v in kept["schedule"].items() if k != "guidance"}
     kept["model"] = {**kept["model"]}
     for which, net in (("global", model.global_net), ("local", model.local_net)):
         kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}
@@ -555,6 +557,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
     model, dataset, backgrounds, gate = read_inputs(settings, model_settings, nets)
     _check_model(model, dataset)
+    if sampler.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
+        fail("schedule.guidance", sampler.guidance, "the local model has no null class: train one with "
+             "label_dropout > 0 (arch=demo_local_mask_guided, docs/training.md), or 0 for no guidance")
     mask_method = _mask_method(settings.mask.method, dataset, model)
     resolved["mask"]["method"] = mask_method
     if backgrounds is not None:
