@@ -40,7 +40,7 @@ from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
-from dmgr.models.unet import UNetConfig, UNetConfigError
+from dmgr.models.unet import UNetConfig, UNetConfigError, null_label
 from dmgr.progress import progress_bar
 from dmgr.sampler import ddim_sample
 from dmgr.sampler.noise import generator, stream_seed
@@ -89,6 +89,9 @@ class TrainSettings:
     log_every: Count() = 50
     sample_every: Count() = 500  # a DDIM sample grid from the EMA weights, into out_dir/samples/
     sample_steps: Count() = 25
+    sample_guidance: NonNegative = 0.0  # classifier-free guidance of the sample grid (needs null_class)
+    label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # local: the probability that a training label is
+    #   replaced by the null class (arch.config.null_class: true), for guidance at synthesis; 0: off
     save_every: Count() = 500  # a checkpoint every this many steps, and at the end
     save_every_minutes: Annotated[float, Field(gt=0)] | None = 10  # ... and at least this often (null: by
     #   steps only); SIGTERM/SIGINT also save
@@ -100,6 +103,11 @@ class TrainSettings:
         if arch.role == "local" and arch.config.get("num_classes") != len(arch.classes or ()):
             fail("arch.config.num_classes", arch.config.get("num_classes"),
                  f"must equal the number of arch.classes ({len(arch.classes or ())})")
+        null = arch.role == "local" and bool(arch.config.get("null_class"))
+        for key, value in (("label_dropout", self.label_dropout), ("sample_guidance", self.sample_guidance)):
+            if value > 0 and not null:
+                fail(key, value, "needs a local model with a null class: set arch.config.null_class=true "
+                     "(`+arch.config.null_class=true`, or arch=demo_local_mask_guided), or 0")
 
 
 register_defaults("train_defaults", TrainSettings)
@@ -224,7 +232,8 @@ def make_dataset(cfg: DictConfig):
 def init_from(model: UNetModel, path: str) -> None:
     """Start from another checkpoint's weights (fine-tuning). A 3-channel checkpoint also starts a model with
     more channels (the mask-generating local model): the extra input channels get zero weights, the extra
-    output channels (epsilon and, with learned sigma, variance) start from zero / the mean of the RGB ones."""
+    output channels (epsilon and, with learned sigma, variance) start from zero / the mean of the RGB ones.
+    A checkpoint without a null class also starts a model with one (null_class: true)."""
     state, _, _ = read_checkpoint(path)
     own = model.state_dict()
     first, last = "input_blocks.0.0.weight", "out.2"
@@ -240,9 +249,18 @@ def init_from(model: UNetModel, path: str) -> None:
             grown = [torch.cat([b, b.mean(0, keepdim=True).expand(new_c - old_c, *b.shape[1:]) * (k > 0)])
                      for k, b in enumerate(blocks)]
             state[key] = torch.cat(grown)
+    labels = state.get("label_emb.weight")
+    if labels is not None and null_label(model) is not None and labels.shape[0] == model.num_classes:
+        state["label_emb.weight"] = torch.cat([labels, labels.mean(0, keepdim=True)])  # the null class starts
+        #   as the mean of the class embeddings
     check_fit(model, state, path)
     model.load_state_dict(state, strict=True)
 
+
+def drop_labels(y: torch.Tensor, rate: float, null: int, g: torch.Generator) -> torch.Tensor:
+    """`y` with each label replaced by `null` with probability `rate`, drawn from the (CPU) generator `g`."""
+    drop = torch.rand(y.shape[0], generator=g) < rate
+    return torch.where(drop.to(y.device), torch.full_like(y, null), y)
 
 
 def unwrap(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -266,7 +284,7 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     g = torch.Generator().manual_seed(1234)
     x_T = torch.randn(8 * classes, ema.in_channels, size, size, generator=g).to(device)
     y = torch.arange(classes, device=device).repeat_interleave(8) if cfg.arch.role == "local" else None
-    out = ddim_sample(ema, diffusion, x_T, y=y)
+    out = ddim_sample(ema, diffusion, x_T, y=y, guidance=cfg.get("sample_guidance", 0.0))
     if ema.in_channels > MASK_CHANNEL:  # every class row followed by its generated masks
         out = torch.stack([out[:, RGB], out[:, MASK_CHANNEL:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
         out = out.reshape(classes, 8, 2, 3, size, size).transpose(1, 2).reshape(-1, 3, size, size)
@@ -357,6 +375,8 @@ def train(cfg: DictConfig) -> Path:
                     x0, y = unwrap(batch, ctx.device)
                     t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
                     noise = torch.randn(x0.shape, generator=g).to(ctx.device)
+                    if cfg.label_dropout > 0:  # drawn after t and noise: rate 0 leaves the stream untouched
+                        y = drop_labels(y, cfg.label_dropout, model.num_classes, g)
                     with autocast(ctx.device.type, cfg.precision):
                         terms = diffusion_loss(net, diffusion, x0, t, noise, y)
                     loss = terms["loss"].mean()

@@ -9,6 +9,8 @@ import torch
 from dmgr.eval.metrics import (
     auroc,
     average_precision,
+    class_average_precision,
+    class_iou,
     confusion_matrix,
     intersection_union,
     kid,
@@ -143,3 +145,45 @@ def test_detection_scores_of_a_perfect_and_an_empty_prediction():
     assert perfect["mean_iou"] == 1.0 and set(perfect["iou"].values()) == {1.0}
     nothing = detection_scores(torch.zeros(8, 1, 16, 16), test)
     assert nothing["pixel_auroc"] == 0.5 and nothing["image_auroc"] == 0.5 and nothing["mean_iou"] == 0.0
+
+
+def _class_maps() -> torch.Tensor:
+    """(4, 1, 8, 8) ids: background 0, a 2x3 block of class 1 and a 3x3 block of class 2 on each of two images."""
+    targets = torch.zeros(4, 1, 8, 8, dtype=torch.long)
+    targets[:2, 0, 1:3, 1:4] = 1
+    targets[1:3, 0, 4:7, 4:7] = 2
+    return targets
+
+
+def test_class_metrics_of_a_perfect_prediction():
+    targets = _class_maps()
+    onehot = torch.nn.functional.one_hot(targets[:, 0], 4).permute(0, 3, 1, 2).float()
+    assert class_average_precision(onehot, targets)[:3] == [1.0, 1.0, 1.0]
+    assert math.isnan(class_average_precision(onehot, targets)[3])  # no pixel of class 3
+    ious = class_iou(targets, targets, 4)
+    assert ious[:3] == [1.0, 1.0, 1.0] and math.isnan(ious[3])
+
+
+def test_class_metrics_of_two_swapped_classes():
+    targets = _class_maps()
+    swapped = torch.where(targets == 1, 2, torch.where(targets == 2, 1, targets))
+    onehot = torch.nn.functional.one_hot(swapped[:, 0], 3).permute(0, 3, 1, 2).float()
+    ious = class_iou(swapped, targets, 3)
+    assert ious[1] == 0.0 and ious[2] == 0.0 and ious[0] == 1.0
+    # every class-1 pixel scores 0 for class 1, tied with every pixel but the class-2 ones (scored 1): AP is
+    # the precision of calling all pixels class 1, its share of the pixels
+    ap = class_average_precision(onehot, targets)
+    total = targets.numel()
+    assert ap[0] == 1.0
+    assert ap[1] == pytest.approx(int((targets == 1).sum()) / total)
+    assert ap[2] == pytest.approx(int((targets == 2).sum()) / total)
+
+
+def test_class_iou_counts_pooled_pixels():
+    targets = _class_maps()
+    predicted = targets.clone()
+    predicted[0, 0, 1, 1:4] = 0  # 3 of the 12 class-1 pixels read as background
+    ious = class_iou(predicted, targets, 3)
+    assert ious[1] == pytest.approx(9 / 12)
+    assert ious[0] == pytest.approx((targets.numel() - 12 - 18) / (targets.numel() - 12 - 18 + 3))
+    assert ious[2] == 1.0

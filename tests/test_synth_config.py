@@ -67,6 +67,7 @@ def out(tmp_path):
         ("performance.compile=fast", "performance.compile"),
         ("performance.channels_last=maybe", "performance.channels_last"),
         ("performance.attention=flash", "performance.attention"),
+        ("+model.local.config.num_head_channel=8", "model.local.config"),  # a typo in a random_init architecture
     ],
 )
 def test_bad_setting_names_its_key(override, key, out):

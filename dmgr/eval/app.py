@@ -3,6 +3,8 @@
 python -m dmgr.eval samples outputs/<run>                      -> outputs/<run>/eval/samples.{md,json,png}
 python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/eval/mask-areas.{md,json}
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
+python -m dmgr.eval downstream --task classes --run real=outputs/<run> -> OUT/downstream-classes.{md,json}: per-class
+                                                               AP and IoU of a 7-class segmenter per source
 python -m dmgr.eval classifier --data-root outputs/pcb-data --images outputs/pcb-backgrounds/global
                                                                -> the quality gate's classifier, cached
 """
@@ -25,7 +27,7 @@ from dmgr.cli import stop_on_interrupt
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
-from dmgr.eval.report import write_downstream_report, write_sample_report
+from dmgr.eval.report import write_class_report, write_downstream_report, write_sample_report
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
 from dmgr.eval.shards import first_sample, geometry, read_run
@@ -137,6 +139,13 @@ def parser() -> argparse.ArgumentParser:
         help="a DMGR run (synthesised with extras.masks=true; the first with extras.paste=true too)",
     )
     d.add_argument("--out", type=Path, default=Path("outputs/eval/downstream"), help="report folder")
+    d.add_argument(
+        "--task",
+        choices=("binary", "classes"),
+        default=SegmentSettings.task,
+        help="binary: defect pixels (downstream.md); classes: background + 6 defect classes, per-class AP and "
+        "IoU (downstream-classes.md)",
+    )
     d.add_argument("--n", type=int, default=DownstreamSettings.n, help="training pairs per source")
     d.add_argument("--real-small", type=int, default=DownstreamSettings.real_small, help="the user's few real images")
     d.add_argument("--seeds", type=_seeds, default=DownstreamSettings.seeds, help="segmenter seeds, e.g. 0,1,2")
@@ -181,19 +190,19 @@ def train_gate_classifier(args: argparse.Namespace, progress: bool) -> None:
     print(json.dumps(gate.record, indent=1))
 
 
-def mask_winners(results: dict) -> dict[str, dict]:
-    """Per DMGR run: the mask method with the best mean pixel AP (and its margin)."""
+def mask_winners(results: dict, metric: str = "pixel_ap") -> dict[str, dict]:
+    """Per DMGR run: the mask method with the best mean `metric` (and its margin), under the key `metric`."""
     winners = {}
     runs = {name.split("/")[0] for name in results["sources"] if name.startswith("dmgr-")}
     for run in sorted(runs):
         scores = {
-            m: results["sources"][f"{run}/{m}"]["pixel_ap"]["mean"]
+            m: results["sources"][f"{run}/{m}"][metric]["mean"]
             for m in MASK_METHODS
             if f"{run}/{m}" in results["sources"]
         }
         if len(scores) > 1:
             best = max(scores, key=scores.get)
-            winners[run] = {"best": best, "pixel_ap": scores}
+            winners[run] = {"best": best, metric: scores}
     return winners
 
 
@@ -239,7 +248,8 @@ def _main(argv: list[str] | None) -> None:
     settings = build(DownstreamSettings, dict(
         n=args.n, real_small=args.real_small, seeds=args.seeds, test_defective=args.test_defective,
         test_clean=args.test_clean,
-        segment=dict(steps=args.steps, batch_size=args.batch_size, width=args.width, device=args.device),
+        segment=dict(steps=args.steps, batch_size=args.batch_size, width=args.width, device=args.device,
+                     task=args.task),
     ))
     runs = dict(args.run)
     if runs:
@@ -252,9 +262,10 @@ def _main(argv: list[str] | None) -> None:
             raise ValueError(f"--only {','.join(unknown)}: no such source (sources: {', '.join(sources)})")
         sources = {name: boards for name, boards in sources.items() if name in args.only}
     results = run_benchmark(sources, settings, progress, args.jobs, None if args.no_cache else args.out / "models")
-    results["mask_winners"] = mask_winners(results)
+    classes = args.task == "classes"
+    results["mask_winners"] = mask_winners(results, "map" if classes else "pixel_ap")
     command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    written = write_downstream_report(args.out, results, command, sources)
+    written = (write_class_report if classes else write_downstream_report)(args.out, results, command, sources)
     for name, path in written.items():
         print(f"{name}: {path}")
 

@@ -9,6 +9,10 @@ Sources (each gives N (image, mask) pairs; every one trains with the same steps 
   real-small          the few real defective boards a user has (`real_small` of them)
   real-small+dmgr-... those plus the N pairs of the mixing run's default mask
   real-N              N real defective boards: the ceiling, what real data of the same size gives
+
+`segment.task` picks what the segmenter learns: `binary` (defect pixels; pixel AUROC/AP, image AUROC, IoU)
+or `classes` (background + the 6 defect classes from the shards' `class_id`; per-class pixel AP and its mean,
+per-class IoU of the argmax and its mean). The classes task has no perlin source: its anomalies have no class.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from dmgr.data.defects import CLASS_NAMES
 from dmgr.eval.real import USER, Boards, defective_boards, heldout_boards
-from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
+from dmgr.eval.segment import SegmentSettings, predict_maps, score, train_segmenter
 from dmgr.eval.shards import first_sample, read_run
 from dmgr.eval.sources import cut_paste, perlin_anomalies
 from dmgr.progress import progress_bar
@@ -34,7 +39,7 @@ from dmgr.schema import STRICT_SECTION, Count
 from dmgr.shards.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
-SCALARS = ("pixel_auroc", "pixel_ap", "image_auroc", "mean_iou")
+HEADLINE = {"binary": ("pixel_ap", "image_auroc", "mean_iou"), "classes": ("map", "mean_iou", "background_iou")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,19 @@ def _concat(*parts: Boards) -> Boards:
     return Boards(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "masks", "classes")))
 
 
+def _check_classes(run_dir: Path, meta: dict) -> None:
+    """The classes task reads each sample's class from its json: one defect, of a class named as the test
+    boards' classes are."""
+    if len(meta.get("defects", [meta])) > 1:
+        raise ValueError(f"{run_dir}: samples with several defects; the classes task needs dataset.defects_per_image=1")
+    cid, name = meta["class_id"], meta["class_name"]
+    if not 0 <= cid < len(CLASS_NAMES) or CLASS_NAMES[cid] != name:
+        raise ValueError(
+            f"{run_dir}: class_id {cid} is {name!r}; the classes task tests on the classes {', '.join(CLASS_NAMES)} "
+            "in that order (the demo data root's labels.json)"
+        )
+
+
 def build_sources(
     runs: dict[str, Path], settings: DownstreamSettings, mask_default: str | None = None, mix: str | None = None
 ) -> dict[str, Boards]:
@@ -68,6 +86,8 @@ def build_sources(
     sources: dict[str, Boards] = {}
     for name, run_dir in runs.items():
         first = first_sample(run_dir)
+        if settings.segment.task == "classes":
+            _check_classes(run_dir, first["json"])
         masks = tuple(f"mask_{m}.png" for m in MASK_METHODS if f"mask_{m}.png" in first)
         paste = ("paste.png",) if "paste.png" in first and "paste" not in sources else ()
         run = read_run(run_dir, images=paste, masks=masks + (("paste_mask.png",) if paste else ()), limit=n)
@@ -89,7 +109,8 @@ def build_sources(
             own = first["json"]["mask_method"]
             mix_key = f"dmgr-{name}/{mask_default if mask_default in by_method else own}"
     sources["cut-paste"] = cut_paste(n, size, settings.window, settings.margin)
-    sources["perlin"] = perlin_anomalies(n, size)
+    if settings.segment.task == "binary":
+        sources["perlin"] = perlin_anomalies(n, size)
     small = defective_boards(USER, settings.real_small, size)
     sources["real-small"] = small
     if runs:
@@ -98,13 +119,21 @@ def build_sources(
     return sources
 
 
-def _summary(runs: list[dict]) -> dict:
-    def stats(values: list[float]) -> dict:
-        t = torch.tensor(values, dtype=torch.float64)
-        return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0}
+def _stats(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0}
 
-    out = {k: stats([r[k] for r in runs]) for k in SCALARS}
-    out["iou"] = {c: stats([r["iou"][c] for r in runs]) for c in runs[0]["iou"]}
+
+def _summary(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every score: a number, or per class for a dict of numbers."""
+    out = {}
+    for key, value in runs[0].items():
+        if key in ("seed", "seconds"):
+            continue
+        if isinstance(value, dict):
+            out[key] = {c: _stats([r[key][c] for r in runs]) for c in value}
+        else:
+            out[key] = _stats([r[key] for r in runs])
     return out
 
 
@@ -113,28 +142,20 @@ def _train_and_score(train: Boards, test: Boards, segment: SegmentSettings, seed
         torch.set_num_threads(threads)
     start = time.perf_counter()
     model = train_segmenter(train, segment, seed)
-    scores = detection_scores(predict_maps(model, test.images), test, segment.threshold)
+    scores = score(predict_maps(model, test.images), test, segment)
     return {"seed": seed, **scores, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _log_model(name: str, scores: dict, done: int, total: int) -> None:
-    log.info(
-        "model %d/%d: %s seed %d: pixel AP %.3f, image AUROC %.3f (%.0f s)",
-        done,
-        total,
-        name,
-        scores["seed"],
-        scores["pixel_ap"],
-        scores["image_auroc"],
-        scores["seconds"],
-    )
+def _headline(scores: dict, task: str, mean: bool = False) -> str:
+    return ", ".join(f"{k} {scores[k]['mean'] if mean else scores[k]:.3f}" for k in HEADLINE[task])
 
 
 def model_key(train: Boards, settings: DownstreamSettings, seed: int) -> str:
     """A digest of everything one model's scores depend on: its training pairs, the settings, the seed."""
     described = asdict(settings)
-    if settings.segment.device == "cpu":  # the keys models trained before the setting existed have
-        del described["segment"]["device"]
+    for name, default in (("device", "cpu"), ("task", "binary")):  # the keys of models cached before these
+        if described["segment"][name] == default:  # settings existed stay valid
+            del described["segment"][name]
     digest = hashlib.sha256(json.dumps([described, seed], sort_keys=True, default=str).encode())
     for tensor in (train.images, train.masks, train.classes):
         digest.update(tensor.contiguous().numpy().tobytes())
@@ -171,7 +192,15 @@ def run_benchmark(
         done[name, seed] = scores
         if cache is not None:
             write_json_atomic(cache / f"{keys[name, seed]}.json", scores)
-        _log_model(name, scores, len(done), len(keys))
+        log.info(
+            "model %d/%d: %s seed %d: %s (%.0f s)",
+            len(done),
+            len(keys),
+            name,
+            seed,
+            _headline(scores, settings.segment.task),
+            scores["seconds"],
+        )
         bar.update(1)
 
     if jobs <= 1:
@@ -195,11 +224,9 @@ def run_benchmark(
             **_summary(runs),
         }
         log.info(
-            "%-28s pixel AP %.3f  image AUROC %.3f  mIoU %.3f (%d seeds, %.0f s per model)",
+            "%-28s %s (%d seeds, %.0f s per model)",
             name,
-            results[name]["pixel_ap"]["mean"],
-            results[name]["image_auroc"]["mean"],
-            results[name]["mean_iou"]["mean"],
+            _headline(results[name], settings.segment.task, True),
             len(runs),
             sum(r["seconds"] for r in runs) / len(runs),
         )

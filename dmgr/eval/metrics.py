@@ -131,3 +131,19 @@ def intersection_union(prediction: torch.Tensor, target: torch.Tensor) -> tuple[
     """Pixel counts (|P & T|, |P | T|) of two bool masks."""
     prediction, target = prediction.bool(), target.bool()
     return int((prediction & target).sum()), int((prediction | target).sum())
+
+
+def class_average_precision(probabilities: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """One-vs-rest average precision per class over every pixel: probabilities (N, C, H, W), targets (N, 1, H, W)
+    class ids in 0..C-1. Entry c scores probabilities[:, c] against targets == c (nan when no pixel is c)."""
+    return [average_precision(probabilities[:, c], targets == c) for c in range(probabilities.shape[1])]
+
+
+def class_iou(predicted: torch.Tensor, targets: torch.Tensor, classes: int) -> list[float]:
+    """Intersection over union per class of two (N, 1, H, W) class-id maps, from pixel counts pooled over
+    the set; nan for a class that neither map holds."""
+    ious = []
+    for c in range(classes):
+        inter, union = intersection_union(predicted == c, targets == c)
+        ious.append(inter / union if union else float("nan"))
+    return ious

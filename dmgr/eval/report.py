@@ -132,6 +132,81 @@ def examples_png(sources: dict[str, Boards], path: Path, per_source: int = 6, sc
     image.save(path)
 
 
+def _winner_lines(results: dict, metric: str, label: str) -> list[str]:
+    winners = results.get("mask_winners") or {}
+    if not winners:
+        return []
+    lines = ["", f"Mask methods (same images, different masks; best mean {label}):", ""]
+    for run, w in winners.items():
+        scores = ", ".join(f"{m} {v:.3f}" for m, v in w[metric].items())
+        lines.append(f"- {run}: **{w['best']}** ({scores})")
+    return lines
+
+
+def _pictures(
+    out_dir: Path,
+    results: dict,
+    metrics: tuple[str, ...],
+    prefix: str,
+    sources: dict[str, Boards] | None,
+    written: dict[str, Path],
+) -> list[str]:
+    """The bar charts of `metrics` and the training pairs' picture: files written, markdown lines returned."""
+    lines = []
+    for metric in metrics:
+        path = out_dir / f"{prefix}-{metric}.png"
+        bar_chart(results["sources"], metric, path)
+        written[metric] = path
+        lines += ["", f"![{metric}]({path.name})"]
+    if sources:
+        path = out_dir / "training-pairs.png"
+        examples_png(sources, path)
+        written["examples"] = path
+        lines += ["", "Training pairs (mask outlined in red):", "", f"![training pairs]({path.name})"]
+    return lines
+
+
+def _per_class_table(by_source: dict, key: str) -> list[str]:
+    lines = ["| source | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---|" * len(CLASS_NAMES)]
+    for name, r in by_source.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r[key][c]["mean"]) for c in CLASS_NAMES) + " |")
+    return lines
+
+
+def write_class_report(
+    out_dir: Path, results: dict, command: str, sources: dict[str, Boards] | None = None
+) -> dict[str, Path]:
+    """The classes task's report: downstream-classes.{json,md} and its charts, beside the binary report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / "downstream-classes.json", "markdown": out_dir / "downstream-classes.md"}
+    written["json"].write_text(json.dumps({"command": command, **results}, indent=1))
+    by_source, s = results["sources"], results["settings"]
+    lines = [
+        "# Class-aware downstream benchmark",
+        "",
+        f"`{command}`",
+        "",
+        f"The same 7-class U-Net (background + {len(CLASS_NAMES)} defect classes, width {s['segment']['width']}) "
+        f"trained {s['segment']['steps']} steps at batch {s['segment']['batch_size']} on the pairs of each source, "
+        f"each mask pixel labelled with its sample's class; tested on {results['test']['defective']} held-out real "
+        f"defective boards and {results['test']['clean']} clean ones. Pixel AP per class: one-vs-rest on the "
+        "softmax probability of that class over every test pixel; IoU per class: of the argmax map, pixel counts "
+        "pooled over the test set. mAP and mean IoU average the defect classes (background apart). "
+        f"Mean ± std over seeds {list(s['seeds'])}.",
+        "",
+        "| source | pairs | mAP | mean IoU | background IoU |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in by_source.items():
+        lines.append(f"| {name} | {r['pairs']} | {_pm(r['map'])} | {_pm(r['mean_iou'])} | {_pm(r['background_iou'])} |")
+    lines += ["", "Pixel AP per defect class:", "", *_per_class_table(by_source, "ap")]
+    lines += ["", "IoU per defect class (argmax):", "", *_per_class_table(by_source, "iou")]
+    lines += _winner_lines(results, "map", "mAP")
+    lines += _pictures(out_dir, results, ("map", "mean_iou"), "downstream-classes", sources, written)
+    written["markdown"].write_text("\n".join(lines) + "\n")
+    return written
+
+
 def write_downstream_report(
     out_dir: Path, results: dict, command: str, sources: dict[str, Boards] | None = None
 ) -> dict[str, Path]:
@@ -166,21 +241,7 @@ def write_downstream_report(
     ]
     for name, r in by_source.items():
         lines.append(f"| {name} | " + " | ".join(f"{r['iou'][c]['mean']:.3f}" for c in CLASS_NAMES) + " |")
-    winners = results.get("mask_winners") or {}
-    if winners:
-        lines += ["", "Mask methods (same images, different masks; best mean pixel AP):", ""]
-        for run, w in winners.items():
-            scores = ", ".join(f"{m} {v:.3f}" for m, v in w["pixel_ap"].items())
-            lines.append(f"- {run}: **{w['best']}** ({scores})")
-    for metric in ("pixel_ap", "image_auroc", "pixel_auroc"):
-        path = out_dir / f"downstream-{metric}.png"
-        bar_chart(by_source, metric, path)
-        written[metric] = path
-        lines += ["", f"![{metric}]({path.name})"]
-    if sources:
-        path = out_dir / "training-pairs.png"
-        examples_png(sources, path)
-        written["examples"] = path
-        lines += ["", "Training pairs (mask outlined in red):", "", f"![training pairs]({path.name})"]
+    lines += _winner_lines(results, "pixel_ap", "pixel AP")
+    lines += _pictures(out_dir, results, ("pixel_ap", "image_auroc", "pixel_auroc"), "downstream", sources, written)
     written["markdown"].write_text("\n".join(lines) + "\n")
     return written

@@ -19,14 +19,13 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from dmgr.data.dataset import mask_path
 from dmgr.eval.classifier import ClassifierSettings, PatchClassifier, accuracy, train_classifier
 from dmgr.eval.real import Patches
-from dmgr.images import from_uint8, list_images, load_rgb, resize_center_crop
+from dmgr.images import decode_mask, from_uint8, list_images, load_rgb, resize_center_crop
 from dmgr.schema import STRICT_SECTION, Count
 from dmgr.synth.backgrounds import Backgrounds
 
@@ -78,8 +77,7 @@ def data_digest(data_root: Path, classes: tuple[str, ...]) -> str:
 
 
 def _patch(path: Path, window: int, nearest: bool = False) -> np.ndarray:
-    with Image.open(path) as f:
-        img = f.convert("L") if nearest else load_rgb(path)
+    img = decode_mask(path.read_bytes()) if nearest else load_rgb(path)
     if img.size != (window, window):
         img = resize_center_crop(img, window, nearest=nearest)
     return np.asarray(img)

@@ -10,6 +10,7 @@ import sys
 from dmgr.cli import stop_on_interrupt
 from dmgr.export import anomalib, coco, yolo
 from dmgr.export.common import ExportError, export
+from dmgr.schema import ConfigError
 
 FORMATS = {"coco": coco, "yolo": yolo, "anomalib": anomalib}
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         summary = export(args.run, args.out, args.format, options, module.write_sample, module.finish,
                          getattr(module, "prepare", None))
-    except (ExportError, OSError) as err:
+    except (ExportError, ConfigError, OSError) as err:
         print(f"dmgr-export: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: summary[k] for k in ("format", "counts", "this_run")}, indent=1))

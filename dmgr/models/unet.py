@@ -54,6 +54,7 @@ class UNetConfig:
     learn_sigma: bool = False
     num_classes: int | None = None
     in_channels: int = 3  # 4 for a local model that generates RGB + defect mask
+    null_class: bool = False  # one more label row, id num_classes: "no class" (label dropout, guidance)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -253,6 +254,9 @@ class UNetModel(nn.Module):
 
     `model(x, t, y=None)` returns (B, 2C, H, W) with learned sigma (epsilon first), else (B, C, H, W), for
     C = in_channels (3; 4 for a local model that also generates the defect mask).
+    `null_class` (not a guided-diffusion argument) gives a class-conditional model one more label, id
+    `num_classes`, meaning "no class": the unconditional prediction of a model trained with label dropout.
+    Off, the parameters are exactly guided-diffusion's.
     """
 
     def __init__(
@@ -273,8 +277,11 @@ class UNetModel(nn.Module):
         learn_sigma: bool = False,
         num_classes: int | None = None,
         in_channels: int = 3,
+        null_class: bool = False,
     ):
         super().__init__()
+        if null_class and num_classes is None:
+            raise UNetConfigError("null_class needs a class-conditional model: set num_classes")
         if channel_mult in ("", None, ()):
             if image_size not in DEFAULT_CHANNEL_MULT:
                 raise ValueError(f"no default channel_mult for image_size {image_size}; set channel_mult")
@@ -299,6 +306,7 @@ class UNetModel(nn.Module):
             learn_sigma=learn_sigma,
             num_classes=num_classes,
             in_channels=in_channels,
+            null_class=null_class,
         )
         self.num_channels = num_channels
         self.num_classes = num_classes
@@ -314,7 +322,7 @@ class UNetModel(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(num_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + int(null_class), emb_dim)
 
         ch = first_ch = int(mults[0] * num_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
@@ -367,6 +375,12 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
+
+
+def null_label(model: nn.Module) -> int | None:
+    """The "no class" label id of a model built with null_class, else None."""
+    config = getattr(model, "config", None)
+    return model.num_classes if getattr(config, "null_class", False) else None
 
 
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:

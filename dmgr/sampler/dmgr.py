@@ -28,6 +28,7 @@ from torch import nn
 from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk
 from dmgr.diffusion import undo_step as diffusion_undo
 from dmgr.models.precision import autocast
+from dmgr.models.unet import null_label
 from dmgr.progress import progress_bar
 from dmgr.sampler.gates import crop_gate, global_gate
 from dmgr.sampler.loss import disagreement_map, rectification_loss
@@ -82,6 +83,28 @@ def model_eps(
     with autocast(x.device.type, precision):
         out = model(x, timesteps, y)
     return out[:, : x.shape[1]].float()
+
+
+def guided_eps(
+    model: nn.Module,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    y: torch.Tensor,
+    scale: float,
+    null: int | None,
+    precision: str,
+) -> torch.Tensor:
+    """Classifier-free guidance: eps_null + (1 + scale) * (eps_y - eps_null), where eps_null is the
+    prediction for the "no class" label `null` (a model built with null_class, trained with label
+    dropout). scale 0 is the conditional prediction; scale w is s = 1 + w in the eps_null + s * (eps_y -
+    eps_null) convention. One forward pass over [x; x] with labels [y; null]."""
+    if null is None:
+        raise ValueError("guidance needs a local model with a null class (null_class: true, trained with "
+                         "label_dropout > 0)")
+    labels = torch.cat([y, torch.full_like(y, null)])
+    both = model_eps(model, torch.cat([x, x]), torch.cat([timesteps, timesteps]), labels, precision)
+    cond, uncond = both.chunk(2)
+    return uncond + (1 + scale) * (cond - uncond)
 
 
 @dataclass(frozen=True)
@@ -150,8 +173,13 @@ def predict(sm: Sampler, x, c, t: int, grad_x: bool, grad_c: bool, eps_l: torch.
         eps_g = model_eps(sm.global_model, x, steps, None, sm.precision)
         sm.count(phase, "forward_grad_global" if grad_x else "forward_global")
         if eps_l is None:
-            eps_l = model_eps(sm.local_model, c, steps, sm.classes, sm.precision)
-            sm.count(phase, "forward_grad_local" if grad_c else "forward_local")
+            if sm.s.guidance:
+                eps_l = guided_eps(sm.local_model, c, steps, sm.classes, sm.s.guidance,
+                                   null_label(sm.local_model), sm.precision)
+            else:
+                eps_l = model_eps(sm.local_model, c, steps, sm.classes, sm.precision)
+            for _ in range(2 if sm.s.guidance else 1):  # guidance: the batch twice (its class, the null class)
+                sm.count(phase, "forward_grad_local" if grad_c else "forward_local")
         return Point(x, c, eps_g, predict_x0(x, eps_g, abar), eps_l, predict_x0(c, eps_l, abar), [(x, c)])
 
 

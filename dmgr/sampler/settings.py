@@ -48,6 +48,8 @@ class DMGRSettings:
     optimise_before_undo: Flag = True
     eta: NonNegative = 0.0
     record_every: Count() = 50  # x0 predictions kept for the process grid at indices multiple of this
+    guidance: NonNegative = 0.0  # classifier-free guidance w on the local model: eps_null + (1 + w) * (eps_y -
+    #   eps_null); 0: off (no extra pass). Needs a local model with a null class (trained with label_dropout)
 
     def phase(self, t: int) -> str:
         if not self.multistage:

@@ -28,6 +28,7 @@ from dmgr.eval.classifier import ClassifierSettings
 from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.acceleration import Acceleration
 from dmgr.models.precision import PRECISIONS
+from dmgr.models.unet import UNetConfig, UNetConfigError
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.noise import MAX_SEED
 from dmgr.sampler.settings import MASK_CHANNEL, DMGRSettings
@@ -277,7 +278,8 @@ class SynthSettings:
     schedule: dict  # config group conf/schedule/: name, respacing and the DMGRSettings
     seeds: Any = "0-15"  # a range "a-b" (inclusive), a single seed, or a list [3, 7, 11]
     samples_per_shard: Count() = 8  # shard k holds the k-th block of this many seeds
-    batch_size: Count() = 4  # samples per sampler call (per worker); does not change the samples
+    batch_size: Count() = 4  # samples per sampler call (per worker); bit-identical shards need the same
+    #   batch_size and threads (another batch_size: the same samples within rounding)
     out_dir: str | None = None  # null: outputs/<dataset>-<model>-<schedule>-<config hash> (reruns resume)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
     precision: Literal[PRECISIONS] = "fp32"  # autocast for the networks; the sampler maths stays fp32
@@ -389,6 +391,10 @@ def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec
     if random_init:
         if net.config is None:
             fail(f"model.{which}.config", None, "random_init needs an architecture config")
+        try:
+            UNetConfig.from_dict(net.config)
+        except UNetConfigError as exc:
+            fail(f"model.{which}.config", dict(net.config), str(exc))
         return NetworkSpec(None, net.config)
     if net.checkpoint in (None, "???", ""):
         fail(f"model.{which}.checkpoint", net.checkpoint, "give the path of a checkpoint file")
@@ -446,6 +452,8 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     performance = kept.pop("performance", None)
     if performance and performance != dataclasses.asdict(Acceleration()):
         kept["performance"] = performance  # the defaults keep the identity runs had before the setting existed
+    if not kept.get("schedule", {}).get("guidance", 1):  # off: the identity runs had before the setting existed
+        kept["schedule"] = {k: v for k, v in kept["schedule"].items() if k != "guidance"}
     kept["model"] = {**kept["model"]}
     for which, net in (("global", model.global_net), ("local", model.local_net)):
         kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}
@@ -564,6 +572,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
     model, dataset, backgrounds, gate = read_inputs(settings, model_settings, nets)
     _check_model(model, dataset)
+    if sampler.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
+        fail("schedule.guidance", sampler.guidance, "the local model has no null class: train one with "
+             "label_dropout > 0 (arch=demo_local_mask_guided, docs/training.md), or 0 for no guidance")
     mask_method = _mask_method(settings.mask.method, dataset, model)
     resolved["mask"]["method"] = mask_method
     if backgrounds is not None:

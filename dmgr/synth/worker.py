@@ -134,7 +134,8 @@ def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list
 def gated_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
     """finite_samples(), each scored by the gate; a rejected one is made again from the next attempt's
     derived noise (same plan) until it passes or gate.max_attempts are spent. Each round regenerates the
-    rejected plans together; a sample is the same whatever its batch, so the result is too."""
+    rejected plans of one batch together, so the batches, and the shards, depend only on the seeds and
+    batch_size."""
     done: list[dict | None] = [None] * len(plans)
     history: list[list[dict]] = [[] for _ in plans]
     pending = list(enumerate(plans))
