@@ -19,6 +19,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
