@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from dmgr import CONF_DIR
 from dmgr.diffusion import make_diffusion
-from dmgr.models import build_unet, read_checkpoint, save_checkpoint
+from dmgr.models import CheckpointError, build_unet, load_unet, read_checkpoint, save_checkpoint
 from dmgr.models.unet import UNetConfig, UNetConfigError, null_label
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, ddim_sample, dmgr_sample, make_generators
 from dmgr.sampler.dmgr import guided_eps, model_eps
@@ -213,3 +213,12 @@ def test_guidance_settings(tmp_path):
     today = synth_spec([out, "~schedule.guidance"]).identity
     assert synth_spec([out]).identity == today  # the default leaves the run's identity (its out_dir) as it was
     assert synth_spec([out, "schedule.guidance=0"]).identity == today
+
+
+def test_a_null_class_mismatch_is_named(tmp_path, null_model):
+    path = save_checkpoint(null_model, tmp_path / "null.safetensors")
+    with pytest.raises(CheckpointError, match=r"it has a null class: null_class: true\)\.$"):
+        load_unet(path, LOCAL_CONFIG)
+    plain = save_checkpoint(make_unet(0, **LOCAL_CONFIG), tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match=r"it has no null class: null_class: false\)\.$"):
+        load_unet(plain, NULL_CONFIG)

@@ -121,8 +121,18 @@ def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str 
     if parts:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model config: {'; '.join(parts)}. "
-            "Fix the architecture settings under model.* to match the checkpoint."
+            f"Fix the architecture settings under model.* to match the checkpoint{_null_class_hint(own, state)}."
         )
+
+
+def _null_class_hint(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """A label embedding one row longer on one side: the null class of a model trained with label dropout."""
+    key = "label_emb.weight"
+    if key not in own or key not in state:
+        return ""
+    extra = state[key].shape[0] - own[key].shape[0]
+    return {1: " (it has a null class: null_class: true)", -1: " (it has no null class: null_class: false)"}.get(
+        extra, "")
 
 
 def check_dtypes(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str | Path) -> None:
