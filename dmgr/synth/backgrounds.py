@@ -3,7 +3,8 @@
 Input: a folder of images (searched recursively; `*.mask.png` files are left out), or a JSONL manifest with
 one object per line, `{"image": "a/b.png", "roi": "a/b.roi.png"}` (UTF-8, a byte-order mark allowed; paths
 relative to the manifest's folder; `roi` optional, at the image's own size: non-zero pixels are where defects
-may go). A manifest
+may go; or per class, `"roi": {"missinghole": "pads.png", "short": "traces.png"}`: each named class only
+inside its own ROI, a class not named anywhere inside the margins). A manifest
 that names an image twice is used as written (the image is drawn twice as often) with one warning that
 counts the repeated lines. Each image is recorded by its path relative to the input root, normalised
 (`a/./b/../c.png` is `a/c.png`); an image outside the root by its normalised absolute path.
@@ -57,6 +58,17 @@ class Background:
     roi: Path | None  # where defects may go (non-zero), or None: anywhere
     roi_sha256: str = ""  # of the ROI file's bytes
     size: tuple[int, int] = (0, 0)  # (width, height) in pixels, upright
+    class_rois: tuple[ClassRoi, ...] = ()  # per-class ROIs (a manifest's {"class": "roi.png"})
+
+
+@dataclass(frozen=True)
+class ClassRoi:
+    """Where one class may go on one image: its ROI file, that file's sha256, and whether a window fits."""
+
+    class_name: str
+    path: Path
+    sha256: str
+    room: bool
 
 
 @dataclass(frozen=True)
@@ -108,12 +120,22 @@ class Backgrounds:
         item = self.items[index]
         return load_frame(item.path, item.name, item.sha256)
 
-    def allowed_corners(self, index: int) -> np.ndarray:
+    def allowed_corners(self, index: int, class_name: str | None = None) -> np.ndarray:
         """(H, W) bool: True at each top-left (x, y) -> [y, x] in image pixels whose window lies inside the
-        ROI and the margins."""
+        ROI (the class's own when the manifest gives one) and the margins."""
         item, g = self.items[index], self.geometry
         roi = None if item.roi is None else (str(item.roi), item.name, item.roi_sha256)
+        for own in item.class_rois:
+            if own.class_name == class_name:
+                roi = (str(own.path), item.name, own.sha256)
         return _corners(roi, item.size, g.window, g.border)
+
+    def has_room(self, index: int, class_name: str) -> bool:
+        """Whether a window of the class fits anywhere on image `index` (known from the scan, nothing read)."""
+        for own in self.items[index].class_rois:
+            if own.class_name == class_name:
+                return own.room
+        return True  # the image's own ROI (or none) has room: the scan skips images without
 
     def summary(self) -> dict:
         g = self.geometry
@@ -186,7 +208,23 @@ def _manifest_lines(source: Path) -> list[str]:
         raise BackgroundError(f"{source}: cannot read the manifest ({exc.strerror or exc})") from None
 
 
-def _manifest(source: Path) -> list[tuple[Path, Path | None]]:
+Roi = Path | dict[str, Path] | None  # all classes' ROI, per-class ROIs, or none
+
+
+def _roi(value: object, root: Path, where: str) -> Roi:
+    """A manifest line's "roi": a path (all classes), {class: path} (per class), or absent."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        return _normal(root / value)
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                 for k, v in value.items()):
+        return {k: _normal(root / v) for k, v in value.items()}
+    raise BackgroundError(f'{where}: "roi" is {json.dumps(value)[:80]}; give a path ("roi.png") or one path per '
+                          'class ({"missinghole": "pads.png", "short": "traces.png"})')
+
+
+def _manifest(source: Path) -> list[tuple[Path, Roi]]:
     root, entries, first_line, repeated = _normal(source.parent), [], {}, []
     for number, line in enumerate(_manifest_lines(source), 1):
         if not line.strip():
@@ -203,14 +241,14 @@ def _manifest(source: Path) -> list[tuple[Path, Path | None]]:
         if image in first_line:
             repeated.append(f"{number} (= {first_line[image]})")
         first_line.setdefault(image, number)
-        entries.append((image, None if roi in (None, "") else _normal(root / str(roi))))
+        entries.append((image, _roi(roi, root, f"{source}:{number}")))
     if repeated:
         log.warning("%s: %d lines name an image an earlier line names (lines %s%s): each is used as often as it is "
                     "listed", source, len(repeated), ", ".join(repeated[:10]), " ..." if len(repeated) > 10 else "")
     return entries
 
 
-def _entries(source: Path) -> tuple[Path, list[tuple[Path, Path | None]]]:
+def _entries(source: Path) -> tuple[Path, list[tuple[Path, Roi]]]:
     """(root, [(image path, roi path or None)]) from a folder or a JSONL manifest."""
     if source.is_dir():
         return source, [(p, None) for p in list_images(source)]
@@ -235,38 +273,55 @@ def _decoded_size(data: bytes, conversions: Conversions, name: str) -> tuple[int
     return image.size
 
 
-def _check(image: Path, roi: Path | None, g: Geometry,
-           conversions: Conversions) -> tuple[str | None, str, str, tuple[int, int]]:
+def _read_roi(roi: Path, size: tuple[int, int]) -> tuple[str | None, str]:
+    """(reason the ROI cannot be used or None, sha256 of its bytes or "")."""
+    try:
+        roi_data = roi.read_bytes()
+        roi_size = decode_mask(roi_data).size
+    except Exception as exc:  # noqa: BLE001
+        return f"ROI {roi.name} unreadable ({type(exc).__name__})", ""
+    digest = hashlib.sha256(roi_data).hexdigest()
+    if roi_size != size:
+        return (f"ROI {roi.name} is {roi_size[0]}x{roi_size[1]}, the image {size[0]}x{size[1]} (both upright)",
+                digest)
+    return None, digest
+
+
+def _check(image: Path, roi: Roi, g: Geometry,
+           conversions: Conversions) -> tuple[str | None, str, str, tuple[int, int], tuple[ClassRoi, ...]]:
     """(reason to skip or None, sha256 of the image file, sha256 of the ROI file or "", (width, height) or
-    (0, 0) when undecodable)."""
+    (0, 0) when undecodable, per-class ROIs)."""
     try:
         data = image.read_bytes()
     except (OSError, MemoryError) as exc:
-        return f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})", "", "", (0, 0)
+        return f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})", "", "", (0, 0), ()
     digest = hashlib.sha256(data).hexdigest()
     try:
         size = _decoded_size(data, conversions, image.name)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a skipped image
-        return f"unreadable image ({type(exc).__name__}: {str(exc)[:160]})", digest, "", (0, 0)
+        return f"unreadable image ({type(exc).__name__}: {str(exc)[:160]})", digest, "", (0, 0), ()
     width, height = size
     if min(width, height) < g.crop:
         return (f"{width}x{height} is smaller than one context crop ({g.crop} px at dataset.scale={g.scale:g})",
-                digest, "", size)
+                digest, "", size, ())
+    if isinstance(roi, dict):
+        own = []
+        for class_name, path in roi.items():
+            reason, roi_digest = _read_roi(path, size)
+            if reason is not None:
+                return f"{reason} (class {class_name})", digest, "", size, ()
+            room = bool(_corners((str(path), path.name, roi_digest), size, g.window, g.border).any())
+            own.append(ClassRoi(class_name, path.resolve(), roi_digest, room))
+        return None, digest, "", size, tuple(own)
     roi_digest = ""
     if roi is not None:
-        try:
-            roi_data = roi.read_bytes()
-            roi_size = decode_mask(roi_data).size
-        except Exception as exc:  # noqa: BLE001
-            return f"ROI {roi.name} unreadable ({type(exc).__name__})", digest, "", size
-        roi_digest = hashlib.sha256(roi_data).hexdigest()
-        if roi_size != size:
-            return (f"ROI is {roi_size[0]}x{roi_size[1]}, the image {width}x{height} (both upright)", digest,
-                    roi_digest, size)
+        reason, roi_digest = _read_roi(roi, size)
+        if reason is not None:
+            return reason, digest, roi_digest, size, ()
     key = None if roi is None else (str(roi), roi.name, roi_digest)
     if not _corners(key, size, g.window, g.border).any():
-        return f"no room for a {g.window} px window (margin {g.border} px)", digest, roi_digest, size
-    return None, digest, roi_digest, size
+        return f"no room for a {g.window} px window (margin {g.border} px)", digest, roi_digest, size, ()
+    return None, digest, roi_digest, size, ()
 
 
 def fitting_scale(image_size: int, shorter_side: int) -> float:
@@ -287,14 +342,16 @@ def scan_backgrounds(source: str | Path, image_size: int, window_size: int, marg
     digest = hashlib.sha256(f"native size={image_size} window={window_size} scale={scale!r}".encode())
     for image, roi in entries:
         name = _relative(image, root)
-        reason, sha, roi_sha, size = _check(image, roi, g, conversions)
+        reason, sha, roi_sha, size, class_rois = _check(image, roi, g, conversions)
         sides.append(min(size))
         if reason is not None:
             skipped.append((name, reason))
             log.warning("skipping background %s: %s", name, reason)
             continue
-        items.append(Background(image.resolve(), name, sha, None if roi is None else roi.resolve(), roi_sha, size))
-        digest.update(f"{name}\0{sha}\0{roi_sha}\n".encode())
+        plain = roi.resolve() if isinstance(roi, Path) else None
+        items.append(Background(image.resolve(), name, sha, plain, roi_sha, size, class_rois))
+        own = "".join(f"\0{c.class_name}={c.sha256}" for c in class_rois)
+        digest.update(f"{name}\0{sha}\0{roi_sha}{own}\n".encode())
     conversions.report(log, f"backgrounds in {source}")
     if not items:
         first = f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""

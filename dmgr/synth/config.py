@@ -90,6 +90,23 @@ def parse_seeds(value: Any) -> Sequence[int]:
 
 
 @dataclass(frozen=True)
+class PlacementSpec:
+    """Where each defect goes on a real background, and what happens when its mask comes out empty
+    (docs/configuration.md "Placement")."""
+
+    __pydantic_config__ = STRICT_SECTION
+    candidates: Count() = 1  # windows per defect, scored by the local model; 1: the first drawn, no scoring
+    noise_levels: Count() = 3  # respaced steps the candidates' class-conditional denoising error is taken at
+    min_mask_area: Count(0) = 4  # per defect, mask pixels (image pixels); below: re-placed and made again
+    size_quantile: Annotated[float, Field(ge=0, le=0.5)] = 0.05  # with data_root: per class, the minimum is
+    #   at least this quantile of the class's real mask areas
+    data_root: UserPath | None = None  # local/<class>/*.mask.png: the per-class size prior (null: none)
+    max_attempts: Count() = 4  # attempts per seed in all against an empty mask (each a new placement)
+    on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked | skip: drop the seed
+    min_areas: tuple[float, ...] | None = None  # set by validate: per class, the minimum mask area
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """conf/dataset/*.yaml."""
 
@@ -108,6 +125,7 @@ class DatasetSpec:
     images: Path | None = None  # source=images: a folder or a JSONL manifest
     defects_per_image: Count() = 1  # each with its own class, window and mask (source=images)
     scale: float = 1.0  # source=images: model pixels per image pixel; a context crop covers image_size / scale
+    placement: PlacementSpec = PlacementSpec()
 
     def __post_init__(self) -> None:
         size, window, margin = self.image_size, self.window_size, self.margin
@@ -132,6 +150,9 @@ class DatasetSpec:
                      f"the {window} px window must lie inside the {size} px image")
         if self.source == "images" and str(self.images or "") in ("", "???"):
             fail("dataset.images", self.images, "source=images needs a folder of images or a .jsonl manifest")
+        if self.placement.candidates > 1 and (self.source != "images" or self.window_choice == "fixed"):
+            fail("dataset.placement.candidates", self.placement.candidates,
+                 "candidate windows need source=images and window_choice=uniform (1: no choice)")
         if self.defects_per_image > 1 and (self.source != "images" or self.window_choice == "fixed"):
             fail("dataset.defects_per_image", self.defects_per_image,
                  "several defects need source=images and window_choice=uniform")
@@ -526,6 +547,41 @@ def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> No
                  f"({item.size[0]}x{item.size[1]}): give a top-left inside every image")
 
 
+def _check_class_rois(dataset: DatasetSpec, backgrounds: Backgrounds) -> None:
+    """Every per-class ROI names a class of the run, and every class that can be drawn fits somewhere."""
+    from dmgr.synth.plan import class_weights  # plan imports this module
+
+    for item in backgrounds.items:
+        for own in item.class_rois:
+            if own.class_name not in dataset.classes:
+                fail("dataset.images", str(dataset.images), f'the "roi" of {item.name} names class '
+                     f"{own.class_name!r}, not one of dataset.classes ({', '.join(dataset.classes)}): fix the name")
+    for name, weight in zip(dataset.classes, class_weights(dataset)):
+        if weight > 0 and not any(backgrounds.has_room(i, name) for i in range(len(backgrounds))):
+            fail("dataset.images", str(dataset.images), f"class {name!r} fits on no image: its per-class ROIs "
+                 f"leave no room for a {backgrounds.geometry.window} px window; widen them, or leave the class out")
+
+
+def _size_prior(dataset: DatasetSpec) -> DatasetSpec:
+    """The dataset with placement.min_areas: per class, min_mask_area raised to the size_quantile of the real
+    masks under placement.data_root (image pixels at dataset.scale), or min_mask_area alone."""
+    placement = dataset.placement
+    floor = [float(placement.min_mask_area)] * len(dataset.classes)
+    if placement.data_root is not None:
+        root = _find_path(str(placement.data_root))
+        if root is None or not (root / "local").is_dir():
+            fail("dataset.placement.data_root", str(placement.data_root), "a data root with local/<class>/ "
+                 "patches and their masks (the demo's: `make data` writes outputs/pcb-data), or null for no prior")
+        from dmgr.eval.user_classifier import area_ranges
+
+        try:
+            ranges = area_ranges(root, dataset.classes, dataset.window_size, placement.size_quantile)
+        except (FileNotFoundError, ValueError) as exc:
+            fail("dataset.placement.data_root", str(root), str(exc).splitlines()[0])
+        floor = [max(f, round(ranges[c][0] / dataset.scale**2, 2)) for f, c in zip(floor, dataset.classes)]
+    return dataclasses.replace(dataset, placement=dataclasses.replace(placement, min_areas=tuple(floor)))
+
+
 def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[NetworkSettings]):
     """The checks that read the disk, all in one step (nothing is written): each checkpoint's header, the
     background images (source=images; the demo's default folder is rendered on first use, the one write) and
@@ -547,6 +603,8 @@ def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[Ne
             fail("dataset.images", str(images), str(exc))
         if dataset.window_choice == "fixed":
             _check_fixed_window(dataset.fixed_window, backgrounds)
+        _check_class_rois(dataset, backgrounds)
+    dataset = _size_prior(dataset)
     if gate.enabled:
         gate = _gate_data(gate, dataset)
     return spec, dataset, backgrounds, gate
@@ -577,6 +635,7 @@ def validate(cfg: DictConfig) -> RunSpec:
              "label_dropout > 0 (arch=demo_local_mask_guided, docs/training.md), or 0 for no guidance")
     mask_method = _mask_method(settings.mask.method, dataset, model)
     resolved["mask"]["method"] = mask_method
+    resolved["dataset"]["placement"]["min_areas"] = list(dataset.placement.min_areas)
     if backgrounds is not None:
         resolved["dataset"]["images"] = str(dataset.images)
         resolved["dataset"]["images_digest"] = backgrounds.digest

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,9 +18,11 @@ from dmgr.images import bounding_box, from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.acceleration import accelerate
 from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
+from dmgr.sampler.dmgr import model_eps
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
+from dmgr.sampler.noise import generator
 from dmgr.synth.config import NetworkSpec, RunSpec
-from dmgr.synth.plan import SamplePlan, model_window, stream_seed
+from dmgr.synth.plan import Defect, SamplePlan, model_window, stream_seed
 
 log = logging.getLogger(__name__)
 GIVEN = "_given"  # a real-image sample's decoded input frame, dropped before the sample is written
@@ -215,7 +217,12 @@ def image_window_box(defect, geometry) -> list[int]:
 
 
 def planned_defect(defect, geometry) -> dict:
-    """The json fields of one defect on a real background that its plan gives (boxes in image pixels)."""
+    """The json fields of one defect on a real background that its plan gives (boxes in image pixels): with
+    candidates, their window boxes (the engine chooses the window)."""
+    if defect.candidates:
+        return {"class_name": defect.class_name, "class_id": defect.class_id,
+                "candidate_boxes": [image_window_box(defect.placed(j, geometry), geometry)
+                                    for j in range(len(defect.candidates))]}
     cx, cy = defect.context
     return {
         "class_name": defect.class_name,
@@ -223,6 +230,67 @@ def planned_defect(defect, geometry) -> dict:
         "window_box": image_window_box(defect, geometry),
         "context_box": [cx, cy, cx + geometry.crop, cy + geometry.crop],
     }
+
+
+def placement_levels(num_steps: int, count: int) -> list[int]:
+    """`count` indices of the respaced grid, evenly from 10 % to 50 % of it (low and middle noise: where the
+    local model's error still sees the window's texture)."""
+    if count == 1:
+        return [max(0, round(0.3 * (num_steps - 1)))]
+    return [round((0.1 + 0.4 * i / (count - 1)) * (num_steps - 1)) for i in range(count)]
+
+
+@torch.no_grad()
+def placement_scores(model: torch.nn.Module, diffusion: Diffusion, windows: torch.Tensor, class_id: int,
+                     num_classes: int, levels: list[int], g: torch.Generator, precision: str = "fp32") -> torch.Tensor:
+    """(K,) how much better class `class_id` explains each clean window (K, 3, w, w) than the classes on
+    average: the local model's class-conditional denoising error (epsilon MSE on the colour channels) under
+    the class minus its mean over all classes, averaged over the noise `levels`; lower is more plausible.
+    The noise comes from `g` (per level, (K, C_in, w, w)); a mask channel is given pure noise (its clean value
+    is unknown). One forward over levels x classes x windows."""
+    k, w = windows.shape[0], windows.shape[-1]
+    channels = getattr(model, "in_channels", 3)
+    inputs, noises, steps = [], [], []
+    for index in levels:
+        eps = torch.randn((k, channels, w, w), generator=g).to(windows.device)
+        abar = diffusion.abar(index)
+        x_t = eps.clone()
+        x_t[:, :3] = abar**0.5 * windows + (1 - abar) ** 0.5 * eps[:, :3]
+        inputs.append(x_t.repeat(num_classes, 1, 1, 1))
+        noises.append(eps[:, :3].repeat(num_classes, 1, 1, 1))
+        steps.append(diffusion.model_timesteps(index, k * num_classes, windows.device))
+    labels = torch.arange(num_classes, device=windows.device).repeat_interleave(k).repeat(len(levels))
+    predicted = model_eps(model, torch.cat(inputs), torch.cat(steps), labels, precision)[:, :3]
+    error = (predicted - torch.cat(noises)).pow(2).flatten(1).mean(1).view(len(levels), num_classes, k)
+    return (error[:, class_id] - error.mean(1)).mean(0).cpu()
+
+
+def _clean_window(frame: np.ndarray, defect: Defect, spec: RunSpec) -> torch.Tensor:
+    """(1, 3, w, w) the defect's window as the sampler sees it: its context crop resized to image_size."""
+    geometry, side, w = spec.backgrounds.geometry, spec.backgrounds.geometry.crop, spec.dataset.window_size
+    cx, cy = defect.context
+    crop = to_model(from_uint8(np.ascontiguousarray(frame[None, cy : cy + side, cx : cx + side])),
+                    spec.dataset.image_size)
+    mx, my = model_window(defect, geometry)
+    return crop[:, :, my : my + w, mx : mx + w]
+
+
+def choose_placement(engine: Engine, spec: RunSpec, frame: np.ndarray, plan: SamplePlan, k: int,
+                     defect: Defect) -> tuple[Defect, dict | None]:
+    """(the defect at its most plausible candidate window, the json's record of the choice), scored on `frame`
+    in a batch of this defect's candidates only (so the choice never depends on batch-mates); ties go to the
+    lower index. A defect without candidates is returned as planned, with None."""
+    if len(defect.candidates) < 2:
+        return defect, None
+    geometry = spec.backgrounds.geometry
+    placed = [defect.placed(j, geometry) for j in range(len(defect.candidates))]
+    windows = torch.cat([_clean_window(frame, d, spec) for d in placed]).to(engine.device)
+    key = stream_seed(plan.seed, "placement", k, *((plan.attempt,) if plan.attempt else ()))
+    levels = placement_levels(engine.diffusion.num_steps, spec.dataset.placement.noise_levels)
+    scores = placement_scores(engine.local_model, engine.diffusion, windows, defect.class_id,
+                              len(spec.dataset.classes), levels, generator(key), spec.precision).tolist()
+    chosen = min(range(len(scores)), key=lambda j: (scores[j], j))
+    return placed[chosen], {"candidates": len(scores), "chosen": chosen, "score": diagnostic(scores[chosen])}
 
 
 def sample_into_backgrounds(
@@ -243,7 +311,8 @@ def sample_into_backgrounds(
     finite = [True] * len(plans)
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
-        chosen_defects = [plans[i].defects[k] for i in rows]
+        choices = [choose_placement(engine, spec, canvas[i], plans[i], k, plans[i].defects[k]) for i in rows]
+        chosen_defects = [d for d, _ in choices]
         generators = make_generators([plans[i].noise_seed if k == 0 else stream_seed(plans[i].noise_seed, "defect", k)
                                       for i in rows])
         crops = np.stack([canvas[i][d.context[1] : d.context[1] + side, d.context[0] : d.context[0] + side]
@@ -280,11 +349,14 @@ def sample_into_backgrounds(
             for m in methods:
                 unions[m][i][cy : cy + side, cx : cx + side] |= masks[m][j]
             box, planned = bounding_box(chosen), planned_defect(d, geometry)
+            if d.candidates:
+                planned = {**planned, **planned_defect(replace(d, candidates=()), geometry)}
             defects[i].append({
                 **planned,
                 "mask_box": None if box is None else [box[0] + cx, box[1] + cy, box[2] + cx, box[3] + cy],
                 "mask_area": int(chosen.sum()),
                 "final_loss": float(result.final_loss[j]),
+                **({"placement": choices[j][1]} if choices[j][1] else {}),
             })
     return Batch(canvas, unions, defects, finite, crop=crop, grid=grid, input=inputs)
 
@@ -326,9 +398,12 @@ def config_fields(spec: RunSpec, digests: dict[str, str], plan: SamplePlan) -> d
     if spec.dataset.source != "images":
         return fields
     background, geometry = spec.backgrounds.items[plan.background], spec.backgrounds.geometry
+    if plan.defects[0].candidates:
+        fields.pop("window_box")  # the engine chooses it
+    else:
+        fields["window_box"] = image_window_box(plan.defects[0], geometry)
     return {
         **fields,
-        "window_box": image_window_box(plan.defects[0], geometry),
         "width": background.size[0],
         "height": background.size[1],
         "scale": spec.backgrounds.scale,

@@ -9,7 +9,7 @@ stream_seed(seed, name, index...); distinct keys give independent streams.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,14 @@ class Defect:
     class_name: str
     window: tuple[int, int]  # top-left (x, y); in image pixels on real backgrounds
     context: tuple[int, int] | None = None  # real backgrounds: top-left (x, y) of the context crop, image pixels
+    candidates: tuple[tuple[int, int], ...] = ()  # real backgrounds, placement.candidates > 1: the windows the
+    #   engine chooses among (window is the first until it chooses)
+    image_size: tuple[int, int] = (0, 0)  # with candidates: (width, height) of the image, for their contexts
+
+    def placed(self, index: int, geometry: Geometry) -> Defect:
+        """This defect at its candidate `index` (the window and its context crop)."""
+        window = self.candidates[index]
+        return replace(self, window=window, context=context_origin(window, self.image_size, geometry))
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,8 @@ class SamplePlan:
     seed: int
     defects: tuple[Defect, ...]  # one or more, windows never overlapping
     background: int | None = None  # index into the usable backgrounds (dataset.source=images)
-    attempt: int = 0  # > 0: the sample is retried with noise from a derived seed (same plan)
+    attempt: int = 0  # > 0: the sample is retried: noise from a derived seed, windows from a new placement
+    #   (same background and classes on real backgrounds)
 
     @property
     def noise_seed(self) -> int:
@@ -53,7 +62,7 @@ class SamplePlan:
 
 
 def retry_seed(seed: int, attempt: int) -> int:
-    """The noise key of attempt > 0 (a NaN retry or a gate rejection): its own stream, same plan."""
+    """The noise key of attempt > 0 (a NaN, an empty mask or a gate rejection): its own stream."""
     return stream_seed(seed, "attempt", attempt)
 
 
@@ -62,13 +71,41 @@ def plan_generator(seed: int) -> torch.Generator:
     return generator(stream_seed(seed, "plan"))
 
 
-def _class(dataset: DatasetSpec, g: torch.Generator) -> int:
+def replacement_generator(seed: int, attempt: int) -> torch.Generator:
+    """The generator of attempt a > 0's windows (re-placement: same background and classes)."""
+    return generator(stream_seed(seed, "replace", attempt))
+
+
+def class_weights(dataset: DatasetSpec) -> list[float]:
+    """The chance weight of each class by dataset.class_choice (uniform: equal; fixed: one class)."""
+    if dataset.class_choice == "fixed":
+        return [float(c == dataset.fixed_class) for c in dataset.classes]
+    if dataset.class_choice == "weighted":
+        return [float(w) for w in dataset.class_weights]
+    return [1.0] * len(dataset.classes)
+
+
+def _class(dataset: DatasetSpec, g: torch.Generator, allowed: Sequence[bool] | None = None) -> int:
+    """A class drawn by dataset.class_choice among the `allowed` ones (all when None; the draw is today's
+    when all are allowed)."""
+    allowed = [True] * len(dataset.classes) if allowed is None else allowed
     if dataset.class_choice == "fixed":
         return dataset.classes.index(dataset.fixed_class)
     if dataset.class_choice == "weighted":
-        weights = torch.tensor(dataset.class_weights, dtype=torch.float64)
+        weights = torch.tensor([w * a for w, a in zip(dataset.class_weights, allowed)], dtype=torch.float64)
         return int(torch.multinomial(weights, 1, generator=g))
-    return int(torch.randint(len(dataset.classes), (1,), generator=g))
+    ids = [i for i, a in enumerate(allowed) if a]
+    return ids[int(torch.randint(len(ids), (1,), generator=g))]
+
+
+def allowed_classes(dataset: DatasetSpec, backgrounds: Backgrounds, index: int) -> list[bool]:
+    """Per class: it has a chance (weight > 0) and a window of it fits on background `index`."""
+    return [w > 0 and backgrounds.has_room(index, c) for c, w in zip(dataset.classes, class_weights(dataset))]
+
+
+def eligible_backgrounds(dataset: DatasetSpec, backgrounds: Backgrounds) -> list[int]:
+    """The backgrounds on which at least one drawable class fits (every one without per-class ROIs)."""
+    return [i for i in range(len(backgrounds)) if any(allowed_classes(dataset, backgrounds, i))]
 
 
 def _draw_free(allowed: np.ndarray, taken: list[tuple[int, int]], window: int,
@@ -100,13 +137,17 @@ def model_window(defect: Defect, geometry: Geometry) -> tuple[int, int]:
     return tuple(min(max(0, round((w - c) * geometry.scale)), high) for w, c in zip(defect.window, defect.context))
 
 
-def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None = None) -> SamplePlan:
+def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None = None,
+                attempt: int = 0) -> SamplePlan:
     """Class(es), window(s) and background of one seed, from the seed's own plan generator.
 
     Generated boards: one defect, window uniform in [margin, size - window - margin) per axis. Real
-    backgrounds: the image uniform among the usable ones, then each defect's class and a window drawn
-    uniformly among the top-left corners (image pixels) inside the ROI and margins that overlap no earlier
-    window (an image with no room left gets fewer defects; its json says so), and its context crop.
+    backgrounds: the image uniform among those where a drawable class fits, then each defect's class among
+    the classes that fit there, and `dataset.placement.candidates` windows drawn uniformly among the top-left
+    corners (image pixels) inside the class's ROI and the margins that overlap no earlier defect's candidate
+    (an image with no room left gets fewer defects; its json says so), and its context crop. The engine
+    chooses among the candidates. Attempt a > 0 keeps the background and classes and draws the windows
+    again from `replacement_generator(seed, a)`.
     """
     g = plan_generator(seed)
     if backgrounds is None:
@@ -117,23 +158,44 @@ def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None
             low, high = dataset.margin, dataset.image_size - dataset.window_size - dataset.margin
             x, y = torch.randint(low, high, (2,), generator=g).tolist()
             window = (int(x), int(y))
-        return SamplePlan(seed, (Defect(class_id, dataset.classes[class_id], window),))
-    background = int(torch.randint(len(backgrounds), (1,), generator=g))
+        return SamplePlan(seed, (Defect(class_id, dataset.classes[class_id], window),), attempt=attempt)
+    eligible = eligible_backgrounds(dataset, backgrounds)
+    background = eligible[int(torch.randint(len(eligible), (1,), generator=g))]
+    planned = _place(dataset, backgrounds, background, g, None)
+    if attempt == 0:
+        return SamplePlan(seed, planned, background)
+    again = _place(dataset, backgrounds, background, replacement_generator(seed, attempt),
+                   [d.class_id for d in planned])
+    return SamplePlan(seed, again, background, attempt)
+
+
+def _place(dataset: DatasetSpec, backgrounds: Backgrounds, background: int, g: torch.Generator,
+           classes: list[int] | None) -> tuple[Defect, ...]:
+    """The defects on one background: classes drawn from g (or given), candidate windows drawn from g."""
     geometry, size = backgrounds.geometry, backgrounds.items[background].size
+    allowed = allowed_classes(dataset, backgrounds, background)
+    count = dataset.defects_per_image if classes is None else len(classes)
     defects: list[Defect] = []
-    for _ in range(dataset.defects_per_image):
-        class_id = _class(dataset, g)
+    for k in range(count):
+        class_id = _class(dataset, g, allowed) if classes is None else classes[k]
+        name = dataset.classes[class_id]
         if dataset.window_choice == "fixed":  # validation allows one defect per image here
             window = tuple(dataset.fixed_window)
-        else:
-            window = _draw_free(backgrounds.allowed_corners(background), [d.window for d in defects],
-                                geometry.window, g)
+            return (Defect(class_id, name, window, context_origin(window, size, geometry)),)
+        corners = backgrounds.allowed_corners(background, name)
+        taken = [w for d in defects for w in (d.candidates or (d.window,))]
+        candidates = []
+        for _ in range(dataset.placement.candidates):
+            window = _draw_free(corners, taken, geometry.window, g)
             if window is None:
                 break
-        defects.append(Defect(class_id, dataset.classes[class_id], window, context_origin(window, size, geometry)))
-        if dataset.window_choice == "fixed":
+            candidates.append(window)
+        if not candidates:
             break
-    return SamplePlan(seed, tuple(defects), background)
+        kept = tuple(candidates) if dataset.placement.candidates > 1 else ()
+        defects.append(Defect(class_id, name, candidates[0], context_origin(candidates[0], size, geometry),
+                              kept, size if kept else (0, 0)))
+    return tuple(defects)
 
 
 def num_shards(num_seeds: int, samples_per_shard: int) -> int:

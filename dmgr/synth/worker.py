@@ -9,7 +9,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ def shard_is_complete(spec: RunSpec, k: int, path: Path, seeds: Sequence[int], d
 
 
 def sample_metrics(meta: dict) -> dict[str, float]:
-    """What the manifest's `metrics` averages, for one sample."""
+    """What the manifest's `metrics` averages, for one sample written."""
     boxes = [d["window_box"] for d in meta.get("defects", [meta])]
     window_area = sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
     return {
@@ -82,33 +82,21 @@ def sample_metrics(meta: dict) -> dict[str, float]:
         "mask_window_fraction": meta["mask_area"] / window_area,
         "empty_masks": int(meta["mask_area"] == 0),
         "fewer_defects_than_requested": int(len(boxes) < meta.get("defects_requested", 1)),
-        "nonfinite_retries": meta.get("attempt", 0) - len(meta.get("gate", {}).get("rejected", [])),
+        **retry_metrics(meta),
     }
+
+
+def retry_metrics(meta: dict) -> dict[str, float]:
+    """The retries behind one sample by reason, and whether its mask check was exhausted."""
+    reasons = [r["reason"] for r in meta.get("retries", [])]
+    exhausted = meta.get("empty_mask", {})
+    return {"nonfinite_retries": reasons.count("nonfinite"), "empty_masks_replaced": reasons.count("empty_mask"),
+            "empty_masks_flagged": int(bool(exhausted.get("flagged"))),
+            "empty_masks_skipped": int(bool(exhausted.get("skipped")))}
 
 
 def add_metrics(total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
     return {**total, **{key: total.get(key, 0) + value for key, value in more.items()}}
-
-
-def finite_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """generate(), with every sample whose image holds NaN/Inf made again from a derived noise seed
-    (nonfinite.action=retry, up to nonfinite.max_attempts attempts in all) or the run stopped."""
-    samples = []
-    for plan, sample in zip(plans, generate(engine, spec, plans)):
-        while not sample.pop("finite"):
-            attempts = plan.attempt + 1
-            if spec.nonfinite.action == "stop" or attempts >= spec.nonfinite.max_attempts:
-                raise NonFiniteSample(
-                    f"seed {plan.seed}: the image holds NaN/Inf after {attempts} attempt(s) "
-                    f"(nonfinite.action={spec.nonfinite.action}, max_attempts={spec.nonfinite.max_attempts}): "
-                    "check the checkpoints and precision; nothing of this shard was written"
-                )
-            log.warning("seed %d: NaN/Inf in the image, retrying from a derived seed (attempt %d)",
-                        plan.seed, attempts + 1)
-            plan = replace(plan, attempt=attempts)
-            sample = generate(engine, spec, [plan])[0]
-        samples.append(sample)
-    return samples
 
 
 def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list[str]]:
@@ -131,31 +119,96 @@ def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list
     return scores, verdict(scores, ranges, spec.gate.thresholds())
 
 
-def gated_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """finite_samples(), each scored by the gate; a rejected one is made again from the next attempt's
-    derived noise (same plan) until it passes or gate.max_attempts are spent. Each round regenerates the
-    rejected plans of one batch together, so the batches, and the shards, depend only on the seeds and
-    batch_size."""
+def small_masks(spec: RunSpec, meta: dict) -> dict | None:
+    """None when every defect's mask reaches its class's minimum area (dataset.placement.min_areas), else
+    the areas and minima."""
+    minima = spec.dataset.placement.min_areas or [spec.dataset.placement.min_mask_area] * len(spec.dataset.classes)
+    defects = meta.get("defects", [meta])
+    areas, floors = [d["mask_area"] for d in defects], [minima[d["class_id"]] for d in defects]
+    if all(a >= f and a > 0 for a, f in zip(areas, floors)):
+        return None
+    return {"mask_area": areas, "min_area": floors}
+
+
+def _budget(spec: RunSpec, reason: str) -> int:
+    """Attempts in all a seed may take while `reason` keeps failing it."""
+    return {"nonfinite": spec.nonfinite.max_attempts, "empty_mask": spec.dataset.placement.max_attempts,
+            "gate": spec.gate.max_attempts}[reason]
+
+
+def _check(engine: Engine, spec: RunSpec, sample: dict) -> tuple[str | None, dict]:
+    """(the first reason the sample must be made again, its details), checked in order: NaN/Inf, a mask
+    below the minimum area, the quality gate (when on); (None, gate scores or {}) when it passes."""
+    if not sample.pop("finite"):
+        return "nonfinite", {}
+    small = small_masks(spec, sample["json"])
+    if small is not None:
+        return "empty_mask", small
+    if spec.gate.enabled:
+        scores, reasons = gate_scores(engine, spec, sample)
+        return ("gate" if reasons else None), {"reasons": reasons, "scores": scores}
+    return None, {}
+
+
+def _exhausted(spec: RunSpec, plan: SamplePlan, reason: str, details: dict, meta: dict) -> None:
+    """Mark the json of a sample whose last attempt still fails (or stop the run for NaN/Inf)."""
+    attempts = plan.attempt + 1
+    if reason == "nonfinite":
+        raise NonFiniteSample(
+            f"seed {plan.seed}: the image holds NaN/Inf after {attempts} attempt(s) "
+            f"(nonfinite.action={spec.nonfinite.action}, max_attempts={spec.nonfinite.max_attempts}): "
+            "check the checkpoints and precision; nothing of this shard was written"
+        )
+    if reason == "empty_mask":
+        outcome = "skipped" if spec.dataset.placement.on_exhausted == "skip" else "flagged"
+        meta["empty_mask"] = {**details, "attempts": attempts, outcome: True}
+        log.warning("seed %d: a defect mask below its minimum area after %d attempt(s): %s", plan.seed, attempts,
+                    outcome)
+
+
+def made_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
+    """generate(), then one retry loop: a sample with NaN/Inf, a defect mask below its class's minimum area,
+    or (gate.enabled) a gate rejection is made again at the next attempt, a new placement (same background
+    and classes) with noise from a derived seed, until it passes or the reason's max_attempts are spent (one
+    attempt counter per seed; its json lists each retry with its reason). Each round makes the failed plans
+    of one batch together, so the batches, and the shards, depend only on the seeds and batch_size."""
     done: list[dict | None] = [None] * len(plans)
-    history: list[list[dict]] = [[] for _ in plans]
+    retries: list[list[dict]] = [[] for _ in plans]
+    rejected: list[list[dict]] = [[] for _ in plans]
     pending = list(enumerate(plans))
     while pending:
         again = []
-        for (i, plan), sample in zip(pending, finite_samples(engine, spec, [p for _, p in pending])):
+        for (i, plan), sample in zip(pending, generate(engine, spec, [p for _, p in pending])):
             meta = sample["json"]
-            attempt = meta.get("attempt", 0)
-            scores, reasons = gate_scores(engine, spec, sample)
-            if reasons and attempt + 1 < spec.gate.max_attempts:
-                history[i].append({"attempt": attempt, "reasons": reasons, "scores": scores})
-                again.append((i, replace(plan, attempt=attempt + 1)))
+            reason, details = _check(engine, spec, sample)
+            retry = reason is not None and plan.attempt + 1 < _budget(spec, reason)
+            if reason == "nonfinite" and spec.nonfinite.action == "stop":
+                retry = False
+            if retry:
+                retries[i].append({"attempt": plan.attempt, "reason": reason})
+                if reason == "gate":
+                    rejected[i].append({"attempt": plan.attempt, **details})
+                log.info("seed %d: attempt %d failed (%s): a new placement", plan.seed, plan.attempt, reason)
+                again.append((i, plan_sample(plan.seed, spec.dataset, spec.backgrounds, plan.attempt + 1)))
                 continue
-            meta["gate"] = {"accepted": not reasons, "attempt": attempt, "reasons": reasons, "scores": scores,
-                            "rejected": history[i]}
-            if reasons:
-                meta["gate"]["skipped" if spec.gate.on_exhausted == "skip" else "flagged"] = True
+            if reason is not None:
+                _exhausted(spec, plan, reason, details, meta)
+            if retries[i]:
+                meta["retries"] = retries[i]
+            if spec.gate.enabled:
+                reasons = details.get("reasons", [reason] if reason else [])
+                meta["gate"] = {"accepted": reason is None, "attempt": plan.attempt, "reasons": reasons,
+                                "scores": details.get("scores", {}), "rejected": rejected[i]}
+                if reason == "gate":
+                    meta["gate"]["skipped" if spec.gate.on_exhausted == "skip" else "flagged"] = True
             done[i] = sample
         pending = again
     return done
+
+
+def skipped_sample(meta: dict) -> bool:
+    """A seed whose last attempt failed and whose setting says skip: not written, listed in the record."""
+    return bool(meta.get("gate", {}).get("skipped") or meta.get("empty_mask", {}).get("skipped"))
 
 
 LONG_SHARD_SECONDS = 1800.0  # a shard estimated longer than this gets a warning: a preemption loses it whole
@@ -199,17 +252,17 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
     second batch (the first pays the warm-up) times the shard for `long_shard_warning`."""
     metrics: dict[str, float] = {}
     skipped = []
-    make = gated_samples if spec.gate.enabled else finite_samples
     for i in range(0, len(seeds), spec.batch_size):
         start = time.perf_counter()
         plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
-        for sample in make(engine, spec, plans):
+        for sample in made_samples(engine, spec, plans):
             meta = sample["json"]
             if "gate" in meta:
                 metrics = add_metrics(metrics, gate_metrics(meta))
-                if meta["gate"].get("skipped"):
-                    skipped.append(sample["seed"])
-                    continue
+            if skipped_sample(meta):
+                skipped.append(sample["seed"])
+                metrics = add_metrics(metrics, retry_metrics(meta))
+                continue
             metrics = add_metrics(metrics, sample_metrics(meta))
             sample.pop(GIVEN, None)
             writer.put(sample)
@@ -220,7 +273,8 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
         bar.update(len(plans))
         if spec.gate.enabled:
             bar.set_postfix(accept=f"{1 - metrics['gate_rejected'] / metrics['gate_scored']:.0%}")
-    gated = {"skipped_seeds": skipped} if spec.gate.enabled else {}
+    can_skip = spec.gate.enabled or spec.dataset.placement.on_exhausted == "skip"
+    gated = {"skipped_seeds": skipped} if can_skip else {}
     return {"samples": len(seeds) - len(skipped), "first_seed": seeds[0], "last_seed": seeds[-1],
             "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics,
             "made_with": made_with(spec, engine), **gated}
@@ -294,7 +348,7 @@ def config_problem(spec: RunSpec, digests: dict[str, str], metas: dict[int, dict
     """None when every sample's json holds what this run's config and the seed's plan give; else the first
     difference (a shard made with another config, or damaged inside a json)."""
     for seed, meta in metas.items():
-        plan = plan_sample(seed, spec.dataset, spec.backgrounds)
+        plan = plan_sample(seed, spec.dataset, spec.backgrounds, int(meta.get("attempt", 0) or 0))
         expected = json.loads(json.dumps(config_fields(spec, digests, plan), default=str))
         for key, value in expected.items():
             found = _planned_part(meta.get(key), value) if key == "defects" else meta.get(key)
@@ -348,5 +402,8 @@ def run_metrics(records: list[dict]) -> dict:
         "empty_masks": int(total.get("empty_masks", 0)),
         "fewer_defects_than_requested": int(total.get("fewer_defects_than_requested", 0)),  # no room in the ROI
         "nonfinite_retries": int(total.get("nonfinite_retries", 0)),
+        "empty_masks_replaced": int(total.get("empty_masks_replaced", 0)),  # re-placed and made again
+        "empty_masks_flagged": int(total.get("empty_masks_flagged", 0)),  # written, marked in their json
+        "empty_masks_skipped": int(total.get("empty_masks_skipped", 0)),  # not written
         **gate,
     }
