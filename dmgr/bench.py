@@ -35,16 +35,20 @@ import math
 import platform
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from dmgr.cli import add_settings, settings_from, usage_error
 from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
-from dmgr.models.acceleration import COMPILE_MODES, Acceleration, accelerate
+from dmgr.models.acceleration import Acceleration, accelerate
 from dmgr.models.precision import PRECISIONS
-from dmgr.models.unet import ATTENTION_KERNELS
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.dmgr import model_eps
+from dmgr.schema import STRICT_SECTION, Count
+from dmgr.synth.config import SynthSettings
 from dmgr.synth.engine import randomised_unet
 
 GLOBAL_CONFIG = dict(
@@ -64,6 +68,42 @@ PASS_KINDS = (
     ("forward_local", "fwd L"),
     ("backward", "backward"),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The options of `python -m dmgr.bench` (with the job's `performance` section, `Acceleration`)."""
+
+    __pydantic_config__ = STRICT_SECTION
+    batch: Annotated[Count(), Field(description="samples per sampler call (the job's batch_size)")] = (
+        SynthSettings.batch_size)
+    images: Annotated[Count() | None, Field(
+        description="images per preset, run in batches of --batch (default: one batch for fast, 1 image for paper, "
+        "which keeps the default run to a few minutes on 2 cores)")] = None
+    presets: Annotated[str, Field(description="comma-separated: fast, paper")] = "fast,paper"
+    weights: Annotated[str, Field(description="random, or a reference-fixture-format .pt")] = "random"
+    threads: Annotated[Count() | None, Field(description="torch CPU threads (default: torch's choice)")] = None
+    seed: Annotated[Count(0), Field(description="the first sample's seed")] = 0
+    device: Annotated[str, Field(description="cpu or cuda[:N]")] = "cpu"
+    models: Annotated[Literal["tiny", "paper"] | None, Field(
+        description="architecture of the random weights (default: tiny on cpu, paper on cuda)")] = None
+    precision: Annotated[Literal[PRECISIONS], Field(description="autocast for the networks")] = SynthSettings.precision
+    profile: Annotated[bool, Field(
+        strict=True, description="print the operators that take the time of one rectified step's passes")] = False
+    cudnn_benchmark: Annotated[bool, Field(
+        strict=True, description="let cuDNN time its convolution algorithms (faster; a GPU run's last bits may then "
+        "differ from run to run)")] = False
+    json: Annotated[Path | None, Field(description="also write the results to this file")] = None
+    peak_tflops: Annotated[float | None, Field(
+        gt=0, description="the device's peak for the FLOP bound (default: 989 on cuda, none on cpu)")] = None
+
+
+# Help of the `performance` options (Acceleration, dmgr/models/acceleration.py, documents them in comments).
+ACCELERATION_HELP = {
+    "compile": "torch.compile mode of both networks",
+    "channels_last": "NHWC weights and activations",
+    "attention": "attention kernel: auto (sdpa on CUDA, classic on CPU), classic or sdpa",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,41 +302,23 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt(header), line, *map(fmt, rows)])
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.bench", description=__doc__.split("\n\n")[0])
+    add_settings(p, BenchSettings)
+    add_settings(p, Acceleration, help=ACCELERATION_HELP)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmgr.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=4, help="samples per sampler call (default 4)")
-    parser.add_argument(
-        "--images", type=int, default=None,
-        help="images per preset, run in batches of --batch (default: one batch for fast, 1 image for paper, "
-        "which keeps the default run to a few minutes on 2 cores)",
-    )
-    parser.add_argument("--presets", default="fast,paper", help="comma-separated: fast, paper (default both)")
-    parser.add_argument("--weights", default="random", help="random (default) or a reference-fixture-format .pt")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--models", choices=("tiny", "paper"), default=None,
-                        help="architecture of the random weights (default: tiny on cpu, paper on cuda)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast for the networks")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
-    parser.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile mode of both networks")
-    parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto")
-    parser.add_argument("--profile", action="store_true",
-                        help="print the operators that take the time of one rectified step's passes")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="let cuDNN time its convolution algorithms (faster; a GPU run's last bits may then differ "
-                        "from run to run)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak for the FLOP bound (default: 989 on cuda, none on cpu)")
-    args = parser.parse_args(argv)
+    cli = parser()
+    parsed = cli.parse_args(argv)
+    args = settings_from(cli, parsed, BenchSettings)
+    acceleration = settings_from(cli, parsed, Acceleration)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch < 1 or (args.images is not None and args.images < 1):
-        parser.error("--batch and --images must be positive")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: no CUDA device is visible here")
+        usage_error(cli.prog, f"--device {device}: no CUDA device is visible here")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -310,7 +332,6 @@ def main(argv: list[str] | None = None) -> None:
         "global": flops_per_sample(global_model.to(device), device, args.precision),
         "local": flops_per_sample(local_model.to(device), device, args.precision),
     }
-    acceleration = Acceleration(args.compile, args.channels_last, args.attention)
     global_model = accelerate(global_model, acceleration)
     local_model = accelerate(local_model, acceleration)
     window = local_model.config.image_size
@@ -318,13 +339,14 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [name.strip() for name in args.presets.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in available]
     if unknown:
-        parser.error(f"unknown presets {unknown}: choose from {sorted(available)}")
+        usage_error(cli.prog, f"unknown presets {unknown}: choose from {sorted(available)}")
 
     size = global_model.config.image_size
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"DMGR sampler benchmark: torch {torch.__version__}, {where}; precision {args.precision}, "
-          f"channels_last {args.channels_last}, compile {args.compile}, attention {args.attention}, "
+          f"channels_last {acceleration.channels_last}, compile {acceleration.compile}, "
+          f"attention {acceleration.attention}, "
           f"cudnn benchmark {args.cudnn_benchmark}")
     print(f"models: {source}; global {size}px, local {window}px ({local_model.config.num_classes} classes); "
           f"window {window}px, gate radius {9 * window / 64:g}px")
@@ -336,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in chosen:
         images = args.images or DEFAULT_IMAGES.get(name, args.batch) or args.batch
         batch = min(args.batch, images)
-        if device.startswith("cuda") or args.compile != "off":
+        if device.startswith("cuda") or acceleration.compile != "off":
             print(f"warming up at batch {batch} ...", flush=True)
             start = time.perf_counter()
             warm_up(global_model, local_model, batch, device, args.precision)
@@ -404,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         print("(" + "; ".join(notes) + ")")
     if args.json:
         setting = dict(device=where, torch=torch.__version__, precision=args.precision, models=architecture,
-                       channels_last=args.channels_last, compile=args.compile, attention=args.attention,
+                       channels_last=acceleration.channels_last, compile=acceleration.compile,
+                       attention=acceleration.attention,
                        cudnn_benchmark=args.cudnn_benchmark, weights=source)
         args.json.write_text(json.dumps(dict(setting=setting, presets=results), indent=1))
 

@@ -33,9 +33,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from dmgr.cli import add_settings, settings_from, usage_error
+from dmgr.schema import STRICT_SECTION, Count
+from dmgr.synth.config import SynthSettings
 
 RESULT = "bench-job-result: "
+
+
+@dataclass(frozen=True)
+class BenchJobSettings:
+    """The options of `python -m dmgr.bench_job` (the rest of its command line: the job's overrides)."""
+
+    __pydantic_config__ = STRICT_SECTION
+    seeds: Annotated[str, Field(description="the seed range every set-up makes (the job's `seeds`)")] = (
+        SynthSettings.seeds)
+    rounds: Annotated[Count(), Field(description="rounds of the three set-ups")] = 2
+    sizes: Annotated[str | None, Field(description="WxH,...: instead, seconds per defect on one input of each "
+                                                   "size (e.g. 64x64,512x512,4096x3072)")] = None
 
 
 class NullWriter:
@@ -141,26 +161,27 @@ def run(setup: str, overrides: list[str], out_dir: Path) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.bench_job", description=__doc__.split("\n\n")[0])
+    add_settings(p, BenchJobSettings)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--null-writer", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmgr.bench_job", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0-15", help="the seed range every set-up makes (default 0-15)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three set-ups (default 2)")
-    parser.add_argument("--sizes", default=None, metavar="WxH,...",
-                        help="instead: seconds per defect on one input of each size (e.g. 64x64,512x512,4096x3072)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--null-writer", action="store_true", help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args(argv)
+    cli = parser()
+    args, overrides = cli.parse_known_args(argv)
     if args.child:
         child(overrides, args.null_writer)
         return
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
-    overrides = [f"seeds={args.seeds}", "samples_per_shard=4", *overrides]
-    if args.sizes:
+    settings = settings_from(cli, args, BenchJobSettings)
+    overrides = [f"seeds={settings.seeds}", "samples_per_shard=4", *overrides]
+    if settings.sizes:
         try:
-            sizes = [tuple(int(v) for v in item.lower().split("x")) for item in args.sizes.split(",")]
+            sizes = [tuple(int(v) for v in item.lower().split("x")) for item in settings.sizes.split(",")]
         except ValueError:
-            parser.error(f"--sizes={args.sizes}: give WxH,WxH,... e.g. 64x64,512x512,4096x3072")
+            usage_error(cli.prog, f"--sizes={settings.sizes}: give WxH,WxH,... e.g. 64x64,512x512,4096x3072")
         per_defect(sizes, overrides)
         return
     setups = ("1 worker", "1 worker, null writer", "2 workers")
@@ -169,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu: list[float] = []
     print(f"job throughput: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; overrides {' '.join(overrides)}")
     with tempfile.TemporaryDirectory(prefix="dmgr-bench-job-") as tmp:
-        for r in range(args.rounds):
+        for r in range(settings.rounds):
             for setup in setups if r % 2 == 0 else setups[::-1]:  # alternate the order: drift falls on all
                 summary = run(setup, overrides, Path(tmp) / f"{r}-{setups.index(setup)}")
                 speeds[setup].append(summary["images_per_second"])
@@ -179,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  round {r + 1}: {setup}: {speeds[setup][-1]:.3f} images/s", flush=True)
     mean = {s: statistics.mean(v) for s, v in speeds.items()}
     print()
-    print(f"{'set-up':<24}{'images/s':>10}   (mean of {args.rounds} rounds)")
+    print(f"{'set-up':<24}{'images/s':>10}   (mean of {settings.rounds} rounds)")
     for setup in setups:
         print(f"{setup:<24}{mean[setup]:>10.3f}")
     print()

@@ -7,15 +7,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from dmgr.cli import stop_on_interrupt
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.schema import STRICT_SECTION, Count
 
 LABEL_HEIGHT = 14
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """The options of `python -m dmgr.preview`."""
+
+    __pydantic_config__ = STRICT_SECTION
+    out: Annotated[str, Field(description="output PNG")] = "preview.png"
+    max: Annotated[Count(), Field(description="samples to show")] = 16
+    cell: Annotated[Count(), Field(description="pixel size of each tile")] = 128
+    columns: Annotated[Count(), Field(description="samples side by side")] = 2
 
 
 def overlay(image: Image.Image, mask: Image.Image, *window_boxes: list[int]) -> Image.Image:
@@ -76,7 +91,8 @@ def shard_rows(shard: str, cell: int, limit: int) -> list[Image.Image]:
     return rows
 
 
-def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, columns: int = 2) -> Image.Image:
+def contact_sheet(shards: list[str], max_samples: int = PreviewSettings.max, cell: int = PreviewSettings.cell,
+                  columns: int = PreviewSettings.columns) -> Image.Image:
     rows = []
     for shard in shards:
         rows += shard_rows(shard, cell, max_samples - len(rows))
@@ -92,26 +108,30 @@ def contact_sheet(shards: list[str], max_samples: int = 16, cell: int = 128, col
     return sheet
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.preview", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", nargs="+", help="shard tar files (or a run's shards/ folder)")
+    add_settings(p, PreviewSettings)
+    return p
+
+
 @stop_on_interrupt("dmgr.preview")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shards", nargs="+", help="shard tar files (or a run's shards/ folder)")
-    parser.add_argument("--out", default="preview.png", help="output PNG (default: preview.png)")
-    parser.add_argument("--max", type=int, default=16, help="samples to show (default: 16)")
-    parser.add_argument("--cell", type=int, default=128, help="pixel size of each tile (default: 128)")
-    parser.add_argument("--columns", type=int, default=2)
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    settings = settings_from(cli, args, PreviewSettings)
     shards = []
     for item in args.shards:
         path = Path(item)
         shards += sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
     try:
-        sheet = contact_sheet(shards, args.max, args.cell, args.columns)
-        sheet.save(args.out)
+        sheet = contact_sheet(shards, settings.max, settings.cell, settings.columns)
+        sheet.save(settings.out)
     except (PreviewError, OSError, ValueError) as exc:
         print(f"dmgr.preview: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {args.out} ({sheet.width}x{sheet.height}) from {len(shards)} shard(s)")
+    print(f"wrote {settings.out} ({sheet.width}x{sheet.height}) from {len(shards)} shard(s)")
 
 
 if __name__ == "__main__":

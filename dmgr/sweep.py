@@ -12,12 +12,16 @@ import argparse
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from dmgr.cli import stop_on_interrupt
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
 from dmgr.images import viridis
+from dmgr.schema import STRICT_SECTION
 
 # (column name, its path in the manifest)
 METRICS = [
@@ -135,13 +139,28 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path
     return written
 
 
+@dataclass(frozen=True)
+class SweepReportSettings:
+    """The options of `python -m dmgr.sweep`."""
+
+    __pydantic_config__ = STRICT_SECTION
+    out: Annotated[Path | None, Field(description="where to write the report (default: SWEEP_DIR)")] = None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", type=Path, help="the Hydra sweep directory (hydra.sweep.dir)")
+    add_settings(p, SweepReportSettings)
+    return p
+
+
 @stop_on_interrupt("dmgr.sweep")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path, help="the Hydra sweep directory (hydra.sweep.dir)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: sweep_dir)")
-    args = parser.parse_args(argv)
-    for name, path in write_report(args.sweep_dir, args.out).items():
+    cli = parser()
+    args = cli.parse_args(argv)
+    settings = settings_from(cli, args, SweepReportSettings)
+    for name, path in write_report(args.sweep_dir, settings.out).items():
         print(f"{name}: {path}")
 
 

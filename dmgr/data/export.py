@@ -16,19 +16,40 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
-from dmgr.cli import stop_on_interrupt
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt, usage_error
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
 from dmgr.images import bounding_box, save_mask
 from dmgr.progress import progress_bar
+from dmgr.schema import STRICT_SECTION, Count
 
 STREAM = 10_000_000
 GLOBAL_OFFSET, LOCAL_OFFSET, TEST_OFFSET = 0, STREAM, 2 * STREAM
+
+
+@dataclass(frozen=True)
+class DataExportSettings:
+    """The options of `python -m dmgr.data.export`."""
+
+    __pydantic_config__ = STRICT_SECTION
+    out: Annotated[Path, Field(description="output folder")]
+    size: Annotated[int, Field(strict=True, ge=MIN_SIZE, le=MAX_SIZE,
+                               description="board side in pixels (patches are size//4)")] = 64
+    boards: Annotated[Count(0), Field(description="defect-free boards for OUT/global")] = 1000
+    panel: Annotated[str | None, Field(description="WxH: OUT/global images are W x H panels of --size px boards "
+                                                   "(e.g. 160x112), not single boards")] = None
+    patches_per_class: Annotated[Count(0), Field(description="defect patches per class for OUT/local")] = 500
+    test: Annotated[Count(0), Field(description="held-out defective boards for OUT/test")] = 60
+    seed: Annotated[Count(0), Field(description="base seed (each part adds its own offset)")] = 0
+    quiet: Annotated[bool, Field(strict=True, description="no progress bars")] = False
 
 
 def board_seed(offset: int, seed: int, index: int) -> int:
@@ -142,26 +163,22 @@ def export_all(out: str | Path, size: int, boards: int, per_class: int, test: in
     export_test(out, size, test, seed, progress)
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.data.export", description=__doc__.split("\n\n")[0])
+    add_settings(p, DataExportSettings)
+    return p
+
+
 @stop_on_interrupt("python -m dmgr.data.export")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmgr.data.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--size", type=int, default=64, help="board side in pixels (patches are size//4)")
-    parser.add_argument("--boards", type=int, default=1000, help="defect-free boards for OUT/global")
-    parser.add_argument("--panel", default=None, metavar="WxH",
-                        help="OUT/global images are W x H panels of --size px boards (e.g. 160x112), not single boards")
-    parser.add_argument("--patches-per-class", type=int, default=500, help="defect patches per class for OUT/local")
-    parser.add_argument("--test", type=int, default=60, help="held-out defective boards for OUT/test")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (each part adds its own offset)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = settings_from(cli, cli.parse_args(argv), DataExportSettings)
     try:
         panel = parse_panel(args.panel)
-        _check(args.size, boards=args.boards, patches_per_class=args.patches_per_class, test=args.test)
         tiles = 1 if panel is None else panel_tiles(args.size, panel)
         board_seed(0, args.seed, max(args.boards * tiles, args.patches_per_class, args.test, 1) - 1)
     except ValueError as err:
-        parser.error(str(err))
+        usage_error(cli.prog, str(err))
     export_all(args.out, args.size, args.boards, args.patches_per_class, args.test, args.seed, not args.quiet, panel)
     print(json.dumps({"out": str(args.out), "global": args.boards, "local_per_class": args.patches_per_class,
                       "test": args.test, "size": args.size, "patch": args.size // 4,

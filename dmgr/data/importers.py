@@ -24,15 +24,19 @@ import logging
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from dmgr.cli import stop_on_interrupt
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
 from dmgr.data.defects import CLASS_NAMES, class_id_of
 from dmgr.data.patches import PatchWriter, Reader, import_masked, scale
 from dmgr.images import Conversions, list_images, resize_center_crop
+from dmgr.schema import STRICT_SECTION, Count
 
 log = logging.getLogger(__name__)
 
@@ -291,48 +295,69 @@ def check_data_root(root: Path) -> Path:
     return root
 
 
-def _patch_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", type=Path, required=True, help="patches go to DATA_ROOT/local/<class>/")
-    parser.add_argument("--patch-size", type=int, required=True, help="the local model's window, pixels")
-    parser.add_argument("--image-size", type=int, default=None, help="scale each image's shorter side to this first")
+@dataclass(frozen=True)
+class FolderImport:
+    """The options of `importers folder`."""
+
+    __pydantic_config__ = STRICT_SECTION
+    size: Annotated[Count(), Field(description="side of the square pngs written, pixels")]
 
 
-@stop_on_interrupt("dmgr-import")
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmgr.data.importers", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+@dataclass(frozen=True)
+class PatchImport:
+    """The options every patch import (`voc`, `coco`, `masks`) shares."""
+
+    __pydantic_config__ = STRICT_SECTION
+    data_root: Annotated[Path, Field(description="patches go to DATA_ROOT/local/<class>/")]
+    patch_size: Annotated[Count(), Field(description="the local model's window, pixels")]
+    image_size: Annotated[Count() | None, Field(description="scale each image's shorter side to this first")] = None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.data.importers", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
     folder = sub.add_parser("folder", help="defect-free images -> DATA_ROOT/global/ (size x size pngs)")
     folder.add_argument("src", type=Path)
     folder.add_argument("data_root", type=Path, metavar="DATA_ROOT")
-    folder.add_argument("--size", type=int, required=True)
+    add_settings(folder, FolderImport)
     voc = sub.add_parser("voc", help="Pascal VOC boxes -> DATA_ROOT/local/<class>/ patches with box masks")
     voc.add_argument("--images", type=Path, required=True)
     voc.add_argument("--annotations", type=Path, required=True)
-    _patch_args(voc)
+    add_settings(voc, PatchImport)
     voc.add_argument("--map", nargs="*", metavar="VOC=CLASS", help="class map (default: PKU-Market-PCB names)")
     coco = sub.add_parser("coco", help="COCO boxes/polygons -> DATA_ROOT/local/<class>/ patches with masks")
     coco.add_argument("--images", type=Path, required=True)
     coco.add_argument("--annotations", type=Path, required=True, help="the COCO annotations .json")
-    _patch_args(coco)
+    add_settings(coco, PatchImport)
     coco.add_argument("--map", nargs="*", metavar="NAME=CLASS", help="rename categories")
     masks = sub.add_parser("masks", help="DEFECTS/<class>/NAME.png + MASKS/<class>/NAME.png -> DATA_ROOT/local/")
     masks.add_argument("--defects", type=Path, required=True)
     masks.add_argument("--masks", type=Path, required=True)
-    _patch_args(masks)
-    args = parser.parse_args(argv)
+    add_settings(masks, PatchImport)
+    return p
+
+
+@stop_on_interrupt("dmgr-import")
+def main(argv: list[str] | None = None) -> None:
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.command == "folder":
+        size = settings_from(cli, args, FolderImport).size
+    else:
+        patches = settings_from(cli, args, PatchImport)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         root = check_data_root(args.data_root)
         if args.command == "folder":
-            summary = import_image_folder(args.src, root / "global", args.size)
+            summary = import_image_folder(args.src, root / "global", size)
         elif args.command == "voc":
             summary = import_voc(args.images, args.annotations, root / "local", _parse_map(args.map),
-                                 args.patch_size, args.image_size)
+                                 patches.patch_size, patches.image_size)
         elif args.command == "coco":
-            summary = import_coco(args.annotations, args.images, root / "local", args.patch_size, args.image_size,
-                                  _parse_map(args.map, None))
+            summary = import_coco(args.annotations, args.images, root / "local", patches.patch_size,
+                                  patches.image_size, _parse_map(args.map, None))
         else:
-            summary = import_masked(args.defects, args.masks, root / "local", args.patch_size, args.image_size)
+            summary = import_masked(args.defects, args.masks, root / "local", patches.patch_size, patches.image_size)
     except (OSError, ValueError) as err:  # bad input or a file that cannot be read: one line, no traceback
         print(f"dmgr-import: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)

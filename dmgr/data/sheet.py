@@ -8,17 +8,36 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from dmgr.cli import stop_on_interrupt
-from dmgr.data.board import make_board
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
 from dmgr.data.export import patch_window
+from dmgr.schema import STRICT_SECTION, fail
 
 LABEL = 14
+
+
+@dataclass(frozen=True)
+class SheetSettings:
+    """The options of `python -m dmgr.data.sheet`."""
+
+    __pydantic_config__ = STRICT_SECTION
+    out: Annotated[Path, Field(description="the sheet's PNG")] = Path("pcb_sheet.png")
+    seed: Annotated[int, Field(description="board seed")] = 3
+    defect_seed: Annotated[int, Field(description="defect seed")] = 0
+    sizes: Annotated[tuple[int, ...], Field(description="board sides in pixels, two rows each")] = (256, 64)
+
+    def __post_init__(self) -> None:
+        if not all(MIN_SIZE <= size <= MAX_SIZE for size in self.sizes):
+            fail("sizes", list(self.sizes), f"each board side must be in [{MIN_SIZE}, {MAX_SIZE}]")
 
 
 def outlined_tile(image: np.ndarray, cell: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -35,8 +54,8 @@ def outlined_tile(image: np.ndarray, cell: int, mask: np.ndarray | None = None) 
     return big
 
 
-def domain_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: int = 0, cell: int = 192
-                  ) -> Image.Image:
+def domain_sheet(seed: int = SheetSettings.seed, sizes: Sequence[int] = SheetSettings.sizes,
+                 defect_seed: int = SheetSettings.defect_seed, cell: int = 192) -> Image.Image:
     rows = []
     for size in sizes:
         board = make_board(seed, size)
@@ -62,16 +81,18 @@ def domain_sheet(seed: int = 3, sizes: Sequence[int] = (256, 64), defect_seed: i
     return sheet
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.data.sheet", description=__doc__.split("\n\n")[0])
+    add_settings(p, SheetSettings)
+    return p
+
+
 @stop_on_interrupt("python -m dmgr.data.sheet")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmgr.data.sheet", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("pcb_sheet.png"))
-    parser.add_argument("--seed", type=int, default=3, help="board seed")
-    parser.add_argument("--defect-seed", type=int, default=0)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 64])
-    args = parser.parse_args(argv)
-    domain_sheet(args.seed, args.sizes, args.defect_seed).save(args.out)
-    print(args.out)
+    cli = parser()
+    settings = settings_from(cli, cli.parse_args(argv), SheetSettings)
+    domain_sheet(settings.seed, settings.sizes, settings.defect_seed).save(settings.out)
+    print(settings.out)
 
 
 if __name__ == "__main__":

@@ -6,29 +6,47 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
+from typing import Annotated
 
-from dmgr.cli import stop_on_interrupt
+from pydantic import Field
+
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
 from dmgr.export import anomalib, coco, yolo
 from dmgr.export.common import ExportError, export
-from dmgr.schema import ConfigError
+from dmgr.schema import STRICT_SECTION, ConfigError
 
 FORMATS = {"coco": coco, "yolo": yolo, "anomalib": anomalib}
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """The options of `python -m dmgr.export` (an export's options: a resumed export must be given the same)."""
+
+    __pydantic_config__ = STRICT_SECTION
+    boxes: Annotated[bool, Field(strict=True, description="yolo: detection boxes instead of polygons")] = False
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.export", description=__doc__)
+    p.add_argument("format", choices=sorted(FORMATS))
+    p.add_argument("run", help="a finished synthesis run's out_dir (shards/ and manifest.json)")
+    p.add_argument("out", help="the export folder (new, or an earlier export of the same kind to resume)")
+    add_settings(p, ExportOptions)
+    return p
+
+
 @stop_on_interrupt("dmgr-export", "rerun the same command to resume the export")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m dmgr.export", description=__doc__)
-    parser.add_argument("format", choices=sorted(FORMATS))
-    parser.add_argument("run", help="a finished synthesis run's out_dir (shards/ and manifest.json)")
-    parser.add_argument("out", help="the export folder (new, or an earlier export of the same kind to resume)")
-    parser.add_argument("--boxes", action="store_true", help="yolo: detection boxes instead of polygons")
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    chosen = settings_from(cli, args, ExportOptions)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.boxes and args.format != "yolo":
+    if chosen.boxes and args.format != "yolo":
         print(f"dmgr-export: error: --boxes=true: only the yolo export has boxes, not {args.format}", file=sys.stderr)
         sys.exit(2)
     module = FORMATS[args.format]
-    options = {"boxes": True} if args.boxes else {}
+    options = {"boxes": True} if chosen.boxes else {}
     try:
         summary = export(args.run, args.out, args.format, options, module.write_sample, module.finish,
                          getattr(module, "prepare", None))
