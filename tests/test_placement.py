@@ -113,3 +113,46 @@ def test_the_chosen_candidate_does_not_depend_on_batch_mates(tmp_path):
     for plan, sample in zip(plans, make(spec, plans)):
         d = sample["json"]["defects"][0]
         assert d["window_box"] == d["candidate_boxes"][d["placement"]["chosen"]]
+
+
+def _job(tmp_path: Path, name: str, *more: str) -> Path:
+    from synth_support import TINY, run_synth
+    from test_native_size import SMALL
+
+    images = [*(t for t in TINY if not t.startswith("dataset.source")), "dataset.source=images",
+              "schedule.time_travel=false", f"dataset.images={_folder(tmp_path)}", *SMALL, "seeds=0-3",
+              "samples_per_shard=2", "batch_size=2", *more]
+    run_synth([*images, f"out_dir={tmp_path / name}"])
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("on_exhausted", ["flag", "skip"])
+def test_a_mask_below_the_minimum_is_replaced_then_flagged_or_skipped_never_written_silently(tmp_path,
+                                                                                             on_exhausted):
+    """A minimum no mask can reach (more pixels than a context crop): every seed is re-placed up to
+    max_attempts times with a new window each time, then flagged in its json or left out, and counted."""
+    from synth_support import manifest, read_samples
+
+    out = _job(tmp_path, on_exhausted, "dataset.placement.min_mask_area=100000",
+               "dataset.placement.max_attempts=2", f"dataset.placement.on_exhausted={on_exhausted}")
+    metrics = manifest(out)["metrics"]
+    assert metrics["empty_masks_replaced"] == 4
+    if on_exhausted == "skip":
+        assert manifest(out)["num_samples"] == 0 and metrics["empty_masks_skipped"] == 4
+        return
+    samples = read_samples(out)
+    assert len(samples) == 4 and metrics["empty_masks_flagged"] == 4
+    for s in samples.values():
+        meta = s["json"]
+        assert meta["attempt"] == 1 and meta["retries"] == [{"attempt": 0, "reason": "empty_mask"}]
+        assert meta["empty_mask"]["flagged"] and meta["empty_mask"]["attempts"] == 2
+
+
+def test_the_default_minimum_writes_no_sample_with_an_empty_mask(tmp_path):
+    from synth_support import manifest, read_samples
+
+    out = _job(tmp_path, "plain")
+    flagged = {k for k, s in read_samples(out).items() if "empty_mask" in s["json"]}
+    for key, s in read_samples(out).items():
+        assert key in flagged or all(d["mask_area"] >= 4 for d in s["json"]["defects"])
+    assert manifest(out)["metrics"]["empty_masks_flagged"] == len(flagged)
