@@ -243,8 +243,9 @@ class QualitySpec:
 
 @dataclass(frozen=True)
 class NonfiniteSpec:
-    """A sample whose image holds NaN/Inf never reaches a shard: retry its noise from a derived seed
-    (dmgr.synth.plan.retry_seed, same class and window) up to `max_attempts` times, or stop the run."""
+    """A sample whose image holds NaN/Inf never reaches a shard: make it again at the next attempt (noise from
+    dmgr.synth.plan.retry_seed, a new placement: same background and class) up to `max_attempts` attempts in
+    all, or stop the run."""
 
     __pydantic_config__ = STRICT_SECTION
     action: Literal["retry", "stop"] = "retry"
@@ -258,7 +259,7 @@ class GateSpec:
     __pydantic_config__ = STRICT_SECTION
     enabled: Flag = False  # false: the shards are exactly those of a run without the gate
     data_root: UserPath = DEMO_DATA  # local/<class>/ training patches + masks: classifier, areas
-    max_attempts: Count() = 4  # attempts per seed in all (each from the next derived noise seed, same plan)
+    max_attempts: Count() = 4  # attempts per seed in all (each a new placement and derived noise seed)
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
     area_quantile: Annotated[float, Field(ge=0, le=0.5)] = UserClassifierSettings.area_quantile  # per defect:
