@@ -47,7 +47,7 @@ from dmgr.models.acceleration import Acceleration, accelerate
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.dmgr import model_eps
-from dmgr.schema import STRICT_SECTION, Count
+from dmgr.schema import STRICT_SECTION, Count, Flag
 from dmgr.synth.config import SynthSettings
 from dmgr.synth.engine import randomised_unet
 
@@ -88,10 +88,10 @@ class BenchSettings:
     models: Annotated[Literal["tiny", "paper"] | None, Field(
         description="architecture of the random weights (default: tiny on cpu, paper on cuda)")] = None
     precision: Annotated[Literal[PRECISIONS], Field(description="autocast for the networks")] = SynthSettings.precision
-    profile: Annotated[bool, Field(
-        strict=True, description="print the operators that take the time of one rectified step's passes")] = False
-    cudnn_benchmark: Annotated[bool, Field(
-        strict=True, description="let cuDNN time its convolution algorithms (faster; a GPU run's last bits may then "
+    profile: Annotated[Flag, Field(
+        description="print the operators that take the time of one rectified step's passes")] = False
+    cudnn_benchmark: Annotated[Flag, Field(
+        description="let cuDNN time its convolution algorithms (faster; a GPU run's last bits may then "
         "differ from run to run)")] = False
     json: Annotated[Path | None, Field(description="also write the results to this file")] = None
     peak_tflops: Annotated[float | None, Field(

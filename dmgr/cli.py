@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+from dmgr.schema import ConfigError, build
+
 F = TypeVar("F", bound=Callable)
 
 INTERRUPTED = 130  # 128 + SIGINT
@@ -55,21 +57,20 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _unwrap(hint: Any) -> tuple[Any, list, bool]:
-    """(the plain type, the Annotated metadata, whether None is allowed) of a field's type hint."""
-    metadata, optional = [], False
+def _unwrap(hint: Any) -> tuple[Any, list]:
+    """(the plain type, the Annotated metadata) of a field's type hint; `X | None` is an X (default None)."""
+    metadata = []
     while True:
         if typing.get_origin(hint) is Annotated:
             metadata += list(hint.__metadata__)
             hint = typing.get_args(hint)[0]
         elif typing.get_origin(hint) in (typing.Union, types.UnionType):
             members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-            optional = optional or len(members) < len(typing.get_args(hint))
             if len(members) != 1:
                 raise TypeError(f"{hint}: a CLI option takes one type (or it and None)")
             hint = members[0]
         else:
-            return hint, metadata, optional
+            return hint, metadata
 
 
 def _description(metadata: list) -> str | None:
@@ -86,7 +87,7 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 def option_kwargs(field: dataclasses.Field, hint: Any, help: str | None = None) -> dict:
     """`add_argument` keyword arguments of one dataclass field."""
-    kind, metadata, _ = _unwrap(hint)
+    kind, metadata = _unwrap(hint)
     text = help if help is not None else _description(metadata)
     default = _field_default(field)
     kwargs: dict[str, Any] = {"dest": field.name}
@@ -94,8 +95,9 @@ def option_kwargs(field: dataclasses.Field, hint: Any, help: str | None = None) 
         kwargs["required"] = True
     else:
         kwargs["default"] = default
-        if text is not None and default is not None and kind is not bool:
-            text += f" (default {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+        if default is not None and kind is not bool:
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            text = f"{text + ' ' if text else ''}(default {shown})"
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is typing.Literal:
@@ -111,7 +113,7 @@ def option_kwargs(field: dataclasses.Field, hint: Any, help: str | None = None) 
         kwargs["type"] = kind
     else:
         raise TypeError(f"{field.name}: no CLI option for the type {kind}")
-    kwargs["help"] = text
+    kwargs["help"] = text and text.replace("%", "%%")  # argparse formats help with %
     return kwargs
 
 
@@ -119,7 +121,7 @@ def add_settings(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
     skip: Iterable[str] = (),
-    help: Mapping[str, str] | None = None,  # noqa: A002 - reads as argparse's help
+    help: Mapping[str, str] | None = None,
 ) -> None:
     """One `--kebab-name` option per field of the settings dataclass `cls` (but `skip`): its type, its default
     (a field without one is a required option), choices from a `Literal`, a bool as `--flag/--no-flag`, help
@@ -135,13 +137,11 @@ def add_settings(
 def settings_from(parser: argparse.ArgumentParser, args: argparse.Namespace, cls: type) -> Any:
     """`cls` built from the parsed options with `dmgr.schema.build`; a bad value ends the program with one
     line naming the option (`PROG: error: --max=0: must be >= 1`) and exit status 2."""
-    from dmgr.schema import ConfigError, build
-
     names = [f.name for f in dataclasses.fields(cls)]
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     try:
         return build(cls, values)
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:
         key, sep, rest = str(err).partition("=")
         message = f"{option_name(key)}={rest}" if sep and key in names else str(err)
         usage_error(parser.prog, " ".join(message.split()))

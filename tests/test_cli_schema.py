@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Toy:
     __pydantic_config__ = STRICT_SECTION
     target: Annotated[Path, Field(description="where it goes")]
-    rounds: Annotated[Count(), Field(description="how many")] = 3
+    rounds: Annotated[Count(), Field(description="how many, at 100% each")] = 3
     rate: float | None = None
     mode: Literal["fast", "paper"] = "paper"
     quiet: Annotated[Flag, Field(description="no bars")] = False
@@ -47,13 +47,18 @@ def test_add_settings_maps_types_defaults_choices_and_flags():
     assert set(found) == {f.name for f in dataclasses.fields(Toy)}
     assert found["target"].required and found["target"].type is Path and found["target"].help == "where it goes"
     assert found["rounds"].option_strings == ["--rounds"] and found["rounds"].type is int
-    assert found["rounds"].default == 3 and found["rounds"].help == "how many (default 3)"
+    assert found["rounds"].default == 3 and found["rounds"].help == "how many, at 100%% each (default 3)"
     assert found["rate"].type is float and found["rate"].default is None and not found["rate"].required
     assert found["mode"].choices == ("fast", "paper") and found["mode"].default == "paper"
     assert isinstance(found["quiet"], argparse.BooleanOptionalAction) and found["quiet"].default is False
     assert found["quiet"].option_strings == ["--quiet", "--no-quiet"]
     assert found["sizes"].nargs == "+" and found["sizes"].type is int and found["sizes"].default == (256, 64)
     assert option_name("patches_per_class") == "--patches-per-class"
+
+
+def test_help_shows_each_default_once_and_a_percent_sign():
+    text = " ".join(toy_parser().format_help().split())
+    assert "how many, at 100% each (default 3)" in text and "(default 256 64)" in text and "(default x)" in text
 
 
 def test_add_settings_skips_fields_and_takes_help_for_foreign_dataclasses():
@@ -127,6 +132,18 @@ def test_entry_point_defaults_are_the_settings_defaults(name):
             assert options[field.name].required, f"{name}: {option_name(field.name)} has no default: required"
         else:
             assert options[field.name].default == field.default, f"{name}: {option_name(field.name)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_help_names_every_setting_with_its_default(name):
+    parser, cls = entry_point(name)
+    text = " ".join(parser.format_help().split())
+    for field in dataclasses.fields(cls):
+        assert option_name(field.name) in text, name
+        shown_at_all = field.default not in (dataclasses.MISSING, None) and not isinstance(field.default, bool)
+        if shown_at_all:
+            shown = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+            assert f"(default {shown})" in text, f"{name}: {option_name(field.name)}"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -29,7 +29,7 @@ from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
 from dmgr.images import bounding_box, save_mask
 from dmgr.progress import progress_bar
-from dmgr.schema import STRICT_SECTION, Count
+from dmgr.schema import STRICT_SECTION, Count, Flag
 
 STREAM = 10_000_000
 GLOBAL_OFFSET, LOCAL_OFFSET, TEST_OFFSET = 0, STREAM, 2 * STREAM
@@ -49,7 +49,7 @@ class DataExportSettings:
     patches_per_class: Annotated[Count(0), Field(description="defect patches per class for OUT/local")] = 500
     test: Annotated[Count(0), Field(description="held-out defective boards for OUT/test")] = 60
     seed: Annotated[Count(0), Field(description="base seed (each part adds its own offset)")] = 0
-    quiet: Annotated[bool, Field(strict=True, description="no progress bars")] = False
+    quiet: Annotated[Flag, Field(description="no progress bars")] = False
 
 
 def board_seed(offset: int, seed: int, index: int) -> int:

@@ -14,7 +14,7 @@ from pydantic import Field
 from dmgr.cli import add_settings, settings_from, stop_on_interrupt
 from dmgr.export import anomalib, coco, yolo
 from dmgr.export.common import ExportError, export
-from dmgr.schema import STRICT_SECTION, ConfigError
+from dmgr.schema import STRICT_SECTION, ConfigError, Flag
 
 FORMATS = {"coco": coco, "yolo": yolo, "anomalib": anomalib}
 
@@ -24,7 +24,7 @@ class ExportOptions:
     """The options of `python -m dmgr.export` (an export's options: a resumed export must be given the same)."""
 
     __pydantic_config__ = STRICT_SECTION
-    boxes: Annotated[bool, Field(strict=True, description="yolo: detection boxes instead of polygons")] = False
+    boxes: Annotated[Flag, Field(description="yolo: detection boxes instead of polygons")] = False
 
 
 def parser() -> argparse.ArgumentParser:
