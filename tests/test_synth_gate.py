@@ -140,17 +140,22 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, 
             assert g["scores"]["seam"] <= cut and "flagged" not in g
         else:
             assert g["attempt"] == 2 and g["flagged"] and g["reasons"] == ["seam"]
-    # each written sample is its seed's plan made alone at the recorded attempt (the derived noise seed), up
-    # to rounding: it was made beside the other rejected seed, and kernels round per batch composition
+    # each written sample is its seed's plan at the recorded attempt (a new placement: same background and
+    # class, new window; the derived noise seed) made alone, up to rounding: it was made beside the other
+    # rejected seed, and kernels round per batch composition
     spec = spec_of(job(setup, setup["base"] / "unused", f"gate.max_seam={cut}", "gate.max_attempts=3"))
     engine = load_engine(spec, torch.device("cpu"))
     samples = read_samples(regenerated)
     for seed in rejected_first:
-        plan = replace(plan_sample(seed, spec.dataset, spec.backgrounds), attempt=final[seed]["attempt"])
+        plan = plan_sample(seed, spec.dataset, spec.backgrounds, final[seed]["attempt"])
+        first_plan = plan_sample(seed, spec.dataset, spec.backgrounds)
+        assert (plan.background, plan.class_id) == (first_plan.background, first_plan.class_id)
+        assert plan.window != first_plan.window
         alone = generate(engine, spec, [plan])[0]
         written = samples[f"{seed:08d}"]
         assert alone["json"]["attempt"] == final[seed]["attempt"] == written["json"]["attempt"]
-        assert_same_sample(alone, written, ignore=("gate",))
+        assert written["json"]["retries"] == [{"attempt": a, "reason": "gate"} for a in range(plan.attempt)]
+        assert_same_sample(alone, written, ignore=("gate", "retries"))
         for attempt in {plan.attempt - 1, plan.attempt + 1}:  # the neighbouring streams are far outside it
             other = generate(engine, spec, [replace(plan, attempt=attempt)])[0]
             assert not pixels_close(other["png"], written["png"]), (attempt, grey_difference(other["png"],
