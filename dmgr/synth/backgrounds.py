@@ -282,7 +282,7 @@ def _read_roi(roi: Path, size: tuple[int, int]) -> tuple[str | None, str]:
         return f"ROI {roi.name} unreadable ({type(exc).__name__})", ""
     digest = hashlib.sha256(roi_data).hexdigest()
     if roi_size != size:
-        return (f"ROI {roi.name} is {roi_size[0]}x{roi_size[1]}, the image {size[0]}x{size[1]} (both upright)",
+        return (f"ROI is {roi_size[0]}x{roi_size[1]}, the image {size[0]}x{size[1]} (both upright)",
                 digest)
     return None, digest
 
@@ -309,7 +309,7 @@ def _check(image: Path, roi: Roi, g: Geometry,
         for class_name, path in roi.items():
             reason, roi_digest = _read_roi(path, size)
             if reason is not None:
-                return f"{reason} (class {class_name})", digest, "", size, ()
+                return f"{reason} (class {class_name}: {path.name})", digest, "", size, ()
             room = bool(_corners((str(path), path.name, roi_digest), size, g.window, g.border).any())
             own.append(ClassRoi(class_name, path.resolve(), roi_digest, room))
         return None, digest, "", size, tuple(own)
