@@ -18,6 +18,7 @@ from dmgr.digest import sha256_file
 from dmgr.models.unet import UNetConfig, UNetConfigError, UNetModel, build_unet
 
 CONFIG_KEY = "dmgr.unet_config"
+SCALE_KEY = "dmgr.scale"  # model pixels per image pixel the network was trained at (dmgr.train's `scale`)
 
 
 class CheckpointError(ValueError):
@@ -78,6 +79,21 @@ def stored_metadata(path: str | Path) -> tuple[UNetConfig | None, dict[str, str]
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     return _stored_config(meta, path), meta
+
+
+def recorded_scale(meta: dict[str, str], path: str | Path) -> float | None:
+    """The scale a checkpoint was trained at, from its metadata; None when it records none (the paper models,
+    checkpoints trained before the key existed): unknown."""
+    if SCALE_KEY not in meta:
+        return None
+    try:
+        value = float(meta[SCALE_KEY])
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise CheckpointError(f"checkpoint {path}: metadata {SCALE_KEY}={meta[SCALE_KEY]!r} is not a scale > 0: "
+                              "the file is damaged; retrain or remove the key")
+    return value
 
 
 def _stored_config(meta: dict[str, str], path: Path) -> UNetConfig | None:

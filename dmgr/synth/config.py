@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 import re
 import tempfile
@@ -184,6 +186,7 @@ class NetworkSpec:
     config: dict | None
     digest: str | None = None  # sha256 of the checkpoint file
     classes: tuple[str, ...] | None = None  # the class names a project checkpoint stores
+    scale: float | None = None  # the dataset.scale it was trained at (dmgr.scale); None: not recorded, unknown
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,7 @@ def _model(raw: dict) -> tuple[ModelSettings, NetworkSettings, NetworkSettings]:
 def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec:
     """Reads the checkpoint's header: its stored architecture, class names and sha256."""
     from dmgr.models import CheckpointError, file_digest, stored_metadata
+    from dmgr.models.checkpoints import recorded_scale
 
     if random_init:
         if net.config is None:
@@ -433,7 +437,11 @@ def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec
             fail(f"model.{which}.config", None, f"{path.name} stores no architecture: give model.{which}.config")
         config = stored.to_dict()
     classes = tuple(json.loads(meta["dmgr.classes"])) if "dmgr.classes" in meta else None
-    return NetworkSpec(str(path), config, file_digest(path), classes)
+    try:
+        scale = recorded_scale(meta, path)
+    except CheckpointError as exc:
+        fail(f"model.{which}.checkpoint", net.checkpoint, str(exc))
+    return NetworkSpec(str(path), config, file_digest(path), classes, scale)
 
 
 def _check_model(model: ModelSpec, dataset: DatasetSpec) -> None:
@@ -451,6 +459,13 @@ def _check_model(model: ModelSpec, dataset: DatasetSpec) -> None:
     if stored_classes is not None and tuple(dataset.classes) != stored_classes:
         fail("dataset.classes", list(dataset.classes), f"the local checkpoint was trained on {list(stored_classes)} "
              "(class ids are positions): give the same names in the same order")
+    other = [(which, spec.scale) for which, spec in (("global", model.global_net), ("local", model.local_net))
+             if spec.scale is not None and not math.isclose(spec.scale, dataset.scale, rel_tol=1e-6)]
+    if other and dataset.source == "images":  # a scale no checkpoint records is unknown: no warning
+        trained = ", ".join(f"model.{which} was trained at scale={scale:g}" for which, scale in other)
+        logging.getLogger("dmgr.synth").warning(
+            "%s, this run has dataset.scale=%g: defects come out at another pixel size than trained; set "
+            "dataset.scale=%g (or retrain at %g)", trained, dataset.scale, other[0][1], dataset.scale)
 
 
 def _respaced_steps(diffusion_steps: int, respacing: str) -> int:
