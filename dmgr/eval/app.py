@@ -30,7 +30,7 @@ from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
 from dmgr.eval.report import write_class_report, write_downstream_report, write_sample_report
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
-from dmgr.eval.shards import first_sample, geometry, read_run
+from dmgr.eval.shards import first_sample, frame_geometry, geometry, read_run
 from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.schema import build
@@ -89,6 +89,16 @@ def _seeds(text: str) -> tuple[int, ...]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"--seeds wants distinct integers, got {text!r}")
     return seeds
+
+
+def _panel(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--panel wants WxH in pixels (e.g. 160x112), got {text!r}") from None
+    if min(width, height) < 64:
+        raise argparse.ArgumentTypeError(f"--panel {text}: W and H must be at least one 64 px board")
+    return width, height
 
 
 def parser() -> argparse.ArgumentParser:
@@ -158,6 +168,14 @@ def parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="where segmenters train: cpu (default) or cuda (cached apart from cpu)"
     )
     d.add_argument("--jobs", type=int, default=1, help="models trained at once (processes of one thread)")
+    d.add_argument(
+        "--panel",
+        type=_panel,
+        default=None,
+        metavar="WxH",
+        help="frame size of the sources and test boards: W x H panels of 64 px boards (default: the first run's "
+        "frame size; without a run, one 64 px board per frame)",
+    )
     d.add_argument(
         "--mask-default",
         choices=MASK_METHODS,
@@ -252,10 +270,19 @@ def _main(argv: list[str] | None) -> None:
                      task=args.task),
     ))
     runs = dict(args.run)
+    if args.panel is not None:
+        settings = replace(settings, panel=args.panel)
     if runs:
-        size, window = geometry(first_sample(next(iter(runs.values()))))
-        settings = replace(settings, image_size=size, window=window)
-    sources = build_sources(runs, settings, args.mask_default, args.mix)
+        first_run = next(iter(runs.values()))
+        size, panel, window = frame_geometry(first_sample(first_run))
+        if args.panel is not None and args.panel != (panel or (size, size)):
+            w, h = panel or (size, size)
+            raise ValueError(f"--panel {args.panel[0]}x{args.panel[1]}: {first_run} holds {w}x{h} frames; "
+                             "leave --panel out to use the run's size")
+        settings = replace(settings, image_size=size, window=window, panel=panel)
+    rendered = ("cut-paste", "perlin", f"real-{settings.n}")
+    skip = tuple(name for name in rendered if args.only and name not in args.only)
+    sources = build_sources(runs, settings, args.mask_default, args.mix, skip)
     if args.only:
         unknown = sorted(set(args.only) - set(sources))
         if unknown:

@@ -13,6 +13,10 @@ Sources (each gives N (image, mask) pairs; every one trains with the same steps 
 `segment.task` picks what the segmenter learns: `binary` (defect pixels; pixel AUROC/AP, image AUROC, IoU)
 or `classes` (background + the 6 defect classes from the shards' `class_id`; per-class pixel AP and its mean,
 per-class IoU of the argmax and its mean). The classes task has no perlin source: its anomalies have no class.
+
+`panel` (W, H) sets the frames' size: every source and the test set are then W x H panels of `image_size`-px
+boards (the demo backgrounds' layout and pixel scale), as a native-size run writes them; None (runs of square
+`image_size` boards) keeps one board per frame.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ class DownstreamSettings:
     seeds: tuple[int, ...] = (0, 1, 2)  # segmenter initialisation and batch order
     test_defective: Count() = 180  # held-out real defective test boards
     test_clean: Count() = 60  # held-out real clean test boards
-    image_size: Count(8) = 64
+    image_size: Count(8) = 64  # board side in pixels (the models' image_size: the demo boards' pixel scale)
     window: Count(4) = 16
+    panel: tuple[Count(8), Count(8)] | None = None  # (W, H) of every frame; None: one image_size board per frame
     margin: Count(0) = 5
     segment: SegmentSettings = field(default_factory=SegmentSettings)
 
@@ -74,11 +79,16 @@ def _check_classes(run_dir: Path, meta: dict) -> None:
 
 
 def build_sources(
-    runs: dict[str, Path], settings: DownstreamSettings, mask_default: str | None = None, mix: str | None = None
+    runs: dict[str, Path],
+    settings: DownstreamSettings,
+    mask_default: str | None = None,
+    mix: str | None = None,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, Boards]:
     """Every source's N training pairs. `runs` maps a name (e.g. real, paper) to a run directory; the
     first run that wrote one gives the paste baseline; the run named `mix` (default: the first)
-    gives the real+DMGR mix, with `mask_default` masks (default: the mask the run itself wrote)."""
+    gives the real+DMGR mix, with `mask_default` masks (default: the mask the run itself wrote).
+    The rendered sources named in `skip` (cut-paste, perlin, real-N) are not made."""
     if mix is not None and mix not in runs:
         raise ValueError(f"--mix {mix}: no run of that name (runs: {', '.join(runs)})")
     mix = mix or next(iter(runs), None)
@@ -93,10 +103,13 @@ def build_sources(
         run = read_run(run_dir, images=paste, masks=masks + (("paste_mask.png",) if paste else ()), limit=n)
         if len(run) < n:
             raise ValueError(f"{run_dir} holds {len(run)} samples, the benchmark needs n={n}")
-        if settings.image_size != run.images.shape[-1] or settings.window != run.window_size:
+        frame = settings.panel or (settings.image_size, settings.image_size)
+        height, width = run.images.shape[-2:]
+        if (width, height) != tuple(frame) or settings.window != run.window_size:
             raise ValueError(
-                f"{run_dir}: {run.images.shape[-1]} px images, {run.window_size} px windows; "
-                f"the benchmark is set for {settings.image_size} / {settings.window}"
+                f"{run_dir}: {width}x{height} px images, {run.window_size} px windows; the benchmark is set for "
+                f"{frame[0]}x{frame[1]} / {settings.window} (it takes the first run's frame size: give runs of "
+                "one size)"
             )
         by_method = {m: run.masks_by_key[f"mask_{m}.png"] for m in MASK_METHODS if f"mask_{m}.png" in masks}
         if first["json"]["mask_method"] not in by_method:  # its own mask, under its own method
@@ -108,14 +121,17 @@ def build_sources(
         if name == mix:
             own = first["json"]["mask_method"]
             mix_key = f"dmgr-{name}/{mask_default if mask_default in by_method else own}"
-    sources["cut-paste"] = cut_paste(n, size, settings.window, settings.margin)
-    if settings.segment.task == "binary":
-        sources["perlin"] = perlin_anomalies(n, size)
-    small = defective_boards(USER, settings.real_small, size)
+    panel = settings.panel
+    if "cut-paste" not in skip:
+        sources["cut-paste"] = cut_paste(n, size, settings.window, settings.margin, panel=panel)
+    if settings.segment.task == "binary" and "perlin" not in skip:
+        sources["perlin"] = perlin_anomalies(n, size, panel=panel)
+    small = defective_boards(USER, settings.real_small, size, panel=panel)
     sources["real-small"] = small
     if runs:
         sources[f"real-small+{mix_key}"] = _concat(small, sources[mix_key])
-    sources[f"real-{n}"] = defective_boards(USER, n, size)
+    if f"real-{n}" not in skip:
+        sources[f"real-{n}"] = defective_boards(USER, n, size, panel=panel)
     return sources
 
 
@@ -156,6 +172,8 @@ def model_key(train: Boards, settings: DownstreamSettings, seed: int) -> str:
     for name, default in (("device", "cpu"), ("task", "binary")):  # the keys of models cached before these
         if described["segment"][name] == default:  # settings existed stay valid
             del described["segment"][name]
+    if described["panel"] is None:
+        del described["panel"]
     digest = hashlib.sha256(json.dumps([described, seed], sort_keys=True, default=str).encode())
     for tensor in (train.images, train.masks, train.classes):
         digest.update(tensor.contiguous().numpy().tobytes())
@@ -175,7 +193,7 @@ def run_benchmark(
     scores of each (training pairs, settings, seed) are kept in cache/<digest>.json and reused: a rerun
     only trains the models whose inputs changed (training is deterministic, so the numbers are the same).
     """
-    test = heldout_boards(settings.test_defective, settings.test_clean, settings.image_size)
+    test = heldout_boards(settings.test_defective, settings.test_clean, settings.image_size, settings.panel)
     done: dict[tuple[str, int], dict] = {}
     keys = {(name, seed): model_key(sources[name], settings, seed) for name in sources for seed in settings.seeds}
     if cache is not None:
@@ -232,6 +250,10 @@ def run_benchmark(
         )
     return {
         "settings": asdict(settings),
-        "test": {"defective": settings.test_defective, "clean": settings.test_clean},
+        "test": {
+            "defective": settings.test_defective,
+            "clean": settings.test_clean,
+            "frame": list(test.images.shape[-2:][::-1]),  # width, height
+        },
         "sources": results,
     }

@@ -8,6 +8,10 @@ Every set comes from its own board-seed stream, so nothing here overlaps another
     CLEAN_TEST + i      held-out defect-free test boards (image-level AUROC needs negatives)
     VALIDATION + i      held-out patches for checking the classifier and the real-vs-real references
     USER + i            the "few real images a user has" of the downstream benchmark
+
+Panels (`panel=(W, H)`, the demo backgrounds' layout: W x H panels of `size`-px boards, row by row) hold the
+same board i of each set in one tile (the same defect, exact mask); the other tiles are defect-free boards
+of the same stream's sub-stream offset + PANEL_FILL + i * tiles + j, never used by anything else.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
-from dmgr.data.export import STREAM, TEST_OFFSET
+from dmgr.data.export import STREAM, TEST_OFFSET, panel_tiles
 from dmgr.images import from_uint8
 
 CLEAN_TEST = TEST_OFFSET + STREAM // 2
@@ -27,6 +31,8 @@ VALIDATION = 3 * STREAM
 USER = 4 * STREAM
 CLEAN = len(CLASS_NAMES)  # the classifier's extra class: a defect-free patch
 PATCH_CLASSES = (*CLASS_NAMES, "clean")
+PANEL_FILL = STREAM // 4  # per stream: the defect-free boards around a panel's own board
+Panel = tuple[int, int] | None  # (width, height) of the frames; None: one square board per frame
 
 
 @dataclass
@@ -41,26 +47,63 @@ class Boards:
         return len(self.images)
 
 
-def defective_boards(offset: int, n: int, size: int, first: int = 0) -> Boards:
-    """Boards offset + first + i with one defect each, classes in turn (i % 6), defect seed first + i."""
+def in_panel(
+    image: np.ndarray, mask: np.ndarray, box: list[int] | None, offset: int, i: int, size: int, panel: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Board offset + i's `image` (with `mask` and its defect's `box`; box None: a clean board) as one tile of a
+    W x H panel laid out as `make_panel` lays the demo backgrounds, whose other tiles are the defect-free boards
+    offset + PANEL_FILL + i * tiles + j. The tile is drawn (from the board seed) among those that hold the whole
+    box inside the panel."""
+    width, height = panel
+    columns = -(-width // size)
+    corners = [(k % columns * size, k // columns * size) for k in range(panel_tiles(size, panel))]
+    x1, y1 = (box[2], box[3]) if box is not None else (1, 1)
+    fits = [k for k, (x, y) in enumerate(corners) if x + x1 <= width and y + y1 <= height]
+    if not fits:
+        raise ValueError(f"the defect of board {offset + i} fits no tile of a {width}x{height} panel")
+    pick = fits[int(np.random.default_rng((offset + i, PANEL_FILL)).integers(len(fits)))]
+    fill = [offset + PANEL_FILL + i * len(corners) + k for k in range(len(corners)) if k != pick]
+    tiles = [make_board(seed, size).image for seed in fill]
+    tiles.insert(pick, image)
+    rows = [np.concatenate(tiles[r : r + columns], 1) for r in range(0, len(tiles), columns)]
+    out = np.ascontiguousarray(np.concatenate(rows, 0)[:height, :width])
+    x, y = corners[pick]
+    out_mask = np.zeros((height, width), dtype=bool)
+    out_mask[y : y + size, x : x + size] = mask[: height - y, : width - x]
+    return out, out_mask
+
+
+def defective_boards(offset: int, n: int, size: int, first: int = 0, panel: Panel = None) -> Boards:
+    """Boards offset + first + i with one defect each, classes in turn (i % 6), defect seed first + i; with
+    `panel`, each in one tile of a W x H panel (`in_panel`)."""
     images, masks, classes = [], [], []
     for i in range(first, first + n):
         class_id = i % len(CLASS_NAMES)
-        image, mask, _ = add_defect(make_board(offset + i, size), class_id, i)
+        image, mask, box = add_defect(make_board(offset + i, size), class_id, i)
+        if panel is not None:
+            image, mask = in_panel(image, mask, box, offset, i, size, panel)
         images.append(image)
         masks.append(mask)
         classes.append(class_id)
     return Boards(from_uint8(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], torch.tensor(classes))
 
 
-def clean_boards(offset: int, n: int, size: int, first: int = 0) -> Boards:
-    images = np.stack([make_board(offset + i, size).image for i in range(first, first + n)])
-    return Boards(from_uint8(images), torch.zeros(n, 1, size, size, dtype=torch.bool), torch.full((n,), -1))
+def clean_boards(offset: int, n: int, size: int, first: int = 0, panel: Panel = None) -> Boards:
+    images = []
+    for i in range(first, first + n):
+        image = make_board(offset + i, size).image
+        if panel is not None:
+            image, _ = in_panel(image, np.zeros((size, size), dtype=bool), None, offset, i, size, panel)
+        images.append(image)
+    masks = torch.zeros(n, 1, *images[0].shape[:2], dtype=torch.bool)
+    return Boards(from_uint8(np.stack(images)), masks, torch.full((n,), -1))
 
 
-def heldout_boards(defective: int, clean: int, size: int) -> Boards:
-    """The held-out test set: `defective` boards of TEST_OFFSET (classes in turn), then `clean` ones."""
-    a, b = defective_boards(TEST_OFFSET, defective, size), clean_boards(CLEAN_TEST, clean, size)
+def heldout_boards(defective: int, clean: int, size: int, panel: Panel = None) -> Boards:
+    """The held-out test set: `defective` boards of TEST_OFFSET (classes in turn), then `clean` ones; with
+    `panel`, the same boards each in a W x H panel."""
+    a = defective_boards(TEST_OFFSET, defective, size, panel=panel)
+    b = clean_boards(CLEAN_TEST, clean, size, panel=panel)
     return Boards(torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks]), torch.cat([a.classes, b.classes]))
 
 

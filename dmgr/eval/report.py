@@ -173,6 +173,15 @@ def _per_class_table(by_source: dict, key: str) -> list[str]:
     return lines
 
 
+def _test_set(results: dict) -> str:
+    test, panel = results["test"], results["settings"].get("panel")
+    text = f"{test['defective']} held-out real defective boards and {test['clean']} clean ones"
+    if panel:
+        size = results["settings"]["image_size"]
+        text += f", each in a {panel[0]}x{panel[1]} panel of {size} px boards (the training frames' size and scale)"
+    return text
+
+
 def write_class_report(
     out_dir: Path, results: dict, command: str, sources: dict[str, Boards] | None = None
 ) -> dict[str, Path]:
@@ -188,10 +197,10 @@ def write_class_report(
         "",
         f"The same 7-class U-Net (background + {len(CLASS_NAMES)} defect classes, width {s['segment']['width']}) "
         f"trained {s['segment']['steps']} steps at batch {s['segment']['batch_size']} on the pairs of each source, "
-        f"each mask pixel labelled with its sample's class; tested on {results['test']['defective']} held-out real "
-        f"defective boards and {results['test']['clean']} clean ones. Pixel AP per class: one-vs-rest on the "
-        "softmax probability of that class over every test pixel; IoU per class: of the argmax map, pixel counts "
-        "pooled over the test set. mAP and mean IoU average the defect classes (background apart). "
+        f"each mask pixel labelled with its sample's class; tested on {_test_set(results)}. "
+        "Pixel AP per class: one-vs-rest on the softmax probability of that class over every test pixel; "
+        "IoU per class: of the argmax map, pixel counts pooled over the test set. "
+        "mAP and mean IoU average the defect classes (background apart). "
         f"Mean ± std over seeds {list(s['seeds'])}.",
         "",
         "| source | pairs | mAP | mean IoU | background IoU |",
@@ -221,8 +230,8 @@ def write_downstream_report(
         f"`{command}`",
         "",
         f"The same U-Net (width {s['segment']['width']}) trained {s['segment']['steps']} steps at batch "
-        f"{s['segment']['batch_size']} on the pairs of each source; tested on {results['test']['defective']} held-out "
-        f"real defective boards and {results['test']['clean']} clean ones. Mean ± std over seeds {list(s['seeds'])}.",
+        f"{s['segment']['batch_size']} on the pairs of each source; tested on {_test_set(results)}. "
+        f"Mean ± std over seeds {list(s['seeds'])}.",
         "",
         "| source | pairs | pixel AUROC | pixel AP | image AUROC | mean IoU |",
         "|---|---|---|---|---|---|",

@@ -65,7 +65,8 @@ def outputs_of(task: str) -> int:
 
 
 class SegNet(nn.Module):
-    """Three-level U-Net: (B, 3, H, W) in [-1, 1] -> (B, outputs, H, W) logits (H, W divisible by 4)."""
+    """Three-level U-Net, fully convolutional: (B, 3, H, W) in [-1, 1] -> (B, outputs, H, W) logits for any
+    H, W (a side that is not a multiple of 4 is padded by edge replication for the network and cut back)."""
 
     def __init__(self, width: int = 16, outputs: int = 1):
         super().__init__()
@@ -75,6 +76,10 @@ class SegNet(nn.Module):
         self.out = nn.Conv2d(w, outputs, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height % 4 or width % 4:
+            padded = F.pad(x, (0, -width % 4, 0, -height % 4), mode="replicate")
+            return self.forward(padded)[..., :height, :width]
         e1 = self.enc1(x)
         e2 = self.enc2(F.max_pool2d(e1, 2))
         e3 = self.enc3(F.max_pool2d(e2, 2))

@@ -56,6 +56,15 @@ def geometry(sample: dict) -> tuple[int, int]:
     return sample["png"].size[0], box[2] - box[0]
 
 
+def frame_geometry(sample: dict) -> tuple[int, tuple[int, int] | None, int]:
+    """(model image size, frame (W, H) or None for a square frame of that size, window size in image pixels)
+    of a decoded sample: a native-size run's frames are panels larger than the model's image size."""
+    width, height = sample["png"].size
+    box = sample["json"]["window_box"]
+    size = int(sample["json"].get("image_size", width))
+    return size, None if (width, height) == (size, size) else (width, height), box[2] - box[0]
+
+
 def _mask(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("L")) > 127)[None]
 
@@ -81,6 +90,10 @@ def read_run(
     rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise ValueError(f"{run_dir}: the shards hold no samples")
+    sizes = sorted({s["png"].size for s in rows})
+    if len(sizes) > 1:
+        raise ValueError(f"{run_dir}: frames of several sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
+                         "the evaluation needs a run whose frames share one size")
     metas = [s["json"] for s in rows]
     boxes = torch.tensor([m["window_box"] for m in metas])
     return SynthSet(

@@ -11,8 +11,8 @@ import torch
 
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
-from dmgr.data.export import GLOBAL_OFFSET, LOCAL_OFFSET, STREAM, patch_window
-from dmgr.eval.real import Boards
+from dmgr.data.export import GLOBAL_OFFSET, LOCAL_OFFSET, STREAM, make_panel, panel_tiles, patch_window
+from dmgr.eval.real import Boards, Panel
 from dmgr.images import from_uint8
 
 ANOMALY_SOURCES = GLOBAL_OFFSET + STREAM // 2  # boards whose pixels fill Perlin anomalies
@@ -23,18 +23,32 @@ def random_windows(n: int, size: int, window: int, margin: int, g: torch.Generat
     return torch.randint(margin, size - window - margin, (n, 2), generator=g)
 
 
-def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0) -> Boards:
+def background(offset: int, i: int, size: int, panel: Panel = None) -> np.ndarray:
+    """Board offset + i, or with `panel` the W x H panel i of the boards offset + i * tiles + j: for
+    GLOBAL_OFFSET the demo backgrounds (`python -m dmgr.data.export --panel WxH` writes the same)."""
+    if panel is None:
+        return make_board(offset + i, size).image
+    tiles = panel_tiles(size, panel)
+    return make_panel([offset + i * tiles + j for j in range(tiles)], size, panel)
+
+
+def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0, panel: Panel = None) -> Boards:
     """Real defect patches of the local model's training set (window x window, centred on the defect,
-    exact masks; classes in turn) pasted into the global model's defect-free training boards."""
+    exact masks; classes in turn) pasted into the global model's defect-free training boards (with `panel`:
+    its W x H panels of size-px boards, windows uniform over the panel)."""
     g = torch.Generator().manual_seed(seed)
-    windows = random_windows(n, size, window, margin, g)
+    if panel is None:
+        windows = random_windows(n, size, window, margin, g)
+    else:
+        xs, ys = (torch.randint(margin, side - window - margin, (n,), generator=g) for side in panel)
+        windows = torch.stack([xs, ys], 1)
     images, masks = [], []
     for i in range(n):
         source = make_board(LOCAL_OFFSET + i, size)
         image, mask, box = add_defect(source, i % len(CLASS_NAMES), i)
         x0, y0, x1, y1 = patch_window(box, window, size)
-        target = make_board(GLOBAL_OFFSET + i, size).image.copy()
-        target_mask = np.zeros((size, size), dtype=bool)
+        target = background(GLOBAL_OFFSET, i, size, panel).copy()
+        target_mask = np.zeros(target.shape[:2], dtype=bool)
         x, y = windows[i].tolist()
         target[y : y + window, x : x + window] = image[y0:y1, x0:x1]
         target_mask[y : y + window, x : x + window] = mask[y0:y1, x0:x1]
@@ -68,8 +82,11 @@ def perlin_noise(height: int, width: int, cells: tuple[int, int], g: torch.Gener
     return math.sqrt(2) * (top + uy * (bottom - top))
 
 
-def perlin_anomalies(n: int, size: int, seed: int = 0, threshold: float = 0.5, max_scale: int = 3) -> Boards:
-    """DRAEM-style anomalies (Zavrtanik et al. 2021) on the global model's defect-free training boards.
+def perlin_anomalies(
+    n: int, size: int, seed: int = 0, threshold: float = 0.5, max_scale: int = 3, panel: Panel = None
+) -> Boards:
+    """DRAEM-style anomalies (Zavrtanik et al. 2021) on the global model's defect-free training boards
+    (with `panel`, its W x H panels; the noise and the anomaly are drawn square, side max(W, H), and cut).
 
     A Perlin noise map with 2^a x 2^b cells (a, b uniform in 0..max_scale), rotated by a multiple of
     90 degrees and thresholded at `threshold`, is the mask M; the anomaly fills M with pixels of another
@@ -77,16 +94,19 @@ def perlin_anomalies(n: int, size: int, seed: int = 0, threshold: float = 0.5, m
     I' = (1 - M) I + M ((1 - beta) A + beta I), beta ~ U[0, 0.8]. Draws with an empty mask are redrawn.
     """
     g = torch.Generator().manual_seed(seed)
+    width, height = panel or (size, size)
+    side = max(width, height)
     images, masks = [], []
     for i in range(n):
-        board = from_uint8(make_board(GLOBAL_OFFSET + i, size).image[None])[0]
-        mask = torch.zeros(size, size, dtype=torch.bool)
+        board = from_uint8(background(GLOBAL_OFFSET, i, size, panel)[None])[0]
+        mask = torch.zeros(height, width, dtype=torch.bool)
         while not mask.any():
             a, b = torch.randint(0, max_scale + 1, (2,), generator=g).tolist()
-            noise = perlin_noise(size, size, (2**a, 2**b), g)
-            mask = torch.rot90(noise, int(torch.randint(4, (1,), generator=g))) > threshold
-        anomaly = from_uint8(make_board(ANOMALY_SOURCES + i, size).image[None])[0]
-        anomaly = torch.rot90(anomaly, int(torch.randint(4, (1,), generator=g)), dims=(1, 2))
+            noise = perlin_noise(side, side, (2**a, 2**b), g)
+            mask = (torch.rot90(noise, int(torch.randint(4, (1,), generator=g))) > threshold)[:height, :width]
+        square = None if panel is None else (side, side)
+        anomaly = from_uint8(background(ANOMALY_SOURCES, i, size, square)[None])[0]
+        anomaly = torch.rot90(anomaly, int(torch.randint(4, (1,), generator=g)), dims=(1, 2))[:, :height, :width]
         anomaly = anomaly[torch.randperm(3, generator=g)]
         beta = 0.8 * float(torch.rand(1, generator=g))
         m = mask.float()[None]
