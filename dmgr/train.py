@@ -5,6 +5,9 @@ EMA weights, gradient clipping, optional autocast, DDP under torchrun, resumable
 A checkpoint is saved every `save_every` steps, at least every `save_every_minutes`, at the end, and on
 SIGTERM/SIGINT (then the job exits non-zero; rerunning the same command resumes). out_dir/train.json
 records the run's data_root and architecture: resuming there with another one is refused.
+The global model learns from random image_size tiles of DATA_ROOT/global resized by `scale` (model pixels
+per image pixel, synthesis's dataset.scale), the local model from the patches `dmgr.data.prepare` cut at that
+scale; each checkpoint records its scale (metadata dmgr.scale).
 Checkpoints are written in the project format (safetensors + architecture config): `ema.safetensors`
 loads into the synthesis job as it is.
 """
@@ -32,13 +35,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dmgr import CONF_DIR, DEMO_DATA
 from dmgr.cli import stop_on_interrupt
-from dmgr.data.dataset import ImageFolderDataset, PatchDataset
+from dmgr.data.dataset import PatchDataset, TileDataset, TileError, TileSampler
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
 from dmgr.distributed import WorkerContext, init_workers, shutdown
 from dmgr.images import to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
-from dmgr.models.checkpoints import check_fit, read_checkpoint
+from dmgr.models.checkpoints import SCALE_KEY, check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
 from dmgr.models.unet import UNetConfig, UNetConfigError, null_label
 from dmgr.progress import progress_bar
@@ -72,6 +75,9 @@ class TrainSettings:
     __pydantic_config__ = STRICT_SECTION
     arch: ArchSettings  # config group conf/arch/
     data_root: str = str(DEMO_DATA)  # folders written by `python -m dmgr.data.export` (global/, local/)
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # model pixels per image pixel
+    #   (synthesis's dataset.scale): global tiles of the images resized by it; null: the scale data_root's
+    #   prepare.json records, else 1.0
     steps: Count() = 2000
     batch_size: Count() = 16
     lr: Annotated[float, Field(gt=0)] = 2.0e-4
@@ -143,17 +149,39 @@ def check_config(cfg: DictConfig) -> TrainSettings:
     return settings
 
 
-def run_record(cfg: DictConfig) -> dict:
-    """What makes a training run: its data and its architecture (out_dir/train.json)."""
-    return {"data_root": str(Path(cfg.data_root).resolve()), "arch": OmegaConf.to_container(cfg.arch, resolve=True)}
+def data_scale(settings: TrainSettings) -> float:
+    """The run's scale: `scale`, else the one data_root's prepare.json records, else 1.0. A scale other than
+    the one the data root was prepared at is refused (its local patches were cut at that one)."""
+    record = Path(settings.data_root) / "prepare.json"
+    try:
+        prepared = float(json.loads(record.read_text()).get("scale", 1.0)) if record.is_file() else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        prepared = None
+    if settings.scale is None:
+        return prepared if prepared is not None else 1.0
+    if prepared is not None and not math.isclose(settings.scale, prepared, rel_tol=1e-6):
+        raise TrainConfigError(
+            f"scale={settings.scale:g}: data_root={settings.data_root} was prepared at scale {prepared:g} ({record}): "
+            f"give scale={prepared:g} (or leave it out), or rerun `python -m dmgr.data.prepare ... --scale "
+            f"{settings.scale:g}` into another data root"
+        )
+    return settings.scale
 
 
-def check_resume(cfg: DictConfig, out: Path) -> None:
-    """Refuse to resume, in out_dir, a run made on other data or with another architecture."""
+def run_record(cfg: DictConfig, scale: float = 1.0) -> dict:
+    """What makes a training run: its data, its scale and its architecture (out_dir/train.json)."""
+    record = {"data_root": str(Path(cfg.data_root).resolve()), "arch": OmegaConf.to_container(cfg.arch, resolve=True)}
+    if scale != 1.0:  # 1.0 keeps the record of runs made before the setting existed
+        record["scale"] = scale
+    return record
+
+
+def check_resume(cfg: DictConfig, out: Path, scale: float = 1.0) -> None:
+    """Refuse to resume, in out_dir, a run made on other data, at another scale or with another architecture."""
     record = out / "train.json"
     if not (cfg.resume and (out / "state.pt").exists() and record.exists()):
         return
-    old, new = json.loads(record.read_text()), run_record(cfg)
+    old, new = json.loads(record.read_text()), run_record(cfg, scale)
     if old == new:
         return
     changes = "; ".join(f"{key}: {a} in the saved run, {b} in this one" for key, a, b in differences(old, new))
@@ -219,11 +247,15 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def make_dataset(cfg: DictConfig):
+def make_dataset(cfg: DictConfig, scale: float = 1.0):
+    """The global model's tiles at `scale` (a TrainConfigError when no image holds one), or the local patches."""
     root = Path(cfg.data_root) / cfg.arch.role
     size = int(cfg.arch.config.image_size)
     if cfg.arch.role == "global":
-        return ImageFolderDataset(root, size, flip=True)
+        try:
+            return TileDataset(root, size, scale)
+        except (TileError, FileNotFoundError) as exc:
+            raise TrainConfigError(f"data_root={cfg.data_root}: {exc}") from None
     with_masks = int(cfg.arch.config.get("in_channels", 3)) == 4
     return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True, with_masks=with_masks)
 
@@ -295,10 +327,10 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     Image.fromarray(rows).resize((8 * max(size, 64), classes * max(size, 64)), Image.NEAREST).save(path)
 
 
-def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext) -> None:
+def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext, scale: float = 1.0) -> None:
     if ctx.rank != 0:
         return
-    meta = {"dmgr.step": str(step), "dmgr.role": cfg.arch.role}
+    meta = {"dmgr.step": str(step), "dmgr.role": cfg.arch.role, SCALE_KEY: repr(float(scale))}
     if cfg.arch.role == "local":
         meta["dmgr.classes"] = json.dumps(list(cfg.arch.classes))
     save_checkpoint(ema, out / "ema.safetensors", meta)
@@ -309,9 +341,10 @@ def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext) -> 
 
 
 def train(cfg: DictConfig) -> Path:
-    check_config(cfg)
+    scale = data_scale(check_config(cfg))
     out = Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
-    check_resume(cfg, out)
+    check_resume(cfg, out, scale)
+    dataset = make_dataset(cfg, scale)
     if cfg.save_every > cfg.steps:
         log.warning("save_every=%d is larger than steps=%d: checkpoints are saved every save_every_minutes=%s and "
                     "at the end", cfg.save_every, cfg.steps, cfg.get("save_every_minutes"))
@@ -319,7 +352,7 @@ def train(cfg: DictConfig) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if ctx.rank == 0:
-            (out / "train.json").write_text(json.dumps(run_record(cfg), indent=1))
+            (out / "train.json").write_text(json.dumps(run_record(cfg, scale), indent=1))
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout and DataLoader shuffling only; the data are on disk
         model = build_unet(OmegaConf.to_container(cfg.arch.config, resolve=True))
         if cfg.get("init_from") and not (cfg.resume and (out / "state.pt").exists()):
@@ -337,25 +370,30 @@ def train(cfg: DictConfig) -> Path:
             step = int(state["step"])
             log.info("resuming %s from step %d", out, step)
         net = DistributedDataParallel(model) if ctx.distributed else model
-        dataset = make_dataset(cfg)
-        sampler = DistributedSampler(dataset, seed=cfg.seed) if ctx.distributed else None
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(dataset) >= cfg.batch_size,
-            num_workers=cfg.num_workers,
-        )
+        sampler = None
+        if isinstance(dataset, TileDataset):  # one batch of tiles per step, keyed by (seed, rank, step)
+            tiles = TileSampler(len(dataset), cfg.batch_size, cfg.seed, ctx.rank, step, cfg.steps)
+            loader = DataLoader(dataset, batch_sampler=tiles, num_workers=cfg.num_workers)
+        else:
+            sampler = DistributedSampler(dataset, seed=cfg.seed) if ctx.distributed else None
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                shuffle=sampler is None,
+                sampler=sampler,
+                drop_last=len(dataset) >= cfg.batch_size,
+                num_workers=cfg.num_workers,
+            )
         diffusion = make_diffusion(cfg.diffusion_steps, cfg.beta_schedule)
         g = generator(stream_seed(cfg.seed, "train", ctx.rank, step))  # each (seed, rank, resumed step) its own
         scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ctx.device.type == "cuda")
         log.info(
-            "training %s (%d parameters) on %d %s images, %s, from step %d to %d",
+            "training %s (%d parameters) on %d %s images at scale %g, %s, from step %d to %d",
             cfg.arch.name,
             sum(p.numel() for p in model.parameters()),
             len(dataset),
             cfg.arch.role,
+            scale,
             ctx.device,
             step,
             cfg.steps,
@@ -406,7 +444,7 @@ def train(cfg: DictConfig) -> Path:
                     stop = signals.requested(ctx)
                     due = minutes is not None and time.monotonic() - saved_at >= 60 * minutes
                     if stop or due or step % cfg.save_every == 0 or step == cfg.steps:
-                        save_all(cfg, out, model, ema, opt, step, ctx)
+                        save_all(cfg, out, model, ema, opt, step, ctx, scale)
                         saved_at = time.monotonic()
                     if stop:
                         raise TrainInterrupted(stop, step, out)

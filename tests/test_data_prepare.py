@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from product_support import CLASSES, make_product
 
-from dmgr.data.dataset import ImageFolderDataset, PatchDataset
+from dmgr.data.dataset import PatchDataset, TileDataset
 from dmgr.data.prepare import main
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -40,9 +40,11 @@ def test_prepare_writes_the_layout_training_reads_and_a_dataset_config(product, 
     assert config["classes"] == sorted(CLASSES) and config["image_size"] == 32 and config["window_size"] == 8
     assert config["source"] == "images" and config["images"] == str((data / "global").resolve())
     assert config["margin"] == 2
-    # training's own datasets read it: 32 px RGB boards, 8 px patches with their masks as a 4th channel
-    boards = ImageFolderDataset(data / "global", 32)
-    assert len(boards) == 12 and boards[0].shape == (3, 32, 32)
+    # training's own datasets read it: 32 px RGB tiles of the 48x40 boards, 8 px patches with their masks
+    boards = TileDataset(data / "global", 32)
+    assert len(boards) == 12 and boards[(0, 0.5, 0.5, False)].shape == (3, 32, 32)
+    assert Image.open(data / "global" / "cell-000.png").size == (48, 40)  # at its own size
+    assert config["scale"] == 1.0 and "scale=1.0" in summary_next(data)["train_global"]
     patches = PatchDataset(data / "local", config["classes"], size=8, with_masks=True)
     assert len(patches) == 12 and patches[0][0].shape == (4, 8, 8)
     assert {label for _, label in patches.items} == {0, 1}
@@ -55,6 +57,10 @@ def test_prepare_writes_the_layout_training_reads_and_a_dataset_config(product, 
     for path, _ in patches.items:
         assert (np.asarray(Image.open(path.with_name(path.stem + ".mask.png"))) > 0).any(), path
     assert "'hydra.searchpath=[file://" in summary["next"]["synth"]  # the config lives outside conf/
+
+
+def summary_next(data: Path) -> dict:
+    return json.loads((data / "prepare.json").read_text())["next"]
 
 
 def test_prepare_refuses_bad_input_with_one_line(product, tmp_path):

@@ -1,10 +1,11 @@
 """Defect patches for the local model: DATA_ROOT/local/<class>/NAME.png + NAME.mask.png + labels.json.
 
 Shared by the importers (VOC and COCO boxes, defect images with mask files) and `dmgr.data.prepare`.
-Every defect image is first scaled so its shorter side is `image_size` (the scale the backgrounds are
-fitted to, so defects keep their size relative to the product); a patch_size square is then cut centred on
-the defect and moved inside the image. The mask beside each patch is the defect's own mask where one is
-given, else its box.
+The importers first scale every defect image so its shorter side is `image_size`; a patch_size square is
+then cut centred on the defect and moved inside the image. `dmgr.data.prepare` instead cuts
+window_size / scale image pixels around each defect of the image at its own size and resizes the patches to
+window_size (`rescale_patches`: the model pixels of synthesis at that dataset.scale). The mask beside each
+patch is the defect's own mask where one is given, else its box.
 """
 
 from __future__ import annotations
@@ -177,3 +178,26 @@ def import_masked(defects_dir: str | Path, masks_dir: str | Path, dst: str | Pat
     reader.report()
     return {"classes": classes, **writer.close(), "without_mask": no_mask, "empty_mask": empty,
             "skipped": reader.skipped, "grey_converted": reader.grey, "conversions": reader.conversions.summary()}
+
+
+def rescale_patches(dst: str | Path, size: int) -> None:
+    """Resize every patch listed in dst/labels.json to size x size (bilinear, antialiased when shrinking, as
+    synthesis's context crops; masks by nearest neighbour) and its box with it."""
+    dst = Path(dst)
+    record = dst / "labels.json"
+    if not record.is_file():
+        return
+    labels = json.loads(record.read_text())
+    factor = size / labels["patch_size"]
+    if factor == 1:
+        return
+    for item in labels["items"]:
+        path = dst / item["file"]
+        mask = path.with_name(path.stem + ".mask.png")
+        with Image.open(path) as img:
+            img.resize((size, size), Image.BILINEAR).save(path)
+        with Image.open(mask) as img:
+            img.resize((size, size), Image.NEAREST).save(mask)
+        item["box"] = [round(v * factor, 1) for v in item["box"]]
+    labels.update(patch_size=size, image_pixels=labels["patch_size"])
+    record.write_text(json.dumps(labels, indent=1))

@@ -2,14 +2,17 @@
 -> a data root for `python -m dmgr.train` and a dataset config for `python -m dmgr.synth`.
 
     python -m dmgr.data.prepare --name solar --good cells/good --defects cells/defects --masks cells/masks \\
-        --out data/solar --image-size 64 --window-size 16
+        --out data/solar --image-size 64 --window-size 16 [--scale 0.5]
     ... --defects IMAGES --voc ANNOTATIONS          (boxes: each patch's mask is its box)
     ... --defects IMAGES --coco instances.json      (polygon segmentation where present, else the box)
 
-Writes DATA_ROOT/global/ (the defect-free images fitted to image_size: the global model's training set and
-the synthesis backgrounds), DATA_ROOT/local/<class>/NAME.png + NAME.mask.png (window_size patches around
-every defect: the mask-generating local model's training set), DATA_ROOT/prepare.json (what was done) and
-CONF_DIR/dataset/<name>.yaml (classes, sizes, `source: images`, `images: DATA_ROOT/global`), then prints
+`--scale` is model pixels per image pixel (synthesis's dataset.scale, training's scale; default 1.0: native
+pixels). Writes DATA_ROOT/global/ (the defect-free images at their own size: the global model learns from
+image_size tiles of them resized by the scale, synthesis puts defects into them; images smaller than one tile
+at the scale are skipped and counted), DATA_ROOT/local/<class>/NAME.png + NAME.mask.png (window_size / scale
+image pixels around every defect, resized to window_size: the mask-generating local model's training set),
+DATA_ROOT/prepare.json (what was done) and CONF_DIR/dataset/<name>.yaml (classes, sizes, scale,
+`source: images`, `images: DATA_ROOT/global`), then prints
 the commands that train both models and synthesise. Every source image is decoded by the one rule of
 `dmgr.images.decode_rgb` (EXIF orientation applied; grey, 16-bit grey (by the bit depth, never clipped),
 palette, CMYK to RGB; alpha dropped); what was converted is logged once with counts and kept in prepare.json.
@@ -22,12 +25,18 @@ import json
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from dmgr.cli import stop_on_interrupt
-from dmgr.data.importers import _one_line, _parse_map, check_data_root, import_coco, import_image_folder, import_voc
-from dmgr.data.patches import import_masked
-from dmgr.images import Conversions
+from pydantic import Field
+
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.data.dataset import holds_tile, too_small_error
+from dmgr.data.importers import _one_line, _parse_map, check_data_root, import_coco, import_voc
+from dmgr.data.patches import Reader, import_masked, rescale_patches
+from dmgr.images import Conversions, list_images
+from dmgr.schema import STRICT_SECTION
 
 log = logging.getLogger("dmgr.prepare")
 PROJECT_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -38,8 +47,47 @@ class PrepareError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class ScaleSettings:
+    """The option shared with training and synthesis."""
+
+    __pydantic_config__ = STRICT_SECTION
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False, description=(
+        "model pixels per image pixel (synthesis's dataset.scale, training's scale): tiles and defect patches "
+        "cover image_size / scale and window_size / scale image pixels (1.0: native pixels)"))] = 1.0
+
+
+def import_good(src: Path, dst: Path, tile: int, scale: float, conversions: Conversions) -> dict:
+    """Every image under `src` (recursive) decoded, at its own size, as png (`a/b.jpg` -> `a_b.png`); images
+    smaller than one tile at `scale` are skipped and counted (one warning), none usable is a PrepareError."""
+    dst.mkdir(parents=True, exist_ok=True)
+    reader, written, used, small, sizes = Reader(conversions), 0, set(), [], []
+    for path in list_images(src):
+        img = reader.rgb(path)
+        if img is None:
+            continue
+        sizes.append(img.size)
+        if not holds_tile(img.size, tile, scale):
+            small.append(str(path))
+            continue
+        name = "_".join(path.relative_to(src).with_suffix("").parts)
+        if name in used:  # a.jpg next to a.png
+            name = f"{name}_{path.suffix[1:].lower()}"
+        used.add(name)
+        img.save(dst / f"{name}.png")
+        written += 1
+    if small and written:
+        log.warning("%d of %d defect-free images are smaller than one %d px tile at --scale %g: skipped, e.g. %s",
+                    len(small), len(sizes), tile, scale, small[0])
+    if not written:
+        why = too_small_error(f"in {src}", sizes, tile, scale, "--scale") if sizes else "none of its images is usable"
+        raise PrepareError(f"--good={src}: {why}")
+    return {"written": written, "too_small": small, "skipped": reader.skipped, "grey_converted": reader.grey,
+            "conversions": reader.conversions.summary()}
+
+
 def dataset_config(name: str, classes: list[str], image_size: int, window_size: int, margin: int,
-                   images: Path) -> str:
+                   images: Path, scale: float = ScaleSettings.scale) -> str:
     """The text of conf/dataset/<name>.yaml for this product."""
     return "\n".join([
         f"# Generated by `python -m dmgr.data.prepare` for {name}: defects into your real defect-free images.",
@@ -51,7 +99,8 @@ def dataset_config(name: str, classes: list[str], image_size: int, window_size: 
         f"name: {name}",
         f"image_size: {image_size}",
         f"window_size: {window_size}",
-        f"margin: {margin}               # window top-left in [margin, image_size - window_size - margin)",
+        f"margin: {margin}               # model pixels between a defect window and the image's edge",
+        f"scale: {scale!r}             # model pixels per image pixel: the scale both models were trained at",
         f"classes: [{', '.join(classes)}]   # ids are positions: train the local model with these, in this order",
         "source: images",
         f"images: {images}",
@@ -60,9 +109,9 @@ def dataset_config(name: str, classes: list[str], image_size: int, window_size: 
 
 
 def commands(name: str, root: Path, classes: list[str], image_size: int, window_size: int,
-             conf_dir: Path) -> dict[str, str]:
+             conf_dir: Path, scale: float = ScaleSettings.scale) -> dict[str, str]:
     """The next steps, as shell commands."""
-    train = "python -m dmgr.train progress=true"
+    train = f"python -m dmgr.train progress=true scale={scale!r}"
     search = "" if conf_dir.resolve() == PROJECT_CONF else f" 'hydra.searchpath=[file://{conf_dir.resolve()}]'"
     global_out, local_out = f"outputs/train-{name}-global", f"outputs/train-{name}-local"
     levels = next(n for n in (4, 3, 2, 1, 0) if window_size % 2**n == 0)  # the window must divide by 2^levels
@@ -111,23 +160,24 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(args.conf_dir) / "dataset" / f"{args.name}.yaml"
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Import both sides, write the dataset config; returns the summary written to DATA_ROOT/prepare.json."""
+def prepare(args: argparse.Namespace, scale: float = ScaleSettings.scale) -> dict:
+    """Import both sides at `scale`, write the dataset config; returns the summary written to
+    DATA_ROOT/prepare.json."""
     _check(args)
     root, size, window = args.out, args.image_size, args.window_size
     margin = args.margin if args.margin is not None else window // 4
     conversions = Conversions()
-    good = import_image_folder(args.good, root / "global", size, conversions)
-    if not good["written"]:
-        raise PrepareError(f"--good={args.good}: none of its images is usable")
+    good = import_good(args.good, root / "global", size, scale, conversions)
+    patch = max(1, round(window / scale))  # image pixels around each defect, resized to the window below
     if args.masks is not None:
-        local = import_masked(args.defects, args.masks, root / "local", window, size, conversions=conversions)
+        local = import_masked(args.defects, args.masks, root / "local", patch, None, conversions=conversions)
     elif args.voc is not None:
-        local = import_voc(args.defects, args.voc, root / "local", _parse_map(args.map, None), window, size,
+        local = import_voc(args.defects, args.voc, root / "local", _parse_map(args.map, None), patch, None,
                            conversions)
     else:
-        local = import_coco(args.coco, args.defects, root / "local", window, size, _parse_map(args.map, None),
+        local = import_coco(args.coco, args.defects, root / "local", patch, None, _parse_map(args.map, None),
                             conversions)
+    rescale_patches(root / "local", window)
     conversions.report(log, "prepare")
     classes = [c for c in local.get("classes", sorted(local["per_class"])) if local["per_class"].get(c)]
     if not classes:
@@ -135,15 +185,16 @@ def prepare(args: argparse.Namespace) -> dict:
     bad = [c for c in classes if not NAME.match(c)]
     if bad:
         raise PrepareError(f"class={bad[0]!r}: class names hold letters, digits, _ - . only (rename it)")
-    text = dataset_config(args.name, classes, size, window, margin, (root / "global").resolve())
+    text = dataset_config(args.name, classes, size, window, margin, (root / "global").resolve(), scale)
     config = config_path(args)  # _check: absent, or written by prepare for this data root
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(text)
     summary = {"name": args.name, "data_root": str(root.resolve()), "dataset_config": str(config),
-               "image_size": size, "window_size": window, "margin": margin, "classes": classes,
+               "image_size": size, "window_size": window, "margin": margin, "scale": scale,
+               "patch_image_pixels": patch, "classes": classes,
                "global": good, "local": local, "grey_converted": conversions.grey,
                "conversions": conversions.summary(),
-               "next": commands(args.name, root, classes, size, window, Path(args.conf_dir))}
+               "next": commands(args.name, root, classes, size, window, Path(args.conf_dir), scale)}
     (root / "prepare.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -160,10 +211,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coco", type=Path, help="COCO annotations .json (class = category name)")
     p.add_argument("--map", nargs="*", metavar="NAME=CLASS", help="rename VOC/COCO class names")
     p.add_argument("--out", type=Path, required=True, help="the data root to write (DATA_ROOT)")
-    p.add_argument("--image-size", type=int, required=True, help="images are fitted to this square (global model)")
+    p.add_argument("--image-size", type=int, required=True, help="the global model's side: its training tiles")
     p.add_argument("--window-size", type=int, required=True, help="defect window / local model patch, pixels")
     p.add_argument("--margin", type=int, default=None, help="defect windows keep this far from the border "
                                                             "(default window/4)")
+    add_settings(p, ScaleSettings)
     p.add_argument("--conf-dir", type=Path, default=PROJECT_CONF,
                    help="write CONF_DIR/dataset/<name>.yaml (default: the project's conf/)")
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset config of that name")
@@ -172,10 +224,12 @@ def parser() -> argparse.ArgumentParser:
 
 @stop_on_interrupt("dmgr-prepare")
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    settings = settings_from(p, args, ScaleSettings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        summary = prepare(args)
+        summary = prepare(args, settings.scale)
     except (PrepareError, OSError, ValueError) as err:  # bad input or a file that cannot be read: one line
         print(f"dmgr-prepare: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
