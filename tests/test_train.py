@@ -85,8 +85,9 @@ def test_local_model_trains_class_conditionally(data_root, tmp_path):
 
 def test_label_dropout_trains_the_null_class_and_previews_guided(data_root, tmp_path):
     out = tmp_path / "guided"
-    train(config(["arch=demo_local", f"arch.config={TINY_LOCAL}", "+arch.config.null_class=true", "steps=2", "save_every=2", "label_dropout=0.5",
-                  "sample_guidance=2", *common(data_root, out), "sample_every=2"]))
+    train(config(["arch=demo_local", f"arch.config={TINY_LOCAL}", "+arch.config.null_class=true", "steps=2",
+                  "save_every=2", "label_dropout=0.5", "sample_guidance=2", *common(data_root, out),
+                  "sample_every=2"]))
     model = load_unet(out / "ema.safetensors")
     assert model.config.null_class and model.label_emb.weight.shape[0] == 7
     assert (out / "samples" / "step-0000002.png").exists()
