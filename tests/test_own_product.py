@@ -222,8 +222,8 @@ def test_streaming_reader_gives_every_sample_once_through_two_workers(chain, shu
     keys = Counter()
     shards = read_samples(chain["run"])
     for images, masks, metas in loader:
-        assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
-        assert 0 <= images.min() and images.max() <= 1 and masks.shape[1:] == (1, 32, 32)
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 40, 48)
+        assert 0 <= images.min() and images.max() <= 1 and masks.shape[1:] == (1, 40, 48)
         assert set(masks.unique().tolist()) <= {0.0, 1.0}
         for image, mask, meta in zip(images, masks, metas):
             keys[meta["__key__"]] += 1
