@@ -10,7 +10,7 @@ import torch
 from dmgr.data import make_board
 from dmgr.data.defects import add_defect
 from dmgr.data.export import GLOBAL_OFFSET, TEST_OFFSET, make_panel, panel_tiles
-from dmgr.eval.downstream import DownstreamSettings, model_key
+from dmgr.eval.downstream import DownstreamSettings, heldout_set, model_key
 from dmgr.eval.real import CLEAN_TEST, PANEL_FILL, USER, defective_boards, heldout_boards, in_panel
 from dmgr.eval.segment import SegmentSettings, SegNet, predict_maps, train_segmenter
 from dmgr.eval.sources import cut_paste, perlin_anomalies
@@ -125,3 +125,15 @@ def test_a_one_tile_panel_is_the_board_itself_and_a_defect_that_fits_no_tile_is_
     assert np.array_equal(out, image) and np.array_equal(out_mask, mask)
     with pytest.raises(ValueError, match="fits no tile of a 1x1 panel"):
         in_panel(image, mask, box, TEST_OFFSET, 0, 32, (1, 1))
+
+
+def test_the_test_set_is_cached_by_the_settings_that_shape_it(tmp_path):
+    settings = DownstreamSettings(test_defective=3, test_clean=1, image_size=32, window=8, panel=PANEL)
+    first = heldout_set(settings, tmp_path)
+    assert len(list(tmp_path.glob("test-*.pt"))) == 1
+    again = heldout_set(settings, tmp_path)
+    for field in ("images", "masks", "classes"):
+        assert torch.equal(getattr(first, field), getattr(again, field))
+    assert torch.equal(first.images, heldout_boards(3, 1, 32, PANEL).images)
+    square = heldout_set(replace(settings, panel=None), tmp_path)
+    assert square.images.shape == (4, 3, 32, 32) and len(list(tmp_path.glob("test-*.pt"))) == 2

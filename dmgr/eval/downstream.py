@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
+from dmgr.data import board, defects
 from dmgr.data.defects import CLASS_NAMES
+from dmgr.eval import real
 from dmgr.eval.real import USER, Boards, defective_boards, heldout_boards
 from dmgr.eval.segment import SegmentSettings, predict_maps, score, train_segmenter
 from dmgr.eval.shards import first_sample, read_run
@@ -180,6 +182,28 @@ def model_key(train: Boards, settings: DownstreamSettings, seed: int) -> str:
     return digest.hexdigest()[:20]
 
 
+def heldout_set(settings: DownstreamSettings, cache: Path | None = None) -> Boards:
+    """The held-out test boards; with `cache`, kept in cache/test-<digest>.pt (a set of panels takes minutes to
+    render), keyed by the settings that shape it and the source of the code that renders it."""
+    def make() -> Boards:
+        return heldout_boards(settings.test_defective, settings.test_clean, settings.image_size, settings.panel)
+
+    if cache is None:
+        return make()
+    shape = [settings.test_defective, settings.test_clean, settings.image_size, settings.panel]
+    digest = hashlib.sha256(json.dumps(shape).encode())
+    for module in (board, defects, real):
+        digest.update(Path(module.__file__).read_bytes())
+    path = cache / f"test-{digest.hexdigest()[:20]}.pt"
+    if path.exists():
+        return Boards(**torch.load(path))
+    test = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": test.images, "masks": test.masks, "classes": test.classes}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return test
+
+
 def run_benchmark(
     sources: dict[str, Boards],
     settings: DownstreamSettings,
@@ -193,7 +217,7 @@ def run_benchmark(
     scores of each (training pairs, settings, seed) are kept in cache/<digest>.json and reused: a rerun
     only trains the models whose inputs changed (training is deterministic, so the numbers are the same).
     """
-    test = heldout_boards(settings.test_defective, settings.test_clean, settings.image_size, settings.panel)
+    test = heldout_set(settings, cache)
     done: dict[tuple[str, int], dict] = {}
     keys = {(name, seed): model_key(sources[name], settings, seed) for name in sources for seed in settings.seeds}
     if cache is not None:

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from dmgr.data.defects import CLASS_NAMES
@@ -116,9 +117,18 @@ def bar_chart(results: dict, metric: str, path: Path, width: int = 360) -> None:
     image.save(path)
 
 
+def _square(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) image and (H, W) mask padded at the bottom and right to a square (image white, mask off)."""
+    height, width = mask.shape
+    side = max(height, width)
+    pad = ((0, side - height), (0, side - width))
+    return np.pad(image, (*pad, (0, 0)), constant_values=255), np.pad(mask, pad)
+
+
 def examples_png(sources: dict[str, Boards], path: Path, per_source: int = 6, scale: int = 2) -> None:
-    """One row per source: its first training pairs, each mask outlined in red."""
-    size = next(iter(sources.values())).images.shape[-1] * scale
+    """One row per source: its first training pairs, each mask outlined in red (frames that are not square
+    letterboxed in white, aspect ratio kept)."""
+    size = max(next(iter(sources.values())).images.shape[-2:]) * scale
     left = 230
     image = Image.new("RGB", (left + per_source * (size + 4), len(sources) * (size + 4)), "white")
     draw = ImageDraw.Draw(image)
@@ -127,7 +137,8 @@ def examples_png(sources: dict[str, Boards], path: Path, per_source: int = 6, sc
         count = min(per_source, len(boards))
         pictures = to_uint8(boards.images[:count])
         for c in range(count):
-            tile = Image.fromarray(outlined_tile(pictures[c], size, boards.masks[c, 0].numpy()))
+            picture, mask = _square(pictures[c], boards.masks[c, 0].numpy())
+            tile = Image.fromarray(outlined_tile(picture, size, mask))
             image.paste(tile, (left + c * (size + 4), r * (size + 4)))
     image.save(path)
 
