@@ -64,7 +64,7 @@ TEST_WORKERS ?= 2
 test: venv ## the whole test suite, two pytest workers (TEST_WORKERS=N)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
 
-# Everything but the end-to-end tests (tests/conftest.py SLOW_MODULES / SLOW_TESTS): about a minute.
+# Everything but the end-to-end tests (marked pytest.mark.slow where they are defined): about a minute.
 test-fast: venv ## every test but the end-to-end ones (about a minute)
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 

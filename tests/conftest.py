@@ -19,23 +19,8 @@ from dmgr.models import build_unet
 # run down a hundredfold (seen with training jobs running alongside): one thread unless DMGR_TEST_THREADS is set.
 torch.set_num_threads(int(os.environ.get("DMGR_TEST_THREADS", "1")))
 
-# End-to-end modules: real job processes, whole sampling runs, training. `make test-fast` (-m "not slow")
-# runs everything else; `make test` (CI) runs all.
-SLOW_MODULES = {
-    "test_synth_job", "test_synth_reliability", "test_synth_gate", "test_slurm", "test_sweep", "test_eval_job",
-    "test_own_product", "test_reference_parity", "test_train", "test_synth_backgrounds", "test_bench",
-    "test_native_size",
-}
-# Single tests elsewhere that sample many steps, train a network or start the job.
-SLOW_TESTS = {
-    "test_samples_independent_under_backtracking", "test_per_seed_determinism_with_time_travel",
-    "test_classifier_is_accurate_on_its_own_training_patches", "test_segmenter_learns_an_obvious_defect",
-    "test_a_run_dir_refuses_a_different_config", "test_cli_prints_one_line_and_exits_2",
-    "test_a_mask_channel_local_model_gets_its_own_crop_channel", "test_class_is_per_sample",
-    "test_pass_counter_backtracking_adds_forwards", "test_known_background_outside_the_window_at_every_step",
-    "test_rectification_lowers_the_loss", "test_rectification_changes_the_sample", "test_segmenter_training_is_seeded",
-    "test_a_mask_channel_crop_follows_the_known_window_outside_its_defect",
-}
+# Slow tests (real job processes, whole sampling runs, training) carry `pytest.mark.slow` where they are defined
+# (`pytestmark` for a whole module): `make test-fast` (-m "not slow") runs everything else; `make test` runs all.
 
 
 # The longest modules, longest first (`pytest --durations`). `make test` runs two pytest workers that take a
@@ -43,15 +28,13 @@ SLOW_TESTS = {
 # the long ones keeps one of them from being the last to start while the other worker sits idle.
 LONGEST_FIRST = (
     "test_eval_job", "test_synth_reliability", "test_synth_job", "test_slurm", "test_synth_gate",
-    "test_synth_backgrounds", "test_reference_parity", "test_sampler_dmgr", "test_train", "test_bench",
+    "test_synth_backgrounds", "test_native_size", "test_exports_libraries", "test_reference_parity",
+    "test_sampler_dmgr", "test_train", "test_bench",
     "test_sweep", "test_own_product", "test_eval_sources",
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: order within a module kept
 

@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from synth_support import ROOT
 
 from dmgr.bench import GLOBAL_CONFIG, LOCAL_CONFIG, load_models
 from dmgr.models import build_unet
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
 
 def test_weights_from_a_reference_format_file(tmp_path):

@@ -15,11 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from synth_support import ROOT, read_samples
 from test_synth_backgrounds import IMAGES, write_boards
 from test_synth_gate import CLASSES, write_data_root
 
 from dmgr.eval.user_classifier import data_digest
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
 # The evaluation's own model and data: none may run while synthesising. The procedural generators go too:
 # a run on the user's images and data root has no business drawing boards of the evaluation's domain.

@@ -1,5 +1,6 @@
 """Real evaluation data, the baseline sources, the patch classifier and the segmenter."""
 
+import pytest
 import torch
 
 from dmgr.data import make_board
@@ -65,6 +66,7 @@ def test_perlin_anomalies_blend_only_inside_their_mask():
     assert (pairs.images[~outside] - backgrounds[~outside]).abs().mean() > 0.05
 
 
+@pytest.mark.slow
 def test_classifier_is_accurate_on_its_own_training_patches(tmp_path):
     settings = ClassifierSettings(per_class=30, validation_per_class=5, steps=250, batch_size=64, lr=5e-3)
     model, record = load_or_train(settings, tmp_path, progress=False)
@@ -76,6 +78,7 @@ def test_classifier_is_accurate_on_its_own_training_patches(tmp_path):
     assert accuracy(cached, train) == record["train_accuracy"]
 
 
+@pytest.mark.slow
 def test_segmenter_learns_an_obvious_defect():
     g = torch.Generator().manual_seed(0)
     n, size = 32, 32
@@ -95,6 +98,7 @@ def test_segmenter_learns_an_obvious_defect():
     assert scores["pixel_auroc"] > 0.95 and scores["pixel_ap"] > 0.8 and scores["mean_iou"] > 0.5
 
 
+@pytest.mark.slow
 def test_segmenter_training_is_seeded():
     pairs = defective_boards(USER, 4, 32)
     settings = SegmentSettings(steps=3, batch_size=2, width=4)

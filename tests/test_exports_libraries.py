@@ -27,6 +27,8 @@ from dmgr.export.yolo import label_lines
 from dmgr.shards import dataset
 from dmgr.synth.backgrounds import scan_backgrounds
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
 SEEDS = 6

@@ -19,6 +19,8 @@ from dmgr.synth.backgrounds import scan_backgrounds
 from dmgr.synth.engine import GIVEN, generate, load_engine, mask_to_image, to_image, to_model
 from dmgr.synth.plan import Defect, SamplePlan, context_origin, plan_sample
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 # A 32 px global model (16 px windows): a context crop covers 32 / scale image pixels.
 SMALL = ["model.global.config.image_size=32", "dataset.image_size=32", "dataset.margin=0"]
 FAST = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T_e=3", "schedule.time_travel=false",

@@ -25,6 +25,8 @@ from dmgr.export.polygons import components
 from dmgr.shards import collate, dataset
 from dmgr.train import train
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
 TINY_LOCAL_MASK = ("{image_size: 8, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: "

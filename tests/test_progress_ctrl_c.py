@@ -15,6 +15,8 @@ import pytest
 from dmgr.cli import INTERRUPTED, stop_on_interrupt
 from tests.synth_support import ROOT, TINY
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 
 def interrupt_when(cmd: list[str], ready: Callable[[], bool]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DMGR_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}

@@ -16,6 +16,8 @@ from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
 from dmgr.sampler import DMGRSettings, ReplayNoise, ddim_sample, dmgr_sample
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 TOLERANCE = 1e-3
 SETTINGS_FIELDS = {f.name for f in dataclasses.fields(DMGRSettings)}
 # keys of `settings` that are not DMGRSettings fields, and where they go

@@ -122,6 +122,7 @@ def test_crop_reanchored_to_window_at_T_e(global_model, local_model, diffusion10
 # ---------------------------------------------------------------- rectification
 
 
+@pytest.mark.slow
 def test_rectification_lowers_the_loss(global_denoiser, local_denoiser, diffusion10):
     """One anchoring step moves the window of the global x0 prediction toward the local prediction."""
     x_T = noise(2, 3)
@@ -156,6 +157,7 @@ def test_rectification_lowers_the_loss(global_denoiser, local_denoiser, diffusio
     assert torch.equal(result.final_loss, result.trace[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_rectification_changes_the_sample(global_denoiser, local_denoiser, diffusion10):
     x_T = noise(1, 4)
     windows, classes = torch.tensor([[8, 8]]), torch.tensor([3])
@@ -188,6 +190,7 @@ def assert_same_sample(a, i, b, j):
     torch.testing.assert_close(a.crop[i], b.crop[j], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_per_seed_determinism_with_time_travel(global_denoiser, local_denoiser):
     """A seed gives the same sample alone, in a batch of 4 and in another batch order (batched networks)."""
     diffusion = make_diffusion(1000, "linear", "20")
@@ -209,6 +212,7 @@ def test_per_seed_determinism_with_time_travel(global_denoiser, local_denoiser):
             assert (batch.crop[i] - batch.crop[j]).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_samples_independent_under_backtracking(global_denoiser, local_denoiser):
     """With a rate that makes every sample backtrack its own number of times, and time travel on, a sample
     is the same alone, with other batch-mates and at another position (networks evaluated per sample)."""
@@ -232,6 +236,7 @@ def test_samples_independent_under_backtracking(global_denoiser, local_denoiser)
         assert_same_sample(other, position, batch, row)
 
 
+@pytest.mark.slow
 def test_class_is_per_sample(global_denoiser, local_denoiser, diffusion10):
     """Changing one sample's class changes that sample's crop and leaves its batch-mate alone."""
     global_model, local_model = OneByOne(global_denoiser), OneByOne(local_denoiser)
@@ -291,6 +296,7 @@ def test_pass_counter_per_phase(global_denoiser, local_denoiser, diffusion10):
                          "forward_local": 2, "backward": 2 * K}
 
 
+@pytest.mark.slow
 def test_pass_counter_backtracking_adds_forwards(local_model, global_model, diffusion10):
     """With a huge rate the candidates are rejected and retried: more forwards, still K backwards per step."""
     counter = PassCounter()
@@ -317,6 +323,7 @@ def test_without_reanchoring_the_crop_keeps_its_own_walk(global_model, local_mod
     torch.testing.assert_close(trace_at(result, T_e)["crop_prev"], expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_known_background_outside_the_window_at_every_step(global_model, local_model, diffusion10):
     """RePaint's rule: outside the window, x at index t is the background noised to t."""
     x_T = noise(2, 5)
@@ -341,6 +348,7 @@ def test_known_background_outside_the_window_at_every_step(global_model, local_m
     assert (result.image[inside] - background[inside]).abs().mean() > 0.05  # the window was generated
 
 
+@pytest.mark.slow
 def test_a_mask_channel_local_model_gets_its_own_crop_channel(global_model, unet_factory, diffusion10):
     from conftest import LOCAL_CONFIG
 
@@ -374,6 +382,7 @@ def test_a_mask_channel_local_model_samples_without_a_noise_source(global_model,
     assert (run(noise(2, 8)).crop[:, 3] - a.crop[:, 3]).abs().max() > 0.1  # another x_T, another mask channel
 
 
+@pytest.mark.slow
 def test_a_mask_channel_crop_follows_the_known_window_outside_its_defect(global_model, unet_factory, diffusion10):
     from conftest import LOCAL_CONFIG
 

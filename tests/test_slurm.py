@@ -17,6 +17,8 @@ import pytest
 from slurm_cluster import ClusterError, missing_requirements, start, stop
 from synth_support import ROOT, TINY, manifest, raw_members, run_synth
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 OVERRIDES = [*TINY, "seeds=0-3", "samples_per_shard=1", "batch_size=2"]
 
 

@@ -6,11 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from synth_support import TINY, manifest, run_synth
 
 from dmgr.images import viridis
 from dmgr.sweep import write_report
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
 
 def test_local_sweep_skips_invalid_points_and_reports(tmp_path):

@@ -14,6 +14,8 @@ from dmgr.data.board import make_board
 from dmgr.synth.backgrounds import BackgroundError, scan_backgrounds
 from dmgr.synth.plan import plan_sample
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 # The tiny models on real boards; time travel with known backgrounds is covered by the sampler tests.
 IMAGES = [*(t for t in TINY if not t.startswith("dataset.source")), "dataset.source=images",
           "schedule.time_travel=false"]

@@ -127,6 +127,7 @@ def test_checkpoint_that_does_not_fit_the_config_is_a_clear_error(tmp_path, out)
     assert "shape conflicts" in str(info.value) and "model.*" in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     result = run_synth([*TINY, "schedule.T_e=8", "schedule.T_s=8", f"out_dir={tmp_path}"], check=False)
     assert result.returncode == 2
@@ -135,6 +136,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert not (tmp_path / "shards").exists()
 
 
+@pytest.mark.slow
 def test_a_run_dir_refuses_a_different_config(tmp_path):
     run_synth([*TINY, "seeds=0", f"out_dir={tmp_path}"])
     result = run_synth([*TINY, "seeds=0", "schedule.lr_xt=0.05", f"out_dir={tmp_path}"], check=False)

@@ -36,6 +36,8 @@ from dmgr.synth.engine import generate, load_engine
 from dmgr.synth.gate import changed_outside, gate_metrics, gate_summary, mask_outside, seam_z, verdict
 from dmgr.synth.plan import plan_sample
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 CLASSES = ("missinghole", "mousebite", "opencircuit", "short", "spur", "spuriouscopper")
 
 

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 from synth_support import ROOT, TINY, manifest, raw_members, read_samples, run_synth, shard_files
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 SEEDS = "0-5"  # 3 shards of 2
 BASE = [*TINY, f"seeds={SEEDS}", "samples_per_shard=2", "batch_size=2"]
 

@@ -26,6 +26,8 @@ from dmgr.synth.config import ConfigError
 from dmgr.synth.engine import generate, load_engine
 from dmgr.synth.plan import plan_sample
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 SMALL = [*TINY, "seeds=0-2", "samples_per_shard=1", "batch_size=1"]  # 3 shards of one sample
 ENV = {**os.environ, "DMGR_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
