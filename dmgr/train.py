@@ -143,7 +143,7 @@ def check_config(cfg: DictConfig) -> TrainSettings:
     if not subdir.is_dir():
         raise TrainConfigError(
             f"data_root={settings.data_root!r}: no {subdir}: prepare your images with `python -m dmgr.data.prepare "
-            f"... --out {settings.data_root}` (README: Your own product), or the demo's with "
+            f"... --out {settings.data_root}` (docs/own-product.md), or the demo's with "
             f"`python -m dmgr.data.export --out {settings.data_root}`"
         )
     return settings

@@ -9,9 +9,9 @@
     python -m dmgr.data.importers coco --annotations instances.json --images IMAGES --data-root DATA_ROOT ...
     python -m dmgr.data.importers masks --defects DEFECTS --masks MASKS --data-root DATA_ROOT ...
 
-`python -m dmgr.data.prepare` runs these for a whole product and writes its dataset config (README: "Your
-own product, end to end"). Unreadable images and annotation files are reported by path (logging.warning)
-and skipped; every image is decoded by the one rule of `dmgr.images.decode_rgb` (EXIF orientation applied,
+`python -m dmgr.data.prepare` runs these for a whole product and writes its dataset config
+(docs/own-product.md). Unreadable images and annotation files are reported by path (logging.warning) and
+skipped; every image is decoded by the one rule of `dmgr.images.decode_rgb` (EXIF orientation applied,
 grey and 16-bit grey to RGB by the bit depth, alpha dropped ...; the conversions are counted and logged once);
 every import returns (and the CLI prints) a summary with the counts and the skipped paths.
 """
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(json.dumps(summary, indent=1))
     role = "global" if args.command == "folder" else "local"
-    print(f"next: python -m dmgr.train data_root={root} arch=<a {role} architecture> (README: Your own product)",
+    print(f"next: python -m dmgr.train data_root={root} arch=<a {role} architecture> (docs/own-product.md)",
           file=sys.stderr)
 
 

@@ -1,7 +1,7 @@
 """The quality gate's scores of one finished real-image sample, its verdict, and the reject counts that the
 shard records sum and the manifest reports.
 
-Scores (README "Quality gate"):
+Scores (docs/evaluation.md "Quality gate"):
   fidelity        per defect: the gate classifier's probability of the requested class on the defect window
   mask_area       per defect: mask pixels, against the class's plausible range from the user's training masks
   mask_outside    mask pixels outside every defect window (the windows lie inside the ROI by construction)
