@@ -137,3 +137,9 @@ def test_the_test_set_is_cached_by_the_settings_that_shape_it(tmp_path):
     assert torch.equal(first.images, heldout_boards(3, 1, 32, PANEL).images)
     square = heldout_set(replace(settings, panel=None), tmp_path)
     assert square.images.shape == (4, 3, 32, 32) and len(list(tmp_path.glob("test-*.pt"))) == 2
+
+
+def test_a_test_set_without_clean_boards():
+    for panel, shape in ((PANEL, (56, 80)), (None, (32, 32))):
+        boards = heldout_boards(2, 0, 32, panel)
+        assert boards.images.shape == (2, 3, *shape) and boards.classes.tolist() == [0, 1]

@@ -95,8 +95,9 @@ def clean_boards(offset: int, n: int, size: int, first: int = 0, panel: Panel = 
         if panel is not None:
             image, _ = in_panel(image, np.zeros((size, size), dtype=bool), None, offset, i, size, panel)
         images.append(image)
-    masks = torch.zeros(n, 1, *images[0].shape[:2], dtype=torch.bool)
-    return Boards(from_uint8(np.stack(images)), masks, torch.full((n,), -1))
+    width, height = panel or (size, size)
+    stacked = np.stack(images) if images else np.zeros((0, height, width, 3), dtype=np.uint8)
+    return Boards(from_uint8(stacked), torch.zeros(n, 1, height, width, dtype=torch.bool), torch.full((n,), -1))
 
 
 def heldout_boards(defective: int, clean: int, size: int, panel: Panel = None) -> Boards:
