@@ -7,7 +7,7 @@
 
 `--models tiny` (the CPU default) has the architecture of the reference fixture (global 64 px, 32 channels,
 mult 1,2,2, attention at 8; local 16 px, 6 classes); `--models paper` (the CUDA default) the architecture of
-ALGORITHM.md (conf/model/paper.yaml: global 256 px, local 64 px). Weights are random and non-zero, or the
+docs/algorithm.md (conf/model/paper.yaml: global 256 px, local 64 px). Weights are random and non-zero, or the
 trained weights of a file in the reference fixture's format (`{global,local}_config` and `_state_dict`, e.g.
 the parity fixture ../shared/fixtures/dmgr-reference/tiny-64px-100steps.pt): speed does not depend on the
 values, the number of backtracking retries does a little.
@@ -43,7 +43,7 @@ from pydantic import Field
 from dmgr.cli import add_settings, settings_from, usage_error
 from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
-from dmgr.models.acceleration import Acceleration, accelerate
+from dmgr.models.performance import PerformanceSettings, accelerate
 from dmgr.models.precision import PRECISIONS
 from dmgr.sampler import DMGRSettings, PassCounter, PerSampleNoise, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.dmgr import model_eps
@@ -72,7 +72,7 @@ PASS_KINDS = (
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    """The options of `python -m dmgr.bench` (with the job's `performance` section, `Acceleration`)."""
+    """The options of `python -m dmgr.bench` (with the job's `performance` section, `PerformanceSettings`)."""
 
     __pydantic_config__ = STRICT_SECTION
     batch: Annotated[Count(), Field(description="samples per sampler call (the job's batch_size)")] = (
@@ -98,7 +98,7 @@ class BenchSettings:
         gt=0, description="the device's peak for the FLOP bound (default: 989 on cuda, none on cpu)")] = None
 
 
-# Help of the `performance` options (Acceleration, dmgr/models/acceleration.py, documents them in comments).
+# Help of the `performance` options (PerformanceSettings, dmgr/models/performance.py, documents them in comments).
 ACCELERATION_HELP = {
     "compile": "torch.compile mode of both networks",
     "channels_last": "NHWC weights and activations",
@@ -195,8 +195,8 @@ def run_flops(counts: dict, runs: int, flops: dict) -> float:
 
 def reference_structure_flops(result: dict, flops: dict) -> float:
     """FLOPs per image the reference's pass structure would spend on the same walk and the same backtracking
-    (the fixture README): per rectification 3 forwards with gradient and 2 + retries without, of each network,
-    and 2 backwards through both; per free step one forward of each."""
+    (docs/performance.md "Network passes"): per rectification 3 forwards with gradient and 2 + retries without,
+    of each network, and 2 backwards through both; per free step one forward of each."""
     counts, steps = result["counts"], result["steps"]
     rectifications = (steps["anchoring"] + steps["resonance"] + result["pre_undo"]) * result["runs"]
     global_forwards = sum(counts.get(phase, {}).get(kind, 0) for phase in ("anchoring", "resonance")
@@ -305,7 +305,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dmgr.bench", description=__doc__.split("\n\n")[0])
     add_settings(p, BenchSettings)
-    add_settings(p, Acceleration, help=ACCELERATION_HELP)
+    add_settings(p, PerformanceSettings, help=ACCELERATION_HELP)
     return p
 
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser()
     parsed = cli.parse_args(argv)
     args = settings_from(cli, parsed, BenchSettings)
-    acceleration = settings_from(cli, parsed, Acceleration)
+    performance = settings_from(cli, parsed, PerformanceSettings)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "global": flops_per_sample(global_model.to(device), device, args.precision),
         "local": flops_per_sample(local_model.to(device), device, args.precision),
     }
-    global_model = accelerate(global_model, acceleration)
-    local_model = accelerate(local_model, acceleration)
+    global_model = accelerate(global_model, performance)
+    local_model = accelerate(local_model, performance)
     window = local_model.config.image_size
     available = presets(window)
     chosen = [name.strip() for name in args.presets.split(",") if name.strip()]
@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"DMGR sampler benchmark: torch {torch.__version__}, {where}; precision {args.precision}, "
-          f"channels_last {acceleration.channels_last}, compile {acceleration.compile}, "
-          f"attention {acceleration.attention}, "
+          f"channels_last {performance.channels_last}, compile {performance.compile}, "
+          f"attention {performance.attention}, "
           f"cudnn benchmark {args.cudnn_benchmark}")
     print(f"models: {source}; global {size}px, local {window}px ({local_model.config.num_classes} classes); "
           f"window {window}px, gate radius {9 * window / 64:g}px")
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in chosen:
         images = args.images or DEFAULT_IMAGES.get(name, args.batch) or args.batch
         batch = min(args.batch, images)
-        if device.startswith("cuda") or acceleration.compile != "off":
+        if device.startswith("cuda") or performance.compile != "off":
             print(f"warming up at batch {batch} ...", flush=True)
             start = time.perf_counter()
             warm_up(global_model, local_model, batch, device, args.precision)
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         print("(" + "; ".join(notes) + ")")
     if args.json:
         setting = dict(device=where, torch=torch.__version__, precision=args.precision, models=architecture,
-                       channels_last=acceleration.channels_last, compile=acceleration.compile,
-                       attention=acceleration.attention,
+                       channels_last=performance.channels_last, compile=performance.compile,
+                       attention=performance.attention,
                        cudnn_benchmark=args.cudnn_benchmark, weights=source)
         args.json.write_text(json.dumps(dict(setting=setting, presets=results), indent=1))
 

@@ -17,7 +17,7 @@ import torch
 
 from dmgr.bench import GLOBAL_CONFIG, LOCAL_CONFIG, presets
 from dmgr.diffusion import make_diffusion
-from dmgr.models.acceleration import Acceleration, accelerate
+from dmgr.models.performance import PerformanceSettings, accelerate
 from dmgr.models.precision import autocast
 from dmgr.models.unet import set_attention_kernel
 from dmgr.sampler import PerSampleNoise, dmgr_sample, initial_noise, make_generators
@@ -26,9 +26,9 @@ from dmgr.synth.engine import randomised_unet
 SEEDS = list(range(8))
 
 
-def walk(device: str, precision: str, acceleration: Acceleration) -> torch.Tensor:
-    global_model = accelerate(randomised_unet(GLOBAL_CONFIG, 1).requires_grad_(False).to(device), acceleration)
-    local_model = accelerate(randomised_unet(LOCAL_CONFIG, 2).requires_grad_(False).to(device), acceleration)
+def walk(device: str, precision: str, performance: PerformanceSettings) -> torch.Tensor:
+    global_model = accelerate(randomised_unet(GLOBAL_CONFIG, 1).requires_grad_(False).to(device), performance)
+    local_model = accelerate(randomised_unet(LOCAL_CONFIG, 2).requires_grad_(False).to(device), performance)
     settings = presets(16)["fast"].settings
     generators = make_generators(SEEDS)
     x_T = initial_noise(generators, (3, 64, 64), device)
@@ -41,7 +41,7 @@ def walk(device: str, precision: str, acceleration: Acceleration) -> torch.Tenso
     return result.image.float().cpu()
 
 
-def network_gap(precision: str, acceleration: Acceleration) -> float:
+def network_gap(precision: str, performance: PerformanceSettings) -> float:
     """Largest |difference| of both networks' outputs, CUDA in this setting against the CPU in fp32, relative
     to the largest |output|."""
     gap = 0.0
@@ -51,7 +51,7 @@ def network_gap(precision: str, acceleration: Acceleration) -> float:
         t = torch.tensor([10, 300, 600, 900])
         with torch.no_grad():
             expected = randomised_unet(config, seed)(x, t, y)
-            model = accelerate(randomised_unet(config, seed).requires_grad_(False).cuda(), acceleration)
+            model = accelerate(randomised_unet(config, seed).requires_grad_(False).cuda(), performance)
             with autocast("cuda", precision):
                 out = model(x.cuda(), t.cuda(), None if y is None else y.cuda())
         gap = max(gap, float((out.float().cpu() - expected).abs().max() / expected.abs().max()))
@@ -77,17 +77,17 @@ def main() -> int:
     gap = attention_gap("cuda")
     print(f"UNet output, sdpa against classic attention on CUDA (fp32): max |diff| {gap:.2e}")
     failures = [] if gap < 1e-4 else ["sdpa attention"]
-    cpu = walk("cpu", "fp32", Acceleration())
+    cpu = walk("cpu", "fp32", PerformanceSettings())
     cases = {
-        "cuda fp32, classic attention": ("fp32", Acceleration(attention="classic")),
-        "cuda fp32, sdpa": ("fp32", Acceleration()),
-        "cuda fp32, sdpa, channels_last": ("fp32", Acceleration(channels_last=True)),
-        "cuda bf16, sdpa, channels_last": ("bf16", Acceleration(channels_last=True)),
-        "cuda bf16, sdpa, channels_last, compile": ("bf16", Acceleration("default", True, "auto")),
+        "cuda fp32, classic attention": ("fp32", PerformanceSettings(attention="classic")),
+        "cuda fp32, sdpa": ("fp32", PerformanceSettings()),
+        "cuda fp32, sdpa, channels_last": ("fp32", PerformanceSettings(channels_last=True)),
+        "cuda bf16, sdpa, channels_last": ("bf16", PerformanceSettings(channels_last=True)),
+        "cuda bf16, sdpa, channels_last, compile": ("bf16", PerformanceSettings("default", True, "auto")),
     }
-    for name, (precision, acceleration) in cases.items():
-        gap = network_gap(precision, acceleration)
-        image = walk("cuda", precision, acceleration)
+    for name, (precision, performance) in cases.items():
+        gap = network_gap(precision, performance)
+        image = walk("cuda", precision, performance)
         finite = bool(torch.isfinite(image).all())
         print(f"{name:42s} networks vs CPU: max relative |diff| {gap:.1e}; walk finite {finite}, "
               f"mean |diff| from the CPU walk {(image - cpu).abs().mean():.2f}")

@@ -87,14 +87,14 @@ def entry_points() -> list[tuple[str, argparse.ArgumentParser, type]]:
     from dmgr.data import export as data_export
     from dmgr.data import importers, sheet
     from dmgr.export import __main__ as export_main
-    from dmgr.models.acceleration import Acceleration
+    from dmgr.models.performance import PerformanceSettings
 
     def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
         return parser._subparsers._group_actions[0].choices[name]
 
     found = [
         ("bench", bench.parser(), bench.BenchSettings),
-        ("bench acceleration", bench.parser(), Acceleration),
+        ("bench performance", bench.parser(), PerformanceSettings),
         ("bench_job", bench_job.parser(), bench_job.BenchJobSettings),
         ("data.export", data_export.parser(), data_export.DataExportSettings),
         ("data.sheet", sheet.parser(), sheet.SheetSettings),
@@ -108,7 +108,7 @@ def entry_points() -> list[tuple[str, argparse.ArgumentParser, type]]:
     return found
 
 
-NAMES = ["bench", "bench acceleration", "bench_job", "data.export", "data.sheet", "preview", "sweep", "export",
+NAMES = ["bench", "bench performance", "bench_job", "data.export", "data.sheet", "preview", "sweep", "export",
          "importers folder", "importers voc", "importers coco", "importers masks"]
 
 

@@ -136,7 +136,7 @@ def documented_keys() -> dict[str, set[str]]:
     return found
 
 
-# Set by the job itself, not by users (GateSpec: "set by validate").
+# Set by the job itself, not by users (GateSettings: "set by validate").
 INTERNAL_KEYS = {"gate.data_digest"}
 
 

@@ -218,7 +218,7 @@ def test_performance_settings_enter_the_identity_only_when_not_default(out):
     assert spec_of([out, "performance.attention=auto"]).identity == default.identity
     changed = spec_of([out, "performance.channels_last=true", "performance.compile=reduce-overhead"])
     assert changed.identity != default.identity
-    assert (changed.acceleration.channels_last, changed.acceleration.compile) == (True, "reduce-overhead")
+    assert (changed.performance.channels_last, changed.performance.compile) == (True, "reduce-overhead")
 
 
 def test_extras_name_every_member_a_sample_holds(out):

@@ -2,6 +2,9 @@
 defaults on one line each) and `validate`, which checks a composed Hydra config once, before any model is
 loaded, and returns the typed `RunSpec`.
 
+Names: a `*Settings` class is a section the user writes (conf/, overrides); a `*Spec` is what `validate`
+resolves from the settings and the files they name (checkpoint headers, backgrounds) for the run.
+
 Every problem is a `ConfigError` with one line: the key, the value, and what is allowed. The defaults seed
 Hydra's ConfigStore (`synth_defaults`, `schedule/base`, `dataset/base`, `model/base`), so the
 YAML files under conf/ hold only presets.
@@ -28,7 +31,7 @@ from pydantic import Field
 from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
 from dmgr.eval.classifier import ClassifierSettings
 from dmgr.eval.user_classifier import UserClassifierSettings
-from dmgr.models.acceleration import Acceleration
+from dmgr.models.performance import PerformanceSettings
 from dmgr.models.precision import PRECISIONS
 from dmgr.models.unet import UNetConfig, UNetConfigError
 from dmgr.sampler.masks import MASK_METHODS
@@ -92,7 +95,7 @@ def parse_seeds(value: Any) -> Sequence[int]:
 
 
 @dataclass(frozen=True)
-class PlacementSpec:
+class PlacementSettings:
     """Where each defect goes on a real background, and what happens when its mask comes out empty
     (docs/configuration.md "Placement")."""
 
@@ -109,7 +112,7 @@ class PlacementSpec:
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class DatasetSettings:
     """conf/dataset/*.yaml."""
 
     __pydantic_config__ = STRICT_SECTION
@@ -127,7 +130,7 @@ class DatasetSpec:
     images: Path | None = None  # source=images: a folder or a JSONL manifest
     defects_per_image: Count() = 1  # each with its own class, window and mask (source=images)
     scale: float = 1.0  # source=images: model pixels per image pixel; a context crop covers image_size / scale
-    placement: PlacementSpec = PlacementSpec()
+    placement: PlacementSettings = PlacementSettings()
 
     def __post_init__(self) -> None:
         size, window, margin = self.image_size, self.window_size, self.margin
@@ -201,7 +204,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class MaskSettings:
-    """The defect masks (README "Defect masks")."""
+    """The defect masks (docs/masks.md)."""
 
     __pydantic_config__ = STRICT_SECTION
     method: Literal[MASK_CHOICES] = "auto"  # auto: local when the local model generates a mask channel, else
@@ -234,7 +237,7 @@ class Extras:
 
 
 @dataclass(frozen=True)
-class QualitySpec:
+class QualitySettings:
     """End the run with the sample metrics (dmgr.eval): RUN/eval/ and the manifest's "quality"."""
 
     __pydantic_config__ = STRICT_SECTION
@@ -245,7 +248,7 @@ class QualitySpec:
 
 
 @dataclass(frozen=True)
-class NonfiniteSpec:
+class NonfiniteSettings:
     """A sample whose image holds NaN/Inf never reaches a shard: make it again at the next attempt (noise from
     dmgr.synth.plan.retry_seed, a new placement: same background and class) up to `max_attempts` attempts in
     all, or stop the run."""
@@ -256,8 +259,9 @@ class NonfiniteSpec:
 
 
 @dataclass(frozen=True)
-class GateSpec:
-    """Score every sample, regenerate the weak ones (README "Quality gate"; only for dataset.source=images)."""
+class GateSettings:
+    """Score every sample, regenerate the weak ones (docs/evaluation.md "Quality gate"; only for
+    dataset.source=images)."""
 
     __pydantic_config__ = STRICT_SECTION
     enabled: Flag = False  # false: the shards are exactly those of a run without the gate
@@ -298,7 +302,7 @@ class SynthSettings:
     `make synth ARGS="seeds=0-99 schedule=paper mask.method=gate"`."""
 
     __pydantic_config__ = STRICT_SECTION
-    dataset: DatasetSpec  # config group conf/dataset/
+    dataset: DatasetSettings  # config group conf/dataset/
     model: dict  # config group conf/model/: ModelSettings + global/local NetworkSettings
     schedule: dict  # config group conf/schedule/: name, respacing and the DMGRSettings
     seeds: Any = "0-15"  # a range "a-b" (inclusive), a single seed, or a list [3, 7, 11]
@@ -308,16 +312,16 @@ class SynthSettings:
     out_dir: str | None = None  # null: outputs/<dataset>-<model>-<schedule>-<config hash> (reruns resume)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
     precision: Literal[PRECISIONS] = "fp32"  # autocast for the networks; the sampler maths stays fp32
-    performance: Acceleration = Acceleration()  # how the networks run (README "Speed")
+    performance: PerformanceSettings = PerformanceSettings()  # how the networks run (docs/performance.md)
     shard_prefix: str = "dmgr"  # shard file names: <prefix>-000000.tar (letters, digits, . _ -)
     threads: Any = "auto"  # intra-op threads per worker; auto: OMP_NUM_THREADS if set, else the CPUs given
     #   (Slurm, affinity) / workers, lowered to the CPUs idle at the start (logged, and in each shard's record).
     #   Bit-identical shards need equal threads: give a number to redo shards on a machine under other load
-    nonfinite: NonfiniteSpec = NonfiniteSpec()
+    nonfinite: NonfiniteSettings = NonfiniteSettings()
     mask: MaskSettings = MaskSettings()
     extras: Extras = Extras()
-    quality: QualitySpec = QualitySpec()
-    gate: GateSpec = GateSpec()
+    quality: QualitySettings = QualitySettings()
+    gate: GateSettings = GateSettings()
     array: ArraySettings = ArraySettings()
     writer_queue: Count() = 16  # samples buffered between the sampler and the shard-writer thread
     progress: Flag = True
@@ -339,7 +343,7 @@ class SynthSettings:
 
 register_defaults("synth_defaults", SynthSettings)
 register_defaults("base", DMGRSettings, group="schedule", name="???", respacing="???", gate_radius=None)
-register_defaults("base", DatasetSpec, group="dataset")
+register_defaults("base", DatasetSettings, group="dataset")
 nets = defaults_of(NetworkSettings)
 register_defaults("base", ModelSettings, group="model", **{"global": nets, "local": nets})
 
@@ -358,8 +362,8 @@ class RunSpec:
     array: ArraySettings
     writer_queue: int
     progress: bool
-    quality: QualitySpec
-    dataset: DatasetSpec
+    quality: QualitySettings
+    dataset: DatasetSettings
     model: ModelSpec
     respacing: str
     sampler: DMGRSettings
@@ -367,9 +371,9 @@ class RunSpec:
     identity: str  # hash of what determines the samples
     backgrounds: Backgrounds | None = None  # source=images: the usable input list
     threads: int | None = None  # intra-op threads per worker; None: from the CPUs the worker was given
-    nonfinite: NonfiniteSpec = NonfiniteSpec()
-    gate: GateSpec = GateSpec()
-    acceleration: Acceleration = Acceleration()
+    nonfinite: NonfiniteSettings = NonfiniteSettings()
+    gate: GateSettings = GateSettings()
+    performance: PerformanceSettings = PerformanceSettings()
 
     @property
     def available_masks(self) -> tuple[str, ...]:
@@ -426,7 +430,8 @@ def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec
         fail(f"model.{which}.checkpoint", net.checkpoint, "give the path of a checkpoint file")
     path = _find_path(net.checkpoint, "file")
     if path is None:
-        fail(f"model.{which}.checkpoint", net.checkpoint, "file not found: fix the path or train one (README)")
+        fail(f"model.{which}.checkpoint", net.checkpoint,
+             "file not found: fix the path or train one (docs/own-product.md)")
     try:
         stored, meta = stored_metadata(path)
     except CheckpointError as exc:
@@ -444,7 +449,7 @@ def _network(which: str, net: NetworkSettings, random_init: bool) -> NetworkSpec
     return NetworkSpec(str(path), config, file_digest(path), classes, scale)
 
 
-def _check_model(model: ModelSpec, dataset: DatasetSpec) -> None:
+def _check_model(model: ModelSpec, dataset: DatasetSettings) -> None:
     for which, spec, size in (
         ("global", model.global_net, dataset.image_size),
         ("local", model.local_net, dataset.window_size),
@@ -487,7 +492,7 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     if gate and gate.get("enabled"):  # a run without the gate keeps the identity it had before the gate existed
         kept["gate"] = {k: v for k, v in gate.items() if k not in ("data_root", "cache_dir")}
     performance = kept.pop("performance", None)
-    if performance and performance != dataclasses.asdict(Acceleration()):
+    if performance and performance != dataclasses.asdict(PerformanceSettings()):
         kept["performance"] = performance  # the defaults keep the identity runs had before the setting existed
     if not kept.get("schedule", {}).get("guidance", 1):  # off: the identity runs had before the setting existed
         kept["schedule"] = {k: v for k, v in kept["schedule"].items() if k != "guidance"}
@@ -499,14 +504,14 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _mask_method(method: str, dataset: DatasetSpec, model: ModelSpec) -> str:
+def _mask_method(method: str, dataset: DatasetSettings, model: ModelSpec) -> str:
     """`auto`: the local model's own mask when it generates one, else `diff` (real images) or `gate`."""
     has_mask = (model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
     if method == "auto":
         return "local" if has_mask else ("diff" if dataset.source == "images" else "gate")
     if method == "local" and not has_mask:
         fail("mask.method", method, "the local model generates no mask channel (in_channels 3): use diff or gate, "
-             "or train a mask-generating local model (README: arch=demo_local_mask)")
+             "or train a mask-generating local model (arch=demo_local_mask, docs/training.md)")
     return method
 
 
@@ -540,7 +545,7 @@ def _device(value: str) -> str:
     return device
 
 
-def _gate_data(gate: GateSpec, dataset: DatasetSpec) -> GateSpec:
+def _gate_data(gate: GateSettings, dataset: DatasetSettings) -> GateSettings:
     """The enabled gate with its training data found and digested (the digest joins the run's identity)."""
     root = _find_path(str(gate.data_root))
     if root is None or not (root / "local").is_dir():
@@ -563,7 +568,7 @@ def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> No
                  f"({item.size[0]}x{item.size[1]}): give a top-left inside every image")
 
 
-def _check_class_rois(dataset: DatasetSpec, backgrounds: Backgrounds) -> None:
+def _check_class_rois(dataset: DatasetSettings, backgrounds: Backgrounds) -> None:
     """Every per-class ROI names a class of the run, and every class that can be drawn fits somewhere."""
     from dmgr.synth.plan import class_weights  # plan imports this module
 
@@ -578,7 +583,7 @@ def _check_class_rois(dataset: DatasetSpec, backgrounds: Backgrounds) -> None:
                  f"leave no room for a {backgrounds.geometry.window} px window; widen them, or leave the class out")
 
 
-def _size_prior(dataset: DatasetSpec) -> DatasetSpec:
+def _size_prior(dataset: DatasetSettings) -> DatasetSettings:
     """The dataset with placement.min_areas: per class, min_mask_area raised to the size_quantile of the real
     masks under placement.data_root (image pixels at dataset.scale), or min_mask_area alone."""
     placement = dataset.placement
@@ -689,5 +694,5 @@ def validate(cfg: DictConfig) -> RunSpec:
         threads=None if settings.threads == "auto" else settings.threads,
         nonfinite=settings.nonfinite,
         gate=gate,
-        acceleration=settings.performance,
+        performance=settings.performance,
     )

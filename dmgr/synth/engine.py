@@ -16,7 +16,7 @@ from dmgr import __version__
 from dmgr.diffusion import Diffusion, make_diffusion
 from dmgr.images import bounding_box, from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
-from dmgr.models.acceleration import accelerate
+from dmgr.models.performance import accelerate
 from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.dmgr import model_eps
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
@@ -70,8 +70,8 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
     local_model, local_digest = _load(spec.model.local_net, 1, device)
     for model in (global_model, local_model):
         model.requires_grad_(False)
-    global_model = accelerate(global_model, spec.acceleration)
-    local_model = accelerate(local_model, spec.acceleration)
+    global_model = accelerate(global_model, spec.performance)
+    local_model = accelerate(local_model, spec.performance)
     diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
     digests = {"global": global_digest, "local": local_digest}
     return Engine(global_model, local_model, diffusion, digests, device, load_gate(spec))

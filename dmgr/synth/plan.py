@@ -16,7 +16,7 @@ import torch
 
 from dmgr.sampler.noise import generator, stream_seed
 from dmgr.synth.backgrounds import Backgrounds, Geometry
-from dmgr.synth.config import DatasetSpec
+from dmgr.synth.config import DatasetSettings
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def replacement_generator(seed: int, attempt: int) -> torch.Generator:
     return generator(stream_seed(seed, "replace", attempt))
 
 
-def class_weights(dataset: DatasetSpec) -> list[float]:
+def class_weights(dataset: DatasetSettings) -> list[float]:
     """The chance weight of each class by dataset.class_choice (uniform: equal; fixed: one class)."""
     if dataset.class_choice == "fixed":
         return [float(c == dataset.fixed_class) for c in dataset.classes]
@@ -85,7 +85,7 @@ def class_weights(dataset: DatasetSpec) -> list[float]:
     return [1.0] * len(dataset.classes)
 
 
-def _class(dataset: DatasetSpec, g: torch.Generator, allowed: Sequence[bool] | None = None) -> int:
+def _class(dataset: DatasetSettings, g: torch.Generator, allowed: Sequence[bool] | None = None) -> int:
     """A class drawn by dataset.class_choice among the `allowed` ones (all when None; the draw is today's
     when all are allowed)."""
     allowed = [True] * len(dataset.classes) if allowed is None else allowed
@@ -98,12 +98,12 @@ def _class(dataset: DatasetSpec, g: torch.Generator, allowed: Sequence[bool] | N
     return ids[int(torch.randint(len(ids), (1,), generator=g))]
 
 
-def allowed_classes(dataset: DatasetSpec, backgrounds: Backgrounds, index: int) -> list[bool]:
+def allowed_classes(dataset: DatasetSettings, backgrounds: Backgrounds, index: int) -> list[bool]:
     """Per class: it has a chance (weight > 0) and a window of it fits on background `index`."""
     return [w > 0 and backgrounds.has_room(index, c) for c, w in zip(dataset.classes, class_weights(dataset))]
 
 
-def eligible_backgrounds(dataset: DatasetSpec, backgrounds: Backgrounds) -> list[int]:
+def eligible_backgrounds(dataset: DatasetSettings, backgrounds: Backgrounds) -> list[int]:
     """The backgrounds on which at least one drawable class fits (every one without per-class ROIs)."""
     return [i for i in range(len(backgrounds)) if any(allowed_classes(dataset, backgrounds, i))]
 
@@ -137,7 +137,7 @@ def model_window(defect: Defect, geometry: Geometry) -> tuple[int, int]:
     return tuple(min(max(0, round((w - c) * geometry.scale)), high) for w, c in zip(defect.window, defect.context))
 
 
-def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None = None,
+def plan_sample(seed: int, dataset: DatasetSettings, backgrounds: Backgrounds | None = None,
                 attempt: int = 0) -> SamplePlan:
     """Class(es), window(s) and background of one seed, from the seed's own plan generator.
 
@@ -169,7 +169,7 @@ def plan_sample(seed: int, dataset: DatasetSpec, backgrounds: Backgrounds | None
     return SamplePlan(seed, again, background, attempt)
 
 
-def _place(dataset: DatasetSpec, backgrounds: Backgrounds, background: int, g: torch.Generator,
+def _place(dataset: DatasetSettings, backgrounds: Backgrounds, background: int, g: torch.Generator,
            classes: list[int] | None) -> tuple[Defect, ...]:
     """The defects on one background: classes drawn from g (or given), candidate windows drawn from g."""
     geometry, size = backgrounds.geometry, backgrounds.items[background].size

@@ -1,4 +1,4 @@
-"""How the networks run (dmgr.models.acceleration): the fused attention kernel, channels_last and
+"""How the networks run (dmgr.models.performance): the fused attention kernel, channels_last and
 torch.compile compute what the plain UNet computes; `auto` leaves CPU results bit-identical."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from conftest import GLOBAL_CONFIG, make_unet
 
 from dmgr.bench import flops_per_sample, run_flops
-from dmgr.models.acceleration import Acceleration, accelerate
+from dmgr.models.performance import PerformanceSettings, accelerate
 from dmgr.models.unet import set_attention_kernel
 
 STEPS = torch.tensor([10, 900])
@@ -47,7 +47,8 @@ def test_auto_is_the_classic_kernel_on_cpu_bit_for_bit():
 def test_channels_last_computes_the_same_network():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     plain = _output_and_input_grad(make_unet(5, **GLOBAL_CONFIG).requires_grad_(False), x)
-    nhwc_model = accelerate(make_unet(5, **GLOBAL_CONFIG).requires_grad_(False), Acceleration(channels_last=True))
+    nhwc = PerformanceSettings(channels_last=True)
+    nhwc_model = accelerate(make_unet(5, **GLOBAL_CONFIG).requires_grad_(False), nhwc)
     assert nhwc_model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     nhwc = _output_and_input_grad(nhwc_model, x)
     for a, b in zip(plain, nhwc):
@@ -57,17 +58,17 @@ def test_channels_last_computes_the_same_network():
 def test_compiled_network_matches_eager_and_keeps_its_attributes():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     eager = _output_and_input_grad(make_unet(6, **GLOBAL_CONFIG).requires_grad_(False), x)
-    compiled = accelerate(make_unet(6, **GLOBAL_CONFIG).requires_grad_(False), Acceleration(compile="default"))
+    compiled = accelerate(make_unet(6, **GLOBAL_CONFIG).requires_grad_(False), PerformanceSettings(compile="default"))
     assert compiled.config.image_size == 32 and compiled.in_channels == 3  # what the sampler reads
     for a, b in zip(eager, _output_and_input_grad(compiled, x)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_invalid_acceleration_names_the_setting():
+def test_invalid_performance_setting_names_the_setting():
     with pytest.raises(ValueError, match="compile='fast'"):
-        Acceleration(compile="fast")
+        PerformanceSettings(compile="fast")
     with pytest.raises(ValueError, match="attention='flash'"):
-        Acceleration(attention="flash")
+        PerformanceSettings(attention="flash")
 
 
 def test_flop_count_of_a_known_network_and_a_run():

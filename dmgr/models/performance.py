@@ -24,8 +24,8 @@ def _off_when_false(value: object) -> object:
 
 
 @dataclass(frozen=True)
-class Acceleration:
-    """conf/synth.yaml `performance` (README "Speed")."""
+class PerformanceSettings:
+    """conf/synth.yaml `performance` (docs/configuration.md "Speed settings", docs/performance.md)."""
 
     __pydantic_config__ = STRICT_SECTION
     compile: Annotated[Literal[COMPILE_MODES], BeforeValidator(_off_when_false)] = "off"  # a torch.compile mode
@@ -40,7 +40,7 @@ class Acceleration:
             raise ValueError(f"attention={self.attention!r}: allowed {', '.join(ATTENTION_KERNELS)}")
 
 
-def accelerate(model: nn.Module, settings: Acceleration) -> nn.Module:
+def accelerate(model: nn.Module, settings: PerformanceSettings) -> nn.Module:
     """The model with `settings` applied: the same module, or its torch.compile wrapper (which forwards
     attribute access, e.g. `.config`, to the module)."""
     set_attention_kernel(model, settings.attention)
