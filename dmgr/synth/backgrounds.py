@@ -377,11 +377,14 @@ def demo_backgrounds(value: str | Path, boards: int | None = None) -> Path | Non
     log.info("rendering the demo's %d defect-free boards into %s (first use; `make backgrounds` does the same)",
              boards, DEMO_BACKGROUNDS)
     staging = DEMO_BACKGROUNDS.with_name(f".{DEMO_BACKGROUNDS.name}.tmp-{os.getpid()}")
-    export_all(staging, 64, boards, 0, 0, progress=False, panel=DEMO_PANEL)
-    (staging / ".exported").touch()
     try:
+        export_all(staging, 64, boards, 0, 0, progress=False, panel=DEMO_PANEL)
+        (staging / ".exported").touch()
         staging.rename(DEMO_BACKGROUNDS)  # whole or not at all; another worker may have finished first
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:  # Ctrl-C or an error while rendering: no half-rendered staging folder is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     found = DEMO_BACKGROUNDS / "global"
     return found.resolve() if found.is_dir() else None
