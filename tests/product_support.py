@@ -6,6 +6,9 @@ third of them grey-level; the two defect classes carry names the package does no
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,18 @@ from PIL import Image
 
 from dmgr.data.board import make_board
 from dmgr.data.defects import add_defect
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
 
 CLASSES = {"bridge": "short", "burr": "spur"}  # the product's class -> the procedural defect drawn for it
 

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from product_support import cli
 from synth_support import read_samples, run_synth
 from test_own_product import filled, own_mask
 from test_synth_backgrounds import IMAGES, write_boards
@@ -29,17 +28,7 @@ from dmgr.synth.backgrounds import scan_backgrounds
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
 SEEDS = 6
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from product_support import CLASSES, make_product
+from product_support import CLASSES, cli, make_product
 from synth_support import read_samples
 from test_train import TINY_GLOBAL, config
 
@@ -27,19 +24,9 @@ from dmgr.train import train
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
 TINY_LOCAL_MASK = ("{image_size: 8, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: "
                    "'4', num_heads: 2, learn_sigma: true, resblock_updown: true, num_classes: 2, in_channels: 4}")
 SEEDS = 6
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
