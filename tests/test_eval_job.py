@@ -14,6 +14,7 @@ from PIL import Image
 from synth_support import ROOT, TINY, manifest, read_samples, run_synth
 
 from dmgr.data.board import make_board
+from dmgr.data.export import make_panel
 from dmgr.eval.metrics import seam_ratio
 from dmgr.eval.samples import QUALITY_KEYS
 from dmgr.eval.shards import read_run
@@ -53,6 +54,19 @@ def real_image_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-run")
     images = [t for t in TINY if t != "dataset.source=generate"]
     run_synth([*images, f"dataset.images={boards}", "seeds=0-7", "samples_per_shard=4", "batch_size=4",
+               f"out_dir={out}"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def panel_run(tmp_path_factory):
+    """A native-size run: defects into 96x72 panels of 64 px boards (the demo backgrounds' layout)."""
+    panels = tmp_path_factory.mktemp("panels")
+    for i in range(3):
+        Image.fromarray(make_panel([4 * i + j for j in range(4)], 64, (96, 72))).save(panels / f"{i}.png")
+    out = tmp_path_factory.mktemp("panel-run")
+    images = [t for t in TINY if t != "dataset.source=generate"]
+    run_synth([*images, f"dataset.images={panels}", "seeds=0-5", "samples_per_shard=3", "batch_size=3",
                f"out_dir={out}"])
     return out
 
@@ -226,3 +240,25 @@ def test_mask_areas_per_class_against_real_defects(real_image_run, tmp_path):
         assert table[name]["run"]["mean"] == pytest.approx(sum(areas) / len(areas))
         assert table[name]["real"]["n"] == 12 and 3 < table[name]["real"]["mean"] < 40  # defects of a 64 px board
     assert "| class | run n |" in result.stdout
+
+
+def test_downstream_benchmark_on_a_native_size_run_trains_and_tests_on_its_panels(panel_run, tmp_path):
+    out = tmp_path / "panels"
+    args = "--n 6 --real-small 2 --seeds 0 --steps 2 --batch-size 2 --width 4 --test-defective 6 --test-clean 2"
+    only = "dmgr-real/local,cut-paste,real-small,real-small+dmgr-real/local,real-6"
+    command = ["downstream", "--run", f"real={panel_run}", *args.split(), "--only", only, "--out", str(out)]
+    for task, report, metric in (("binary", "downstream", "pixel_ap"), ("classes", "downstream-classes", "map")):
+        run_eval([*command, "--task", task])
+        result = json.loads((out / f"{report}.json").read_text())
+        assert result["settings"]["panel"] == [96, 72] and result["settings"]["image_size"] == 64
+        assert result["test"]["frame"] == [96, 72]
+        assert set(result["sources"]) == set(only.split(","))
+        assert result["sources"]["real-small+dmgr-real/local"]["pairs"] == 8
+        for name, scores in result["sources"].items():
+            assert 0.0 <= scores[metric]["mean"] <= 1.0, (task, name)
+        text = (out / f"{report}.md").read_text()
+        assert "6 held-out real defective boards and 2 clean ones, each in a 96x72 panel of 64 px boards" in text
+        assert Image.open(out / "training-pairs.png").height > 100
+    # a frame size other than the run's: one line naming both
+    wrong = run_eval([*command, "--panel", "160x112"], check=False)
+    assert wrong.returncode == 2 and "holds 96x72 frames" in wrong.stderr.strip().splitlines()[-1]
