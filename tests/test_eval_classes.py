@@ -116,6 +116,7 @@ def test_class_scores_of_a_perfect_and_a_swapped_prediction():
     assert scores["map"] == pytest.approx(nan_mean(scores["ap"].values()))
 
 
+@pytest.mark.slow
 def test_class_segmenter_learns_classes_told_apart_by_colour():
     g = torch.Generator().manual_seed(0)
     n, size = 48, 32
@@ -144,6 +145,7 @@ def test_the_classes_task_has_its_own_cache_keys_and_no_perlin_source():
     assert "perlin" in build_sources({}, TINY) and "perlin" not in build_sources({}, settings)
 
 
+@pytest.mark.slow
 def test_class_benchmark_end_to_end(real_image_run, tmp_path):  # noqa: F811
     out = tmp_path / "downstream"
     args = "--n 8 --real-small 2 --seeds 0,1 --steps 4 --batch-size 4 --width 4 --test-defective 12 --test-clean 2"

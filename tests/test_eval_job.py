@@ -20,6 +20,8 @@ from dmgr.eval.samples import QUALITY_KEYS
 from dmgr.eval.shards import read_run
 from dmgr.sampler.masks import MASK_METHODS
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 TINY_CLASSIFIER = ["quality.classifier_steps=20", "quality.classifier_boards=3"]
 
 

@@ -16,6 +16,8 @@ from dmgr.eval.segment import SegmentSettings, SegNet, predict_maps, train_segme
 from dmgr.eval.sources import cut_paste, perlin_anomalies
 from dmgr.images import from_uint8
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
 PANEL = (80, 56)  # 3 x 2 tiles of 32 px boards, the last column and row cut
 
 
