@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from synth_support import TINY, manifest, raw_members, read_samples, run_synth
+from synth_support import TINY, assert_same_sample, manifest, raw_members, read_samples, run_synth
 from test_synth_config import spec_of
 
 from dmgr.data.board import make_board
@@ -210,9 +210,7 @@ def test_batch_size_does_not_change_the_samples_of_trained_models(boards, tmp_pa
     for batch in (1, 2):
         run_synth([*demo, f"batch_size={batch}", f"out_dir={tmp_path / str(batch)}"])
     one, two = read_samples(tmp_path / "1"), read_samples(tmp_path / "2")
+    assert sorted(one) == sorted(two)
     for key in one:
-        a, b = np.asarray(one[key]["png"]).astype(int), np.asarray(two[key]["png"]).astype(int)
-        assert np.abs(a - b).max() <= 1, key
-        ma = np.asarray(one[key]["mask.png"].convert("L")) > 127
-        mb = np.asarray(two[key]["mask.png"].convert("L")) > 127
-        assert ma.any() and (ma == mb).all(), key
+        assert (np.asarray(one[key]["mask.png"].convert("L")) > 127).any(), key
+        assert_same_sample(one[key], two[key])  # within rounding: bit-identity needs equal batch compositions
