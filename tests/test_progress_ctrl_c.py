@@ -20,8 +20,11 @@ pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module 
 
 def interrupt_when(cmd: list[str], ready: Callable[[], bool]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DMGR_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    # A shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: the job gets the disposition a terminal gives it, whatever ran the tests.
     job = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not ready():
