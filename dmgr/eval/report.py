@@ -193,13 +193,19 @@ def _test_set(results: dict) -> str:
     return text
 
 
+def _start_report(out_dir: Path, stem: str, results: dict, command: str) -> dict[str, Path]:
+    """OUT/STEM.json written (the command and the results); returns the report's paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
+    written["json"].write_text(json.dumps({"command": command, **results}, indent=1))
+    return written
+
+
 def write_class_report(
     out_dir: Path, results: dict, command: str, sources: dict[str, Boards] | None = None
 ) -> dict[str, Path]:
     """The classes task's report: downstream-classes.{json,md} and its charts, beside the binary report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"json": out_dir / "downstream-classes.json", "markdown": out_dir / "downstream-classes.md"}
-    written["json"].write_text(json.dumps({"command": command, **results}, indent=1))
+    written = _start_report(out_dir, "downstream-classes", results, command)
     by_source, s = results["sources"], results["settings"]
     lines = [
         "# Class-aware downstream benchmark",
@@ -230,9 +236,7 @@ def write_class_report(
 def write_downstream_report(
     out_dir: Path, results: dict, command: str, sources: dict[str, Boards] | None = None
 ) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"json": out_dir / "downstream.json", "markdown": out_dir / "downstream.md"}
-    written["json"].write_text(json.dumps({"command": command, **results}, indent=1))
+    written = _start_report(out_dir, "downstream", results, command)
     by_source = results["sources"]
     s = results["settings"]
     lines = [
