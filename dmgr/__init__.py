@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(PROJECT_ROOT / "conf")  # the Hydra configs of the synthesis and training jobs
-DEMO_DATA = Path("outputs/pcb-data")  # the demo's training data (`make data`): train's data_root, gate.data_root
+DEMO_DATA = Path("outputs/pcb-data")  # the demo's training data (`make data`): train's data_root, screen.data_root
 # Trained classifiers, cached by a digest of their inputs; relative to the working directory, like out_dir.
 EVAL_CACHE = Path("outputs/eval-cache")  # the evaluation's patch classifier (quality.cache_dir)
-GATE_CACHE = Path("outputs/gate-cache")  # the quality gate's classifier of the user's data (gate.cache_dir)
+SCREEN_CACHE = Path("outputs/screen-cache")  # the quality screen's classifier of the user's data (screen.cache_dir)

@@ -136,8 +136,8 @@ def documented_keys() -> dict[str, set[str]]:
     return found
 
 
-# Set by the job itself, not by users (GateSettings: "set by validate").
-INTERNAL_KEYS = {"gate.data_digest"}
+# Set by the job itself, not by users (ScreenSettings: "set by validate").
+INTERNAL_KEYS = {"screen.data_digest"}
 
 
 def test_configuration_reference_matches_the_schema():

@@ -15,7 +15,6 @@ from PIL import Image
 from test_eval_job import real_image_run, run_eval  # noqa: F401  (the fixture, used by name)
 
 from dmgr.data.defects import CLASS_NAMES
-from dmgr.eval.classifier import augment
 from dmgr.eval.downstream import DownstreamSettings, build_sources, model_key, run_benchmark
 from dmgr.eval.metrics import nan_mean
 from dmgr.eval.real import USER, Boards, defective_boards, heldout_boards
@@ -29,6 +28,7 @@ from dmgr.eval.segment import (
     train_segmenter,
 )
 from dmgr.eval.sources import cut_paste, perlin_anomalies
+from dmgr.models.classifier import augment
 
 TINY_SEGMENT = SegmentSettings(steps=4, batch_size=4, width=4)
 TINY = DownstreamSettings(n=6, real_small=2, seeds=(0, 1), test_defective=6, test_clean=2, image_size=32,

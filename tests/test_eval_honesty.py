@@ -2,7 +2,7 @@
 
 The evaluation classifier (`dmgr.eval.classifier.load_or_train`) is trained on the procedural domain's own
 streams (`dmgr.eval.real`: the local model's boards, the held-out validation stream) and judges the samples;
-whatever scores or selects during synthesis (the quality gate's classifier, `dmgr.eval.user_classifier`) must
+whatever scores or selects during synthesis (the quality screen's classifier, `dmgr.synth.screen_classifier`) must
 learn from the user's data root and defect-free images only. The patch network's architecture and training
 loop (`PatchClassifier`, `train_classifier`) are shared; the evaluation's weights and data are not.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from synth_support import ROOT, read_samples
 from test_synth_backgrounds import IMAGES, write_boards
-from test_synth_gate import CLASSES, write_data_root
+from test_synth_screen import CLASSES, write_data_root
 
-from dmgr.eval.user_classifier import data_digest
+from dmgr.synth.screen_classifier import data_digest
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
@@ -69,24 +69,25 @@ def _guarded_synth(overrides: list[str], modules: Path) -> subprocess.CompletedP
 
 def test_gated_synthesis_never_touches_the_evaluation_classifier_or_its_data(tmp_path):
     boards, data = write_boards(tmp_path / "boards", 4), write_data_root(tmp_path / "data")
-    gate_cache, eval_cache = tmp_path / "gate-cache", tmp_path / "eval-cache"
+    screen_cache, eval_cache = tmp_path / "screen-cache", tmp_path / "eval-cache"
     out, modules = tmp_path / "run", tmp_path / "modules.json"
     result = _guarded_synth(
         [*IMAGES, f"dataset.images={boards}", "seeds=0-3", "samples_per_shard=2", "batch_size=2", f"out_dir={out}",
-         "gate.enabled=true", f"gate.data_root={data}", f"gate.cache_dir={gate_cache}", "gate.classifier_steps=3",
-         "gate.area_quantile=0", "gate.max_attempts=2", f"quality.cache_dir={eval_cache}"],
+         "screen.enabled=true", f"screen.data_root={data}", f"screen.cache_dir={screen_cache}",
+         "screen.classifier_steps=3", "screen.area_quantile=0", "screen.max_attempts=2",
+         f"quality.cache_dir={eval_cache}"],
         modules,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     samples = read_samples(out)
-    assert len(samples) == 4 and all("fidelity" in s["json"]["gate"]["scores"] for s in samples.values())
+    assert len(samples) == 4 and all("fidelity" in s["json"]["screen"]["scores"] for s in samples.values())
     loaded = set(json.loads(modules.read_text()))
-    assert "dmgr.eval.user_classifier" in loaded  # the guard watched a run that scored with a classifier
+    assert "dmgr.synth.screen_classifier" in loaded  # the guard watched a run that scored with a classifier
     assert not loaded & set(EVALUATION_ONLY), sorted(loaded & set(EVALUATION_ONLY))
     assert not eval_cache.exists(), "synthesis wrote to the evaluation classifier's cache"
-    # the gate's classifier learnt from the user's data root and images only: its record says which, and
+    # the screen's classifier learnt from the user's data root and images only: its record says which, and
     # its patches are exactly the data root's (6 classes x 4) plus the clean windows of the 4 images
-    (record_path,) = gate_cache.glob("gate-classifier-*.json")
+    (record_path,) = screen_cache.glob("screen-classifier-*.json")
     record = json.loads(record_path.read_text())
     assert Path(record["data_root"]).resolve() == data.resolve()
     assert record["data_digest"] == data_digest(data, CLASSES)

@@ -5,7 +5,7 @@ import torch
 
 from dmgr.data import make_board
 from dmgr.data.export import GLOBAL_OFFSET, TEST_OFFSET
-from dmgr.eval.classifier import ClassifierSettings, accuracy, load_or_train
+from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.real import (
     CLEAN,
     USER,
@@ -18,6 +18,7 @@ from dmgr.eval.real import (
 from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
 from dmgr.eval.sources import cut_paste, perlin_anomalies, perlin_noise
 from dmgr.images import from_uint8
+from dmgr.models.classifier import accuracy
 
 
 def test_test_boards_are_the_exported_test_set_plus_clean_boards():

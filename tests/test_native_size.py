@@ -84,7 +84,7 @@ def check_sample(spec, sample: dict) -> None:
     assert sample["png"].mode == "RGB" and image.shape == source.shape
     assert mask.shape == source.shape[:2] == (meta["height"], meta["width"])
     assert (image[~mask] == source[~mask]).all()
-    assert (sample[GIVEN] == source).all()  # the decoded input the gate compares with
+    assert (sample[GIVEN] == source).all()  # the decoded input the screen compares with
     assert meta["scale"] == spec.dataset.scale
     assert meta["mask_area"] == int(mask.sum()) == sum(d["mask_area"] for d in meta["defects"])
     inside = np.zeros_like(mask)
@@ -352,7 +352,7 @@ def test_the_reader_keeps_frames_of_different_sizes_apart():
 def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
     from types import SimpleNamespace
 
-    from dmgr.synth.worker import gate_scores
+    from dmgr.synth.worker import screen_scores
 
     seen = []
 
@@ -362,9 +362,9 @@ def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
 
     spec = images_spec(inputs, f"dataset.scale={scale}")
     sample = make(spec, [plan_sample(3, spec.dataset, spec.backgrounds)])[0]
-    gate = SimpleNamespace(model=classifier, classes=list(spec.dataset.classes),
+    screen = SimpleNamespace(model=classifier, classes=list(spec.dataset.classes),
                            area_ranges={c: (0, 1e9) for c in spec.dataset.classes})
-    scores, _ = gate_scores(SimpleNamespace(gate=gate), spec, sample)
+    scores, _ = screen_scores(SimpleNamespace(screen=screen), spec, sample)
     assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
     assert scores["mask_area"] == [sample["json"]["mask_area"]] and seen == [(16, 16)]
 

@@ -5,8 +5,6 @@ python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
 python -m dmgr.eval downstream --task classes --run real=outputs/<run> -> OUT/downstream-classes.{md,json}: per-class
                                                                AP and IoU of a 7-class segmenter per source
-python -m dmgr.eval classifier --data-root outputs/pcb-data --images outputs/pcb-backgrounds/global
-                                                               -> the quality gate's classifier, cached
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE
+from dmgr import EVAL_CACHE
 from dmgr.cli import stop_on_interrupt
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
@@ -31,7 +29,6 @@ from dmgr.eval.report import write_class_report, write_downstream_report, write_
 from dmgr.eval.samples import quality_block, real_reference, sample_metrics
 from dmgr.eval.segment import SegmentSettings
 from dmgr.eval.shards import first_sample, frame_geometry, geometry, read_run
-from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.schema import build
 from dmgr.shards.manifest import write_json_atomic
@@ -125,18 +122,6 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     m.add_argument("--real-per-class", type=int, default=REAL_PER_CLASS,
                    help=f"real defects rendered per class (default {REAL_PER_CLASS})")
-    c = sub.add_parser("classifier", parents=[common], help="train (or find cached) the quality gate's classifier")
-    c.add_argument("--data-root", type=Path, default=DEMO_DATA, help="holds local/<class>/ patches")
-    c.add_argument("--images", type=Path, default=Path("outputs/pcb-backgrounds/global"),
-                   help="the defect-free images (folder or .jsonl manifest) clean patches are cut from")
-    c.add_argument("--classes", type=lambda v: tuple(v.split(",")), default=None,
-                   help="A,B,...: class names in id order (default: DATA_ROOT/local/labels.json)")
-    c.add_argument("--image-size", type=int, default=ClassifierSettings.image_size, help="the job's dataset.image_size")
-    c.add_argument("--window", type=int, default=UserClassifierSettings.window, help="the job's dataset.window_size")
-    c.add_argument("--margin", type=int, default=DownstreamSettings.margin, help="the job's dataset.margin")
-    c.add_argument("--steps", type=int, default=UserClassifierSettings.steps, help="gate.classifier_steps")
-    c.add_argument("--area-quantile", type=float, default=UserClassifierSettings.area_quantile,
-                   help="gate.area_quantile")
     d = sub.add_parser(
         "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
     )
@@ -190,24 +175,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_gate_classifier(args: argparse.Namespace, progress: bool) -> None:
-    """`classifier`: the same cached model the synthesis job loads with the same inputs and settings."""
-    from dmgr.synth.backgrounds import scan_backgrounds
-
-    classes = args.classes
-    if classes is None:
-        labels = args.data_root / "local" / "labels.json"
-        if not labels.is_file():
-            raise FileNotFoundError(f"{labels} not found: give --classes A,B,...")
-        classes = tuple(json.loads(labels.read_text())["classes"])
-    backgrounds = scan_backgrounds(args.images, args.image_size, args.window, args.margin)
-    settings = build(UserClassifierSettings,
-                     dict(window=args.window, steps=args.steps, area_quantile=args.area_quantile))
-    cache = args.cache if args.cache != EVAL_CACHE else GATE_CACHE
-    gate = load_or_train_user(args.data_root.resolve(), classes, backgrounds, settings, cache, progress=progress)
-    print(json.dumps(gate.record, indent=1))
-
-
 def mask_winners(results: dict, metric: str = "pixel_ap") -> dict[str, dict]:
     """Per DMGR run: the mask method with the best mean `metric` (and its margin), under the key `metric`."""
     winners = {}
@@ -246,9 +213,6 @@ def _main(argv: list[str] | None) -> None:
         if args.record:
             record_quality(args.run_dir, sets)
         print(json.dumps(quality_block(sets)))
-        return
-    if args.command == "classifier":
-        train_gate_classifier(args, progress)
         return
     if args.command == "masks":
         if not (args.run_dir / "shards").is_dir():

@@ -15,13 +15,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from dmgr.data.export import LOCAL_OFFSET
-from dmgr.eval.real import PATCH_CLASSES, VALIDATION, Patches, defect_patches
-from dmgr.progress import progress_bar
+from dmgr.eval.real import PATCH_CLASSES, VALIDATION, defect_patches
+from dmgr.models.classifier import PatchClassifier, Patches, accuracy, train_classifier
 from dmgr.schema import STRICT_SECTION, Count
 
 log = logging.getLogger(__name__)
@@ -44,77 +42,6 @@ class ClassifierSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-class PatchClassifier(nn.Module):
-    def __init__(self, classes: int = len(PATCH_CLASSES), width: int = 32):
-        super().__init__()
-
-        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.body = nn.Sequential(
-            *block(3, width, 1),
-            *block(width, width, 1),
-            *block(width, 2 * width, 2),
-            *block(2 * width, 2 * width, 1),
-            *block(2 * width, 4 * width, 2),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(4 * width, classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def augment(g: torch.Generator, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One random rotation by a multiple of 90 degrees and one random flip, the same for every
-    (B, C, H, W) batch given (images and their masks move together)."""
-    k = int(torch.randint(4, (1,), generator=g))
-    flip = bool(torch.rand(1, generator=g) < 0.5)
-    rotated = [torch.rot90(x, k, dims=(2, 3)) for x in batches]
-    return tuple(x.flip(3) if flip else x for x in rotated)
-
-
-@torch.no_grad()
-def predict(model: PatchClassifier, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, features) of (N, 3, w, w) patches in [-1, 1]."""
-    model.eval()
-    logits, features = [], []
-    for chunk in images.split(batch):
-        f = model.features(chunk)
-        features.append(f)
-        logits.append(model.head(f))
-    return torch.cat(logits), torch.cat(features)
-
-
-def train_classifier(
-    train: Patches, settings: ClassifierSettings, progress: bool = True, classes: int = len(PATCH_CLASSES)
-) -> PatchClassifier:
-    with torch.random.fork_rng():  # parameter initialisation from the seed, global RNG state untouched
-        torch.manual_seed(settings.seed)
-        model = PatchClassifier(classes)
-    g = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps)
-    model.train()
-    for _ in progress_bar(range(settings.steps), desc="classifier", disable=not progress, leave=False):
-        idx = torch.randint(len(train.labels), (settings.batch_size,), generator=g)
-        loss = nn.functional.cross_entropy(model(*augment(g, train.images[idx])), train.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
-
-
-def accuracy(model: PatchClassifier, patches: Patches) -> float:
-    logits, _ = predict(model, patches.images)
-    return float((logits.argmax(1) == patches.labels).float().mean())
-
-
 def validation_patches(settings: ClassifierSettings) -> Patches:
     return defect_patches(
         VALIDATION, settings.validation_per_class, settings.image_size, settings.window, settings.jitter, 1
@@ -128,7 +55,7 @@ def load_or_train(settings: ClassifierSettings, cache_dir: Path, progress: bool 
     """
     path = Path(cache_dir) / f"classifier-{settings.key()}.safetensors"
     if path.exists():
-        model = PatchClassifier()
+        model = PatchClassifier(len(PATCH_CLASSES))
         model.load_state_dict(load_file(path))
         record = json.loads(path.with_suffix(".json").read_text())
         log.info("classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
@@ -138,7 +65,8 @@ def load_or_train(settings: ClassifierSettings, cache_dir: Path, progress: bool 
     train = defect_patches(
         LOCAL_OFFSET, settings.per_class, settings.image_size, settings.window, settings.jitter, settings.seed
     )
-    model = train_classifier(train, settings, progress)
+    model = train_classifier(train, len(PATCH_CLASSES), steps=settings.steps, batch_size=settings.batch_size,
+                             lr=settings.lr, seed=settings.seed, progress=progress)
     record = {
         "settings": asdict(settings),
         "train_accuracy": accuracy(model, train),

@@ -25,6 +25,7 @@ from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
 from dmgr.data.export import STREAM, TEST_OFFSET, panel_tiles
 from dmgr.images import from_uint8
+from dmgr.models.classifier import Patches
 
 CLEAN_TEST = TEST_OFFSET + STREAM // 2
 VALIDATION = 3 * STREAM
@@ -106,15 +107,6 @@ def heldout_boards(defective: int, clean: int, size: int, panel: Panel = None) -
     a = defective_boards(TEST_OFFSET, defective, size, panel=panel)
     b = clean_boards(CLEAN_TEST, clean, size, panel=panel)
     return Boards(torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks]), torch.cat([a.classes, b.classes]))
-
-
-@dataclass
-class Patches:
-    """Window-sized crops: images (N, 3, w, w) in [-1, 1], masks (N, 1, w, w), labels 0-5 defect, 6 clean."""
-
-    images: torch.Tensor
-    masks: torch.Tensor
-    labels: torch.Tensor
 
 
 def defect_patches(offset: int, per_class: int, size: int, window: int, jitter: int, seed: int) -> Patches:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from dmgr.data.defects import CLASS_NAMES
-from dmgr.eval.classifier import PatchClassifier, predict
 from dmgr.eval.metrics import confusion_matrix, kid, mean_pairwise_distance, nan_mean, seam_ratio
-from dmgr.eval.real import CLEAN, VALIDATION, Patches, clean_boards, defect_patches, defective_boards
+from dmgr.eval.real import CLEAN, VALIDATION, clean_boards, defect_patches, defective_boards
 from dmgr.eval.shards import SynthSet, outside_tiles
+from dmgr.models.classifier import PatchClassifier, Patches, predict
 from dmgr.sampler import crop_windows
 from dmgr.sampler.masks import window_support
 

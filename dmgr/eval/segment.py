@@ -14,7 +14,6 @@ from pydantic import Field
 from torch import nn
 
 from dmgr.data.defects import CLASS_NAMES
-from dmgr.eval.classifier import augment
 from dmgr.eval.metrics import (
     auroc,
     average_precision,
@@ -24,6 +23,7 @@ from dmgr.eval.metrics import (
     nan_mean,
 )
 from dmgr.eval.real import Boards
+from dmgr.models.classifier import augment
 from dmgr.schema import STRICT_SECTION, Count, fail
 
 

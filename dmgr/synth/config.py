@@ -28,9 +28,8 @@ from typing import Annotated, Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from pydantic import Field
 
-from dmgr import DEMO_DATA, EVAL_CACHE, GATE_CACHE, PROJECT_ROOT
+from dmgr import DEMO_DATA, EVAL_CACHE, PROJECT_ROOT, SCREEN_CACHE
 from dmgr.eval.classifier import ClassifierSettings
-from dmgr.eval.user_classifier import UserClassifierSettings
 from dmgr.models.performance import PerformanceSettings
 from dmgr.models.precision import PRECISIONS
 from dmgr.models.unet import UNetConfig, UNetConfigError
@@ -50,6 +49,7 @@ from dmgr.schema import (
     register_defaults,
 )
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, demo_backgrounds, scan_backgrounds
+from dmgr.synth.screen_classifier import ScreenClassifierSettings
 
 __all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
 
@@ -259,23 +259,23 @@ class NonfiniteSettings:
 
 
 @dataclass(frozen=True)
-class GateSettings:
-    """Score every sample, regenerate the weak ones (docs/evaluation.md "Quality gate"; only for
+class ScreenSettings:
+    """Score every sample, regenerate the weak ones (docs/evaluation.md "Quality screen"; only for
     dataset.source=images)."""
 
     __pydantic_config__ = STRICT_SECTION
-    enabled: Flag = False  # false: the shards are exactly those of a run without the gate
+    enabled: Flag = False  # false: the shards are exactly those of a run without the screen
     data_root: UserPath = DEMO_DATA  # local/<class>/ training patches + masks: classifier, areas
     max_attempts: Count() = 4  # attempts per seed in all (each a new placement and derived noise seed)
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
-    area_quantile: Annotated[float, Field(ge=0, le=0.5)] = UserClassifierSettings.area_quantile  # per defect:
+    area_quantile: Annotated[float, Field(ge=0, le=0.5)] = ScreenClassifierSettings.area_quantile  # per defect:
     #   mask area within the [q, 1-q] quantiles of the class's training masks
     max_mask_outside: Count(0) = 0  # mask pixels outside the defect windows
     max_changed_outside: Count(0) = 0  # pixels changed outside the mask (the real-image path promises 0)
     max_seam: float = 4.0  # colour step across the mask border, z-score against the input's own steps
-    classifier_steps: Count() = UserClassifierSettings.steps  # the gate classifier's training (cached)
-    cache_dir: UserPath = GATE_CACHE
+    classifier_steps: Count() = ScreenClassifierSettings.steps  # the screen classifier's training (cached)
+    cache_dir: UserPath = SCREEN_CACHE
     data_digest: str | None = None  # set by validate: of the training patches and masks (part of the identity)
 
     def thresholds(self) -> dict:
@@ -321,7 +321,7 @@ class SynthSettings:
     mask: MaskSettings = MaskSettings()
     extras: Extras = Extras()
     quality: QualitySettings = QualitySettings()
-    gate: GateSettings = GateSettings()
+    screen: ScreenSettings = ScreenSettings()
     array: ArraySettings = ArraySettings()
     writer_queue: Count() = 16  # samples buffered between the sampler and the shard-writer thread
     progress: Flag = True
@@ -332,8 +332,8 @@ class SynthSettings:
         if self.threads != "auto" and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                        or self.threads < 1):
             fail("threads", self.threads, "intra-op threads per worker: an integer >= 1, or auto (from the CPUs given)")
-        if self.gate.enabled and self.dataset.source != "images":
-            fail("gate.enabled", True, "the quality gate needs dataset.source=images (real defect-free images)")
+        if self.screen.enabled and self.dataset.source != "images":
+            fail("screen.enabled", True, "the quality screen needs dataset.source=images (real defect-free images)")
         for name in ("twin", "paste") if self.dataset.source == "images" else ("input",):
             if getattr(self.extras, name):
                 other = "generate" if name != "input" else "images"
@@ -372,7 +372,7 @@ class RunSpec:
     backgrounds: Backgrounds | None = None  # source=images: the usable input list
     threads: int | None = None  # intra-op threads per worker; None: from the CPUs the worker was given
     nonfinite: NonfiniteSettings = NonfiniteSettings()
-    gate: GateSettings = GateSettings()
+    screen: ScreenSettings = ScreenSettings()
     performance: PerformanceSettings = PerformanceSettings()
 
     @property
@@ -488,9 +488,9 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
     """A hash of what determines the samples: the settings, the checkpoints' contents (not their paths)
     and the background list's digest (not its path)."""
     kept = {k: v for k, v in resolved.items() if k not in EXECUTION_KEYS}
-    gate = kept.pop("gate", None)
-    if gate and gate.get("enabled"):  # a run without the gate keeps the identity it had before the gate existed
-        kept["gate"] = {k: v for k, v in gate.items() if k not in ("data_root", "cache_dir")}
+    screen = kept.pop("screen", None)
+    if screen and screen.get("enabled"):  # off, the screen's settings stay out of the identity
+        kept["screen"] = {k: v for k, v in screen.items() if k not in ("data_root", "cache_dir")}
     performance = kept.pop("performance", None)
     if performance and performance != dataclasses.asdict(PerformanceSettings()):
         kept["performance"] = performance  # the defaults keep the identity runs had before the setting existed
@@ -545,18 +545,18 @@ def _device(value: str) -> str:
     return device
 
 
-def _gate_data(gate: GateSettings, dataset: DatasetSettings) -> GateSettings:
-    """The enabled gate with its training data found and digested (the digest joins the run's identity)."""
-    root = _find_path(str(gate.data_root))
+def _screen_data(screen: ScreenSettings, dataset: DatasetSettings) -> ScreenSettings:
+    """The enabled screen with its training data found and digested (the digest joins the run's identity)."""
+    root = _find_path(str(screen.data_root))
     if root is None or not (root / "local").is_dir():
-        fail("gate.data_root", str(gate.data_root), "a data root with local/<class>/ training patches and their "
+        fail("screen.data_root", str(screen.data_root), "a data root with local/<class>/ training patches and their "
              "masks (the demo's: `make data` writes outputs/pcb-data)")
-    from dmgr.eval.user_classifier import data_digest  # local import keeps config import light
+    from dmgr.synth.screen_classifier import data_digest  # local import keeps config import light
 
     try:
-        return dataclasses.replace(gate, data_root=root, data_digest=data_digest(root, dataset.classes))
+        return dataclasses.replace(screen, data_root=root, data_digest=data_digest(root, dataset.classes))
     except FileNotFoundError as exc:
-        fail("gate.data_root", str(root), str(exc))
+        fail("screen.data_root", str(root), str(exc))
 
 
 def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> None:
@@ -593,7 +593,7 @@ def _size_prior(dataset: DatasetSettings) -> DatasetSettings:
         if root is None or not (root / "local").is_dir():
             fail("dataset.placement.data_root", str(placement.data_root), "a data root with local/<class>/ "
                  "patches and their masks (the demo's: `make data` writes outputs/pcb-data), or null for no prior")
-        from dmgr.eval.user_classifier import area_ranges
+        from dmgr.synth.screen_classifier import area_ranges
 
         try:
             ranges = area_ranges(root, dataset.classes, dataset.window_size, placement.size_quantile)
@@ -606,11 +606,11 @@ def _size_prior(dataset: DatasetSettings) -> DatasetSettings:
 def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[NetworkSettings]):
     """The checks that read the disk, all in one step (nothing is written): each checkpoint's header, the
     background images (source=images; the demo's default folder is rendered on first use, the one write) and
-    the gate's training data (when it is on). The weights load later,
-    in `load_engine`, still before out_dir is created. Returns (model spec, dataset, backgrounds, gate)."""
+    the screen's training data (when it is on). The weights load later,
+    in `load_engine`, still before out_dir is created. Returns (model spec, dataset, backgrounds, screen)."""
     spec = ModelSpec(model.name, model.random_init, model.diffusion_steps, model.beta_schedule,
                      *(_network(which, net, model.random_init) for which, net in zip(("global", "local"), nets)))
-    dataset, backgrounds, gate = settings.dataset, None, settings.gate
+    dataset, backgrounds, screen = settings.dataset, None, settings.screen
     if dataset.source == "images":
         images = _find_path(str(dataset.images)) or demo_backgrounds(str(dataset.images))
         if images is None:
@@ -626,9 +626,9 @@ def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[Ne
             _check_fixed_window(dataset.fixed_window, backgrounds)
         _check_class_rois(dataset, backgrounds)
     dataset = _size_prior(dataset)
-    if gate.enabled:
-        gate = _gate_data(gate, dataset)
-    return spec, dataset, backgrounds, gate
+    if screen.enabled:
+        screen = _screen_data(screen, dataset)
+    return spec, dataset, backgrounds, screen
 
 
 def validate(cfg: DictConfig) -> RunSpec:
@@ -649,7 +649,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     sampler = sampler_settings(cfg, settings.dataset.window_size)
     if sampler.T_s >= steps:
         fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
-    model, dataset, backgrounds, gate = read_inputs(settings, model_settings, nets)
+    model, dataset, backgrounds, screen = read_inputs(settings, model_settings, nets)
     _check_model(model, dataset)
     if sampler.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
         fail("schedule.guidance", sampler.guidance, "the local model has no null class: train one with "
@@ -660,9 +660,9 @@ def validate(cfg: DictConfig) -> RunSpec:
     if backgrounds is not None:
         resolved["dataset"]["images"] = str(dataset.images)
         resolved["dataset"]["images_digest"] = backgrounds.digest
-    if gate.enabled:
-        resolved["gate"]["data_root"] = str(gate.data_root)
-        resolved["gate"]["data_digest"] = gate.data_digest
+    if screen.enabled:
+        resolved["screen"]["data_root"] = str(screen.data_root)
+        resolved["screen"]["data_digest"] = screen.data_digest
     resolved["performance"] = dataclasses.asdict(settings.performance)
     identity = _identity(resolved, model, backgrounds.digest if backgrounds is not None else None)
     if settings.out_dir:
@@ -693,6 +693,6 @@ def validate(cfg: DictConfig) -> RunSpec:
         backgrounds=backgrounds,
         threads=None if settings.threads == "auto" else settings.threads,
         nonfinite=settings.nonfinite,
-        gate=gate,
+        screen=screen,
         performance=settings.performance,
     )

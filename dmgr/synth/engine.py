@@ -35,7 +35,7 @@ class Engine:
     diffusion: Diffusion
     digests: dict[str, str]
     device: torch.device
-    gate: object | None = None  # dmgr.eval.user_classifier.GateClassifier when gate.enabled
+    screen: object | None = None  # dmgr.synth.screen_classifier.ScreenClassifier when screen.enabled
 
 
 def randomised_unet(config: dict, seed: int) -> UNetModel:
@@ -74,19 +74,19 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
     local_model = accelerate(local_model, spec.performance)
     diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
     digests = {"global": global_digest, "local": local_digest}
-    return Engine(global_model, local_model, diffusion, digests, device, load_gate(spec))
+    return Engine(global_model, local_model, diffusion, digests, device, load_screen(spec))
 
 
-def load_gate(spec: RunSpec) -> object | None:
-    """The gate classifier (trained on first use, then from gate.cache_dir), or None without the gate."""
-    if not spec.gate.enabled:
+def load_screen(spec: RunSpec) -> object | None:
+    """The screen classifier (trained on first use, then from screen.cache_dir), or None without the screen."""
+    if not spec.screen.enabled:
         return None
-    from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
+    from dmgr.synth.screen_classifier import ScreenClassifierSettings, load_screen_classifier
 
-    settings = UserClassifierSettings(window=spec.dataset.window_size, steps=spec.gate.classifier_steps,
-                                      area_quantile=spec.gate.area_quantile)
-    return load_or_train_user(spec.gate.data_root, spec.dataset.classes, spec.backgrounds, settings,
-                              spec.gate.cache_dir, spec.gate.data_digest, progress=spec.progress)
+    settings = ScreenClassifierSettings(window=spec.dataset.window_size, steps=spec.screen.classifier_steps,
+                                      area_quantile=spec.screen.area_quantile)
+    return load_screen_classifier(spec.screen.data_root, spec.dataset.classes, spec.backgrounds, settings,
+                              spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
 
 
 @dataclass
@@ -177,7 +177,7 @@ def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], method
     batch = Batch(result.image, defect_masks(spec, methods, result, twin), defects,
                   _finite(result.image, result.crop), crop=result.crop[:, RGB], grid=_grid(result), twin=twin)
     if spec.extras.paste:  # evaluation only
-        from dmgr.eval.paste import paste_baseline
+        from dmgr.synth.paste import paste_baseline
 
         batch.paste, batch.paste_mask = paste_baseline(engine, spec, plans, twin, windows)
     return batch
@@ -447,7 +447,7 @@ def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan
     for i, plan in enumerate(plans):
         sample = {"seed": plan.seed, "finite": batch.finite[i]}
         if batch.input is not None:
-            sample[GIVEN] = batch.input[i]  # the decoded input frame, for the gate; never written
+            sample[GIVEN] = batch.input[i]  # the decoded input frame, for the screen; never written
         for name in names:
             if name == "json":
                 sample[name] = _metadata(spec, digests, plan, batch.defects[i], masks["mask.png"][i])

@@ -62,7 +62,7 @@ class SamplePlan:
 
 
 def retry_seed(seed: int, attempt: int) -> int:
-    """The noise key of attempt > 0 (a NaN, an empty mask or a gate rejection): its own stream."""
+    """The noise key of attempt > 0 (a NaN, an empty mask or a screen rejection): its own stream."""
     return stream_seed(seed, "attempt", attempt)
 
 

@@ -24,8 +24,8 @@ from dmgr.shards.manifest import manifest_entry
 from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import GIVEN, Engine, config_fields, generate
-from dmgr.synth.gate import changed_outside, fidelity, gate_metrics, gate_summary, mask_outside, seam_z, verdict
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
+from dmgr.synth.screen import changed_outside, fidelity, mask_outside, screen_metrics, screen_summary, seam_z, verdict
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,12 @@ def add_metrics(total: dict[str, float], more: dict[str, float]) -> dict[str, fl
     return {**total, **{key: total.get(key, 0) + value for key, value in more.items()}}
 
 
-def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list[str]]:
-    """(scores, reasons for rejection) of one real-image sample (dmgr.synth.gate)."""
+def screen_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list[str]]:
+    """(scores, reasons for rejection) of one real-image sample (dmgr.synth.screen)."""
     meta = sample["json"]
     image, mask = np.asarray(sample["png"]), np.asarray(sample["mask.png"]) > 0
     given = sample[GIVEN]
-    model, classes = engine.gate.model, engine.gate.classes
+    model, classes = engine.screen.model, engine.screen.classes
     defects = meta["defects"]
     size = spec.dataset.window_size
     scores = {
@@ -115,8 +115,8 @@ def gate_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list
         "changed_outside": changed_outside(image, given, mask),
         "seam": round(seam_z(image, given, mask), 4),
     }
-    ranges = [engine.gate.area_ranges[d["class_name"]] for d in defects]
-    return scores, verdict(scores, ranges, spec.gate.thresholds())
+    ranges = [engine.screen.area_ranges[d["class_name"]] for d in defects]
+    return scores, verdict(scores, ranges, spec.screen.thresholds())
 
 
 def small_masks(spec: RunSpec, meta: dict) -> dict | None:
@@ -133,20 +133,20 @@ def small_masks(spec: RunSpec, meta: dict) -> dict | None:
 def _budget(spec: RunSpec, reason: str) -> int:
     """Attempts in all a seed may take while `reason` keeps failing it."""
     return {"nonfinite": spec.nonfinite.max_attempts, "empty_mask": spec.dataset.placement.max_attempts,
-            "gate": spec.gate.max_attempts}[reason]
+            "screen": spec.screen.max_attempts}[reason]
 
 
 def _check(engine: Engine, spec: RunSpec, sample: dict) -> tuple[str | None, dict]:
     """(the first reason the sample must be made again, its details), checked in order: NaN/Inf, a mask
-    below the minimum area, the quality gate (when on); (None, gate scores or {}) when it passes."""
+    below the minimum area, the quality screen (when on); (None, screen scores or {}) when it passes."""
     if not sample.pop("finite"):
         return "nonfinite", {}
     small = small_masks(spec, sample["json"])
     if small is not None:
         return "empty_mask", small
-    if spec.gate.enabled:
-        scores, reasons = gate_scores(engine, spec, sample)
-        return ("gate" if reasons else None), {"reasons": reasons, "scores": scores}
+    if spec.screen.enabled:
+        scores, reasons = screen_scores(engine, spec, sample)
+        return ("screen" if reasons else None), {"reasons": reasons, "scores": scores}
     return None, {}
 
 
@@ -168,7 +168,7 @@ def _exhausted(spec: RunSpec, plan: SamplePlan, reason: str, details: dict, meta
 
 def made_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
     """generate(), then one retry loop: a sample with NaN/Inf, a defect mask below its class's minimum area,
-    or (gate.enabled) a gate rejection is made again at the next attempt, a new placement (same background
+    or (screen.enabled) a screen rejection is made again at the next attempt, a new placement (same background
     and classes) with noise from a derived seed, until it passes or the reason's max_attempts are spent (one
     attempt counter per seed; its json lists each retry with its reason). Each round makes the failed plans
     of one batch together, so the batches, and the shards, depend only on the seeds and batch_size."""
@@ -186,7 +186,7 @@ def made_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list
                 retry = False
             if retry:
                 retries[i].append({"attempt": plan.attempt, "reason": reason})
-                if reason == "gate":
+                if reason == "screen":
                     rejected[i].append({"attempt": plan.attempt, **details})
                 log.info("seed %d: attempt %d failed (%s): a new placement", plan.seed, plan.attempt, reason)
                 again.append((i, plan_sample(plan.seed, spec.dataset, spec.backgrounds, plan.attempt + 1)))
@@ -195,12 +195,12 @@ def made_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list
                 _exhausted(spec, plan, reason, details, meta)
             if retries[i]:
                 meta["retries"] = retries[i]
-            if spec.gate.enabled:
+            if spec.screen.enabled:
                 reasons = details.get("reasons", [reason] if reason else [])
-                meta["gate"] = {"accepted": reason is None, "attempt": plan.attempt, "reasons": reasons,
+                meta["screen"] = {"accepted": reason is None, "attempt": plan.attempt, "reasons": reasons,
                                 "scores": details.get("scores", {}), "rejected": rejected[i]}
-                if reason == "gate":
-                    meta["gate"]["skipped" if spec.gate.on_exhausted == "skip" else "flagged"] = True
+                if reason == "screen":
+                    meta["screen"]["skipped" if spec.screen.on_exhausted == "skip" else "flagged"] = True
             done[i] = sample
         pending = again
     return done
@@ -208,7 +208,7 @@ def made_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list
 
 def skipped_sample(meta: dict) -> bool:
     """A seed whose last attempt failed and whose setting says skip: not written, listed in the record."""
-    return bool(meta.get("gate", {}).get("skipped") or meta.get("empty_mask", {}).get("skipped"))
+    return bool(meta.get("screen", {}).get("skipped") or meta.get("empty_mask", {}).get("skipped"))
 
 
 LONG_SHARD_SECONDS = 1800.0  # a shard estimated longer than this gets a warning: a preemption loses it whole
@@ -248,7 +248,7 @@ def made_with(spec: RunSpec, engine: Engine) -> dict:
 def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: ProgressBar,
                check_time: bool = False) -> dict:
     """Generate one shard's samples into the writer; returns the record fields beyond the digest. With the
-    gate, a seed skipped after gate.max_attempts is not written; the record lists it. With check_time, the
+    screen, a seed skipped after screen.max_attempts is not written; the record lists it. With check_time, the
     second batch (the first pays the warm-up) times the shard for `long_shard_warning`."""
     metrics: dict[str, float] = {}
     skipped = []
@@ -257,8 +257,8 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
         plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in seeds[i : i + spec.batch_size]]
         for sample in made_samples(engine, spec, plans):
             meta = sample["json"]
-            if "gate" in meta:
-                metrics = add_metrics(metrics, gate_metrics(meta))
+            if "screen" in meta:
+                metrics = add_metrics(metrics, screen_metrics(meta))
             if skipped_sample(meta):
                 skipped.append(sample["seed"])
                 metrics = add_metrics(metrics, retry_metrics(meta))
@@ -271,13 +271,13 @@ def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, s
             if warning:
                 log.warning(warning)
         bar.update(len(plans))
-        if spec.gate.enabled:
-            bar.set_postfix(accept=f"{1 - metrics['gate_rejected'] / metrics['gate_scored']:.0%}")
-    can_skip = spec.gate.enabled or spec.dataset.placement.on_exhausted == "skip"
-    gated = {"skipped_seeds": skipped} if can_skip else {}
+        if spec.screen.enabled:
+            bar.set_postfix(accept=f"{1 - metrics['screen_rejected'] / metrics['screen_scored']:.0%}")
+    can_skip = spec.screen.enabled or spec.dataset.placement.on_exhausted == "skip"
+    screened = {"skipped_seeds": skipped} if can_skip else {}
     return {"samples": len(seeds) - len(skipped), "first_seed": seeds[0], "last_seed": seeds[-1],
             "members": list(spec.extras.members(spec.available_masks)), "metrics": metrics,
-            "made_with": made_with(spec, engine), **gated}
+            "made_with": made_with(spec, engine), **screened}
 
 
 def run_worker(spec: RunSpec, engine: Engine, worker: int, num_workers: int, position: int = 0) -> WorkerStats:
@@ -392,9 +392,9 @@ def run_metrics(records: list[dict]) -> dict:
     for record in records:
         total = add_metrics(total, record.get("metrics", {}))
     count = max(total.get("samples", 0), 1)
-    gate = {}
-    if "gate_seeds" in total:
-        gate = {"gate": gate_summary(total, [s for r in records for s in r.get("skipped_seeds", [])])}
+    screen = {}
+    if "screen_seeds" in total:
+        screen = {"screen": screen_summary(total, [s for r in records for s in r.get("skipped_seeds", [])])}
     return {
         "final_loss": total.get("final_loss", 0) / count,
         "mask_area": total.get("mask_area", 0) / count,
@@ -405,5 +405,5 @@ def run_metrics(records: list[dict]) -> dict:
         "empty_masks_replaced": int(total.get("empty_masks_replaced", 0)),  # re-placed and made again
         "empty_masks_flagged": int(total.get("empty_masks_flagged", 0)),  # written, marked in their json
         "empty_masks_skipped": int(total.get("empty_masks_skipped", 0)),  # not written
-        **gate,
+        **screen,
     }

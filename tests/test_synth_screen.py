@@ -1,8 +1,8 @@
-"""The quality gate: scores recorded, weak samples regenerated deterministically, max attempts, flag / skip,
-the manifest's reject rates, and a gate that rejects nothing changing nothing but the json (its gate record
-and the run identity, which holds the gate's settings).
+"""The quality screen: scores recorded, weak samples regenerated deterministically, max attempts, flag / skip,
+the manifest's reject rates, and a screen that rejects nothing changing nothing but the json (its screen record
+and the run identity, which holds the screen's settings).
 
-The job tests use the tiny random models and a gate classifier trained 3 steps on tiny random patches: the
+The job tests use the tiny random models and a screen classifier trained 3 steps on tiny random patches: the
 fidelity scores are meaningless there, so fidelity is switched off (min_fidelity=0) and the rejections are
 driven by the seam score, a deterministic function of the pixels; the classifier is tested on its own below.
 """
@@ -33,8 +33,8 @@ from test_synth_config import spec_of
 from dmgr.synth.backgrounds import scan_backgrounds
 from dmgr.synth.config import ConfigError
 from dmgr.synth.engine import generate, load_engine
-from dmgr.synth.gate import changed_outside, gate_metrics, gate_summary, mask_outside, seam_z, verdict
 from dmgr.synth.plan import plan_sample
+from dmgr.synth.screen import changed_outside, mask_outside, screen_metrics, screen_summary, seam_z, verdict
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
@@ -57,43 +57,44 @@ def write_data_root(root: Path, per_class: int = 4) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gate")
+    base = tmp_path_factory.mktemp("screen")
     return {"boards": write_boards(base / "boards", 5), "data": write_data_root(base / "data"),
             "cache": base / "cache", "base": base}
 
 
-def job(setup, out: Path, *more: str, gate: bool = True) -> list[str]:
+def job(setup, out: Path, *more: str, screen: bool = True) -> list[str]:
     args = [*IMAGES, f"dataset.images={setup['boards']}", "seeds=0-3", "samples_per_shard=2", "batch_size=2",
             "extras.input=true", f"out_dir={out}"]
-    if gate:
-        args += ["gate.enabled=true", f"gate.data_root={setup['data']}", f"gate.cache_dir={setup['cache']}",
-                 "gate.classifier_steps=3", "gate.area_quantile=0", "gate.min_fidelity=0", "gate.max_seam=1000000.0"]
+    if screen:
+        args += ["screen.enabled=true", f"screen.data_root={setup['data']}", f"screen.cache_dir={setup['cache']}",
+                 "screen.classifier_steps=3", "screen.area_quantile=0", "screen.min_fidelity=0",
+                 "screen.max_seam=1000000.0"]
     return [*args, *more]
 
 
 @pytest.fixture(scope="module")
 def plain(setup):
     out = setup["base"] / "plain"
-    run_synth(job(setup, out, gate=False))
+    run_synth(job(setup, out, screen=False))
     return out
 
 
 @pytest.fixture(scope="module")
-def open_gate(setup):
+def open_screen(setup):
     """Every threshold open: each seed's first attempt is accepted and scored."""
     out = setup["base"] / "open"
-    run_synth(job(setup, out, "gate.max_attempts=1"))
+    run_synth(job(setup, out, "screen.max_attempts=1"))
     return out
 
 
-def gate_records(out: Path) -> dict[int, dict]:
-    return {int(k): s["json"]["gate"] for k, s in read_samples(out).items()}
+def screen_records(out: Path) -> dict[int, dict]:
+    return {int(k): s["json"]["screen"] for k, s in read_samples(out).items()}
 
 
 @pytest.fixture(scope="module")
-def cut(open_gate) -> float:
+def cut(open_screen) -> float:
     """A seam threshold that rejects the first attempt of the two seeds with the highest seam scores."""
-    seams = sorted(g["scores"]["seam"] for g in gate_records(open_gate).values())
+    seams = sorted(g["scores"]["seam"] for g in screen_records(open_screen).values())
     assert len(set(seams)) == 4
     return (seams[1] + seams[2]) / 2
 
@@ -101,43 +102,43 @@ def cut(open_gate) -> float:
 @pytest.fixture(scope="module")
 def regenerated(setup, cut):
     out = setup["base"] / "regen"
-    run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3"))
+    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3"))
     return out
 
 
-def test_an_open_gate_changes_nothing_but_the_json_gate_record(plain, open_gate):
-    before, after = raw_members(plain), raw_members(open_gate)
+def test_an_open_gate_changes_nothing_but_the_json_gate_record(plain, open_screen):
+    before, after = raw_members(plain), raw_members(open_screen)
     assert sorted(before) == sorted(after)
     for name, data in before.items():
         if not name.endswith(".json"):
             assert after[name] == data, name
             continue
         meta = json.loads(after[name])
-        gate, old = meta.pop("gate"), json.loads(data)
-        assert meta.pop("run_identity") != old.pop("run_identity")  # the gate's settings join the identity
+        screen, old = meta.pop("screen"), json.loads(data)
+        assert meta.pop("run_identity") != old.pop("run_identity")  # the screen's settings join the identity
         assert meta == old
-        assert gate["accepted"] and gate["attempt"] == 0 and gate["rejected"] == [] and gate["reasons"] == []
-        scores = gate["scores"]
+        assert screen["accepted"] and screen["attempt"] == 0 and screen["rejected"] == [] and screen["reasons"] == []
+        scores = screen["scores"]
         assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
         assert scores["mask_area"] == [d["mask_area"] for d in meta["defects"]]
         assert all(0 <= p <= 1 for p in scores["fidelity"]) and isinstance(scores["seam"], float)
-    g = manifest(open_gate)["metrics"]["gate"]
+    g = manifest(open_screen)["metrics"]["screen"]
     assert g["images_generated"] == 4 and g["accepted"] == 4 and g["reject_rate"] == 0
     assert g["generated_per_accepted"] == 1.0 and g["skipped_seeds"] == []
 
 
-def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, regenerated, cut):
-    first, final = gate_records(open_gate), gate_records(regenerated)
+def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_screen, regenerated, cut):
+    first, final = screen_records(open_screen), screen_records(regenerated)
     rejected_first = {s for s, g in first.items() if g["scores"]["seam"] > cut}
     assert len(rejected_first) == 2
     for seed, g in final.items():
         if seed not in rejected_first:
-            assert g == first[seed]  # accepted at once: the very sample of the open gate
+            assert g == first[seed]  # accepted at once: the very sample of the open screen
             continue
         history = g["rejected"]
         assert history[0] == {"attempt": 0, "reasons": ["seam"], "scores": first[seed]["scores"]}
         assert [h["attempt"] for h in history] == list(range(len(history))) and g["attempt"] == len(history)
-        assert g["attempt"] <= 2, "gate.max_attempts=3 spent"
+        assert g["attempt"] <= 2, "screen.max_attempts=3 spent"
         if g["accepted"]:
             assert g["scores"]["seam"] <= cut and "flagged" not in g
         else:
@@ -145,7 +146,7 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, 
     # each written sample is its seed's plan at the recorded attempt (a new placement: same background and
     # class, new window; the derived noise seed) made alone, up to rounding: it was made beside the other
     # rejected seed, and kernels round per batch composition
-    spec = spec_of(job(setup, setup["base"] / "unused", f"gate.max_seam={cut}", "gate.max_attempts=3"))
+    spec = spec_of(job(setup, setup["base"] / "unused", f"screen.max_seam={cut}", "screen.max_attempts=3"))
     engine = load_engine(spec, torch.device("cpu"))
     samples = read_samples(regenerated)
     for seed in rejected_first:
@@ -156,8 +157,8 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, 
         alone = generate(engine, spec, [plan])[0]
         written = samples[f"{seed:08d}"]
         assert alone["json"]["attempt"] == final[seed]["attempt"] == written["json"]["attempt"]
-        assert written["json"]["retries"] == [{"attempt": a, "reason": "gate"} for a in range(plan.attempt)]
-        assert_same_sample(alone, written, ignore=("gate", "retries"))
+        assert written["json"]["retries"] == [{"attempt": a, "reason": "screen"} for a in range(plan.attempt)]
+        assert_same_sample(alone, written, ignore=("screen", "retries"))
         for attempt in {plan.attempt - 1, plan.attempt + 1}:  # the neighbouring streams are far outside it
             other = generate(engine, spec, [replace(plan, attempt=attempt)])[0]
             assert not pixels_close(other["png"], written["png"]), (attempt, grey_difference(other["png"],
@@ -165,8 +166,8 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_gate, 
 
 
 def test_manifest_reports_reject_rates_from_the_records(regenerated):
-    final = gate_records(regenerated)
-    g = manifest(regenerated)["metrics"]["gate"]
+    final = screen_records(regenerated)
+    g = manifest(regenerated)["metrics"]["screen"]
     rejected = sum(len(r["rejected"]) + (not r["accepted"]) for r in final.values())
     generated = sum(r["attempt"] + 1 for r in final.values())
     assert g["images_generated"] == generated == g["attempts_scored"]
@@ -179,17 +180,17 @@ def test_manifest_reports_reject_rates_from_the_records(regenerated):
 
 def test_regeneration_is_bit_identical_across_workers(setup, regenerated, cut):
     out = setup["base"] / "regen-w2"
-    run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3"), nproc=2)
+    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3"), nproc=2)
     assert raw_members(out) == raw_members(regenerated)
 
 
 SEAM_ROUNDING = 0.01  # a grey level in a few border pixels moves the seam z-score by ~1e-3
 
 
-def attempts_seen(gate: dict) -> list[tuple[float, list[str]]]:
+def attempts_seen(screen: dict) -> list[tuple[float, list[str]]]:
     """(seam score, reasons) of every attempt of one seed, the written one last."""
-    return [(h["scores"]["seam"], h["reasons"]) for h in gate["rejected"]] + [(gate["scores"]["seam"],
-                                                                               gate["reasons"])]
+    return [(h["scores"]["seam"], h["reasons"]) for h in screen["rejected"]] + [(screen["scores"]["seam"],
+                                                                               screen["reasons"])]
 
 
 def test_regeneration_decisions_do_not_depend_on_the_batch_size(setup, regenerated, cut):
@@ -197,11 +198,11 @@ def test_regeneration_decisions_do_not_depend_on_the_batch_size(setup, regenerat
     (pixels by a grey level, the seam score by far less than SEAM_ROUNDING), so each attempt's verdict is the
     same unless its seam score lies within that rounding of the threshold, and the written samples agree."""
     out = setup["base"] / "regen-b1"
-    run_synth(job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=3", "batch_size=1"))
+    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3", "batch_size=1"))
     a, b = read_samples(regenerated), read_samples(out)
     assert sorted(a) == sorted(b)
     for key in a:
-        ga, gb = a[key]["json"]["gate"], b[key]["json"]["gate"]
+        ga, gb = a[key]["json"]["screen"], b[key]["json"]["screen"]
         for (seam_a, reasons_a), (seam_b, reasons_b) in zip(attempts_seen(ga), attempts_seen(gb)):
             assert abs(seam_a - seam_b) <= SEAM_ROUNDING, (key, seam_a, seam_b)
             if abs(seam_a - cut) <= SEAM_ROUNDING:  # a verdict at the threshold may go either way
@@ -209,23 +210,23 @@ def test_regeneration_decisions_do_not_depend_on_the_batch_size(setup, regenerat
             assert reasons_a == reasons_b, key
         else:
             assert (ga["attempt"], ga["accepted"]) == (gb["attempt"], gb["accepted"])
-            assert_same_sample(a[key], b[key], ignore=("gate",))
+            assert_same_sample(a[key], b[key], ignore=("screen",))
         x0, y0, x1, y1 = a[key]["json"]["window_box"]
         outside = np.ones((64, 64), dtype=bool)
         outside[y0:y1, x0:x1] = False
         assert (np.asarray(a[key]["png"])[outside] == np.asarray(b[key]["png"])[outside]).all()
 
 
-def test_skipped_seeds_are_left_out_listed_and_verified_on_resume(setup, open_gate, cut):
+def test_skipped_seeds_are_left_out_listed_and_verified_on_resume(setup, open_screen, cut):
     out = setup["base"] / "skip"
-    args = job(setup, out, f"gate.max_seam={cut}", "gate.max_attempts=1", "gate.on_exhausted=skip")
+    args = job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=1", "screen.on_exhausted=skip")
     run_synth(args)
-    first = gate_records(open_gate)
+    first = screen_records(open_screen)
     skipped = sorted(s for s, g in first.items() if g["scores"]["seam"] > cut)
     kept = read_samples(out)
     assert sorted(int(k) for k in kept) == sorted(set(first) - set(skipped))
     m = manifest(out)
-    assert m["metrics"]["gate"]["skipped_seeds"] == skipped and m["metrics"]["gate"]["skipped"] == 2
+    assert m["metrics"]["screen"]["skipped_seeds"] == skipped and m["metrics"]["screen"]["skipped"] == 2
     assert m["num_samples"] == 2 and sum(s["samples"] for s in m["shards"]) == 2
     before = raw_members(out)
     shutil.rmtree(out / "logs")
@@ -267,15 +268,15 @@ def test_gate_counts_add_up_to_rates():
     def meta(cls, accepted, history, **flags):
         reasons = [] if accepted else ["fidelity"]
         return {"defects": [{"class_name": cls}],
-                "gate": {"accepted": accepted, "attempt": len(history), "reasons": reasons,
+                "screen": {"accepted": accepted, "attempt": len(history), "reasons": reasons,
                          "rejected": [{"attempt": i, "reasons": r} for i, r in enumerate(history)], **flags}}
 
     total: dict = {}
     for m in (meta("spur", True, []), meta("spur", True, [["seam", "area"]]),
               meta("short", False, [["fidelity"], ["fidelity"]], skipped=True)):
-        for k, v in gate_metrics(m).items():
+        for k, v in screen_metrics(m).items():
             total[k] = total.get(k, 0) + v
-    s = gate_summary(total, [7])
+    s = screen_summary(total, [7])
     assert s["images_generated"] == 6 and s["accepted"] == 2 and s["rejected"] == 4 and s["skipped"] == 1
     assert s["reject_rate"] == round(4 / 6, 4) and s["generated_per_accepted"] == 3.0
     assert s["reject_rate_by_reason"] == {"fidelity": 0.5, "area": round(1 / 6, 4), "mask_outside": 0.0,
@@ -292,7 +293,7 @@ def test_each_attempt_draws_different_noise():
     for seed in (0, 5, 2**33 + 7):
         draws = [torch.randn(8, generator=make_generators([SamplePlan(seed, (), attempt=a).noise_seed])[0])
                  for a in range(4)]
-        assert SamplePlan(seed, ()).noise_seed == seed  # attempt 0 is the seed itself, as before the gate
+        assert SamplePlan(seed, ()).noise_seed == seed  # attempt 0 is the seed itself, as before the screen
         assert len({tuple(d.tolist()) for d in draws}) == 4, seed
 
 
@@ -301,13 +302,13 @@ def test_each_attempt_draws_different_noise():
 
 def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
     images = ["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}"]
-    on = ["gate.enabled=true", f"gate.data_root={setup['data']}"]
+    on = ["screen.enabled=true", f"screen.data_root={setup['data']}"]
     cases = [
-        (["gate.enabled=true", "dataset.source=generate"], "gate.enabled=True: the quality gate needs"),
-        ([*images, *on, "gate.on_exhausted=drop"], "gate.on_exhausted='drop': allowed: flag, skip"),
-        ([*images, *on, "gate.min_fidelity=2"], "gate.min_fidelity=2: a number in [0, 1]"),
-        ([*images, "gate.enabled=true", f"gate.data_root={tmp_path}"], "gate.data_root="),
-        ([*images, "+gate.threshold=1"], "gate.threshold=1: unknown setting"),
+        (["screen.enabled=true", "dataset.source=generate"], "screen.enabled=True: the quality screen needs"),
+        ([*images, *on, "screen.on_exhausted=drop"], "screen.on_exhausted='drop': allowed: flag, skip"),
+        ([*images, *on, "screen.min_fidelity=2"], "screen.min_fidelity=2: a number in [0, 1]"),
+        ([*images, "screen.enabled=true", f"screen.data_root={tmp_path}"], "screen.data_root="),
+        ([*images, "+screen.threshold=1"], "screen.threshold=1: unknown setting"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -317,46 +318,46 @@ def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
 
 def test_identity_ignores_a_disabled_gate_and_holds_an_enabled_one(setup, tmp_path):
     images = ["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}"]
-    today = spec_of([*images, "~gate"]).identity
+    today = spec_of([*images, "~screen"]).identity
     assert spec_of(images).identity == today
-    assert spec_of([*images, "gate.max_seam=-3", "gate.on_exhausted=skip"]).identity == today
-    on = [*images, "gate.enabled=true", f"gate.data_root={setup['data']}"]
-    gated = spec_of(on).identity
-    assert gated != today and spec_of([*on, "gate.max_seam=2.5"]).identity != gated
-    assert spec_of([*on, f"gate.cache_dir={tmp_path}"]).identity == gated  # where it is cached is no matter
+    assert spec_of([*images, "screen.max_seam=-3", "screen.on_exhausted=skip"]).identity == today
+    on = [*images, "screen.enabled=true", f"screen.data_root={setup['data']}"]
+    screened = spec_of(on).identity
+    assert screened != today and spec_of([*on, "screen.max_seam=2.5"]).identity != screened
+    assert spec_of([*on, f"screen.cache_dir={tmp_path}"]).identity == screened  # where it is cached is no matter
 
 
 def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
-    from dmgr.eval.user_classifier import UserClassifierSettings, load_or_train_user
+    from dmgr.synth.screen_classifier import ScreenClassifierSettings, load_screen_classifier
 
     backgrounds = scan_backgrounds(setup["boards"], 64, 16, 5)
-    settings = UserClassifierSettings(steps=3, area_quantile=0)
-    first = load_or_train_user(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
+    settings = ScreenClassifierSettings(steps=3, area_quantile=0)
+    first = load_screen_classifier(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
     assert first.record["classes"] == [*CLASSES, "clean"]
     assert first.record["patches"] == {"train": 18 + 18, "held_out": 6 + 2}  # 24 class + 20 clean patches
     assert first.area_ranges == {c: (0.0, 256.0) for c in CLASSES}
-    again = load_or_train_user(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
+    again = load_screen_classifier(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
     assert all((a == b).all() for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     data = tmp_path / "data"
     shutil.copytree(setup["data"], data)
     Image.new("L", (16, 16), 255).save(data / "local" / "spur" / "000.mask.png")
-    changed = load_or_train_user(data, CLASSES, backgrounds, settings, tmp_path / "c", progress=False)
+    changed = load_screen_classifier(data, CLASSES, backgrounds, settings, tmp_path / "c", progress=False)
     assert changed.record["key"] != first.record["key"]
     assert changed.area_ranges["spur"] == (80.0, 256.0)
 
 
 def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
-    from dmgr.eval.app import main
-    from dmgr.synth.engine import load_gate
+    from dmgr.synth.engine import load_screen
+    from dmgr.synth.screen_classifier import main
 
-    main(["classifier", "--data-root", str(setup["data"]), "--images", str(setup["boards"]), "--classes",
-          ",".join(CLASSES), "--steps", "3", "--area-quantile", "0", "--cache", str(tmp_path), "--quiet"])
-    trained = list(tmp_path.glob("gate-classifier-*.safetensors"))
+    main(["--data-root", str(setup["data"]), "--images", str(setup["boards"]), "--classes", ",".join(CLASSES),
+          "--steps", "3", "--area-quantile", "0", "--cache-dir", str(tmp_path), "--quiet"])
+    trained = list(tmp_path.glob("screen-classifier-*.safetensors"))
     assert len(trained) == 1
     spec = spec_of(["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}",
-                    "gate.enabled=true", f"gate.data_root={setup['data']}", f"gate.cache_dir={tmp_path}",
-                    "gate.classifier_steps=3", "gate.area_quantile=0"])
-    gate = load_gate(spec)
-    assert trained[0].name == f"gate-classifier-{gate.record['key']}.safetensors"
-    assert list(tmp_path.glob("gate-classifier-*.safetensors")) == trained  # loaded, not trained again
+                    "screen.enabled=true", f"screen.data_root={setup['data']}", f"screen.cache_dir={tmp_path}",
+                    "screen.classifier_steps=3", "screen.area_quantile=0"])
+    screen = load_screen(spec)
+    assert trained[0].name == f"screen-classifier-{screen.record['key']}.safetensors"
+    assert list(tmp_path.glob("screen-classifier-*.safetensors")) == trained  # loaded, not trained again

@@ -1,17 +1,21 @@
-"""The quality gate's patch classifier, trained on the user's own data: the local model's training patches
+"""The quality screen's patch classifier, trained on the user's own data: the local model's training patches
 (DATA_ROOT/local/<class>/NAME.png, one label per class) plus clean windows cut from the defect-free images
 (one more label, `clean`). Its record also holds each class's plausible mask area, from the training masks.
 
 Cached under a name that hashes the inputs' contents and the settings, so the synthesis job and
-`python -m dmgr.eval classifier` train it once and share it.
+`python -m dmgr.synth.screen_classifier` (train it ahead, once for every worker) share it:
+
+python -m dmgr.synth.screen_classifier --data-root outputs/pcb-data --images outputs/pcb-backgrounds/global
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,18 +27,19 @@ from PIL import Image
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from dmgr import DEMO_DATA, SCREEN_CACHE
+from dmgr.cli import add_settings, settings_from, stop_on_interrupt
 from dmgr.data.dataset import mask_path
-from dmgr.eval.classifier import ClassifierSettings, PatchClassifier, accuracy, train_classifier
-from dmgr.eval.real import Patches
 from dmgr.images import decode_mask, from_uint8, list_images, load_rgb, resize_center_crop
+from dmgr.models.classifier import PatchClassifier, Patches, accuracy, train_classifier
 from dmgr.schema import STRICT_SECTION, Count
-from dmgr.synth.backgrounds import Backgrounds
+from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class UserClassifierSettings:
+class ScreenClassifierSettings:
     __pydantic_config__ = STRICT_SECTION
     window: Count(4) = 16
     steps: Count() = 800
@@ -48,7 +53,7 @@ class UserClassifierSettings:
 
 
 @dataclass
-class GateClassifier:
+class ScreenClassifier:
     model: PatchClassifier
     classes: tuple[str, ...]  # the defect classes; label len(classes) is clean
     area_ranges: dict[str, tuple[float, float]]  # per class, at the window size
@@ -112,7 +117,7 @@ def clean_windows(backgrounds: Backgrounds, window: int, per_image: int, seed: i
 
 
 def user_patches(
-    data_root: Path, classes: tuple[str, ...], backgrounds: Backgrounds, settings: UserClassifierSettings
+    data_root: Path, classes: tuple[str, ...], backgrounds: Backgrounds, settings: ScreenClassifierSettings
 ) -> tuple[Patches, Patches]:
     """(train, held-out) patches: labels 0..C-1 the classes, C clean."""
     images, labels = [], []
@@ -132,37 +137,36 @@ def user_patches(
     return Patches(x[~held], empty, y[~held]), Patches(x[held], empty, y[held])
 
 
-def classifier_key(data: str, backgrounds: str, classes: tuple[str, ...], settings: UserClassifierSettings) -> str:
+def classifier_key(data: str, backgrounds: str, classes: tuple[str, ...], settings: ScreenClassifierSettings) -> str:
     text = json.dumps([data, backgrounds, list(classes), asdict(settings)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def load_or_train_user(
+def load_screen_classifier(
     data_root: Path,
     classes: tuple[str, ...],
     backgrounds: Backgrounds,
-    settings: UserClassifierSettings,
+    settings: ScreenClassifierSettings,
     cache_dir: Path,
     data: str | None = None,
     progress: bool = True,
-) -> GateClassifier:
-    """The gate classifier for these inputs and settings from cache_dir, trained (and cached) on first use.
+) -> ScreenClassifier:
+    """The screen classifier for these inputs and settings from cache_dir, trained (and cached) on first use.
     `data` is data_digest(data_root, classes) when the caller already has it."""
     data = data or data_digest(data_root, classes)
     key = classifier_key(data, backgrounds.digest, classes, settings)
-    path = Path(cache_dir) / f"gate-classifier-{key}.safetensors"
+    path = Path(cache_dir) / f"screen-classifier-{key}.safetensors"
     if path.exists():
         model = PatchClassifier(len(classes) + 1)
         model.load_state_dict(load_file(path))
         record = json.loads(path.with_suffix(".json").read_text())
-        log.info("gate classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
+        log.info("screen classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
     else:
         start = time.perf_counter()
         train, held = user_patches(data_root, classes, backgrounds, settings)
-        log.info("training the gate classifier on %d patches (%d steps)", len(train.labels), settings.steps)
-        core = ClassifierSettings(window=settings.window, steps=settings.steps, batch_size=settings.batch_size,
-                                  lr=settings.lr, seed=settings.seed)
-        model = train_classifier(train, core, progress, classes=len(classes) + 1)
+        log.info("training the screen classifier on %d patches (%d steps)", len(train.labels), settings.steps)
+        model = train_classifier(train, len(classes) + 1, steps=settings.steps, batch_size=settings.batch_size,
+                                 lr=settings.lr, seed=settings.seed, progress=progress)
         record = {
             "key": key,
             "settings": asdict(settings),
@@ -183,7 +187,62 @@ def load_or_train_user(
         meta.write_text(json.dumps(record, indent=1))
         meta.replace(path.with_suffix(".json"))
         tmp.replace(path)  # the weights last: a present .safetensors always has its record
-        log.info("gate classifier trained in %.0f s: held-out accuracy %.3f -> %s",
+        log.info("screen classifier trained in %.0f s: held-out accuracy %.3f -> %s",
                  record["train_seconds"], record["validation_accuracy"], path)
     ranges = {c: (float(lo), float(hi)) for c, (lo, hi) in record["area_ranges"].items()}
-    return GateClassifier(model.eval(), tuple(classes), ranges, record)
+    return ScreenClassifier(model.eval(), tuple(classes), ranges, record)
+
+
+@dataclass(frozen=True)
+class ScreenInputs:
+    """What the job would give the screen: its data root, defect-free images and dataset geometry."""
+
+    __pydantic_config__ = STRICT_SECTION
+    data_root: Annotated[Path, Field(description="holds local/<class>/ patches (screen.data_root)")] = DEMO_DATA
+    images: Annotated[Path, Field(description="the defect-free images, folder or .jsonl (dataset.images)")] = Path(
+        "outputs/pcb-backgrounds/global")
+    classes: Annotated[str | None, Field(description="A,B,...: class names in id order "
+                                                     "(default: DATA_ROOT/local/labels.json)")] = None
+    image_size: Annotated[Count(8), Field(description="dataset.image_size")] = 64
+    margin: Annotated[Count(0), Field(description="dataset.margin")] = 5
+    scale: Annotated[float, Field(gt=0, description="dataset.scale")] = 1.0
+    cache_dir: Annotated[Path, Field(description="screen.cache_dir")] = SCREEN_CACHE
+    quiet: Annotated[bool, Field(description="no progress bar")] = False
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dmgr.synth.screen_classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings(p, ScreenInputs)
+    add_settings(p.add_argument_group("classifier (screen.classifier_steps, screen.area_quantile)"),
+                 ScreenClassifierSettings, help={"window": "dataset.window_size", "steps": "screen.classifier_steps",
+                                                "area_quantile": "screen.area_quantile"})
+    return p
+
+
+@stop_on_interrupt("dmgr.synth.screen_classifier")
+def main(argv: list[str] | None = None) -> None:
+    """Train (or find cached) the classifier the job with these inputs and settings loads; print its record."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    cli = parser()
+    args = cli.parse_args(argv)
+    inputs, settings = settings_from(cli, args, ScreenInputs), settings_from(cli, args, ScreenClassifierSettings)
+    try:
+        if inputs.classes is None:
+            labels = inputs.data_root / "local" / "labels.json"
+            if not labels.is_file():
+                raise FileNotFoundError(f"{labels} not found: give --classes A,B,...")
+            classes = tuple(json.loads(labels.read_text())["classes"])
+        else:
+            classes = tuple(inputs.classes.split(","))
+        backgrounds = scan_backgrounds(inputs.images, inputs.image_size, settings.window, inputs.margin, inputs.scale)
+        screen = load_screen_classifier(inputs.data_root.resolve(), classes, backgrounds, settings, inputs.cache_dir,
+                                        progress=not inputs.quiet)
+    except (BackgroundError, FileNotFoundError, ValueError) as exc:
+        print(f"dmgr.synth.screen_classifier: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(screen.record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

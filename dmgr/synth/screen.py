@@ -1,8 +1,8 @@
-"""The quality gate's scores of one finished real-image sample, its verdict, and the reject counts that the
+"""The quality screen's scores of one finished real-image sample, its verdict, and the reject counts that the
 shard records sum and the manifest reports.
 
-Scores (docs/evaluation.md "Quality gate"):
-  fidelity        per defect: the gate classifier's probability of the requested class on the defect window
+Scores (docs/evaluation.md "Quality screen"):
+  fidelity        per defect: the screen classifier's probability of the requested class on the defect window
   mask_area       per defect: mask pixels, against the class's plausible range from the user's training masks
   mask_outside    mask pixels outside every defect window (the windows lie inside the ROI by construction)
   changed_outside pixels that differ from the input outside the mask (the real-image path promises 0)
@@ -81,47 +81,47 @@ def verdict(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -
     return reasons
 
 
-def gate_metrics(meta: dict) -> dict[str, float]:
-    """One seed's gate counts for the shard record's sums: images generated, rejected attempts (per reason,
+def screen_metrics(meta: dict) -> dict[str, float]:
+    """One seed's screen counts for the shard record's sums: images generated, rejected attempts (per reason,
     per class of each defect), accepted / flagged / skipped."""
-    g = meta["gate"]
+    g = meta["screen"]
     classes = [d["class_name"] for d in meta.get("defects", [meta])]
     rejected = g["rejected"] + ([] if g["accepted"] else [{"reasons": g["reasons"]}])
-    out = {"gate_seeds": 1, "gate_generated": g["attempt"] + 1, "gate_accepted": int(g["accepted"]),
-           "gate_flagged": int(g.get("flagged", False)), "gate_skipped": int(g.get("skipped", False)),
-           "gate_rejected": len(rejected), "gate_scored": len(g["rejected"]) + 1}
+    out = {"screen_seeds": 1, "screen_generated": g["attempt"] + 1, "screen_accepted": int(g["accepted"]),
+           "screen_flagged": int(g.get("flagged", False)), "screen_skipped": int(g.get("skipped", False)),
+           "screen_rejected": len(rejected), "screen_scored": len(g["rejected"]) + 1}
     for attempt in rejected:
         for reason in attempt["reasons"]:
-            out[f"gate_reason.{reason}"] = out.get(f"gate_reason.{reason}", 0) + 1
+            out[f"screen_reason.{reason}"] = out.get(f"screen_reason.{reason}", 0) + 1
     for c in classes:
-        out[f"gate_class_attempts.{c}"] = out.get(f"gate_class_attempts.{c}", 0) + len(g["rejected"]) + 1
-        out[f"gate_class_rejected.{c}"] = out.get(f"gate_class_rejected.{c}", 0) + len(rejected)
+        out[f"screen_class_attempts.{c}"] = out.get(f"screen_class_attempts.{c}", 0) + len(g["rejected"]) + 1
+        out[f"screen_class_rejected.{c}"] = out.get(f"screen_class_rejected.{c}", 0) + len(rejected)
     return out
 
 
-def gate_summary(total: dict[str, float], skipped_seeds: list[int]) -> dict:
-    """The manifest's `gate` block from the summed records: reject rates per reason and per class (of the
-    attempts the gate scored), and the cost: images generated per accepted image."""
-    scored = max(total.get("gate_scored", 0), 1)
-    accepted = total.get("gate_accepted", 0)
+def screen_summary(total: dict[str, float], skipped_seeds: list[int]) -> dict:
+    """The manifest's `screen` block from the summed records: reject rates per reason and per class (of the
+    attempts the screen scored), and the cost: images generated per accepted image."""
+    scored = max(total.get("screen_scored", 0), 1)
+    accepted = total.get("screen_accepted", 0)
     by_class = {}
     for key, attempts in sorted(total.items()):
-        if key.startswith("gate_class_attempts."):
+        if key.startswith("screen_class_attempts."):
             name = key.split(".", 1)[1]
-            rejected = total.get(f"gate_class_rejected.{name}", 0)
+            rejected = total.get(f"screen_class_rejected.{name}", 0)
             by_class[name] = {"attempts": int(attempts), "rejected": int(rejected),
                               "reject_rate": round(rejected / max(attempts, 1), 4)}
     return {
-        "seeds": int(total.get("gate_seeds", 0)),
-        "images_generated": int(total.get("gate_generated", 0)),
-        "attempts_scored": int(total.get("gate_scored", 0)),
-        "rejected": int(total.get("gate_rejected", 0)),
-        "reject_rate": round(total.get("gate_rejected", 0) / scored, 4),
+        "seeds": int(total.get("screen_seeds", 0)),
+        "images_generated": int(total.get("screen_generated", 0)),
+        "attempts_scored": int(total.get("screen_scored", 0)),
+        "rejected": int(total.get("screen_rejected", 0)),
+        "reject_rate": round(total.get("screen_rejected", 0) / scored, 4),
         "accepted": int(accepted),
-        "flagged": int(total.get("gate_flagged", 0)),
-        "skipped": int(total.get("gate_skipped", 0)),
+        "flagged": int(total.get("screen_flagged", 0)),
+        "skipped": int(total.get("screen_skipped", 0)),
         "skipped_seeds": skipped_seeds,
-        "generated_per_accepted": round(total.get("gate_generated", 0) / accepted, 4) if accepted else None,
-        "reject_rate_by_reason": {r: round(total.get(f"gate_reason.{r}", 0) / scored, 4) for r in REASONS},
+        "generated_per_accepted": round(total.get("screen_generated", 0) / accepted, 4) if accepted else None,
+        "reject_rate_by_reason": {r: round(total.get(f"screen_reason.{r}", 0) / scored, 4) for r in REASONS},
         "by_class": by_class,
     }
