@@ -185,7 +185,8 @@ def test_roi_at_native_size_and_another_size_is_counted(tmp_path):
     Image.fromarray(roi[:64, :64]).save(folder / "small_roi.png")
     lines = [{"image": "tall.png", "roi": "roi.png"}, {"image": "other.png", "roi": "small_roi.png"}]
     (folder / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    spec = images_spec(folder / "list.jsonl", "dataset.defects_per_image=3")
+    # one window per defect: three defects' candidate windows would not all fit in the 47x60 ROI
+    spec = images_spec(folder / "list.jsonl", "dataset.defects_per_image=3", "dataset.placement.candidates=1")
     assert [b.name for b in spec.backgrounds.items] == ["tall.png"]
     assert dict(spec.backgrounds.skipped)["other.png"] == "ROI is 64x64, the image 97x130 (both upright)"
     plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(3)]
@@ -199,7 +200,8 @@ def test_roi_at_native_size_and_another_size_is_counted(tmp_path):
 
 def test_several_defects_with_overlapping_context_crops(tmp_path):
     folder = write_inputs(tmp_path / "in", [("square.png", 40, 40, "RGB")])
-    spec = images_spec(folder, "dataset.defects_per_image=3")
+    # one window per defect: three defects' candidate windows would not all fit in a 40x40 image
+    spec = images_spec(folder, "dataset.defects_per_image=3", "dataset.placement.candidates=1")
     plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(3)]
     for plan, sample in zip(plans, make(spec, plans)):
         check_sample(spec, sample)
@@ -238,7 +240,10 @@ def test_batch_size_keeps_plans_and_changes_pixels_at_rounding_level(inputs):
 def test_batch_size_changes_demo_model_pixels_by_a_couple_of_levels(tmp_path):
     """The trained demo models (64 px) on 80x70 and 64x96 frames: one batch of 3 against one by one."""
     folder = write_inputs(tmp_path / "in", [("a.png", 80, 70, "RGB"), ("b.png", 64, 96, "L")])
-    spec = spec_of(["model=demo", "dataset.source=images", f"dataset.images={folder}", *FAST])
+    # the plans' own windows (the candidates' choice has its batch test in test_placement.py): there the demo
+    # model grows a defect in each of the three samples, which check_sample asks for
+    spec = spec_of(["model=demo", "dataset.source=images", f"dataset.images={folder}", *FAST,
+                    "dataset.placement.candidates=1"])
     plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(3)]
     together, alone = make(spec, plans), [make(spec, [p])[0] for p in plans]
     for a, c in zip(together, alone):

@@ -95,7 +95,7 @@ def test_bad_per_class_rois_are_one_line_errors(tmp_path, roi, words):
 def test_one_candidate_is_the_plan_without_candidates(tmp_path):
     """candidates=1 draws exactly what the plain plan draws; with more, the first candidate is that window."""
     folder = _folder(tmp_path)
-    one = images_spec(folder, *PCB, "dataset.defects_per_image=1")
+    one = images_spec(folder, *PCB, "dataset.placement.candidates=1")
     four = images_spec(folder, *PCB, "dataset.placement.candidates=4")
     for seed in range(50):
         a, b = plan_sample(seed, one.dataset, one.backgrounds), plan_sample(seed, four.dataset, four.backgrounds)
@@ -157,3 +157,18 @@ def test_the_default_minimum_writes_no_sample_with_an_empty_mask(tmp_path):
     for key, s in read_samples(out).items():
         assert key in flagged or all(d["mask_area"] >= 4 for d in s["json"]["defects"])
     assert manifest(out)["metrics"]["empty_masks_flagged"] == len(flagged)
+
+
+@pytest.mark.parametrize("where", [["dataset.source=generate"], ["dataset.source=images", "dataset.window_choice=fixed",
+                                                                  "dataset.fixed_window=[10,10]"]])
+def test_the_default_candidates_leave_a_single_window_alone(tmp_path, where):
+    """Generated boards and a fixed window have one window to take: the default candidates (4) apply to real
+    images with uniform windows only, and these plans carry no candidates."""
+    from test_synth_config import spec_of
+
+    spec = spec_of([*PCB, *where, f"dataset.images={_folder(tmp_path)}", f"out_dir={tmp_path / 'run'}"])
+    assert spec.dataset.placement.candidates == 4
+    plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(20)]
+    assert all(p.defects[0].candidates == () for p in plans)
+    if "dataset.window_choice=fixed" in where:
+        assert {p.window for p in plans} == {(10, 10)}

@@ -100,7 +100,8 @@ class PlacementSettings:
     (docs/configuration.md "Placement")."""
 
     __pydantic_config__ = STRICT_SECTION
-    candidates: Count() = 1  # windows per defect, scored by the local model; 1: the first drawn, no scoring
+    candidates: Count() = 4  # windows per defect, scored by the local model; 1: the first drawn, no scoring.
+    #   Real images with uniform windows only: generated boards and a fixed window have one window to take
     noise_levels: Count() = 3  # respaced steps the candidates' class-conditional denoising error is taken at
     min_mask_area: Count(0) = 4  # per defect, mask pixels (image pixels); below: re-placed and made again
     size_quantile: Annotated[float, Field(ge=0, le=0.5)] = 0.05  # with data_root: per class, the minimum is
@@ -155,9 +156,6 @@ class DatasetSettings:
                      f"the {window} px window must lie inside the {size} px image")
         if self.source == "images" and str(self.images or "") in ("", "???"):
             fail("dataset.images", self.images, "source=images needs a folder of images or a .jsonl manifest")
-        if self.placement.candidates > 1 and (self.source != "images" or self.window_choice == "fixed"):
-            fail("dataset.placement.candidates", self.placement.candidates,
-                 "candidate windows need source=images and window_choice=uniform (1: no choice)")
         if self.defects_per_image > 1 and (self.source != "images" or self.window_choice == "fixed"):
             fail("dataset.defects_per_image", self.defects_per_image,
                  "several defects need source=images and window_choice=uniform")

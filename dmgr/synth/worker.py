@@ -9,7 +9,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from dmgr.shards.locks import acquire, release
 from dmgr.shards.manifest import manifest_entry
 from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
-from dmgr.synth.engine import GIVEN, Engine, config_fields, generate
+from dmgr.synth.engine import GIVEN, Engine, config_fields, generate, planned_defect
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
 from dmgr.synth.screen import changed_outside, fidelity, mask_outside, screen_metrics, screen_summary, seam_z, verdict
 
@@ -354,6 +354,28 @@ def config_problem(spec: RunSpec, digests: dict[str, str], metas: dict[int, dict
             found = _planned_part(meta.get(key), value) if key == "defects" else meta.get(key)
             if found != value:
                 return f"seed {seed}: its json's {key} is {str(found)[:80]}, this run's {str(value)[:80]}"
+        problem = _chosen_problem(spec, plan, meta.get("defects"))
+        if problem is not None:
+            return f"seed {seed}: its json's defects is {problem}"
+    return None
+
+
+def _chosen_problem(spec: RunSpec, plan: SamplePlan, found: object) -> str | None:
+    """With candidates the plan fixes the boxes once the choice is known: each defect's window and context box
+    must be those of the candidate its `placement.chosen` names."""
+    if spec.dataset.source != "images" or not isinstance(found, list):
+        return None
+    geometry = spec.backgrounds.geometry
+    for defect, entry in zip(plan.defects, found):
+        if not defect.candidates:
+            continue
+        chosen = (entry.get("placement") or {}).get("chosen") if isinstance(entry, dict) else None
+        if not isinstance(chosen, int) or not 0 <= chosen < len(defect.candidates):
+            return f"placement.chosen {chosen!r}, this run's 0..{len(defect.candidates) - 1}"
+        expected = planned_defect(replace(defect.placed(chosen, geometry), candidates=()), geometry)
+        for key in ("window_box", "context_box"):
+            if entry.get(key) != expected[key]:
+                return f"{key} {entry.get(key)}, this run's {expected[key]} (candidate {chosen})"
     return None
 
 
