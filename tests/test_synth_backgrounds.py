@@ -101,6 +101,7 @@ def test_several_defects_per_image_inside_the_roi(tmp_path):
     (tmp_path / "in" / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     out = tmp_path / "run"
     run_synth([*IMAGES, f"dataset.images={tmp_path / 'in' / 'list.jsonl'}", "dataset.defects_per_image=2",
+               "dataset.placement.candidates=1",  # the ROI holds two windows, not two sets of candidates
                "dataset.margin=0", "seeds=0-2", "extras.input=true", f"out_dir={out}"])
     for sample in read_samples(out).values():
         meta = sample["json"]
@@ -118,7 +119,9 @@ def test_several_defects_per_image_inside_the_roi(tmp_path):
 
 
 def test_plans_pick_backgrounds_and_windows_from_the_seed(boards):
-    spec = spec_of(["dataset.source=images", f"dataset.images={boards}", "dataset.defects_per_image=3"])
+    # one window per defect: three sets of candidate windows would crowd these boards
+    spec = spec_of(["dataset.source=images", f"dataset.images={boards}", "dataset.defects_per_image=3",
+                    "dataset.placement.candidates=1"])
     plans = [plan_sample(s, spec.dataset, spec.backgrounds) for s in range(40)]
     assert plans[7] == plan_sample(7, spec.dataset, spec.backgrounds)
     assert {p.background for p in plans} == set(range(5))
