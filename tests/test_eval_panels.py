@@ -12,7 +12,7 @@ from dmgr.data.defects import add_defect
 from dmgr.data.export import GLOBAL_OFFSET, TEST_OFFSET, make_panel, panel_tiles
 from dmgr.eval.downstream import DownstreamSettings, heldout_set, model_key
 from dmgr.eval.real import CLEAN_TEST, PANEL_FILL, USER, defective_boards, heldout_boards, in_panel
-from dmgr.eval.segment import SegmentSettings, SegNet, predict_maps, train_segmenter
+from dmgr.eval.segment import SegmentSettings, SegNet, predict_maps, random_crops, train_segmenter
 from dmgr.eval.sources import cut_paste, perlin_anomalies
 from dmgr.images import from_uint8
 
@@ -112,6 +112,37 @@ def test_segmenter_trains_and_predicts_on_panels():
         settings = SegmentSettings(steps=3, batch_size=2, width=4, task=task)
         maps = predict_maps(train_segmenter(pairs, settings, seed=0), pairs.images[:2])
         assert maps.shape == (2, 1 if task == "binary" else 7, 56, 80) and torch.isfinite(maps).all()
+
+
+def test_training_crops_cut_image_and_mask_at_the_same_place_and_leave_small_frames_whole():
+    g = torch.Generator().manual_seed(0)
+    images = torch.arange(2 * 3 * 56 * 80, dtype=torch.float32).view(2, 3, 56, 80)
+    masks = images[:, :1] % 7 == 0
+    crops, crop_masks = random_crops(g, images, masks, 32)
+    assert crops.shape == (2, 3, 32, 32) and crop_masks.shape == (2, 1, 32, 32)
+    for image, crop, crop_mask in zip(images, crops, crop_masks):
+        flat = int(crop[0, 0, 0])  # the crop's first pixel locates it in its frame
+        y, x = divmod(flat % (56 * 80), 80)
+        assert torch.equal(crop, image[:, y : y + 32, x : x + 32])
+        assert torch.equal(crop_mask, image[:1, y : y + 32, x : x + 32] % 7 == 0)
+    state = g.get_state()
+    whole = random_crops(g, images[..., :32, :32], masks[..., :32, :32], 32)
+    assert whole[0] is not None and torch.equal(whole[0], images[..., :32, :32])
+    assert torch.equal(g.get_state(), state)  # nothing drawn: 64 px benchmarks train as before
+    with pytest.raises(Exception, match="segment.crop"):
+        SegmentSettings(crop=30)
+
+
+def test_crops_change_the_model_key_and_training_on_panels():
+    pairs = defective_boards(USER, 4, 32, panel=PANEL)
+    settings = DownstreamSettings(image_size=32, window=8, panel=PANEL)
+    whole = replace(settings, segment=replace(settings.segment, crop=None))
+    assert model_key(pairs, settings, 0) != model_key(pairs, whole, 0)
+    small = SegmentSettings(steps=3, batch_size=2, width=4, crop=32)
+    cropped = predict_maps(train_segmenter(pairs, small, seed=0), pairs.images[:2])
+    uncropped = predict_maps(train_segmenter(pairs, replace(small, crop=None), seed=0), pairs.images[:2])
+    assert cropped.shape == uncropped.shape == (2, 1, 56, 80)  # tested on whole frames either way
+    assert (cropped - uncropped).abs().max() > 1e-4
 
 
 def test_panel_models_have_their_own_cache_keys():

@@ -147,6 +147,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=SegmentSettings.steps, help="training steps per model")
     d.add_argument("--batch-size", type=int, default=SegmentSettings.batch_size)
     d.add_argument("--width", type=int, default=SegmentSettings.width, help="U-Net base channels (a multiple of 4)")
+    d.add_argument(
+        "--crop",
+        type=lambda v: None if v == "none" else int(v),
+        default=SegmentSettings.crop,
+        help="side of the random square crop each training pair is cut to per step (a multiple of 8; frames no "
+        f"larger train whole; none: whole frames; default {SegmentSettings.crop})",
+    )
     d.add_argument("--test-defective", type=int, default=DownstreamSettings.test_defective)
     d.add_argument("--test-clean", type=int, default=DownstreamSettings.test_clean)
     d.add_argument(
@@ -231,7 +238,7 @@ def _main(argv: list[str] | None) -> None:
         n=args.n, real_small=args.real_small, seeds=args.seeds, test_defective=args.test_defective,
         test_clean=args.test_clean,
         segment=dict(steps=args.steps, batch_size=args.batch_size, width=args.width, device=args.device,
-                     task=args.task),
+                     task=args.task, crop=args.crop),
     ))
     runs = dict(args.run)
     if args.panel is not None:

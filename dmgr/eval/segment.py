@@ -39,10 +39,14 @@ class SegmentSettings:
     threshold: Annotated[float, Field(ge=0, le=1)] = 0.5  # probability above which a pixel counts as defect (IoU)
     device: str = "cpu"  # where the segmenter trains (scores from cpu and cuda differ in float rounding)
     task: Literal["binary", "classes"] = "binary"  # defect or not; or background + one logit per defect class
+    crop: Count(8) | None = 64  # each step trains on one random crop x crop of each pair (a multiple of 8, the
+    #   U-Net's stride); a frame no larger than that trains whole; None: whole frames. Testing is on whole frames.
 
     def __post_init__(self) -> None:
         if self.width % 4:
             fail("segment.width", self.width, "a multiple of 4 (GroupNorm groups)")
+        if self.crop is not None and self.crop % 8:
+            fail("segment.crop", self.crop, "a multiple of 8 (the U-Net's three poolings)")
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -129,8 +133,22 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor, settings: SegmentSettings
     return segmentation_loss(logits, targets, settings.pos_weight)
 
 
+def random_crops(g: torch.Generator, images: torch.Tensor, targets: torch.Tensor, size: int | None):
+    """One uniformly placed size x size crop of each (image, target) pair; whole frames when they are no larger
+    (then nothing is drawn from g)."""
+    height, width = images.shape[2:]
+    if size is None or (height <= size and width <= size):
+        return images, targets
+    ch, cw = min(size, height), min(size, width)
+    ys = torch.randint(height - ch + 1, (len(images),), generator=g).tolist()
+    xs = torch.randint(width - cw + 1, (len(images),), generator=g).tolist()
+    pick = [(slice(None), slice(y, y + ch), slice(x, x + cw)) for y, x in zip(ys, xs)]
+    return torch.stack([im[p] for im, p in zip(images, pick)]), torch.stack([t[p] for t, p in zip(targets, pick)])
+
+
 def train_segmenter(train: Boards, settings: SegmentSettings, seed: int) -> SegNet:
-    """The same budget for every source: `steps` batches of `batch_size` pairs drawn with replacement."""
+    """The same budget for every source: `steps` batches of `batch_size` pairs drawn with replacement, each
+    pair cut to a random `crop` (frames larger than the crop see the same pixels per step as small ones)."""
     if len(train) == 0:
         raise ValueError("train_segmenter needs at least one (image, mask) pair")
     with torch.random.fork_rng():
@@ -143,7 +161,8 @@ def train_segmenter(train: Boards, settings: SegmentSettings, seed: int) -> SegN
     model.train()
     for _ in range(settings.steps):
         idx = torch.randint(len(train), (settings.batch_size,), generator=g)
-        images, target = (x.to(settings.device) for x in augment(g, train.images[idx], targets[idx]))
+        pairs = random_crops(g, train.images[idx], targets[idx], settings.crop)
+        images, target = (x.to(settings.device) for x in augment(g, *pairs))
         loss = _loss(model(images), target, settings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
