@@ -264,3 +264,19 @@ def test_downstream_benchmark_on_a_native_size_run_trains_and_tests_on_its_panel
     # a frame size other than the run's: one line naming both
     wrong = run_eval([*command, "--panel", "160x112"], check=False)
     assert wrong.returncode == 2 and "holds 96x72 frames" in wrong.stderr.strip().splitlines()[-1]
+
+
+def test_metrics_of_a_panel_run_read_real_defects_at_the_runs_pixel_scale(panel_run, tmp_path):
+    """The classifier and the real mask areas use boards of the model's size, not of the panel's width: the
+    demo's layout and defects scale with the board, so 96 px boards would hold larger defects than the run's."""
+    from dmgr.eval.mask_areas import real_areas
+    from dmgr.eval.shards import first_sample, geometry
+
+    sample = first_sample(panel_run)
+    assert sample["png"].size == (96, 72)
+    assert geometry(sample) == (64, sample["json"]["window_box"][2] - sample["json"]["window_box"][0])
+    run_eval(["masks", str(panel_run), "--out", str(tmp_path), "--real-per-class", "6"])
+    table = json.loads((tmp_path / "mask-areas.json").read_text())
+    at_scale = real_areas(6, 64)
+    for name, row in table.items():
+        assert row["real"]["mean"] == pytest.approx(sum(at_scale[name]) / 6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -350,7 +350,7 @@ def sample_into_backgrounds(
                 unions[m][i][cy : cy + side, cx : cx + side] |= masks[m][j]
             box, planned = bounding_box(chosen), planned_defect(d, geometry)
             if d.candidates:
-                planned = {**planned, **planned_defect(replace(d, candidates=()), geometry)}
+                planned = {**planned, **planned_defect(d.settled(), geometry)}
             defects[i].append({
                 **planned,
                 "mask_box": None if box is None else [box[0] + cx, box[1] + cy, box[2] + cx, box[3] + cy],

@@ -34,6 +34,10 @@ class Defect:
         window = self.candidates[index]
         return replace(self, window=window, context=context_origin(window, self.image_size, geometry))
 
+    def settled(self) -> Defect:
+        """This defect at the window it holds now, its candidates forgotten (what a one-window plan records)."""
+        return replace(self, candidates=())
+
 
 @dataclass(frozen=True)
 class SamplePlan:

@@ -9,7 +9,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -372,7 +372,7 @@ def _chosen_problem(spec: RunSpec, plan: SamplePlan, found: object) -> str | Non
         chosen = (entry.get("placement") or {}).get("chosen") if isinstance(entry, dict) else None
         if not isinstance(chosen, int) or not 0 <= chosen < len(defect.candidates):
             return f"placement.chosen {chosen!r}, this run's 0..{len(defect.candidates) - 1}"
-        expected = planned_defect(replace(defect.placed(chosen, geometry), candidates=()), geometry)
+        expected = planned_defect(defect.placed(chosen, geometry).settled(), geometry)
         for key in ("window_box", "context_box"):
             if entry.get(key) != expected[key]:
                 return f"{key} {entry.get(key)}, this run's {expected[key]} (candidate {chosen})"
