@@ -280,3 +280,9 @@ def test_metrics_of_a_panel_run_read_real_defects_at_the_runs_pixel_scale(panel_
     at_scale = real_areas(6, 64)
     for name, row in table.items():
         assert row["real"]["mean"] == pytest.approx(sum(at_scale[name]) / 6)
+    cache = tmp_path / "cache"
+    result = run_eval(["samples", "--cache", str(cache), str(panel_run), "--out", str(tmp_path / "samples"),
+                       "--classifier-steps", "5", "--classifier-boards", "2"])
+    report = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert report["sets"]["dmgr"]["count"] == 6 and json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["classifier"]["settings"]["image_size"] == 64, report["classifier"]

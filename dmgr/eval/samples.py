@@ -109,13 +109,14 @@ def score_real(
     _, background_a = predict(classifier, outside_tiles(real.clean_a, None, window))
     _, background_b = predict(classifier, outside_tiles(real.clean_b, None, window))
     boards = real.boards[: len(windows)]
+    windows = windows[: len(boards)].clamp(max=boards.shape[-1] - window)  # a panel run's windows, inside one board
     diversity = _diversity(features_b, real.patches_b.labels)
     scores = {
         "count": len(real.patches_b.labels),
         "class_accuracy": float((logits.argmax(1) == real.patches_b.labels).float().mean()),
         "kid_defect": kid(features_b, features_a)["mean"],
         "kid_background": kid(background_b, background_a)["mean"],
-        "seam_ratio": seam_ratio(boards, windows[: len(boards)], window),
+        "seam_ratio": seam_ratio(boards, windows, window),
         "diversity": nan_mean(diversity.values()),
         "per_class_diversity": diversity,
         "diversity_ratio": 1.0,
