@@ -338,7 +338,11 @@ def test_two_jobs_at_once_the_second_is_refused(baseline, tmp_path):
     overrides = [*SMALL, f"out_dir={out}"]
     first = start(overrides)
     wait_for(lambda: (out / "locks" / "worker-0000-of-0001.lock").exists())
-    second = run_synth(overrides, check=False)
+    os.kill(first.pid, signal.SIGSTOP)  # held still, so it cannot finish before the second job starts on a busy CPU
+    try:
+        second = run_synth(overrides, check=False)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2
     line = one_error_line(second)
     assert f"worker 0 of 1 in out_dir={out} is held by pid {first.pid}" in line, line
