@@ -53,9 +53,8 @@ def first_sample(run_dir: str | Path) -> dict:
 def geometry(sample: dict) -> tuple[int, int]:
     """(board size, window size) in image pixels of a decoded sample: the size at which real boards have the
     run's pixel scale, the model's `image_size / scale` (a native-size run's frame is larger than one board)."""
-    meta, box = sample["json"], sample["json"]["window_box"]
-    size = int(meta.get("image_size", sample["png"].size[0]))
-    return round(size / float(meta.get("scale", 1.0))), box[2] - box[0]
+    size, _, window = frame_geometry(sample)
+    return round(size / float(sample["json"].get("scale", 1.0))), window
 
 
 def frame_geometry(sample: dict) -> tuple[int, tuple[int, int] | None, int]:
