@@ -48,13 +48,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv: the pinned torch (TORCH_SPEC=... for your CUDA build) and dmgr with its dev extras
 
-# The demo's real defect-free backgrounds: boards rendered by dmgr.data (no model involved).
+# The demo's real defect-free backgrounds: boards rendered by dmgr.data (no model involved), with per-class ROIs
+# (where on each panel each class occurs, as a user would draw them from the board's layout).
 DEMO_BACKGROUNDS ?= outputs/pcb-backgrounds
-$(DEMO_BACKGROUNDS)/.exported: | venv
-	$(PY) -m dmgr.data.export --out $(DEMO_BACKGROUNDS) --size 64 --panel 160x112 --boards 256 --patches-per-class 0 --test 0 --quiet
+$(DEMO_BACKGROUNDS)/backgrounds.jsonl: | venv
+	$(PY) -m dmgr.data.export --out $(DEMO_BACKGROUNDS) --size 64 --panel 160x112 --boards 256 --patches-per-class 0 --test 0 --roi-slack 2 --quiet
 	touch $@
 
-backgrounds: $(DEMO_BACKGROUNDS)/.exported ## render the demo's 256 defect-free boards into outputs/pcb-backgrounds/ (no model)
+backgrounds: $(DEMO_BACKGROUNDS)/backgrounds.jsonl ## render the demo's 256 defect-free board panels and their per-class ROIs into outputs/pcb-backgrounds/ (no model)
 
 synth: venv backgrounds ## run the synthesis job (the demo: 16 defects into real boards); Hydra overrides in ARGS="..."
 	$(PY) -m dmgr.synth $(ARGS)

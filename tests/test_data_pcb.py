@@ -24,6 +24,7 @@ from dmgr.data import (
     make_board,
     patch_window,
 )
+from dmgr.data.defects import defect_sites
 from dmgr.data.export import GLOBAL_OFFSET, TEST_OFFSET, board_seed
 
 
@@ -104,6 +105,52 @@ def test_defect_goes_near_the_center():
         _, _, box = add_defect(b, name, 0, center=target)
         centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
         assert np.hypot(*(centre - target)) < 40, name
+
+
+@pytest.mark.parametrize("class_name", CLASS_NAMES)
+def test_defects_go_where_their_class_sites_are(class_name):
+    """The demo's per-class ROIs are built from `defect_sites`: every real defect of the class is centred on one
+    (within 1.5 px at 64 px), and the sites of a class are not everywhere (pads are few, bare mask is not a trace)."""
+    far = 0
+    for seed in range(12):
+        b = board(300 + seed, 64)
+        _, _, box = add_defect(b, class_name, seed)
+        centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+        sites = defect_sites(b, class_name)
+        assert sites.shape[1] == 2 and len(sites)
+        far += np.abs(sites - centre).max(1).min() > 1.5
+    assert far == 0
+    b = board(300, 64)
+    layer = "hole" if class_name == "missinghole" else "trace"
+    on_layer = np.mean([b.coverage[layer][int(y), int(x)] > 0 for x, y in defect_sites(b, class_name)])
+    expected = {"missinghole": True, "mousebite": True, "opencircuit": True, "spur": False, "spuriouscopper": False}
+    if class_name in expected:
+        assert on_layer > 0.9 if expected[class_name] else on_layer < 0.1
+
+
+def test_class_rois_of_a_panel_hold_the_windows_centred_on_sites(tmp_path):
+    from dmgr.synth.backgrounds import scan_backgrounds
+
+    paths = export_global(tmp_path, 64, 2, panel=(160, 112), progress=False, roi_slack=2)
+    lines = [json.loads(line) for line in (tmp_path / "backgrounds.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in lines] == [f"global/{p.name}" for p in paths]
+    for line in lines:
+        assert sorted(line["roi"]) == sorted(CLASS_NAMES)
+        for name, roi_path in line["roi"].items():
+            roi = np.asarray(Image.open(tmp_path / roi_path)) > 0
+            assert roi.shape == (112, 160) and 0 < roi.mean() < 1, name
+    # Read back by the synthesis job: the windows it may place a class in are centred near a site of that class:
+    # half within the slack + a pixel of rounding, the others where the squares of neighbouring sites overlap
+    # (e.g. along a row of pads).
+    found = scan_backgrounds(tmp_path / "backgrounds.jsonl", 64, 16, 5)
+    boards = [board(board_seed(GLOBAL_OFFSET, 0, j), 64) for j in range(6)]
+    for name in CLASS_NAMES:
+        corners = np.argwhere(found.allowed_corners(0, name))
+        assert len(corners), name
+        sites = np.concatenate([defect_sites(b, name) + [64 * (j % 3), 64 * (j // 3)] for j, b in enumerate(boards)])
+        centres = corners[:, ::-1] + 8
+        distance = np.abs(centres[:, None] - sites[None]).max(-1).min(1)
+        assert np.median(distance) <= 3 and np.percentile(distance, 90) <= 6, name
 
 
 def test_bad_arguments_are_refused():

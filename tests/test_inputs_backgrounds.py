@@ -127,12 +127,24 @@ def test_the_demo_backgrounds_are_rendered_on_first_use(tmp_path, monkeypatch, c
     assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert (folder.parent / ".exported").is_file()
     make_backgrounds(tmp_path / "by-make", 3)
-    for name in ("000000.png", "000002.png"):  # the boards `make backgrounds` renders
-        rendered = np.asarray(Image.open(folder / name))
-        assert rendered.shape == (112, 160, 3)  # panels larger than the models, not square: native size
-        assert (rendered == np.asarray(Image.open(tmp_path / "by-make" / "global" / name))).all()
+    for name in ("global/000000.png", "global/000002.png", "roi/000001.short.png", "backgrounds.jsonl"):
+        assert (folder.parent / name).read_bytes() == (tmp_path / "by-make" / name).read_bytes(), name
+    assert np.asarray(Image.open(folder / "000000.png")).shape == (112, 160, 3)  # panels, not squares
     assert len(spec.backgrounds) == 3
+    assert [r.class_name for r in spec.backgrounds.items[0].class_rois] == list(spec.dataset.classes)
     assert len([r for r in caplog.records if "rendering the demo" in r.getMessage()]) == 1
+
+
+def test_a_demo_render_without_rois_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bg, "DEMO_BOARDS", 2)
+    stale = tmp_path / "outputs" / "pcb-backgrounds"
+    (stale / "global").mkdir(parents=True)
+    (stale / "global" / "000000.png").write_bytes(b"an old render")
+    found = bg.demo_backgrounds("outputs/pcb-backgrounds/backgrounds.jsonl")
+    assert found == (stale / "backgrounds.jsonl").resolve() and len(found.read_text().splitlines()) == 2
+    assert Image.open(stale / "global" / "000000.png").size == (160, 112)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["pcb-backgrounds"]
 
 
 def test_a_missing_background_folder_names_the_commands(tmp_path):

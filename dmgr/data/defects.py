@@ -59,6 +59,27 @@ def add_defect(board: Board, class_id: int | str, seed: int, center: Sequence[fl
     raise RuntimeError(f"no place for a {CLASS_NAMES[cid]} defect on board seed {board.seed}")
 
 
+def defect_sites(board: Board, class_id: int | str) -> np.ndarray:
+    """(N, 2) the x, y pixel centres where `add_defect` can put a defect of the class on this board: drilled
+    pads (missinghole), straight trace stretches (mousebite, opencircuit), beside them on free solder mask
+    (spur), the middle between two neighbouring traces (short), bare solder mask (spuriouscopper): the demo's
+    per-class ROIs."""
+    cid = class_id_of(class_id)
+    if cid == 0:
+        points = [p.center for p in _drilled_pads(board)]
+    elif cid == 3:
+        points = [(p + q) / 2 for p, q, *_ in _short_sites(board)]
+    elif cid == 4:  # the middle of a finger of mean length, on a free side of the trace
+        reach = [(p, n * (w / 2 + _px(board, 11.5, 2.5) / 2)) for _, p, _, n, w in _trace_sites(
+            board, *_trace_margins(board, cid))]
+        points = [p + side * r for p, r in reach for side in (-1.0, 1.0) if not _occupied(board, (p + side * r)[None])]
+    elif cid == 5:
+        return _free_points(board, _px(board, 6.75, 1.6))
+    else:
+        points = [site[1] for site in _trace_sites(board, *_trace_margins(board, cid))]
+    return np.array(points, dtype=float).reshape(-1, 2)
+
+
 # --- helpers -----------------------------------------------------------------------------------------
 
 
@@ -109,6 +130,12 @@ def _trace_sites(board: Board, end_margin: float, edge_margin: float) -> list[Si
     return sites
 
 
+def _trace_margins(board: Board, class_id: int) -> tuple[float, float]:
+    """(end margin, image-edge margin) in pixels of the trace sites of a trace class."""
+    end, edge = {1: (12.0, 8.0), 2: (6.0, 8.0), 4: (4.0, 14.0)}[class_id]
+    return end * board.scale, 2 + edge * board.scale
+
+
 def _sites_in_order(board, rng, target, end_margin, edge_margin) -> Iterator[Site]:
     """Trace sites nearest the target first; without one, a random order that favours straight
     horizontal/vertical stretches (a defect on a 45-degree track is hard to read on small boards)."""
@@ -131,11 +158,16 @@ def _px(board: Board, units: float, floor: float) -> float:
 # --- the six classes -----------------------------------------------------------------------------------
 
 
+def _drilled_pads(board: Board) -> list:
+    """The through-hole pads a missing hole can go into (whole pad inside the image, 1 px to spare)."""
+    margin = 1.0
+    return [p for p in board.pads if p.kind == "pad" and p.hole > 0
+            and margin + p.radius <= min(p.center) and max(p.center) <= board.size - margin - p.radius]
+
+
 def _missinghole(board: Board, rng, target) -> Iterator[list[Edit]]:
     """A through-hole pad that was never drilled: its hole is filled with pad copper."""
-    margin = 1.0
-    pads = [p for p in board.pads if p.kind == "pad" and p.hole > 0
-            and margin + p.radius <= min(p.center) and max(p.center) <= board.size - margin - p.radius]
+    pads = _drilled_pads(board)
     pts = np.array([p.center for p in pads]).reshape(-1, 2)
     for i in _order(len(pads), pts, rng, target)[:MAX_TRIES]:
         pad = pads[i]
@@ -145,7 +177,7 @@ def _missinghole(board: Board, rng, target) -> Iterator[list[Edit]]:
 
 def _opencircuit(board: Board, rng, target) -> Iterator[list[Edit]]:
     """A gap etched across a trace: the solder mask shows through, between ragged slanted edges."""
-    for ti, p, u, n, w in _sites_in_order(board, rng, target, 6 * board.scale, 2 + 8 * board.scale):
+    for ti, p, u, n, w in _sites_in_order(board, rng, target, *_trace_margins(board, 2)):
         gap = _px(board, rng.uniform(6.0, 11.0), 1.8)
         half = w / 2 + max(board.scale, 0.5)
         slant = rng.uniform(-0.4, 0.4) * w
@@ -159,7 +191,7 @@ def _opencircuit(board: Board, rng, target) -> Iterator[list[Edit]]:
 
 def _mousebite(board: Board, rng, target) -> Iterator[list[Edit]]:
     """A row of small round nibbles bitten out of one edge of a trace."""
-    for ti, p, u, n, w in _sites_in_order(board, rng, target, 12 * board.scale, 2 + 8 * board.scale):
+    for ti, p, u, n, w in _sites_in_order(board, rng, target, *_trace_margins(board, 1)):
         k = int(rng.integers(2, 5))
         r = max(rng.uniform(0.28, 0.42) * w, 1.0)
         side = rng.choice([-1.0, 1.0])
@@ -174,7 +206,7 @@ def _mousebite(board: Board, rng, target) -> Iterator[list[Edit]]:
 
 def _spur(board: Board, rng, target) -> Iterator[list[Edit]]:
     """A thin tapering copper finger sticking out of a trace edge into free solder mask."""
-    for _, p, u, n, w in _sites_in_order(board, rng, target, 4 * board.scale, 2 + 14 * board.scale):
+    for _, p, u, n, w in _sites_in_order(board, rng, target, *_trace_margins(board, 4)):
         length = _px(board, rng.uniform(8.0, 15.0), 2.5)
         base = _px(board, rng.uniform(1.6, 3.2), 1.0)
         angle = np.deg2rad(rng.uniform(-30, 30))
@@ -194,8 +226,8 @@ def _spur(board: Board, rng, target) -> Iterator[list[Edit]]:
             break
 
 
-def _short(board: Board, rng, target) -> Iterator[list[Edit]]:
-    """An irregular copper bridge joining two neighbouring parallel traces."""
+def _short_sites(board: Board) -> list[tuple]:
+    """(p, q, u, width at p, width at q): facing points p, q on two neighbouring parallel traces."""
     sites = []
     for i, j in board.pairs:
         ti, tj = board.traces[i], board.traces[j]
@@ -208,6 +240,12 @@ def _short(board: Board, rng, target) -> Iterator[list[Edit]]:
                 tq = float((q - aj) @ u)
                 if em < tq < lj - em and (np.minimum(p, q) > 2).all() and (np.maximum(p, q) < board.size - 2).all():
                     sites.append((p, q, u, ti.width, tj.width))
+    return sites
+
+
+def _short(board: Board, rng, target) -> Iterator[list[Edit]]:
+    """An irregular copper bridge joining two neighbouring parallel traces."""
+    sites = _short_sites(board)
     if not sites:
         return
     mids = np.array([(p + q) / 2 for p, q, *_ in sites])
@@ -230,16 +268,7 @@ def _short(board: Board, rng, target) -> Iterator[list[Edit]]:
 def _spuriouscopper(board: Board, rng, target) -> Iterator[list[Edit]]:
     """An isolated irregular copper blob on bare solder mask."""
     radius = _px(board, rng.uniform(4.5, 9.0), 1.6)
-    occupied = np.zeros((board.size, board.size), dtype=bool)
-    for k in ("trace", "pad", "hole", "silk"):
-        occupied |= board.coverage[k] > 0
-    keep = int(np.ceil(radius * 1.25 + 3 * board.scale)) + 1
-    free = _clear_of(occupied, keep)
-    while not free.any() and keep > 1:  # a crowded board: take the emptiest spots
-        keep -= 1
-        free = _clear_of(occupied, keep)
-    ys, xs = np.nonzero(free)
-    pts = np.stack([xs, ys], axis=1).astype(float) + 0.5
+    pts = _free_points(board, radius)
     for i in _order(len(pts), pts, rng, target)[:MAX_TRIES]:
         c = pts[i] + rng.uniform(-0.5, 0.5, 2)
         m = int(rng.integers(7, 12))
@@ -251,6 +280,21 @@ def _spuriouscopper(board: Board, rng, target) -> Iterator[list[Edit]]:
         rmat = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]])
         poly = c + local @ rmat.T
         yield [("trace", "add", _paint(board, lambda d, s, x=poly: draw_polygon(d, [tuple(y) for y in x], s)))]
+
+
+def _free_points(board: Board, radius: float) -> np.ndarray:
+    """(N, 2) pixel centres with bare solder mask around them for a blob of `radius` (the emptiest spots of
+    a crowded board)."""
+    occupied = np.zeros((board.size, board.size), dtype=bool)
+    for k in ("trace", "pad", "hole", "silk"):
+        occupied |= board.coverage[k] > 0
+    keep = int(np.ceil(radius * 1.25 + 3 * board.scale)) + 1
+    free = _clear_of(occupied, keep)
+    while not free.any() and keep > 1:
+        keep -= 1
+        free = _clear_of(occupied, keep)
+    ys, xs = np.nonzero(free)
+    return np.stack([xs, ys], axis=1).astype(float) + 0.5
 
 
 def _clear_of(occupied: np.ndarray, k: int) -> np.ndarray:

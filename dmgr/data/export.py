@@ -4,6 +4,8 @@
 
     OUT/global/NNNNNN.png                    defect-free boards (the global model); with --panel WxH,
                                              W x H panels of size-px boards (native-size backgrounds)
+    OUT/roi/NNNNNN.<class>.png               with --roi-slack: where each class occurs on each global image,
+    OUT/backgrounds.jsonl                    and the manifest that hands both to the synthesis job
     OUT/local/<class>/NNNNNN.png, .mask.png  size//4 defect patches centred on the defect (the local model)
     OUT/local/labels.json                    one entry per patch: file, class, id, seeds, window, box
     OUT/test/NNNNNN.png, .mask.png, .json    held-out defective boards with class, id and box
@@ -25,8 +27,8 @@ from PIL import Image
 from pydantic import Field
 
 from dmgr.cli import add_settings, settings_from, stop_on_interrupt, usage_error
-from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
-from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of
+from dmgr.data.board import MAX_SIZE, MIN_SIZE, Board, make_board
+from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of, defect_sites
 from dmgr.images import bounding_box, save_mask
 from dmgr.progress import progress_bar
 from dmgr.schema import STRICT_SECTION, Count, Flag
@@ -48,6 +50,9 @@ class DataExportSettings:
                                                    "(e.g. 160x112), not single boards")] = None
     patches_per_class: Annotated[Count(0), Field(description="defect patches per class for OUT/local")] = 500
     test: Annotated[Count(0), Field(description="held-out defective boards for OUT/test")] = 60
+    roi_slack: Annotated[float | None, Field(ge=0, description="also write per-class ROIs of the global images "
+                                         "(OUT/roi/, OUT/backgrounds.jsonl): windows centred within this many px "
+                                         "of a place the class occurs")] = None
     seed: Annotated[Count(0), Field(description="base seed (each part adds its own offset)")] = 0
     quiet: Annotated[Flag, Field(description="no progress bars")] = False
 
@@ -82,27 +87,56 @@ def panel_tiles(size: int, panel: tuple[int, int]) -> int:
 
 def make_panel(seeds: list[int], size: int, panel: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8: boards of side `size` (their own pixel scale) side by side, row by row, cut to W x H."""
+    return tile([make_board(s, size).image for s in seeds], panel)
+
+
+def tile(tiles: list[np.ndarray], panel: tuple[int, int]) -> np.ndarray:
+    """Equal square arrays (size, size, ...) side by side, row by row, cut to the W x H panel."""
     width, height = panel
-    columns = -(-width // size)
-    boards = [make_board(s, size).image for s in seeds]
-    rows = [np.concatenate(boards[r : r + columns], 1) for r in range(0, len(boards), columns)]
+    columns = -(-width // tiles[0].shape[0])
+    rows = [np.concatenate(tiles[r : r + columns], 1) for r in range(0, len(tiles), columns)]
     return np.ascontiguousarray(np.concatenate(rows, 0)[:height, :width])
 
 
+def class_roi(board: Board, class_name: str, window: int, slack: float) -> np.ndarray:
+    """(size, size) bool: the union of squares of side window + 2 slack centred on the board's sites of the
+    class (`defect_sites`), so a window lies inside it where its centre is within `slack` px of a site."""
+    roi = np.zeros((board.size, board.size), dtype=bool)
+    half = window / 2 + slack
+    for x, y in defect_sites(board, class_name):
+        x0, y0 = max(int(np.floor(x - half)), 0), max(int(np.floor(y - half)), 0)
+        roi[y0 : max(int(np.ceil(y + half)), 0), x0 : max(int(np.ceil(x + half)), 0)] = True
+    return roi
+
+
 def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: bool = True,
-                  panel: tuple[int, int] | None = None) -> list[Path]:
-    """Write `n` defect-free boards (or W x H panels of them) to OUT/global/NNNNNN.png; returns their paths."""
+                  panel: tuple[int, int] | None = None, roi_slack: float | None = None) -> list[Path]:
+    """Write `n` defect-free boards (or W x H panels of them) to OUT/global/NNNNNN.png; returns their paths.
+
+    With `roi_slack`, also each image's per-class ROIs (`class_roi`, windows of size//4) to
+    OUT/roi/NNNNNN.<class>.png and the synthesis job's manifest of both to OUT/backgrounds.jsonl."""
     _check(size, boards=n)
     folder = Path(out) / "global"
     folder.mkdir(parents=True, exist_ok=True)
+    if roi_slack is not None:
+        (Path(out) / "roi").mkdir(exist_ok=True)
     tiles = 1 if panel is None else panel_tiles(size, panel)
-    paths = []
+    frame = panel or (size, size)
+    paths, lines = [], []
     for i in progress_bar(range(n), desc="global", disable=not progress):
-        seeds = [board_seed(GLOBAL_OFFSET, seed, i * tiles + j) for j in range(tiles)]
-        image = make_board(seeds[0], size).image if panel is None else make_panel(seeds, size, panel)
+        boards = [make_board(board_seed(GLOBAL_OFFSET, seed, i * tiles + j), size) for j in range(tiles)]
         path = folder / f"{i:06d}.png"
-        Image.fromarray(image).save(path)
+        Image.fromarray(tile([b.image for b in boards], frame)).save(path)
         paths.append(path)
+        if roi_slack is None:
+            continue
+        rois = {}
+        for name in CLASS_NAMES:
+            rois[name] = f"roi/{i:06d}.{name}.png"
+            save_mask(tile([class_roi(b, name, size // 4, roi_slack) for b in boards], frame), Path(out) / rois[name])
+        lines.append(json.dumps({"image": f"global/{i:06d}.png", "roi": rois}))
+    if roi_slack is not None:
+        (Path(out) / "backgrounds.jsonl").write_text("".join(f"{line}\n" for line in lines))
     return paths
 
 
@@ -157,8 +191,8 @@ def export_test(out: str | Path, size: int, n: int, seed: int = 0, progress: boo
 
 
 def export_all(out: str | Path, size: int, boards: int, per_class: int, test: int, seed: int = 0,
-               progress: bool = True, panel: tuple[int, int] | None = None) -> None:
-    export_global(out, size, boards, seed, progress, panel)
+               progress: bool = True, panel: tuple[int, int] | None = None, roi_slack: float | None = None) -> None:
+    export_global(out, size, boards, seed, progress, panel, roi_slack)
     export_local(out, size, per_class, seed, progress=progress)
     export_test(out, size, test, seed, progress)
 
@@ -179,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         board_seed(0, args.seed, max(args.boards * tiles, args.patches_per_class, args.test, 1) - 1)
     except ValueError as err:
         usage_error(cli.prog, str(err))
-    export_all(args.out, args.size, args.boards, args.patches_per_class, args.test, args.seed, not args.quiet, panel)
+    export_all(args.out, args.size, args.boards, args.patches_per_class, args.test, args.seed, not args.quiet, panel,
+               args.roi_slack)
     print(json.dumps({"out": str(args.out), "global": args.boards, "local_per_class": args.patches_per_class,
                       "test": args.test, "size": args.size, "patch": args.size // 4,
                       **({"panel": list(panel)} if panel else {})}))

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 DEMO_BACKGROUNDS = Path("outputs/pcb-backgrounds")  # the demo's boards (`make backgrounds`), rendered on first use
 DEMO_BOARDS = 256
 DEMO_PANEL = (160, 112)  # each demo background: W x H of 64 px boards at the demo models' pixel scale
+DEMO_ROI_SLACK = 2.0  # the demo's per-class ROIs: windows centred within 2 px of a place the class occurs
 
 
 class BackgroundError(ValueError):
@@ -367,24 +368,30 @@ def scan_backgrounds(source: str | Path, image_size: int, window_size: int, marg
 
 
 def demo_backgrounds(value: str | Path, boards: int | None = None) -> Path | None:
-    """The demo's default input (DEMO_BACKGROUNDS/global), rendered on first use as `make backgrounds` renders
-    it, relative to the working directory; None for any other path."""
-    if _normal(Path(value)) != _normal(DEMO_BACKGROUNDS / "global"):
+    """The demo's default input (DEMO_BACKGROUNDS/backgrounds.jsonl: the boards with their per-class ROIs, or
+    DEMO_BACKGROUNDS/global: the boards alone), rendered on first use as `make backgrounds` renders it, relative
+    to the working directory; None for any other path. A render from before the ROIs is replaced whole."""
+    wanted = [DEMO_BACKGROUNDS / name for name in ("backgrounds.jsonl", "global")]
+    if _normal(Path(value)) not in [_normal(p) for p in wanted]:
         return None
     from dmgr.data.export import export_all  # the procedural boards, only when needed
 
     boards = DEMO_BOARDS if boards is None else boards
-    log.info("rendering the demo's %d defect-free boards into %s (first use; `make backgrounds` does the same)",
-             boards, DEMO_BACKGROUNDS)
+    log.info("rendering the demo's %d defect-free boards and their per-class ROIs into %s (first use; "
+             "`make backgrounds` does the same)", boards, DEMO_BACKGROUNDS)
     staging = DEMO_BACKGROUNDS.with_name(f".{DEMO_BACKGROUNDS.name}.tmp-{os.getpid()}")
+    old = DEMO_BACKGROUNDS.with_name(f".{DEMO_BACKGROUNDS.name}.old-{os.getpid()}")
     try:
-        export_all(staging, 64, boards, 0, 0, progress=False, panel=DEMO_PANEL)
+        export_all(staging, 64, boards, 0, 0, progress=False, panel=DEMO_PANEL, roi_slack=DEMO_ROI_SLACK)
         (staging / ".exported").touch()
+        if DEMO_BACKGROUNDS.is_dir() and not wanted[0].is_file():
+            DEMO_BACKGROUNDS.rename(old)
         staging.rename(DEMO_BACKGROUNDS)  # whole or not at all; another worker may have finished first
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     except BaseException:  # Ctrl-C or an error while rendering: no half-rendered staging folder is left
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    found = DEMO_BACKGROUNDS / "global"
-    return found.resolve() if found.is_dir() else None
+    shutil.rmtree(old, ignore_errors=True)
+    found = DEMO_BACKGROUNDS / Path(value).name
+    return found.resolve() if found.exists() else None
