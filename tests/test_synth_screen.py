@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 from synth_support import (
     assert_same_sample,
@@ -30,6 +31,7 @@ from synth_support import (
 from test_synth_backgrounds import IMAGES, write_boards
 from test_synth_config import spec_of
 
+from dmgr import CONF_DIR
 from dmgr.synth.backgrounds import scan_backgrounds
 from dmgr.synth.config import ConfigError
 from dmgr.synth.engine import generate, load_engine
@@ -361,3 +363,25 @@ def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
     screen = load_screen(spec)
     assert trained[0].name == f"screen-classifier-{screen.record['key']}.safetensors"
     assert list(tmp_path.glob("screen-classifier-*.safetensors")) == trained  # loaded, not trained again
+
+
+def test_faithful_preset_screens_every_seed_with_three_attempts_on_the_20_step_walk(setup, tmp_path):
+    """`+preset=faithful`: the screen on with its class check (min_fidelity 0.5 stays), 3 attempts in all, the
+    inpaint walk at 20 steps; every seed is written, accepted or flagged after its third attempt."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="synth", overrides=["+preset=faithful"])
+    assert cfg.screen.enabled and cfg.screen.max_attempts == 3 and cfg.screen.min_fidelity == 0.5
+    assert cfg.schedule.name == "inpaint20" and cfg.schedule.respacing == "20"
+    assert (cfg.schedule.T_s, cfg.schedule.T_e, cfg.schedule.lr_xt) == (12, 3, 0.5)
+    assert not cfg.schedule.reanchor and not cfg.schedule.time_travel
+    preset = [o for o in job(setup, tmp_path / "faithful") if o != "screen.min_fidelity=0"]  # the tiny models
+    run_synth(["+preset=faithful", *preset])
+    samples = read_samples(tmp_path / "faithful")
+    assert len(samples) == 4
+    for sample in samples.values():
+        screen = sample["json"]["screen"]
+        assert screen["attempt"] <= 2 and len(screen["rejected"]) == screen["attempt"]
+        assert screen["accepted"] or (screen["flagged"] and screen["attempt"] == 2)
+        assert screen["accepted"] == (min(screen["scores"]["fidelity"]) >= 0.5)
+    summary = manifest(tmp_path / "faithful")["metrics"]["screen"]
+    assert summary["seeds"] == 4 and summary["images_generated"] <= 12
