@@ -25,7 +25,7 @@ EVAL_SEEDS ?= 0-63
 EVAL_N ?= 64
 EVAL_JOBS ?= 2
 # The generated-board run (make eval-runs-boards) also writes the no-rectification paste baseline.
-EVAL_BOARDS = dataset.source=generate schedule=fast extras.paste=true extras.twin=true seeds=$(EVAL_SEEDS)
+EVAL_BOARDS = dataset.source=generate screen.enabled=false schedule=fast extras.paste=true extras.twin=true seeds=$(EVAL_SEEDS)
 
 DEMO_DATA ?= outputs/pcb-data
 DEMO_GLOBAL_STEPS ?= 3000

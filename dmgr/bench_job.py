@@ -2,7 +2,8 @@
 
     python -m dmgr.bench_job [--seeds 0-15] [--rounds 2] [OVERRIDE ...]      (make bench-job)
 
-Runs the job (the default config unless overridden: demo models, schedule inpaint) in fresh processes,
+Runs the job (the default config unless overridden: demo models, schedule inpaint20, the quality screen
+on with its retries) in fresh processes,
 each worker with one intra-op thread (threads=1), in three set-ups:
 
   1 worker                      the real shard writer (PNG encoding and tar writing on its own thread)

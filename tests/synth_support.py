@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model=tiny_random",
     "dataset.source=generate",
+    "screen.enabled=false",  # the screen reads real images; tests that use it turn it on with their own data
     "schedule=fast",
     "schedule.respacing=10",
     "schedule.T_s=6",

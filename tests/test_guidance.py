@@ -187,6 +187,7 @@ def train_config(overrides: list[str]):
 def synth_spec(overrides: list[str]):
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return validate(compose(config_name="synth", overrides=["model=tiny_random", "dataset.source=generate",
+                                                                "screen.enabled=false",
                                                                 *overrides]))
 
 

@@ -147,6 +147,44 @@ def test_a_demo_render_without_rois_is_replaced(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["pcb-backgrounds"]
 
 
+def make_data(out: Path, per_class: int) -> None:
+    """What `make data` runs (the Makefile's own command line), into `out` with `per_class` patches per class
+    and no boards."""
+    from dmgr.data.export import main
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    args = shlex.split(re.search(r"-m dmgr\.data\.export --out \$\(DEMO_DATA\) (.*)$", makefile, re.M).group(1))
+    for flag, value in (("--boards", 0), ("--patches-per-class", per_class), ("--test", 0)):
+        args[args.index(flag) + 1] = str(value)
+    main(["--out", str(out), *args, "--quiet"])
+
+
+def test_the_screens_demo_patches_are_rendered_on_first_use_as_make_data_writes_them(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bg, "DEMO_BOARDS", 2)
+    monkeypatch.setattr(bg, "DEMO_PATCHES", 3)
+    monkeypatch.setattr("dmgr.synth.config.PROJECT_ROOT", tmp_path / "fresh-clone")
+    assert bg.demo_patches("outputs/other", ("short",)) is None
+    assert bg.demo_patches("outputs/pcb-data", ("short", "scratch")) is None  # not the demo's classes
+    assert not (tmp_path / "outputs" / "pcb-data").exists()
+    demo = ["dataset=pcb_demo", "dataset.source=images", "screen.enabled=true", f"out_dir={tmp_path / 'r'}"]
+    with caplog.at_level(logging.INFO):
+        spec = spec_of(demo)
+    assert spec.screen.enabled and spec.screen.data_root == (tmp_path / "outputs" / "pcb-data").resolve()
+    make_data(tmp_path / "by-make", 3)
+    rendered = sorted(p.relative_to(spec.screen.data_root) for p in spec.screen.data_root.rglob("*") if p.is_file())
+    assert rendered == sorted(p.relative_to(tmp_path / "by-make") for p in (tmp_path / "by-make" / "local").rglob("*")
+                              if p.is_file())
+    assert len(rendered) == 6 * 3 * 2 + 1  # a patch and a mask per class and index, and labels.json
+    for name in rendered:
+        assert (spec.screen.data_root / name).read_bytes() == (tmp_path / "by-make" / name).read_bytes(), name
+    assert len([r for r in caplog.records if "defect patches per class" in r.getMessage()]) == 1
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["pcb-backgrounds", "pcb-data"]  # no staging
+    with caplog.at_level(logging.INFO):
+        assert spec_of(demo).screen.data_digest == spec.screen.data_digest
+    assert len([r for r in caplog.records if "defect patches per class" in r.getMessage()]) == 1  # rendered once
+
+
 def test_a_missing_background_folder_names_the_commands(tmp_path):
     with pytest.raises(ConfigError) as caught:
         spec_of(["dataset=pcb_demo", "dataset.source=images", f"dataset.images={tmp_path / 'nowhere'}"])

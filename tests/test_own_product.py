@@ -49,7 +49,8 @@ def chain(tmp_path_factory):
         "schedule.T_s=6", "schedule.T_e=3", "schedule.time_travel=false", "schedule.pyramid_levels=3",
         "schedule.max_backtracks=2", "schedule.iterations=1", "threads=1",
         "dataset.defects_per_image=2", f"seeds=0-{SEEDS - 1}", "samples_per_shard=2", "batch_size=3",
-        "extras.input=true", f"out_dir={run}", "progress=false")
+        "extras.input=true", f"out_dir={run}", "progress=false", f"screen.data_root={data}",
+        "screen.classifier_steps=20", "screen.max_attempts=2")
     return {"tmp": tmp, "data": data, "run": run, "classes": classes}
 
 
@@ -58,11 +59,13 @@ def test_synthesis_puts_the_users_classes_into_the_users_images(chain):
     assert manifest["config"]["dataset"]["name"] == "cells"
     assert manifest["config"]["dataset"]["classes"] == chain["classes"]
     assert manifest["backgrounds"]["usable"] == 12
+    assert manifest["metrics"]["screen"]["seeds"] == SEEDS  # the screen read every sample with the user's classes
     samples = read_samples(chain["run"])
     assert len(samples) == SEEDS
     for sample in samples.values():
         meta = sample["json"]
         assert meta["dataset"] == "cells" and meta["mask_method"] == "local"
+        assert set(meta["screen"]["scores"]) >= {"fidelity", "mask_area"}
         assert {d["class_name"] for d in meta["defects"]} <= set(chain["classes"])
         source = np.asarray(Image.open(chain["data"] / "global" / meta["background"]["image"]))
         mask = np.asarray(sample["mask.png"].convert("L")) > 127

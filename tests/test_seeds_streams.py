@@ -20,7 +20,8 @@ def draws(key: int, n: int = 32) -> tuple[int, ...]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    overrides = ["model=tiny_random", "dataset.source=generate", f"out_dir={tmp_path_factory.mktemp('r') / 'run'}"]
+    overrides = ["model=tiny_random", "dataset.source=generate", "screen.enabled=false",
+                 f"out_dir={tmp_path_factory.mktemp('r') / 'run'}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return validate(compose(config_name="synth", overrides=overrides)).dataset
 

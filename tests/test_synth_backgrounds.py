@@ -208,8 +208,8 @@ def test_a_bad_manifest_line_is_named(tmp_path):
 def test_batch_size_does_not_change_the_samples_of_trained_models(boards, tmp_path):
     """With the trained demo models the batched kernels' rounding stays at rounding level (random tiny
     networks amplify it, hence the plan-level check above)."""
-    demo = ["dataset.source=images", f"dataset.images={boards}", "schedule.respacing=10", "schedule.T_s=6",
-            "schedule.T_e=3", "seeds=0-1", "progress=false"]
+    demo = ["dataset.source=images", "screen.enabled=false", f"dataset.images={boards}", "schedule.respacing=10",
+            "schedule.T_s=6", "schedule.T_e=3", "seeds=0-1", "progress=false"]
     for batch in (1, 2):
         run_synth([*demo, f"batch_size={batch}", f"out_dir={tmp_path / str(batch)}"])
     one, two = read_samples(tmp_path / "1"), read_samples(tmp_path / "2")

@@ -15,11 +15,14 @@ from dmgr.synth.plan import num_shards, plan_sample, shard_seeds, worker_index, 
 
 
 def spec_of(overrides: list[str]):
-    """Validate the job config; tiny random models on generated boards unless the overrides say otherwise."""
+    """Validate the job config; tiny random models on generated boards, no screen, unless the overrides say
+    otherwise."""
     if not any(o.startswith("model=") for o in overrides):
         overrides = ["model=tiny_random", *overrides]
     if not any(o.startswith("dataset.source=") for o in overrides):
         overrides = ["dataset.source=generate", *overrides]
+    if not any(o.startswith(("screen.", "~screen")) for o in overrides):
+        overrides = ["screen.enabled=false", *overrides]  # on, it reads (or renders) the demo's patches
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return validate(compose(config_name="synth", overrides=overrides))
 

@@ -320,9 +320,10 @@ def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
 
 def test_identity_ignores_a_disabled_gate_and_holds_an_enabled_one(setup, tmp_path):
     images = ["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}"]
-    today = spec_of([*images, "~screen"]).identity
-    assert spec_of(images).identity == today
-    assert spec_of([*images, "screen.max_seam=-3", "screen.on_exhausted=skip"]).identity == today
+    off = [*images, "screen.enabled=false"]
+    today = spec_of(off).identity
+    assert spec_of([*off, "screen.max_seam=-3", "screen.on_exhausted=skip", "screen.data_root=nowhere"]).identity \
+        == today
     on = [*images, "screen.enabled=true", f"screen.data_root={setup['data']}"]
     screened = spec_of(on).identity
     assert screened != today and spec_of([*on, "screen.max_seam=2.5"]).identity != screened
@@ -365,18 +366,20 @@ def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
     assert list(tmp_path.glob("screen-classifier-*.safetensors")) == trained  # loaded, not trained again
 
 
-def test_faithful_preset_screens_every_seed_with_four_attempts_on_the_20_step_walk(setup, tmp_path):
-    """`+preset=faithful`: the screen on with its class check (min_fidelity 0.5 stays), 4 attempts in all (an
-    empty mask 6), the inpaint walk at 20 steps; every seed is written, accepted or flagged after its attempts."""
+def test_the_default_screens_every_seed_with_four_attempts_on_the_20_step_walk(setup, tmp_path):
+    """The default job: the screen on with its class check (min_fidelity 0.5), 4 attempts in all (an empty mask
+    6), the inpaint walk at 20 steps; every seed is written, accepted or flagged after its attempts."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(config_name="synth", overrides=["+preset=faithful"])
-    assert cfg.screen.enabled and cfg.screen.max_attempts == 4 and cfg.screen.min_fidelity == 0.5
-    assert cfg.dataset.placement.max_attempts == 6
+        cfg = compose(config_name="synth")
+    spec = spec_of(["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}",
+                    f"screen.data_root={setup['data']}"])
+    assert spec.screen.enabled and spec.screen.max_attempts == 4 and spec.screen.min_fidelity == 0.5
+    assert spec.dataset.placement.max_attempts == 6
     assert cfg.schedule.name == "inpaint20" and cfg.schedule.respacing == "20"
     assert (cfg.schedule.T_s, cfg.schedule.T_e, cfg.schedule.lr_xt) == (12, 3, 0.5)
     assert not cfg.schedule.reanchor and not cfg.schedule.time_travel
-    preset = [o for o in job(setup, tmp_path / "faithful") if o != "screen.min_fidelity=0"]  # the tiny models
-    run_synth(["+preset=faithful", *preset])
+    defaults = [o for o in job(setup, tmp_path / "faithful") if o != "screen.min_fidelity=0"]  # the tiny models
+    run_synth(defaults)
     samples = read_samples(tmp_path / "faithful")
     assert len(samples) == 4
     for sample in samples.values():

@@ -183,7 +183,7 @@ def synth_spec(tmp_path: Path, scales: tuple[float | None, float | None], *extra
         model = build_unet(dict(base.model[which].config))
         paths.append(save_checkpoint(model, tmp_path / f"{which}.safetensors", meta))
     overrides = ["model=custom", f"model.global.checkpoint={paths[0]}", f"model.local.checkpoint={paths[1]}",
-                 f"dataset.images={images}", f"out_dir={tmp_path / 'run'}", *extra]
+                 f"dataset.images={images}", f"out_dir={tmp_path / 'run'}", "screen.enabled=false", *extra]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return validate(compose(config_name="synth", overrides=overrides))
 

@@ -140,7 +140,8 @@ def commands(name: str, root: Path, classes: list[str], image_size: int, window_
                        f"data_root={root} out_dir={local_out}",
         "synth": f"python -m dmgr.synth{search} dataset={name} model=custom "
                  f"model.global.checkpoint={global_out}/ema.safetensors "
-                 f"model.local.checkpoint={local_out}/ema.safetensors extras.input=true seeds=0-999",
+                 f"model.local.checkpoint={local_out}/ema.safetensors screen.data_root={root} extras.input=true "
+                 "seeds=0-999",
         "export": "python -m dmgr.export coco outputs/<run> exports/coco",
     }
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dmgr import DEMO_DATA
 from dmgr.images import Conversions, decode_mask, decode_rgb, list_images, resize_center_crop
 from dmgr.schema import fail
 
@@ -45,6 +46,7 @@ DEMO_BACKGROUNDS = Path("outputs/pcb-backgrounds")  # the demo's boards (`make b
 DEMO_BOARDS = 256
 DEMO_PANEL = (160, 112)  # each demo background: W x H of 64 px boards at the demo models' pixel scale
 DEMO_ROI_SLACK = 2.0  # the demo's per-class ROIs: windows centred within 2 px of a place the class occurs
+DEMO_PATCHES = 1000  # the demo's defect patches per class (DEMO_DATA/local, as `make data` writes them)
 
 
 class BackgroundError(ValueError):
@@ -395,3 +397,27 @@ def demo_backgrounds(value: str | Path, boards: int | None = None) -> Path | Non
     shutil.rmtree(old, ignore_errors=True)
     found = DEMO_BACKGROUNDS / Path(value).name
     return found.resolve() if found.exists() else None
+
+
+def demo_patches(value: str | Path, classes: tuple[str, ...], per_class: int | None = None) -> Path | None:
+    """The demo's screen data (DEMO_DATA/local: the defect patches and masks per class that `make data`
+    writes, byte for byte), rendered on first use relative to the working directory; the data root, or None
+    for any other path or for classes the demo does not have."""
+    from dmgr.data.export import CLASS_NAMES, export_local  # the procedural patches, only when needed
+
+    if _normal(Path(value)) != _normal(DEMO_DATA) or not set(classes) <= set(CLASS_NAMES):
+        return None
+
+    per_class = DEMO_PATCHES if per_class is None else per_class
+    log.info("rendering the demo's %d defect patches per class into %s (first use; `make data` writes the same)",
+             per_class, DEMO_DATA / "local")
+    staging = DEMO_DATA.with_name(f".{DEMO_DATA.name}.tmp-{os.getpid()}")
+    try:
+        export_local(staging, 64, per_class, 0, progress=False)
+        DEMO_DATA.mkdir(parents=True, exist_ok=True)
+        (staging / "local").rename(DEMO_DATA / "local")  # whole or not at all; another worker may have finished
+    except OSError:
+        pass
+    finally:  # Ctrl-C or an error while rendering: no half-rendered staging folder is left
+        shutil.rmtree(staging, ignore_errors=True)
+    return DEMO_DATA.resolve() if (DEMO_DATA / "local").is_dir() else None

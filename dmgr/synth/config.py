@@ -48,7 +48,7 @@ from dmgr.schema import (
     fail,
     register_defaults,
 )
-from dmgr.synth.backgrounds import BackgroundError, Backgrounds, demo_backgrounds, scan_backgrounds
+from dmgr.synth.backgrounds import BackgroundError, Backgrounds, demo_backgrounds, demo_patches, scan_backgrounds
 from dmgr.synth.screen_classifier import ScreenClassifierSettings
 
 __all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
@@ -107,7 +107,8 @@ class PlacementSettings:
     size_quantile: Annotated[float, Field(ge=0, le=0.5)] = 0.05  # with data_root: per class, the minimum is
     #   at least this quantile of the class's real mask areas
     data_root: UserPath | None = None  # local/<class>/*.mask.png: the per-class size prior (null: none)
-    max_attempts: Count() = 4  # attempts per seed in all against an empty mask (each a new placement)
+    max_attempts: Count() = 6  # attempts per seed in all against an empty mask (each a new placement); more
+    #   than screen.max_attempts (one counter per seed), so a last screened attempt that is empty is made again
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked | skip: drop the seed
     min_areas: tuple[float, ...] | None = None  # set by validate: per class, the minimum mask area
 
@@ -262,8 +263,10 @@ class ScreenSettings:
     dataset.source=images)."""
 
     __pydantic_config__ = STRICT_SECTION
-    enabled: Flag = False  # false: the shards are exactly those of a run without the screen
-    data_root: UserPath = DEMO_DATA  # local/<class>/ training patches + masks: classifier, areas
+    enabled: Flag = True  # false: the shards are exactly those of a run without the screen (and the only
+    #   choice for dataset.source=generate)
+    data_root: UserPath = DEMO_DATA  # local/<class>/ training patches + masks: classifier, areas (the demo's:
+    #   its patches are rendered on first use, as `make data` writes them)
     max_attempts: Count() = 4  # attempts per seed in all (each a new placement and derived noise seed)
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
@@ -331,7 +334,8 @@ class SynthSettings:
                                        or self.threads < 1):
             fail("threads", self.threads, "intra-op threads per worker: an integer >= 1, or auto (from the CPUs given)")
         if self.screen.enabled and self.dataset.source != "images":
-            fail("screen.enabled", True, "the quality screen needs dataset.source=images (real defect-free images)")
+            fail("screen.enabled", True, "the quality screen needs dataset.source=images (real defect-free "
+                 "images): with dataset.source=generate add screen.enabled=false")
         for name in ("twin", "paste") if self.dataset.source == "images" else ("input",):
             if getattr(self.extras, name):
                 other = "generate" if name != "input" else "images"
@@ -547,8 +551,10 @@ def _screen_data(screen: ScreenSettings, dataset: DatasetSettings) -> ScreenSett
     """The enabled screen with its training data found and digested (the digest joins the run's identity)."""
     root = _find_path(str(screen.data_root))
     if root is None or not (root / "local").is_dir():
+        root = demo_patches(str(screen.data_root), dataset.classes)
+    if root is None or not (root / "local").is_dir():
         fail("screen.data_root", str(screen.data_root), "a data root with local/<class>/ training patches and their "
-             "masks (the demo's: `make data` writes outputs/pcb-data)")
+             "masks (your local model's training data), or screen.enabled=false")
     from dmgr.synth.screen_classifier import data_digest  # local import keeps config import light
 
     try:
