@@ -36,7 +36,15 @@ from dmgr.synth.backgrounds import scan_backgrounds
 from dmgr.synth.config import ConfigError
 from dmgr.synth.engine import generate, load_engine
 from dmgr.synth.plan import plan_sample
-from dmgr.synth.screen import changed_outside, mask_outside, screen_metrics, screen_summary, seam_z, verdict
+from dmgr.synth.screen import (
+    attempt_rank,
+    changed_outside,
+    mask_outside,
+    screen_metrics,
+    screen_summary,
+    seam_z,
+    verdict,
+)
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
@@ -101,10 +109,13 @@ def cut(open_screen) -> float:
     return (seams[1] + seams[2]) / 2
 
 
+LAST = ("screen.on_exhausted=flag",)  # a seed that spends its attempts writes its last one
+
+
 @pytest.fixture(scope="module")
 def regenerated(setup, cut):
     out = setup["base"] / "regen"
-    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3"))
+    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3", *LAST))
     return out
 
 
@@ -148,7 +159,7 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_screen
     # each written sample is its seed's plan at the recorded attempt (a new placement: same background and
     # class, new window; the derived noise seed) made alone, up to rounding: it was made beside the other
     # rejected seed, and kernels round per batch composition
-    spec = spec_of(job(setup, setup["base"] / "unused", f"screen.max_seam={cut}", "screen.max_attempts=3"))
+    spec = spec_of(job(setup, setup["base"] / "unused", f"screen.max_seam={cut}", "screen.max_attempts=3", *LAST))
     engine = load_engine(spec, torch.device("cpu"))
     samples = read_samples(regenerated)
     for seed in rejected_first:
@@ -167,11 +178,40 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_screen
                                                                                          written["png"]))
 
 
+def test_a_seed_that_spends_its_attempts_writes_its_best_ranked_attempt(setup):
+    """screen.on_exhausted=best (the default) against flag, with every attempt rejected (a seam threshold below
+    any seam): both make the same attempts; best writes, flagged, the attempt that attempt_rank puts first
+    (the earliest on a tie) and lists the others as rejected; flag writes the last."""
+    every = ("screen.max_seam=-1000000.0", "screen.max_attempts=3")
+    run_synth(job(setup, setup["base"] / "best", *every))
+    run_synth(job(setup, setup["base"] / "last", *every, *LAST))
+    best, last = read_samples(setup["base"] / "best"), read_samples(setup["base"] / "last")
+    assert sorted(best) == sorted(last)
+    for key in best:
+        b, f = best[key]["json"]["screen"], last[key]["json"]["screen"]
+        assert b["flagged"] and f["flagged"] and not b["accepted"] and b["attempts"] == f["attempts"] == 3
+        assert f["attempt"] == 2
+        made = {h["attempt"]: h for h in f["rejected"]} | {2: {"reasons": f["reasons"], "scores": f["scores"]}}
+        rank = {a: attempt_rank(h["scores"], h["reasons"]) for a, h in made.items()}
+        assert b["attempt"] == min(made, key=lambda a: (rank[a], a))
+        assert (b["scores"], b["reasons"]) == (made[b["attempt"]]["scores"], made[b["attempt"]]["reasons"])
+        assert [h["attempt"] for h in b["rejected"]] == [a for a in range(3) if a != b["attempt"]]
+        assert best[key]["json"].get("attempt", 0) == b["attempt"]  # the plan's attempt (absent for 0)
+        if b["attempt"] == 2:
+            assert_same_sample(best[key], last[key], ignore=("screen",))
+        else:
+            assert not pixels_close(best[key]["png"], last[key]["png"])
+    assert {s["json"]["screen"]["attempt"] for s in best.values()} != {2}, "every seed's best was its last"
+    g = manifest(setup["base"] / "best")["metrics"]["screen"]
+    assert g["images_generated"] == 12 and g["flagged"] == 4 and g["rejected"] == 12 and g["accepted"] == 0
+
+
 def test_manifest_reports_reject_rates_from_the_records(regenerated):
     final = screen_records(regenerated)
     g = manifest(regenerated)["metrics"]["screen"]
     rejected = sum(len(r["rejected"]) + (not r["accepted"]) for r in final.values())
-    generated = sum(r["attempt"] + 1 for r in final.values())
+    generated = sum(r["attempts"] for r in final.values())
+    assert all(r["attempts"] == r["attempt"] + 1 for r in final.values())
     assert g["images_generated"] == generated == g["attempts_scored"]
     assert g["rejected"] == rejected and g["reject_rate"] == round(rejected / generated, 4)
     assert g["reject_rate_by_reason"]["seam"] == g["reject_rate"] and g["reject_rate_by_reason"]["fidelity"] == 0
@@ -182,7 +222,7 @@ def test_manifest_reports_reject_rates_from_the_records(regenerated):
 
 def test_regeneration_is_bit_identical_across_workers(setup, regenerated, cut):
     out = setup["base"] / "regen-w2"
-    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3"), nproc=2)
+    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3", *LAST), nproc=2)
     assert raw_members(out) == raw_members(regenerated)
 
 
@@ -200,7 +240,7 @@ def test_regeneration_decisions_do_not_depend_on_the_batch_size(setup, regenerat
     (pixels by a grey level, the seam score by far less than SEAM_ROUNDING), so each attempt's verdict is the
     same unless its seam score lies within that rounding of the threshold, and the written samples agree."""
     out = setup["base"] / "regen-b1"
-    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3", "batch_size=1"))
+    run_synth(job(setup, out, f"screen.max_seam={cut}", "screen.max_attempts=3", *LAST, "batch_size=1"))
     a, b = read_samples(regenerated), read_samples(out)
     assert sorted(a) == sorted(b)
     for key in a:
@@ -270,8 +310,9 @@ def test_gate_counts_add_up_to_rates():
     def meta(cls, accepted, history, **flags):
         reasons = [] if accepted else ["fidelity"]
         return {"defects": [{"class_name": cls}],
-                "screen": {"accepted": accepted, "attempt": len(history), "reasons": reasons,
-                         "rejected": [{"attempt": i, "reasons": r} for i, r in enumerate(history)], **flags}}
+                "screen": {"accepted": accepted, "attempt": len(history), "attempts": len(history) + 1,
+                           "reasons": reasons,
+                           "rejected": [{"attempt": i, "reasons": r} for i, r in enumerate(history)], **flags}}
 
     total: dict = {}
     for m in (meta("spur", True, []), meta("spur", True, [["seam", "area"]]),
@@ -307,7 +348,7 @@ def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
     on = ["screen.enabled=true", f"screen.data_root={setup['data']}"]
     cases = [
         (["screen.enabled=true", "dataset.source=generate"], "screen.enabled=True: the quality screen needs"),
-        ([*images, *on, "screen.on_exhausted=drop"], "screen.on_exhausted='drop': allowed: flag, skip"),
+        ([*images, *on, "screen.on_exhausted=drop"], "screen.on_exhausted='drop': allowed: best, flag, skip"),
         ([*images, *on, "screen.min_fidelity=2"], "screen.min_fidelity=2: a number in [0, 1]"),
         ([*images, "screen.enabled=true", f"screen.data_root={tmp_path}"], "screen.data_root="),
         ([*images, "+screen.threshold=1"], "screen.threshold=1: unknown setting"),
@@ -384,9 +425,9 @@ def test_the_default_screens_every_seed_with_four_attempts_on_the_20_step_walk(s
     assert len(samples) == 4
     for sample in samples.values():
         screen = sample["json"]["screen"]
-        assert screen["attempt"] <= 5 and len(screen["rejected"]) <= screen["attempt"]
+        assert screen["attempt"] < screen["attempts"] <= 6 and len(screen["rejected"]) < screen["attempts"]
         empty = sample["json"].get("empty_mask", {})
-        assert screen["accepted"] or (screen.get("flagged") and screen["attempt"] >= 3) or empty.get("flagged")
+        assert screen["accepted"] or (screen.get("flagged") and screen["attempts"] >= 4) or empty.get("flagged")
         assert sample["json"]["mask_area"] > 0 or empty.get("flagged")
         assert screen["accepted"] == (min(screen["scores"]["fidelity"]) >= 0.5)
     summary = manifest(tmp_path / "faithful")["metrics"]["screen"]

@@ -268,7 +268,8 @@ class ScreenSettings:
     data_root: UserPath = DEMO_DATA  # local/<class>/ training patches + masks: classifier, areas (the demo's:
     #   its patches are rendered on first use, as `make data` writes them)
     max_attempts: Count() = 4  # attempts per seed in all (each a new placement and derived noise seed)
-    on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked rejected | skip: drop
+    on_exhausted: Literal["best", "flag", "skip"] = "best"  # best: write the best-ranked attempt (fewest failed
+    #   checks, then the highest class fidelity) marked flagged | flag: the last attempt, flagged | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
     area_quantile: Annotated[float, Field(ge=0, le=0.5)] = ScreenClassifierSettings.area_quantile  # per defect:
     #   mask area within the [q, 1-q] quantiles of the class's training masks

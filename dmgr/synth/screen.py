@@ -81,13 +81,19 @@ def verdict(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -
     return reasons
 
 
+def attempt_rank(scores: dict, reasons: list[str]) -> tuple[int, float]:
+    """The order of a seed's rejected attempts, best first: the fewest failed checks, then the highest
+    fidelity of its weakest defect (screen.on_exhausted=best writes the first of that order)."""
+    return len(reasons), -min(scores["fidelity"], default=0.0)
+
+
 def screen_metrics(meta: dict) -> dict[str, float]:
     """One seed's screen counts for the shard record's sums: images generated, rejected attempts (per reason,
     per class of each defect), accepted / flagged / skipped."""
     g = meta["screen"]
     classes = [d["class_name"] for d in meta.get("defects", [meta])]
     rejected = g["rejected"] + ([] if g["accepted"] else [{"reasons": g["reasons"]}])
-    out = {"screen_seeds": 1, "screen_generated": g["attempt"] + 1, "screen_accepted": int(g["accepted"]),
+    out = {"screen_seeds": 1, "screen_generated": g["attempts"], "screen_accepted": int(g["accepted"]),
            "screen_flagged": int(g.get("flagged", False)), "screen_skipped": int(g.get("skipped", False)),
            "screen_rejected": len(rejected), "screen_scored": len(g["rejected"]) + 1}
     for attempt in rejected:

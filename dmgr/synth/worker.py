@@ -25,7 +25,16 @@ from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import GIVEN, Engine, config_fields, generate, planned_defect
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
-from dmgr.synth.screen import changed_outside, fidelity, mask_outside, screen_metrics, screen_summary, seam_z, verdict
+from dmgr.synth.screen import (
+    attempt_rank,
+    changed_outside,
+    fidelity,
+    mask_outside,
+    screen_metrics,
+    screen_summary,
+    seam_z,
+    verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,35 +179,47 @@ def made_samples(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list
     """generate(), then one retry loop: a sample with NaN/Inf, a defect mask below its class's minimum area,
     or (screen.enabled) a screen rejection is made again at the next attempt, a new placement (same background
     and classes) with noise from a derived seed, until it passes or the reason's max_attempts are spent (one
-    attempt counter per seed; its json lists each retry with its reason). Each round makes the failed plans
-    of one batch together, so the batches, and the shards, depend only on the seeds and batch_size."""
+    attempt counter per seed; its json lists each retry with its reason). A seed whose attempts are spent
+    writes its last attempt, or with screen.on_exhausted=best the best-ranked screened one (`attempt_rank`).
+    Each round makes the failed plans of one batch together, so the batches, and the shards, depend only on
+    the seeds and batch_size."""
     done: list[dict | None] = [None] * len(plans)
     retries: list[list[dict]] = [[] for _ in plans]
     rejected: list[list[dict]] = [[] for _ in plans]
+    best: list[tuple | None] = [None] * len(plans)  # (rank, attempt, sample, details) of screen rejections
+    keep_best = spec.screen.enabled and spec.screen.on_exhausted == "best"
     pending = list(enumerate(plans))
     while pending:
         again = []
         for (i, plan), sample in zip(pending, generate(engine, spec, [p for _, p in pending])):
-            meta = sample["json"]
             reason, details = _check(engine, spec, sample)
             retry = reason is not None and plan.attempt + 1 < _budget(spec, reason)
             if reason == "nonfinite" and spec.nonfinite.action == "stop":
                 retry = False
+            if reason == "screen":
+                rejected[i].append({"attempt": plan.attempt, **details})
+                rank = attempt_rank(details["scores"], details["reasons"])
+                if keep_best and (best[i] is None or rank < best[i][0]):
+                    best[i] = (rank, plan.attempt, sample, details)
             if retry:
                 retries[i].append({"attempt": plan.attempt, "reason": reason})
-                if reason == "screen":
-                    rejected[i].append({"attempt": plan.attempt, **details})
                 log.info("seed %d: attempt %d failed (%s): a new placement", plan.seed, plan.attempt, reason)
                 again.append((i, plan_sample(plan.seed, spec.dataset, spec.backgrounds, plan.attempt + 1)))
                 continue
-            if reason is not None:
-                _exhausted(spec, plan, reason, details, meta)
+            attempts, attempt = plan.attempt + 1, plan.attempt
+            if reason in ("screen", "empty_mask") and best[i] is not None:
+                _, attempt, sample, details = best[i]
+                reason = "screen"
+            elif reason is not None:
+                _exhausted(spec, plan, reason, details, sample["json"])
+            meta = sample["json"]
             if retries[i]:
                 meta["retries"] = retries[i]
             if spec.screen.enabled:
                 reasons = details.get("reasons", [reason] if reason else [])
-                meta["screen"] = {"accepted": reason is None, "attempt": plan.attempt, "reasons": reasons,
-                                "scores": details.get("scores", {}), "rejected": rejected[i]}
+                meta["screen"] = {"accepted": reason is None, "attempt": attempt, "attempts": attempts,
+                                  "reasons": reasons, "scores": details.get("scores", {}),
+                                  "rejected": [r for r in rejected[i] if r["attempt"] != attempt]}
                 if reason == "screen":
                     meta["screen"]["skipped" if spec.screen.on_exhausted == "skip" else "flagged"] = True
             done[i] = sample
