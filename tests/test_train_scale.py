@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from product_support import make_product
@@ -60,7 +61,7 @@ def test_a_2x_frame_at_scale_half_gives_tiles_of_the_downscaled_frame(tmp_path):
     small = smooth_frame(40, 32)
     Image.fromarray(small).resize((80, 64), Image.NEAREST).save(tmp_path / "frame.png")
     dataset = TileDataset(tmp_path, 16, scale=0.5)
-    assert dataset.frame(0).size == (40, 32)
+    assert dataset.frame(0).shape == (32, 40, 3)
     expected = np.asarray(resize_by(Image.open(tmp_path / "frame.png").convert("RGB"), 0.5)).astype(int)
     for tile in tiles(dataset, steps=3):
         tile = to_uint8(tile).astype(int)
@@ -83,6 +84,33 @@ def test_tile_draws_depend_on_seed_rank_and_step_only(tmp_path):
     assert not np.array_equal(tiles(dataset, rank=0, steps=4), tiles(dataset, rank=1, steps=4))
     resumed = TileSampler(len(dataset), 4, 0, 0, 2, 4)  # from step 2: the same batches as steps 2 and 3
     assert list(resumed) == list(TileSampler(len(dataset), 4, 0, 0, 0, 4))[2:]
+
+
+def test_the_frame_cache_gives_the_tiles_of_decoding_from_workers_and_after_a_restart(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.fromarray(smooth_frame(70, 52)).save(frames / "colour.png")
+    Image.fromarray(smooth_frame(60, 50)[..., 0]).save(frames / "grey.png")
+    cache = tmp_path / "cache"
+    cached = TileDataset(frames, 16, scale=0.75, cache=cache)
+    decoded = TileDataset(frames, 16, scale=0.75, cache=False)
+    expected = tiles(decoded, seed=5, steps=6)
+    assert np.array_equal(tiles(cached, seed=5, steps=6), expected)  # bit for bit: the cache holds the pixels
+    assert sorted(np.load(f).shape[-1] for f in cache.glob("*.npy")) == [1, 3]  # grey kept as one channel
+    # a restart reads the cache it finds and resumes the same draws from its step
+    restarted = TileDataset(frames, 16, scale=0.75, cache=cache)
+    resumed = TileSampler(len(restarted), 4, 5, 0, 3, 6)
+    assert np.array_equal(np.stack([restarted[k].numpy() for b in resumed for k in b]), expected[12:])
+    # DataLoader workers give the same batches in the same order
+    loader = torch.utils.data.DataLoader(cached, batch_sampler=TileSampler(len(cached), 4, 5, 0, 0, 6),
+                                         num_workers=2)
+    assert np.array_equal(torch.cat(list(loader)).numpy(), expected)
+    # another content under the same name is another cache entry, never a stale frame
+    Image.fromarray(smooth_frame(70, 52)[::-1].copy()).save(frames / "colour.png")
+    TileDataset(frames, 16, scale=0.75, cache=cache)
+    assert len(list(cache.glob("*.npy"))) == 3
+    assert np.array_equal(tiles(TileDataset(frames, 16, scale=0.75, cache=cache), seed=5, steps=6),
+                          tiles(TileDataset(frames, 16, scale=0.75, cache=False), seed=5, steps=6))
 
 
 def test_images_smaller_than_a_tile_are_skipped_and_counted(tmp_path, caplog):

@@ -2,15 +2,21 @@
 
 The global model learns from `TileDataset`: random image_size tiles of the defect-free images resized by
 `scale` (model pixels per image pixel, synthesis's `dataset.scale`), drawn by `TileSampler` from generators
-keyed by (seed, rank, step). In the other datasets flipping is deterministic (no random generator): with
-flip=True the dataset is twice as long and item n + i is item i mirrored left-right.
+keyed by (seed, rank, step). Each frame is decoded and resized once into a frame cache (uint8 .npy, one
+channel for grey frames, memory-mapped; keyed by the file's content and the scale), so a tile costs a crop,
+not a PNG decode: the loader keeps up with a GPU at any frame size. `PatchDataset` holds its patches as one
+tensor. In the other datasets flipping is deterministic (no random generator): with flip=True the dataset
+is twice as long and item n + i is item i mirrored left-right.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+import os
+import tempfile
+from collections.abc import Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -89,46 +95,112 @@ def too_small_error(what: str, sizes: Sequence[tuple[int, int]], tile: int, scal
             f"{key} or give larger images")
 
 
+def cpus_given() -> int:
+    """The CPUs this process may run on (its affinity mask: what a job scheduler gave it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def frame_key(path: Path, scale: float) -> str:
+    """The cache key of one frame at `scale`: its content (sha256 of the file) and the scale."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+    return f"{digest}-{float(scale)!r}"
+
+
+def frame_array(path: Path, scale: float) -> np.ndarray:
+    """(H, W, C) uint8 of the image resized by `scale`: C = 1 when its three channels are equal (grey)."""
+    arr = np.asarray(resize_by(load_rgb(path), scale))
+    if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+        arr = arr[..., :1]
+    return np.ascontiguousarray(arr)
+
+
+def default_cache(root: Path) -> Path:
+    """ROOT/.frames, or a folder under the temporary directory when ROOT is not writable."""
+    folder = Path(root) / ".frames"
+    try:
+        folder.mkdir(exist_ok=True)
+        return folder
+    except OSError:
+        return Path(tempfile.gettempdir()) / "dmgr-frames"
+
+
+def build_frame_cache(files: Sequence[Path], scale: float, folder: Path, workers: int | None = None) -> list[Path]:
+    """The cache file of each frame (FOLDER/<key>.npy), decoding the missing ones on `workers` threads (default:
+    the CPUs given); written atomically, so ranks and workers may build the same cache at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{frame_key(f, scale)}.npy" for f in files]
+    missing = [(f, p) for f, p in zip(files, paths) if not p.is_file()]
+
+    def write(item: tuple[Path, Path]) -> None:
+        src, dst = item
+        tmp = dst.with_name(f"{dst.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, frame_array(src, scale))
+        tmp.replace(dst)
+
+    if missing:
+        log.info("decoding %d frames at scale %g into the frame cache %s", len(missing), scale, folder)
+        with ThreadPoolExecutor(max(1, workers or cpus_given())) as pool:
+            list(pool.map(write, missing))
+    return paths
+
+
 class TileDataset(Dataset):
     """Tiles of the images under `root` (recursive, masks left out) at `scale`: each image is resized by
     `scale`, then item (i, u, v, flip) is the size x size tile of image i whose top-left is u, v in [0, 1) of
     the free range, mirrored left-right when flip. Images smaller than one tile are skipped and counted
-    (one warning); none usable is a TileError (key: the scale's setting, for the message)."""
+    (one warning); none usable is a TileError (key: the scale's setting, for the message).
 
-    def __init__(self, root: str | Path, size: int, scale: float = 1.0, key: str = "scale", cached: int = 8) -> None:
-        files = list_images(root)
+    Frames come from the frame cache (`cache`: a folder, default ROOT/.frames; built here on first use):
+    the same tiles as decoding each frame, at the cost of a crop. cache=False decodes each tile's frame."""
+
+    def __init__(self, root: str | Path, size: int, scale: float = 1.0, key: str = "scale",
+                 cache: Path | bool = True, exclude: Collection[str] = ()) -> None:
+        files = [f for f in list_images(root) if f.name not in exclude]
         if not files:
             raise FileNotFoundError(f"no images under {root}")
-        sizes = [upright_size(f) for f in files]
-        self.files = [f for f, wh in zip(files, sizes) if holds_tile(wh, size, scale)]
-        self.skipped = [str(f) for f, wh in zip(files, sizes) if not holds_tile(wh, size, scale)]
+        self.size, self.scale = size, scale
+        self._frames: dict[int, np.ndarray] = {}
+        if cache is False:
+            self.cached = None
+            fits = [holds_tile(upright_size(f), size, scale) for f in files]
+        else:  # the cached frames' shapes are their sizes at the scale: no header is read twice
+            folder = default_cache(Path(root)) if cache is True else Path(cache)
+            paths = build_frame_cache(files, scale, folder)
+            arrays = [np.load(p, mmap_mode="r") for p in paths]
+            fits = [min(a.shape[:2]) >= size for a in arrays]
+            self.cached = [p for p, ok in zip(paths, fits) if ok]
+            self._frames = dict(enumerate(a for a, ok in zip(arrays, fits) if ok))
+        self.files = [f for f, ok in zip(files, fits) if ok]
+        self.skipped = [str(f) for f, ok in zip(files, fits) if not ok]
         if not self.files:
-            raise TileError(too_small_error(f"under {root}", sizes, size, scale, key))
+            raise TileError(too_small_error(f"under {root}", [upright_size(f) for f in files], size, scale, key))
         if self.skipped:
             log.warning("%d of %d images under %s are smaller than one %d px tile at %s=%g: skipped, e.g. %s",
                         len(self.skipped), len(files), root, size, key, scale, self.skipped[0])
-        self.size, self.scale, self.cached = size, scale, cached
-        self._frames: OrderedDict[int, Image.Image] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def frame(self, i: int) -> Image.Image:
-        """Image i resized by the scale (the last `cached` kept)."""
+    def frame(self, i: int) -> np.ndarray:
+        """Image i resized by the scale, (H, W, C) uint8: memory-mapped from the cache, else decoded."""
+        if self.cached is None:
+            return frame_array(self.files[i], self.scale)
         if i not in self._frames:
-            self._frames[i] = resize_by(load_rgb(self.files[i]), self.scale)
-            while len(self._frames) > self.cached:
-                self._frames.popitem(last=False)
-        self._frames.move_to_end(i)
+            self._frames[i] = np.load(self.cached[i], mmap_mode="r")
         return self._frames[i]
 
     def __getitem__(self, key: tuple[int, float, float, bool]) -> torch.Tensor:
         i, u, v, flip = key
         img = self.frame(i)
-        x = min(int(u * (img.width - self.size + 1)), img.width - self.size)
-        y = min(int(v * (img.height - self.size + 1)), img.height - self.size)
-        tile = to_tensor(img.crop((x, y, x + self.size, y + self.size)))
-        return tile.flip(-1) if flip else tile
+        height, width = img.shape[:2]
+        x = min(int(u * (width - self.size + 1)), width - self.size)
+        y = min(int(v * (height - self.size + 1)), height - self.size)
+        crop = torch.from_numpy(np.ascontiguousarray(img[y:y + self.size, x:x + self.size]))
+        tile = (crop.permute(2, 0, 1).float() / 127.5 - 1.0).expand(3, -1, -1)
+        return (tile.flip(-1) if flip else tile).contiguous()
 
 
 class TileSampler:
@@ -172,13 +244,18 @@ class PatchDataset(Dataset):
 
     with_masks=True appends the defect mask (root/<class>/NAME.mask.png) as a fourth channel, -1 background
     and +1 defect: the training data of a local model that generates each defect together with its mask.
+    The patches are decoded once, at construction, and held as tensors (one stacked tensor when they share
+    a size). `exclude` leaves out patches by their path relative to root (`<class>/NAME.png`), `only` keeps
+    just those: training's held-out slice.
     """
 
     def __init__(self, root: str | Path, classes: Sequence[str] = CLASS_NAMES, size: int | None = None,
-                 flip: bool = False, with_masks: bool = False) -> None:
+                 flip: bool = False, with_masks: bool = False, exclude: Collection[str] = (),
+                 only: Collection[str] | None = None) -> None:
         root = Path(root)
         self.classes = tuple(classes)
-        self.items = [(p, k) for k, c in enumerate(self.classes) for p in list_images(root / c, recursive=False)]
+        self.items = [(p, k) for k, c in enumerate(self.classes) for p in list_images(root / c, recursive=False)
+                      if f"{c}/{p.name}" not in exclude and (only is None or f"{c}/{p.name}" in only)]
         if not self.items:
             raise FileNotFoundError(f"no patches under {root}/<class>/ for classes {', '.join(self.classes)}")
         if with_masks:
@@ -189,15 +266,22 @@ class PatchDataset(Dataset):
                     "a mask-generating local model needs NAME.mask.png for every NAME.png"
                 )
         self.size, self.flip, self.with_masks = size, flip, with_masks
+        patches = [self.decode(path) for path, _ in self.items]
+        shapes = {p.shape for p in patches}
+        self.patches = torch.stack(patches) if len(shapes) == 1 else patches
+        self.labels = [label for _, label in self.items]
+
+    def decode(self, path: Path) -> torch.Tensor:
+        x = to_tensor(load_rgb(path), self.size)
+        if self.with_masks:
+            with Image.open(mask_path(path)) as mask:
+                x = torch.cat([x, mask_to_tensor(mask, self.size)])
+        return x
 
     def __len__(self) -> int:
         return len(self.items) * (2 if self.flip else 1)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         n = len(self.items)
-        path, label = self.items[i % n]
-        x = to_tensor(load_rgb(path), self.size)
-        if self.with_masks:
-            with Image.open(mask_path(path)) as mask:
-                x = torch.cat([x, mask_to_tensor(mask, self.size)])
-        return (x.flip(-1) if i >= n else x), label
+        x = self.patches[i % n]
+        return (x.flip(-1) if i >= n else x), self.labels[i % n]
