@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -140,35 +141,51 @@ def export_global(out: str | Path, size: int, n: int, seed: int = 0, progress: b
     return paths
 
 
-def export_local(out: str | Path, size: int, per_class: int, seed: int = 0,
-                 classes: tuple[str, ...] = CLASS_NAMES, progress: bool = True) -> list[dict]:
-    """Write `per_class` defect patches of side size//4 per class; returns the labels (also in labels.json).
+@dataclass(frozen=True)
+class Defect:
+    """One real defect: class `class_id` drawn with `defect_seed` on the clean board `board_seed`."""
 
-    Board i carries one defect of every class in turn (each on the clean board), defect seed i.
-    """
-    _check(size, patches_per_class=per_class)
+    board_seed: int
+    class_id: int
+    defect_seed: int
+
+
+def write_patches(out: str | Path, defects: Sequence[Defect], size: int, progress: bool = True) -> list[dict]:
+    """OUT/local/<class>/NNNNNN.png (+ .mask.png, NNNNNN the defect seed): the size//4 window centred on each
+    defect, with OUT/local/labels.json; returns the labels. Every class of CLASS_NAMES gets a folder."""
     patch = size // 4
     root = Path(out) / "local"
-    ids = [class_id_of(c) for c in classes]
-    for cid in ids:
-        (root / CLASS_NAMES[cid]).mkdir(parents=True, exist_ok=True)
+    for name in CLASS_NAMES:
+        (root / name).mkdir(parents=True, exist_ok=True)
     labels = []
-    for i in progress_bar(range(per_class), desc="local", disable=not progress):
-        bseed = board_seed(LOCAL_OFFSET, seed, i)
-        board = make_board(bseed, size)
-        for cid in ids:
-            image, mask, box = add_defect(board, cid, i)
-            x0, y0, x1, y1 = window = patch_window(box, patch, size)
-            crop, crop_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-            name = f"{CLASS_NAMES[cid]}/{i:06d}"
-            Image.fromarray(crop).save(root / f"{name}.png")
-            save_mask(crop_mask, root / f"{name}.mask.png")
-            labels.append({"file": f"{name}.png", "mask": f"{name}.mask.png", "class_name": CLASS_NAMES[cid],
-                           "class_id": cid, "board_seed": bseed, "defect_seed": i, "window": window,
-                           "box": bounding_box(crop_mask)})
+    for d in progress_bar(defects, desc="local", disable=not progress):
+        image, mask, box = add_defect(make_board(d.board_seed, size), d.class_id, d.defect_seed)
+        x0, y0, x1, y1 = window = patch_window(box, patch, size)
+        crop, crop_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        name = f"{CLASS_NAMES[d.class_id]}/{d.defect_seed:06d}"
+        Image.fromarray(crop).save(root / f"{name}.png")
+        save_mask(crop_mask, root / f"{name}.mask.png")
+        labels.append({"file": f"{name}.png", "mask": f"{name}.mask.png", "class_name": CLASS_NAMES[d.class_id],
+                       "class_id": d.class_id, "board_seed": d.board_seed, "defect_seed": d.defect_seed,
+                       "window": window, "box": bounding_box(crop_mask)})
     meta = {"classes": list(CLASS_NAMES), "patch_size": patch, "board_size": size, "items": labels}
     (root / "labels.json").write_text(json.dumps(meta, indent=1))
     return labels
+
+
+def local_defects(per_class: int, seed: int = 0, classes: tuple[str, ...] = CLASS_NAMES) -> list[Defect]:
+    """The local model's training defects: board i carries one defect of every class in turn (each on the
+    clean board), defect seed i."""
+    ids = [class_id_of(c) for c in classes]
+    return [Defect(board_seed(LOCAL_OFFSET, seed, i), cid, i) for i in range(per_class) for cid in ids]
+
+
+def export_local(out: str | Path, size: int, per_class: int, seed: int = 0,
+                 classes: tuple[str, ...] = CLASS_NAMES, progress: bool = True) -> list[dict]:
+    """Write `per_class` defect patches of side size//4 per class (`local_defects`); returns the labels (also
+    in labels.json)."""
+    _check(size, patches_per_class=per_class)
+    return write_patches(out, local_defects(per_class, seed, classes), size, progress)
 
 
 def export_test(out: str | Path, size: int, n: int, seed: int = 0, progress: bool = True) -> list[dict]:

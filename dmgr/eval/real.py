@@ -16,6 +16,7 @@ of the same stream's sub-stream offset + PANEL_FILL + i * tiles + j, never used 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
-from dmgr.data.export import STREAM, TEST_OFFSET, panel_tiles
+from dmgr.data.export import STREAM, TEST_OFFSET, Defect, panel_tiles
 from dmgr.images import from_uint8
 from dmgr.models.classifier import Patches
 
@@ -77,15 +78,23 @@ def in_panel(
 def defective_boards(offset: int, n: int, size: int, first: int = 0, panel: Panel = None) -> Boards:
     """Boards offset + first + i with one defect each, classes in turn (i % 6), defect seed first + i; with
     `panel`, each in one tile of a W x H panel (`in_panel`)."""
+    defects = [Defect(offset + i, i % len(CLASS_NAMES), i) for i in range(first, first + n)]
+    return boards_of(defects, size, panel, [(offset, i) for i in range(first, first + n)])
+
+
+def boards_of(
+    defects: Sequence[Defect], size: int, panel: Panel = None, places: Sequence[tuple[int, int]] | None = None
+) -> Boards:
+    """One real defective board per defect (its board with its defect, exact mask); with `panel`, each in one
+    tile of a W x H panel (`in_panel` at the defect's place (offset, i); default (board seed, 0))."""
     images, masks, classes = [], [], []
-    for i in range(first, first + n):
-        class_id = i % len(CLASS_NAMES)
-        image, mask, box = add_defect(make_board(offset + i, size), class_id, i)
+    for k, d in enumerate(defects):
+        image, mask, box = add_defect(make_board(d.board_seed, size), d.class_id, d.defect_seed)
         if panel is not None:
-            image, mask = in_panel(image, mask, box, offset, i, size, panel)
+            image, mask = in_panel(image, mask, box, *(places[k] if places else (d.board_seed, 0)), size, panel)
         images.append(image)
         masks.append(mask)
-        classes.append(class_id)
+        classes.append(d.class_id)
     return Boards(from_uint8(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], torch.tensor(classes))
 
 

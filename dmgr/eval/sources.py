@@ -5,13 +5,14 @@ from synthesis runs; see `dmgr.eval.shards`.)"""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
-from dmgr.data.export import GLOBAL_OFFSET, LOCAL_OFFSET, STREAM, make_panel, panel_tiles, patch_window
+from dmgr.data.export import GLOBAL_OFFSET, LOCAL_OFFSET, STREAM, Defect, make_panel, panel_tiles, patch_window
 from dmgr.eval.real import Boards, Panel
 from dmgr.images import from_uint8
 
@@ -32,10 +33,14 @@ def background(offset: int, i: int, size: int, panel: Panel = None) -> np.ndarra
     return make_panel([offset + i * tiles + j for j in range(tiles)], size, panel)
 
 
-def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0, panel: Panel = None) -> Boards:
-    """Real defect patches of the local model's training set (window x window, centred on the defect,
-    exact masks; classes in turn) pasted into the global model's defect-free training boards (with `panel`:
-    its W x H panels of size-px boards, windows uniform over the panel)."""
+def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0, panel: Panel = None,
+              defects: Sequence[Defect] | None = None) -> Boards:
+    """n real defect patches (window x window, centred on the defect, exact masks) pasted into the global
+    model's defect-free training boards (with `panel`: its W x H panels of size-px boards, windows uniform over
+    the panel). Pair i takes defects[i % len(defects)]; default: the local model's training boards, classes in
+    turn (LOCAL_OFFSET + i, class i % 6, defect seed i)."""
+    if defects is None:
+        defects = [Defect(LOCAL_OFFSET + i, i % len(CLASS_NAMES), i) for i in range(n)]
     g = torch.Generator().manual_seed(seed)
     if panel is None:
         windows = random_windows(n, size, window, margin, g)
@@ -44,8 +49,8 @@ def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0, panel:
         windows = torch.stack([xs, ys], 1)
     images, masks = [], []
     for i in range(n):
-        source = make_board(LOCAL_OFFSET + i, size)
-        image, mask, box = add_defect(source, i % len(CLASS_NAMES), i)
+        d = defects[i % len(defects)]
+        image, mask, box = add_defect(make_board(d.board_seed, size), d.class_id, d.defect_seed)
         x0, y0, x1, y1 = patch_window(box, window, size)
         target = background(GLOBAL_OFFSET, i, size, panel).copy()
         target_mask = np.zeros(target.shape[:2], dtype=bool)
@@ -54,7 +59,7 @@ def cut_paste(n: int, size: int, window: int, margin: int, seed: int = 0, panel:
         target_mask[y : y + window, x : x + window] = mask[y0:y1, x0:x1]
         images.append(target)
         masks.append(target_mask)
-    classes = torch.arange(n) % len(CLASS_NAMES)
+    classes = torch.tensor([defects[i % len(defects)].class_id for i in range(n)])
     return Boards(from_uint8(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None], classes)
 
 
