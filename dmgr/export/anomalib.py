@@ -1,5 +1,7 @@
-"""The anomalib Folder layout: OUT/normal/<name>.png (defect-free), OUT/abnormal/<key>.png and
-OUT/ground_truth/<key>.png (0/255 masks, the same names as abnormal/).
+"""The anomalib Folder layout: OUT/normal/<name>.png and OUT/normal_val/<name>.png (defect-free: train and
+validation split, by the hash of each image's id that splits seeds), OUT/abnormal/<key>.png and
+OUT/ground_truth/<key>.png (0/255 masks, the same names as abnormal/). anomalib trains on normal images only:
+every defect image (and every real one of `--add-real`) is evaluation data in abnormal/.
 
 normal/ is never the exact background of an image in abnormal/ (that would give near-identical
 normal/abnormal pairs, and a model that only learns the difference). Where its images come from:
@@ -20,15 +22,16 @@ A sample whose mask is empty is no anomaly: it is left out of abnormal/ (counted
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from dmgr.export.common import ExportError, Run, Sample, shard_index, write_atomic
+from dmgr.export.items import Item, mode_of, png_bytes, split_of
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
 log = logging.getLogger(__name__)
@@ -92,10 +95,8 @@ def prepare(run: Run, options: dict) -> dict:
     return {"normal_from": "input", "held_shas": held_out(used)}
 
 
-def _png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+def _normal(identity: str, options: dict) -> str:
+    return "normal_val" if split_of(identity, float(options["val"])) == "val" else "normal"
 
 
 def _is_held(sample: Sample, options: dict) -> bool:
@@ -109,35 +110,54 @@ def write_sample(sample: Sample, run: Run, options: dict) -> tuple[dict[str, byt
     empty = not sample.mask().any()
     held = _is_held(sample, options)
     if held and options["normal_from"] == "twin":
-        files[f"normal/{sample.key}.png"] = sample.twin_png
+        files[f"{_normal(sample.key, options)}/{sample.key}.png"] = sample.twin_png
     elif held and options["normal_from"] == "input":
-        files[f"normal/{sample.meta['background']['sha256'][:16]}.png"] = sample.input_png
+        sha = sample.meta["background"]["sha256"]
+        files[f"{_normal(sha, options)}/{sha[:16]}.png"] = sample.input_png
     if not empty and not held:
         files[f"abnormal/{sample.key}.png"] = sample.png
         files[f"ground_truth/{sample.key}.png"] = sample.mask_png
-    record = {"normal": [f for f in files if f.startswith("normal/")], "empty": int(empty),
-              "held_out": int(held and not empty)}
+    record = {"normal": [f for f in files if f.startswith("normal")], "empty": int(empty),
+              "held_out": int(held and not empty), "mode": mode_of(sample.png)}
     return files, record
 
 
-def write_pool(out: Path, options: dict) -> list[str]:
+def write_item(item: Item, run: Run, options: dict) -> tuple[dict[str, bytes], dict]:
+    """One of the user's real defect images: abnormal/ and its union mask in ground_truth/."""
+    union = np.zeros((item.size[1], item.size[0]), dtype=bool)
+    for _, mask in item.labels:
+        union |= mask
+    mask_png = png_bytes(Image.fromarray(np.where(union, 255, 0).astype(np.uint8), "L"))
+    files = {f"abnormal/{item.name}.png": item.png, f"ground_truth/{item.name}.png": mask_png}
+    return files, {"normal": [], "empty": 0, "held_out": 0, "mode": mode_of(item.png)}
+
+
+def write_pool(out: Path, options: dict, grey: bool) -> list[str]:
+    """The pool's defect-free images for normal/ (grey when the run's images are)."""
     names = []
     for index in options.get("pool_indices", []):
         pool = options["pool"]
-        name = f"normal/{pool.items[index].sha256[:16]}.png"
-        write_atomic(out / name, _png(pool.image(index)))
+        sha = pool.items[index].sha256
+        image = Image.fromarray(pool.image(index))
+        name = f"{_normal(sha, options)}/{sha[:16]}.png"
+        write_atomic(out / name, png_bytes(image.convert("L") if grey else image))
         names.append(name)
     return names
 
 
 def finish(run: Run, out: Path, records: Callable[[], Iterator[dict]], options: dict) -> dict:
-    normal, abnormal, empty, held = set(write_pool(out, options)), 0, 0, 0
+    modes = {r["mode"] for r in records() if "mode" in r}
+    normal, abnormal, empty, held = set(write_pool(out, options, modes == {"L"})), 0, 0, 0
     for r in records():
         normal.update(r["normal"])
         abnormal += 1 - r["empty"] - r.get("held_out", 0)
         empty += r["empty"]
         held += r.get("held_out", 0)
-    return {"normal": len(normal), "normal_from": options["normal_from"], "abnormal": abnormal,
-            "held_out": held, "empty_masks": empty,
+    for folder in ("normal", "normal_val"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    return {"normal": sum(n.startswith("normal/") for n in normal),
+            "normal_val": sum(n.startswith("normal_val/") for n in normal), "normal_from": options["normal_from"],
+            "abnormal": abnormal, "held_out": held, "empty_masks": empty,
             "folder_datamodule": {"name": str(run.config["dataset"].get("name", "dmgr")), "root": str(out.resolve()),
-                                  "normal_dir": "normal", "abnormal_dir": "abnormal", "mask_dir": "ground_truth"}}
+                                  "normal_dir": "normal", "abnormal_dir": "abnormal", "mask_dir": "ground_truth",
+                                  "normal_test_dir": "normal_val"}}

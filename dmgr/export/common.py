@@ -8,7 +8,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,17 +142,43 @@ def _part_ok(part_path: Path, shard: dict, out: Path) -> dict | None:
     return part
 
 
-# write_sample(sample, run, options) -> ({relative path: bytes}, record for finish)
-SampleWriter = Callable[[Sample, Run, dict], tuple[dict[str, bytes], dict]]
+def is_flagged(meta: dict) -> bool:
+    """A seed written flagged: it failed every quality-screen attempt, or its mask stayed below its minimum."""
+    return bool((meta.get("screen") or {}).get("flagged") or (meta.get("empty_mask") or {}).get("flagged"))
 
 
-def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, write_sample: SampleWriter,
-           finish: Callable[[Run, Path, Callable[[], Iterator[dict]], dict], dict],
-           prepare: Callable[[Run, dict], dict] | None = None) -> dict:
+def _write(out: Path, written: dict[str, bytes], files: dict[str, str]) -> None:
+    for rel, data in written.items():
+        write_atomic(out / rel, data)
+        files[rel] = _sha(data)
+
+
+def _export_shard(run: Run, shard: dict, out: Path, module, options: dict) -> dict:
+    """Every sample of one shard through the format's write_sample (flagged ones left out unless included)."""
+    path = run.path / "shards" / shard["name"]
+    if not path.is_file() or sha256_file(path) != shard["sha256"]:
+        raise ExportError(f"{path}: missing or changed since the run's manifest was written (sha256 differs); "
+                          "rerun the synthesis command to repair it")
+    files, records = {}, []
+    for sample in read_shard(path):
+        flagged = int(is_flagged(sample.meta))
+        if flagged and not options.get("include_flagged"):
+            records.append({"flagged": 1, "left_out": 1})
+            continue
+        written, record = module.write_sample(sample, run, options)
+        _write(out, written, files)
+        records.append({**record, "flagged": flagged})
+    return {"shard": shard["name"], "sha256": shard["sha256"], "files": files, "records": records}
+
+
+def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, module,
+           real: Iterable | None = None) -> dict:
     """Export every shard of a finished run into OUT; returns (and writes) OUT/export.json.
 
-    prepare(run, options), when given, runs before the shards are read; what it returns is added to the
-    options write_sample and finish see (not to the options a rerun must match)."""
+    `module` is the format: write_sample(sample, run, options) -> ({relative path: bytes}, record),
+    finish(run, out, records, options) -> counts, and optionally prepare(run, options) -> more options (run
+    before the shards are read; not part of the options a rerun must match) and write_item(item, run, options)
+    for `real` (the user's labelled images, written after the shards on every run)."""
     run, out = open_run(run_dir), Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT={out}: is a file, not a folder: choose a new or empty folder")
@@ -167,35 +193,40 @@ def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, write_
     elif out.exists() and any(out.iterdir()):
         raise ExportError(f"OUT={out}: is not empty and holds no dmgr export: choose a new or empty folder")
     write_json(state_path, state)
+    prepare = getattr(module, "prepare", None)
     options = {**options, **(prepare(run, options) if prepare else {})}
     done = redone = 0
     part_paths = []
     for shard in run.shards:
-        path = run.path / "shards" / shard["name"]
         part_path = out / PARTS / f"{shard['name']}.json"
         part_paths.append(part_path)
         if _part_ok(part_path, shard, out) is not None:
             done += 1
             continue
-        if not path.is_file() or sha256_file(path) != shard["sha256"]:
-            raise ExportError(f"{path}: missing or changed since the run's manifest was written (sha256 differs); "
-                              "rerun the synthesis command to repair it")
-        files, records = {}, []
-        for sample in read_shard(path):
-            written, record = write_sample(sample, run, options)
-            for rel, data in written.items():
-                write_atomic(out / rel, data)
-                files[rel] = _sha(data)
-            records.append(record)
-        write_json(part_path, {"shard": shard["name"], "sha256": shard["sha256"], "files": files, "records": records})
+        write_json(part_path, _export_shard(run, shard, out, module, options))
         redone += 1
+    if real is not None:
+        files, records = {}, []
+        for item in real:
+            written, record = module.write_item(item, run, options)
+            _write(out, written, files)
+            records.append({**record, "real": 1})
+        part_paths.append(out / PARTS / "real.json")
+        write_json(part_paths[-1], {"files": files, "records": records})
 
     def records() -> Iterator[dict]:
         for part_path in part_paths:
-            yield from json.loads(part_path.read_text())["records"]
+            yield from (r for r in json.loads(part_path.read_text())["records"] if not r.get("left_out"))
 
-    counts = finish(run, out, records, options)
-    summary = {**state, "counts": counts, "classes": run.classes, "dmgr_version": __version__,
+    counts = module.finish(run, out, records, options)
+    samples = {"read": 0, "flagged": 0, "flagged_left_out": 0, "real_images": 0}
+    for part_path in part_paths:
+        for r in json.loads(part_path.read_text())["records"]:
+            samples["real_images" if r.get("real") else "read"] += 1
+            samples["flagged"] += r.get("flagged", 0)
+            samples["flagged_left_out"] += r.get("left_out", 0)
+    summary = {**state, "samples": samples, "counts": counts, "classes": run.classes,
+               "dmgr_version": __version__,
                "shards": [{"name": s["name"], "samples": s["samples"], "sha256": s["sha256"]} for s in run.shards],
                "this_run": {"shards_exported": redone, "shards_verified_and_skipped": done}}
     write_json(out / "export.json", summary)
