@@ -10,6 +10,11 @@ per image pixel, synthesis's dataset.scale), the local model from the patches `d
 scale; each checkpoint records its scale (metadata dmgr.scale).
 Checkpoints are written in the project format (safetensors + architecture config): `ema.safetensors`
 loads into the synthesis job as it is.
+A held-out slice (`held_out` patches per class, or frames of the global model's images) is kept out of
+training; its loss and the same loss on as many training items, at fixed timesteps and noise, are logged to
+out_dir/held_out.jsonl (a gap that grows is memorisation), the slice itself to out_dir/held_out.json.
+In a multirun (`python -m dmgr.train -m lr=1e-4,2e-4`) every point trains in its own folder:
+OUT_DIR/<its overrides> (out_dir default: outputs/train-sweep-<arch name>).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pydantic import Field
@@ -35,15 +43,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dmgr import CONF_DIR, DEMO_DATA
 from dmgr.cli import stop_on_interrupt
-from dmgr.data.dataset import PatchDataset, TileDataset, TileError, TileSampler
+from dmgr.data.dataset import PatchDataset, TileDataset, TileError, TileSampler, cpus_given
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
 from dmgr.distributed import WorkerContext, init_workers, shutdown
-from dmgr.images import to_uint8
+from dmgr.images import list_images, to_uint8
 from dmgr.models import UNetModel, build_unet, save_checkpoint
 from dmgr.models.checkpoints import SCALE_KEY, check_fit, read_checkpoint
 from dmgr.models.precision import PRECISIONS, autocast
-from dmgr.models.unet import UNetConfig, UNetConfigError, null_label
+from dmgr.models.unet import UNetConfig, UNetConfigError, check_attention, null_label
 from dmgr.progress import progress_bar
 from dmgr.sampler import ddim_sample
 from dmgr.sampler.noise import generator, stream_seed
@@ -101,7 +109,10 @@ class TrainSettings:
     save_every: Count() = 500  # a checkpoint every this many steps, and at the end
     save_every_minutes: Annotated[float, Field(gt=0)] | None = 10  # ... and at least this often (null: by
     #   steps only); SIGTERM/SIGINT also save
-    num_workers: Count(0) = 0
+    num_workers: Count(0) | Literal["auto"] = "auto"  # DataLoader workers; auto: none for the local model's
+    #   patches (held as tensors), else up to 8 of the CPUs given (per process under torchrun), leaving one
+    held_out: Count(0) = 2  # kept out of training: patches per class (local), images (global), at most a
+    #   quarter of each; 0: none
     progress: Flag = True
 
     def __post_init__(self) -> None:
@@ -136,7 +147,7 @@ def check_config(cfg: DictConfig) -> TrainSettings:
     except ConfigError as exc:
         raise TrainConfigError(str(exc)) from None
     try:
-        UNetConfig.from_dict(settings.arch.config)
+        check_attention(UNetConfig.from_dict(settings.arch.config))
     except UNetConfigError as exc:
         raise TrainConfigError(f"arch.config: {exc}") from None
     subdir = Path(settings.data_root) / settings.arch.role
@@ -247,17 +258,86 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def make_dataset(cfg: DictConfig, scale: float = 1.0):
-    """The global model's tiles at `scale` (a TrainConfigError when no image holds one), or the local patches."""
+def held_out_names(root: Path, role: str, classes: list[str], count: int, seed: int) -> list[str]:
+    """The held-out slice: per class `count` patches (`<class>/NAME.png`), or `count` images of the global
+    folder (names), at most a quarter of each, drawn by a generator of (seed, "held_out")."""
+    groups = [[f"{c}/{p.name}" for p in list_images(root / c, recursive=False)] for c in classes] \
+        if role == "local" else [[p.name for p in list_images(root)]]
+    names = []
+    for k, group in enumerate(groups):
+        order = torch.randperm(len(group), generator=generator(stream_seed(seed, "held_out", k))).tolist()
+        names += sorted(group[i] for i in order[:min(count, len(group) // 4)])
+    return names
+
+
+def make_dataset(cfg: DictConfig, scale: float = 1.0, exclude: Collection[str] = (),
+                 only: Collection[str] | None = None):
+    """The global model's tiles at `scale` (a TrainConfigError when no image holds one), or the local patches;
+    without the names in `exclude`, or only those in `only`."""
     root = Path(cfg.data_root) / cfg.arch.role
     size = int(cfg.arch.config.image_size)
     if cfg.arch.role == "global":
         try:
-            return TileDataset(root, size, scale)
+            if only is not None:
+                exclude = {p.name for p in list_images(root)} - set(only)
+            return TileDataset(root, size, scale, exclude=exclude)
         except (TileError, FileNotFoundError) as exc:
             raise TrainConfigError(f"data_root={cfg.data_root}: {exc}") from None
     with_masks = int(cfg.arch.config.get("in_channels", 3)) == 4
-    return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True, with_masks=with_masks)
+    return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True, with_masks=with_masks, exclude=exclude,
+                        only=only)
+
+
+def probe_batch(dataset, count: int, seed: int, stream: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`count` fixed items of a dataset, drawn from (seed, stream): tiles, or patches with their labels."""
+    if isinstance(dataset, TileDataset):
+        keys = TileSampler(len(dataset), count, stream_seed(seed, stream), 0, 0, 1).batch(0)
+        return torch.stack([dataset[k] for k in keys]), None
+    index = torch.randperm(len(dataset.items), generator=generator(stream_seed(seed, stream)))[:count].tolist()
+    return torch.stack([dataset[i][0] for i in index]), torch.tensor([dataset[i][1] for i in index])
+
+
+@torch.no_grad()
+def fixed_loss(model: torch.nn.Module, diffusion, x0: torch.Tensor, y: torch.Tensor | None, seed: int,
+               device: torch.device, batch_size: int) -> float:
+    """The mean epsilon MSE of `x0` at 4 fixed timesteps each (quantiles of the schedule) and fixed noise:
+    comparable between steps, runs and datasets of the same size."""
+    n = x0.shape[0]
+    quantiles = torch.tensor([0.1, 0.35, 0.6, 0.85])
+    t = (quantiles * diffusion.num_steps).long().repeat_interleave(n)
+    x = x0.repeat(4, 1, 1, 1)
+    labels = y.repeat(4) if y is not None else None
+    noise = torch.randn(x.shape, generator=generator(stream_seed(seed, "held_out_noise")))
+    total = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        terms = diffusion_loss(model, diffusion, x[part].to(device), t[part].to(device), noise[part].to(device),
+                               None if labels is None else labels[part].to(device))
+        total += float(terms["mse"].sum())
+    return total / x.shape[0]
+
+
+def workers_for(setting: int | str, dataset, world_size: int) -> int:
+    """DataLoader workers: the setting, or for auto none for patches held as tensors, else up to 8 of this
+    process's share of the CPUs given, one left for the training loop."""
+    if setting != "auto":
+        return int(setting)
+    if not isinstance(dataset, TileDataset):
+        return 0
+    return max(0, min(8, cpus_given() // max(1, world_size) - 1))
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    """out_dir (default outputs/train-<arch name>); in a multirun OUT_DIR/<the point's overrides> (default
+    outputs/train-sweep-<arch name>): every point of a sweep its own folder."""
+    try:
+        hydra = HydraConfig.get()
+    except ValueError:  # called as a function, not through the Hydra app
+        hydra = None
+    if hydra is None or hydra.mode != RunMode.MULTIRUN:
+        return Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
+    point = hydra.job.override_dirname.replace("/", "_") or str(hydra.job.num)
+    return Path(cfg.out_dir or f"outputs/train-sweep-{cfg.arch.name}") / point
 
 
 @torch.no_grad()
@@ -327,6 +407,18 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     Image.fromarray(rows).resize((8 * max(size, 64), classes * max(size, 64)), Image.NEAREST).save(path)
 
 
+def log_held_out(ema: UNetModel, diffusion, probes: dict, cfg: DictConfig, device: torch.device, step: int,
+                 path: Path) -> None:
+    """One line of out_dir/held_out.jsonl: the EMA model's fixed loss on the held-out slice and on as many
+    training items."""
+    row = {"step": step}
+    for name, (x0, y) in probes.items():
+        row[f"{name}_mse"] = fixed_loss(ema, diffusion, x0, y, cfg.seed, device, cfg.batch_size)
+    log.info("step %d: held-out mse %.4f, training items %.4f", step, row["held_out_mse"], row["train_mse"])
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext, scale: float = 1.0) -> None:
     if ctx.rank != 0:
         return
@@ -342,9 +434,17 @@ def save_all(cfg, out: Path, model, ema, opt, step: int, ctx: WorkerContext, sca
 
 def train(cfg: DictConfig) -> Path:
     scale = data_scale(check_config(cfg))
-    out = Path(cfg.out_dir or f"outputs/train-{cfg.arch.name}")
+    out = output_folder(cfg)
     check_resume(cfg, out, scale)
-    dataset = make_dataset(cfg, scale)
+    root = Path(cfg.data_root) / cfg.arch.role
+    held = held_out_names(root, cfg.arch.role, list(cfg.arch.get("classes") or []), cfg.held_out, cfg.seed)
+    dataset = make_dataset(cfg, scale, exclude=held)
+    probes = None
+    if held:
+        held_out = make_dataset(cfg, scale, only=held)
+        count = min(32, 8 * len(held) if isinstance(held_out, TileDataset) else len(held_out.items))
+        probes = {"held_out": probe_batch(held_out, count, cfg.seed, "held_out"),
+                  "train": probe_batch(dataset, count, cfg.seed, "train_probe")}
     if cfg.save_every > cfg.steps:
         log.warning("save_every=%d is larger than steps=%d: checkpoints are saved every save_every_minutes=%s and "
                     "at the end", cfg.save_every, cfg.steps, cfg.get("save_every_minutes"))
@@ -353,6 +453,7 @@ def train(cfg: DictConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if ctx.rank == 0:
             (out / "train.json").write_text(json.dumps(run_record(cfg, scale), indent=1))
+            (out / "held_out.json").write_text(json.dumps({"role": cfg.arch.role, "names": held}, indent=1))
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout and DataLoader shuffling only; the data are on disk
         model = build_unet(OmegaConf.to_container(cfg.arch.config, resolve=True))
         if cfg.get("init_from") and not (cfg.resume and (out / "state.pt").exists()):
@@ -371,9 +472,12 @@ def train(cfg: DictConfig) -> Path:
             log.info("resuming %s from step %d", out, step)
         net = DistributedDataParallel(model) if ctx.distributed else model
         sampler = None
+        workers = workers_for(cfg.num_workers, dataset, ctx.world_size)
+        pin = ctx.device.type == "cuda"
         if isinstance(dataset, TileDataset):  # one batch of tiles per step, keyed by (seed, rank, step)
             tiles = TileSampler(len(dataset), cfg.batch_size, cfg.seed, ctx.rank, step, cfg.steps)
-            loader = DataLoader(dataset, batch_sampler=tiles, num_workers=cfg.num_workers)
+            loader = DataLoader(dataset, batch_sampler=tiles, num_workers=workers, pin_memory=pin,
+                                prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
         else:
             sampler = DistributedSampler(dataset, seed=cfg.seed) if ctx.distributed else None
             loader = DataLoader(
@@ -382,26 +486,30 @@ def train(cfg: DictConfig) -> Path:
                 shuffle=sampler is None,
                 sampler=sampler,
                 drop_last=len(dataset) >= cfg.batch_size,
-                num_workers=cfg.num_workers,
+                num_workers=workers,
+                pin_memory=pin,
             )
         diffusion = make_diffusion(cfg.diffusion_steps, cfg.beta_schedule)
         g = generator(stream_seed(cfg.seed, "train", ctx.rank, step))  # each (seed, rank, resumed step) its own
         scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ctx.device.type == "cuda")
         log.info(
-            "training %s (%d parameters) on %d %s images at scale %g, %s, from step %d to %d",
+            "training %s (%d parameters) on %d %s images at scale %g (%d held out), %s, %d loader workers, "
+            "from step %d to %d",
             cfg.arch.name,
             sum(p.numel() for p in model.parameters()),
             len(dataset),
             cfg.arch.role,
             scale,
+            len(held),
             ctx.device,
+            workers,
             step,
             cfg.steps,
         )
         log_file = open(out / "loss.jsonl", "a") if ctx.rank == 0 else None
         bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {cfg.arch.name}",
                            disable=not cfg.progress or ctx.rank)
-        window, started, epoch = [], time.perf_counter(), step
+        window, started, epoch, waited = [], time.perf_counter(), step, 0.0
         minutes = cfg.get("save_every_minutes")
         saved_at = time.monotonic()
         with StopSignals() as signals:
@@ -409,8 +517,10 @@ def train(cfg: DictConfig) -> Path:
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 epoch += 1
+                fetched = time.perf_counter()
                 for batch in loader:
                     x0, y = unwrap(batch, ctx.device)
+                    waited += time.perf_counter() - fetched
                     t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
                     noise = torch.randn(x0.shape, generator=g).to(ctx.device)
                     if cfg.label_dropout > 0:  # drawn after t and noise: rate 0 leaves the stream untouched
@@ -431,16 +541,20 @@ def train(cfg: DictConfig) -> Path:
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                        rate = len(window) * cfg.batch_size * ctx.world_size / (time.perf_counter() - started)
+                        elapsed = time.perf_counter() - started
+                        rate = len(window) * cfg.batch_size * ctx.world_size / elapsed
                         bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rate:.1f}")
                         if log_file:
-                            log_file.write(json.dumps({"step": step, **mean, "images_per_s": rate}) + "\n")
+                            log_file.write(json.dumps({"step": step, **mean, "images_per_s": rate,
+                                                       "data_wait": waited / elapsed}) + "\n")
                             log_file.flush()
                         if not math.isfinite(mean["loss"]):
                             raise FloatingPointError(f"loss is {mean['loss']} at step {step}: lower lr")
-                        window, started = [], time.perf_counter()
+                        window, started, waited = [], time.perf_counter(), 0.0
                     if ctx.rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
                         sample_grid(ema, cfg, ctx.device, out / "samples" / f"step-{step:07d}.png")
+                        if probes:
+                            log_held_out(ema, diffusion, probes, cfg, ctx.device, step, out / "held_out.jsonl")
                     stop = signals.requested(ctx)
                     due = minutes is not None and time.monotonic() - saved_at >= 60 * minutes
                     if stop or due or step % cfg.save_every == 0 or step == cfg.steps:
@@ -450,6 +564,7 @@ def train(cfg: DictConfig) -> Path:
                         raise TrainInterrupted(stop, step, out)
                     if step >= cfg.steps:
                         break
+                    fetched = time.perf_counter()
         bar.close()
         log.info("done: %s (EMA weights: %s)", out, out / "ema.safetensors")
         return out / "ema.safetensors"

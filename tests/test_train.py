@@ -24,7 +24,7 @@ from dmgr.train import TrainConfigError, train
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_GLOBAL = "{image_size: 32, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: '8', num_heads: 2, learn_sigma: true, resblock_updown: true}"  # noqa: E501
+TINY_GLOBAL = "{image_size: 32, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: '16', num_heads: 2, learn_sigma: true, resblock_updown: true}"  # noqa: E501
 TINY_LOCAL = "{image_size: 8, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: '4', num_heads: 2, learn_sigma: true, resblock_updown: true, num_classes: 6}"  # noqa: E501
 
 

@@ -21,7 +21,7 @@ from dmgr.models import build_unet, save_checkpoint, stored_metadata
 from dmgr.synth.config import validate
 from dmgr.train import TrainConfigError, train
 
-TINY_GLOBAL = "{image_size: 16, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: '4', num_heads: 2, learn_sigma: true}"  # noqa: E501
+TINY_GLOBAL = "{image_size: 16, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2', attention_resolutions: '8', num_heads: 2, learn_sigma: true}"  # noqa: E501
 QUADRANTS = ((200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0))  # top-left, top-right, bottom-left, bottom-right
 
 

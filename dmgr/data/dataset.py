@@ -198,7 +198,7 @@ class TileDataset(Dataset):
         height, width = img.shape[:2]
         x = min(int(u * (width - self.size + 1)), width - self.size)
         y = min(int(v * (height - self.size + 1)), height - self.size)
-        crop = torch.from_numpy(np.ascontiguousarray(img[y:y + self.size, x:x + self.size]))
+        crop = torch.from_numpy(np.array(img[y:y + self.size, x:x + self.size]))  # a writable copy
         tile = (crop.permute(2, 0, 1).float() / 127.5 - 1.0).expand(3, -1, -1)
         return (tile.flip(-1) if flip else tile).contiguous()
 

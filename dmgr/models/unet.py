@@ -82,6 +82,29 @@ def _hint(key: str, known: list[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
 
 
+def attention_levels(config: UNetConfig) -> tuple[int, ...]:
+    """The feature-map sides (px) of the network's levels: image_size / 2^k for each entry of channel_mult."""
+    mult = config.channel_mult or DEFAULT_CHANNEL_MULT.get(config.image_size, "")
+    return tuple(config.image_size // 2**k for k in range(len(_parse_numbers(mult, float))))
+
+
+def check_attention(config: UNetConfig) -> None:
+    """Refuse attention_resolutions that no level of the network has (a resolution r puts attention where the
+    feature map is r px: image_size / r must be one of the network's downsampling factors 1, 2, 4, ...); such
+    a network silently has no attention there, e.g. a 64 px architecture's "16" at image_size 128."""
+    levels = attention_levels(config)
+    factors = {2**k for k in range(len(levels))}
+    asked = _parse_numbers(config.attention_resolutions, int)
+    unreachable = [r for r in asked if r <= 0 or config.image_size // r not in factors]
+    if unreachable:
+        raise UNetConfigError(
+            f"attention_resolutions={config.attention_resolutions} at image_size={config.image_size}: no level of "
+            f"this network is {', '.join(map(str, unreachable))} px, so it would have no attention there; its levels "
+            f"are {', '.join(map(str, levels))} px: set attention_resolutions to some of them (a preset sized for "
+            "this image_size: conf/arch/)"
+        )
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding: cosines first, then sines (guided-diffusion's order)."""
     half = dim // 2
