@@ -82,3 +82,57 @@ def test_prepare_refuses_bad_input_with_one_line(product, tmp_path):
     (tmp_path / "conf" / "dataset").mkdir(parents=True)
     (tmp_path / "conf" / "dataset" / "cells.yaml").write_text("name: someone-elses\n")
     assert "exists for other data" in refuse(*args)
+
+
+def known_defects(root: Path, sides: list[int]) -> Path:
+    """Grey 640x560 frames and, per class, 300x300 defect images each with one square defect of a known side."""
+    rng = np.random.default_rng(0)
+    (root / "good").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(80, 120, (560, 640), dtype=np.uint8)).save(root / "good" / f"f{i}.png")
+    for k, side in enumerate(sides):
+        cls = ("scratch", "dent")[k % 2]
+        for folder in ("defects", "masks"):
+            (root / folder / cls).mkdir(parents=True, exist_ok=True)
+        image = rng.integers(80, 120, (300, 300), dtype=np.uint8)
+        mask = np.zeros((300, 300), dtype=np.uint8)
+        x, y = (int(v) for v in rng.integers(90, 210 - side, 2))
+        image[y:y + side, x:x + side] = 220
+        mask[y:y + side, x:x + side] = 255
+        Image.fromarray(image).save(root / "defects" / cls / f"d{k}.png")
+        Image.fromarray(mask).save(root / "masks" / cls / f"d{k}.png")
+    return root
+
+
+def test_the_size_recipe_proposes_sizes_that_contain_the_defects(tmp_path, monkeypatch, capsys, caplog):
+    sides = [20, 27, 33, 40, 47, 53, 60, 67, 73, 80]  # 20-80 px defects, as in docs/own-product.md
+    product = known_defects(tmp_path / "product", sides)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO"):
+        main(["--name", "plates", "--good", str(product / "good"), "--defects", str(product / "defects"),
+              "--masks", str(product / "masks"), "--out", "data"])  # no sizes, no --conf-dir
+    summary = json.loads((tmp_path / "data" / "prepare.json").read_text())
+    window, size, scale = summary["window_size"], summary["image_size"], summary["scale"]
+    assert (window, size, scale) == (32, 128, 0.3)  # 16 px would need scale 0.15: a 50 px defect spans 7.5 px
+    assert max(sides) * scale <= 0.75 * window  # the largest defect fits the window with margin
+    assert size >= 4 * window and size / scale <= 560  # context around the window, inside the smallest frame
+    why = [r.getMessage() for r in caplog.records if r.getMessage().startswith("size recipe: ")]
+    assert any("window_size 32" in line for line in why) and any("scale 0.3" in line for line in why)
+    # every patch holds its whole defect, off the patch's border
+    for path, _ in PatchDataset(tmp_path / "data" / "local", ["dent", "scratch"], with_masks=True).items:
+        ys, xs = np.nonzero(np.asarray(Image.open(path.with_name(path.stem + ".mask.png"))) > 0)
+        assert ys.min() > 0 and xs.min() > 0 and ys.max() < window - 1 and xs.max() < window - 1, path
+    # the config lies next to the data, with the data's path as the commands give it; presets for the sizes
+    config_text = (tmp_path / "data" / "conf" / "dataset" / "plates.yaml").read_text()
+    config = yaml.safe_load(config_text)
+    assert config["images"] == "data/global" and config["scale"] == 0.3 and config["window_size"] == 32
+    assert "global steps=6000" in config_text and "window_size 32:" in config_text
+    steps = summary["next"]
+    assert "arch=global_128 " in steps["train_global"] and "steps=6000" in steps["train_global"]
+    assert "arch=local_mask_32 " in steps["train_local"] and "steps=5500" in steps["train_local"]
+    assert "'hydra.searchpath=[file://data/conf]'" in steps["synth"]
+    assert not (ROOT_DIR / "conf" / "dataset" / "plates.yaml").exists()
+    composed = subprocess.run([sys.executable, "-m", "dmgr.synth", "--cfg", "job", "hydra.searchpath=[file://data/conf]",
+                               "dataset=plates"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert composed.returncode == 0, composed.stderr
+    assert yaml.safe_load(composed.stdout)["dataset"]["images"] == "data/global"
