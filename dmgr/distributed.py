@@ -110,16 +110,29 @@ def worker_threads(setting: int | None, local_world_size: int = 1) -> tuple[int,
     return max(1, min(share, free)), f"{why}, {idle:.1f} of them idle at the start"
 
 
+class WorkerLost(RuntimeError):
+    """Another worker of the process group stopped (its own error says why)."""
+
+
+LOST = "another worker stopped (its error, above, says what to fix); rerun the same command when fixed"
+
+
 def barrier(ctx: WorkerContext) -> None:
     if ctx.distributed:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:  # gloo / NCCL: a peer closed the connection
+            raise WorkerLost(LOST) from None
 
 
 def gather(ctx: WorkerContext, value: Any) -> list[Any]:
     if not ctx.distributed:
         return [value]
     values: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(values, value)
+    try:
+        dist.all_gather_object(values, value)
+    except RuntimeError:
+        raise WorkerLost(LOST) from None
     return values
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,14 @@ def _rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB"), [*notes, note]
 
 
+def _open(data: bytes) -> Image.Image:
+    """Pillow's image of the bytes; its 'cannot identify' error without the repr of the buffer it read."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("not an image format Pillow reads, or a damaged file") from None
+
+
 def decode_rgb(data: bytes) -> tuple[Image.Image, list[str]]:
     """The one decoder of user images: (the RGB image the bytes hold, the conversions made).
 
@@ -106,7 +114,7 @@ def decode_rgb(data: bytes) -> tuple[Image.Image, list[str]]:
     integers outside 0..65535 and floats outside 0..1 raise UnsupportedImage; undecodable bytes raise
     Pillow's error (OSError, ValueError, DecompressionBombError ...).
     """
-    with Image.open(io.BytesIO(data)) as img:
+    with _open(data) as img:
         img.load()
         img, notes = _oriented(img)
         rgb, more = _rgb(img)
@@ -116,7 +124,7 @@ def decode_rgb(data: bytes) -> tuple[Image.Image, list[str]]:
 def decode_mask(data: bytes) -> Image.Image:
     """A mask or ROI file as an L image with 0/255 (255 where any colour channel is non-zero), turned upright
     by its EXIF orientation exactly as `decode_rgb` turns the image."""
-    with Image.open(io.BytesIO(data)) as img:
+    with _open(data) as img:
         img.load()
         img, _ = _oriented(img)
         if img.mode in ("P", "PA"):
@@ -128,6 +136,11 @@ def decode_mask(data: bytes) -> Image.Image:
         array = np.asarray(img)
         inside = array.reshape(*array.shape[:2], -1).any(axis=2) if array.ndim == 3 else array != 0
         return Image.fromarray(np.where(inside, 255, 0).astype(np.uint8), "L")
+
+
+def is_grey(notes: list[str]) -> bool:
+    """Whether `decode_rgb` made these notes of a one-channel image (grey, 1-bit, 16-bit, 32-bit or float)."""
+    return any("grey" in note or note.startswith("1-bit") for note in notes)
 
 
 class Conversions:
@@ -147,7 +160,7 @@ class Conversions:
     @property
     def grey(self) -> int:
         """Images that were one-channel (grey, 1-bit, 16-bit, 32-bit or float)."""
-        return sum(n for note, n in self.counts.items() if "grey" in note or note.startswith("1-bit"))
+        return sum(n for note, n in self.counts.items() if is_grey([note]))
 
     def summary(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))

@@ -57,6 +57,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], UNetConf
                 f"checkpoint {path} is not a plain state dict (it pickles Python objects, which are never "
                 "loaded): save it with torch.save(model.state_dict(), path)"
             ) from None
+        if path.read_bytes()[:1] == b"\x80":  # a pickle stream (pickle.dump), not torch.save's zip archive
+            raise CheckpointError(
+                f"checkpoint {path} is a plain pickle, refused: loading a pickle can run code, so only torch.save "
+                "state dicts are read; save it with torch.save(model.state_dict(), path) or as .safetensors"
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch.save file or damaged") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear line
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None

@@ -20,12 +20,12 @@ from omegaconf import DictConfig
 
 from dmgr import CONF_DIR, __version__
 from dmgr.cli import stop_on_interrupt
-from dmgr.distributed import barrier, gather, init_workers, shutdown, worker_threads
+from dmgr.distributed import WorkerLost, barrier, gather, init_workers, shutdown, worker_threads
 from dmgr.models import CheckpointError
 from dmgr.shards import LockHeld, ShardWriteError, write_manifest
 from dmgr.shards.locks import acquire, release
 from dmgr.shards.manifest import read_manifest, write_json_atomic
-from dmgr.synth.config import ConfigError, RunSpec, validate
+from dmgr.synth.config import EXECUTION_KEYS, ConfigError, RunSpec, changed_settings, validate
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import worker_index
 from dmgr.synth.worker import NonFiniteSample, run_metrics, run_worker, shard_records
@@ -45,23 +45,39 @@ def _raise_preempted(signum: int, frame: object) -> None:
     raise Preempted(signal.Signals(signum).name)
 
 
+def _check_out_dir(spec: RunSpec) -> bool:
+    """Whether out_dir already holds this run (False: no run yet); another run there is a RunError naming the
+    settings that changed. Reads only: checked before anything is loaded or trained."""
+    path = spec.out_dir / "run.json"
+    if not path.exists():
+        return False
+    previous = _run_record(path)
+    if previous.get("identity") == spec.identity:
+        return True
+    if isinstance(previous.get("inputs"), dict):
+        changes = changed_settings(previous["inputs"], spec.identity_inputs or {})
+    else:  # a run.json from before the inputs were kept: compare the settings
+        execution = set(EXECUTION_KEYS)
+        changes = changed_settings({k: v for k, v in (previous.get("config") or {}).items() if k not in execution},
+                                   {k: v for k, v in spec.resolved.items() if k not in execution})
+    what = "; ".join(changes[:3]) + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
+    raise RunError(
+        f"out_dir={spec.out_dir} holds another run ({what or 'its identity ' + str(previous.get('identity'))}): "
+        "set these back to resume it, or choose a new out_dir (or leave it unset)"
+    )
+
+
 def _claim_out_dir(spec: RunSpec) -> None:
     """Record the run's identity in out_dir; refuse to mix two different runs in one directory."""
-    path = spec.out_dir / "run.json"
-    if path.exists():
-        previous = _run_identity(path)
-        if previous != spec.identity:
-            raise RunError(
-                f"out_dir={spec.out_dir} holds another run (config {previous}, this one {spec.identity}): "
-                "choose a new out_dir or leave it unset"
-            )
+    if _check_out_dir(spec):
         return
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"identity": spec.identity, "config": spec.resolved})
+    write_json_atomic(spec.out_dir / "run.json",
+                      {"identity": spec.identity, "inputs": spec.identity_inputs, "config": spec.resolved})
 
 
-def _run_identity(path: Path) -> str | None:
-    """The identity run.json records; an unreadable run.json is a one-line RunError naming it and the fix."""
+def _run_record(path: Path) -> dict:
+    """What run.json records; an unreadable run.json is a one-line RunError naming it and the fix."""
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
@@ -71,7 +87,7 @@ def _run_identity(path: Path) -> str | None:
             f"{path} is unreadable ({type(exc).__name__}: {exc}): if this out_dir holds only this run, delete "
             "run.json and rerun (it is written again), else choose a new out_dir"
         ) from None
-    return data.get("identity")
+    return data
 
 
 def _file_logging(spec: RunSpec, worker: int) -> logging.Handler:
@@ -111,13 +127,18 @@ def synthesise(spec: RunSpec) -> dict | None:
         threads, why = worker_threads(spec.threads, ctx.local_world_size)
         torch.set_num_threads(threads)
         worker, num_workers = worker_index(ctx.rank, ctx.world_size, spec.array.task_id, spec.array.task_count)
+        _check_out_dir(spec)  # another run there is refused before the models load or the screen trains
         engine = load_engine(spec, ctx.device)
         if ctx.rank == 0:
             _claim_out_dir(spec)
         barrier(ctx)
         if ctx.rank != 0:
             _claim_out_dir(spec)
-        handler = _file_logging(spec, worker)
+        worker_lock = acquire(
+            spec.out_dir / "locks" / f"worker-{worker:04d}-of-{num_workers:04d}.lock",
+            f"worker {worker} of {num_workers} in out_dir={spec.out_dir}",
+        )
+        handler = _file_logging(spec, worker)  # after the lock: a refused job writes nothing into the log
         log.info("worker %d/%d: %d intra-op threads (%s), pid %d", worker, num_workers, threads, why, os.getpid())
         if spec.batch_size > spec.samples_per_shard and worker == 0:
             log.warning(
@@ -125,10 +146,6 @@ def synthesise(spec: RunSpec) -> dict | None:
                 "at most %d samples; raise samples_per_shard (e.g. to 1000) for large GPU batches",
                 spec.batch_size, spec.samples_per_shard, spec.samples_per_shard,
             )
-        worker_lock = acquire(
-            spec.out_dir / "locks" / f"worker-{worker:04d}-of-{num_workers:04d}.lock",
-            f"worker {worker} of {num_workers} in out_dir={spec.out_dir}",
-        )
         stats = run_worker(spec, engine, worker, num_workers, position=ctx.local_rank)
         everyone = gather(ctx, asdict(stats))
         barrier(ctx)
@@ -224,7 +241,7 @@ def main(cfg: DictConfig) -> dict | None:
         log.error("skipping this sweep point: %s", exc)
         _record_sweep_point(job_dir, cfg, {"status": "skipped", "reason": str(exc)})
         return None
-    except (ShardWriteError, NonFiniteSample) as exc:
+    except (ShardWriteError, NonFiniteSample, WorkerLost) as exc:
         print(f"dmgr-synth: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except OSError as exc:  # the disk (full, read-only, gone) outside the shard writer: one line, no traceback

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from dmgr import DEMO_DATA
-from dmgr.images import Conversions, decode_mask, decode_rgb, list_images, resize_center_crop
+from dmgr.images import Conversions, decode_mask, decode_rgb, is_grey, list_images, resize_center_crop
 from dmgr.schema import fail
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Background:
     roi_sha256: str = ""  # of the ROI file's bytes
     size: tuple[int, int] = (0, 0)  # (width, height) in pixels, upright
     class_rois: tuple[ClassRoi, ...] = ()  # per-class ROIs (a manifest's {"class": "roi.png"})
+    grey: bool = False  # a one-channel image: its samples are written grey (L), as it came
 
 
 @dataclass(frozen=True)
@@ -269,17 +271,24 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _decoded_size(data: bytes, conversions: Conversions, name: str) -> tuple[int, int]:
-    """(width, height) of the upright image, the conversions counted."""
+def _decoded_size(data: bytes, conversions: Conversions, name: str) -> tuple[tuple[int, int], bool]:
+    """((width, height) of the upright image, whether it is one-channel), the conversions counted."""
     image, notes = decode_rgb(data)
     conversions.add(notes, name)
-    return image.size
+    return image.size, is_grey(notes)
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The bytes of a regular file; a FIFO, device or socket (whose read could block forever) is an OSError."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise OSError(f"not a regular file (a FIFO, device or socket): {path}")
+    return path.read_bytes()
 
 
 def _read_roi(roi: Path, size: tuple[int, int]) -> tuple[str | None, str]:
     """(reason the ROI cannot be used or None, sha256 of its bytes or "")."""
     try:
-        roi_data = roi.read_bytes()
+        roi_data = _file_bytes(roi)
         roi_size = decode_mask(roi_data).size
     except Exception as exc:  # noqa: BLE001
         return f"ROI {roi.name} unreadable ({type(exc).__name__})", ""
@@ -291,40 +300,41 @@ def _read_roi(roi: Path, size: tuple[int, int]) -> tuple[str | None, str]:
 
 
 def _check(image: Path, roi: Roi, g: Geometry,
-           conversions: Conversions) -> tuple[str | None, str, str, tuple[int, int], tuple[ClassRoi, ...]]:
+           conversions: Conversions) -> tuple[str | None, str, str, tuple[int, int], tuple[ClassRoi, ...], bool]:
     """(reason to skip or None, sha256 of the image file, sha256 of the ROI file or "", (width, height) or
-    (0, 0) when undecodable, per-class ROIs)."""
+    (0, 0) when undecodable, per-class ROIs, whether the image is one-channel)."""
     try:
-        data = image.read_bytes()
+        data = _file_bytes(image)
     except (OSError, MemoryError) as exc:
-        return f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})", "", "", (0, 0), ()
+        why = getattr(exc, "strerror", None) or (str(exc).split(":")[0] if isinstance(exc, OSError) else "")
+        return f"cannot read ({why or type(exc).__name__})", "", "", (0, 0), (), False
     digest = hashlib.sha256(data).hexdigest()
     try:
-        size = _decoded_size(data, conversions, image.name)
+        size, grey = _decoded_size(data, conversions, image.name)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a skipped image
-        return f"unreadable image ({type(exc).__name__}: {str(exc)[:160]})", digest, "", (0, 0), ()
+        return f"unreadable image ({type(exc).__name__}: {str(exc)[:160]})", digest, "", (0, 0), (), False
     width, height = size
     if min(width, height) < g.crop:
         return (f"{width}x{height} is smaller than one context crop ({g.crop} px at dataset.scale={g.scale:g})",
-                digest, "", size, ())
+                digest, "", size, (), grey)
     if isinstance(roi, dict):
         own = []
         for class_name, path in roi.items():
             reason, roi_digest = _read_roi(path, size)
             if reason is not None:
-                return f"{reason} (class {class_name}: {path.name})", digest, "", size, ()
+                return f"{reason} (class {class_name}: {path.name})", digest, "", size, (), grey
             room = bool(_corners((str(path), path.name, roi_digest), size, g.window, g.border).any())
             own.append(ClassRoi(class_name, path.resolve(), roi_digest, room))
-        return None, digest, "", size, tuple(own)
+        return None, digest, "", size, tuple(own), grey
     roi_digest = ""
     if roi is not None:
         reason, roi_digest = _read_roi(roi, size)
         if reason is not None:
-            return reason, digest, roi_digest, size, ()
+            return reason, digest, roi_digest, size, (), grey
     key = None if roi is None else (str(roi), roi.name, roi_digest)
     if not _corners(key, size, g.window, g.border).any():
-        return f"no room for a {g.window} px window (margin {g.border} px)", digest, roi_digest, size, ()
-    return None, digest, roi_digest, size, ()
+        return f"no room for a {g.window} px window (margin {g.border} px)", digest, roi_digest, size, (), grey
+    return None, digest, roi_digest, size, (), grey
 
 
 def fitting_scale(image_size: int, shorter_side: int) -> float:
@@ -345,14 +355,14 @@ def scan_backgrounds(source: str | Path, image_size: int, window_size: int, marg
     digest = hashlib.sha256(f"native size={image_size} window={window_size} scale={scale!r}".encode())
     for image, roi in entries:
         name = _relative(image, root)
-        reason, sha, roi_sha, size, class_rois = _check(image, roi, g, conversions)
+        reason, sha, roi_sha, size, class_rois, grey = _check(image, roi, g, conversions)
         sides.append(min(size))
         if reason is not None:
             skipped.append((name, reason))
             log.warning("skipping background %s: %s", name, reason)
             continue
         plain = roi.resolve() if isinstance(roi, Path) else None
-        items.append(Background(image.resolve(), name, sha, plain, roi_sha, size, class_rois))
+        items.append(Background(image.resolve(), name, sha, plain, roi_sha, size, class_rois, grey))
         own = "".join(f"\0{c.class_name}={c.sha256}" for c in class_rois)
         digest.update(f"{name}\0{sha}\0{roi_sha}{own}\n".encode())
     conversions.report(log, f"backgrounds in {source}")

@@ -58,6 +58,8 @@ EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue",
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MASK_CHOICES = ("auto", *MASK_METHODS)
 Fraction = Annotated[float, Field(ge=0, le=1)]
+MAX_CANDIDATES = 64  # dataset.placement.candidates: windows scored per defect
+MAX_NOISE_LEVELS = 10  # dataset.placement.noise_levels
 
 
 def parse_seeds(value: Any) -> Sequence[int]:
@@ -111,6 +113,15 @@ class PlacementSettings:
     #   than screen.max_attempts (one counter per seed), so a last screened attempt that is empty is made again
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked | skip: drop the seed
     min_areas: tuple[float, ...] | None = None  # set by validate: per class, the minimum mask area
+
+    def __post_init__(self) -> None:
+        if self.candidates > MAX_CANDIDATES:
+            fail("dataset.placement.candidates", self.candidates, f"at most {MAX_CANDIDATES} windows per defect "
+                 "(each is scored in classes x noise_levels local-model passes, held in memory at once): give "
+                 f"{MAX_CANDIDATES} or fewer (4 and 8 are measured in docs/evaluation.md)")
+        if self.noise_levels > MAX_NOISE_LEVELS:
+            fail("dataset.placement.noise_levels", self.noise_levels, f"at most {MAX_NOISE_LEVELS} (each multiplies "
+                 f"the placement's passes and memory): give {MAX_NOISE_LEVELS} or fewer")
 
 
 @dataclass(frozen=True)
@@ -279,6 +290,8 @@ class ScreenSettings:
     classifier_steps: Count() = ScreenClassifierSettings.steps  # the screen classifier's training (cached)
     cache_dir: UserPath = SCREEN_CACHE
     data_digest: str | None = None  # set by validate: of the training patches and masks (part of the identity)
+    classifier_key: str | None = None  # set by validate: the digest of every input of the screen's classifier
+    #   (its cache name, part of the identity)
 
     def thresholds(self) -> dict:
         return {"min_fidelity": self.min_fidelity, "max_mask_outside": self.max_mask_outside,
@@ -377,6 +390,7 @@ class RunSpec:
     nonfinite: NonfiniteSettings = NonfiniteSettings()
     screen: ScreenSettings = ScreenSettings()
     performance: PerformanceSettings = PerformanceSettings()
+    identity_inputs: dict | None = None  # what the identity hashes (run.json keeps it, to name a change)
 
     @property
     def available_masks(self) -> tuple[str, ...]:
@@ -487,9 +501,9 @@ def _respaced_steps(diffusion_steps: int, respacing: str) -> int:
              f"{detail}: use a step count like 50, section counts like 10,10,5, or ddimN")
 
 
-def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> str:
-    """A hash of what determines the samples: the settings, the checkpoints' contents (not their paths)
-    and the background list's digest (not its path)."""
+def identity_inputs(resolved: dict, model: ModelSpec, images_digest: str | None) -> dict:
+    """What determines the samples: the settings, the checkpoints' contents (not their paths), the background
+    list's digest (not its path) and, with the screen, its classifier's key; the run's identity is its hash."""
     kept = {k: v for k, v in resolved.items() if k not in EXECUTION_KEYS}
     screen = kept.pop("screen", None)
     if screen and screen.get("enabled"):  # off, the screen's settings stay out of the identity
@@ -504,7 +518,23 @@ def _identity(resolved: dict, model: ModelSpec, images_digest: str | None) -> st
         kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}
     if images_digest is not None:
         kept["dataset"] = {**kept["dataset"], "images": images_digest}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return json.loads(json.dumps(kept, default=str))
+
+
+def identity_of(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key: before -> now' for every dotted key whose value differs between two nested dicts."""
+    changes = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b, name = before.get(key), now.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += changed_settings(a, b, f"{name}.")
+        elif a != b:
+            changes.append(f"{name}: {json.dumps(a, default=str)[:60]} -> {json.dumps(b, default=str)[:60]}")
+    return changes
 
 
 def _mask_method(method: str, dataset: DatasetSettings, model: ModelSpec) -> str:
@@ -548,20 +578,29 @@ def _device(value: str) -> str:
     return device
 
 
-def _screen_data(screen: ScreenSettings, dataset: DatasetSettings) -> ScreenSettings:
-    """The enabled screen with its training data found and digested (the digest joins the run's identity)."""
+def screen_classifier_settings(screen: ScreenSettings, dataset: DatasetSettings) -> ScreenClassifierSettings:
+    """The training settings of the run's screen classifier."""
+    return ScreenClassifierSettings(window=dataset.window_size, steps=screen.classifier_steps,
+                                    area_quantile=screen.area_quantile)
+
+
+def _screen_data(screen: ScreenSettings, dataset: DatasetSettings, backgrounds: Backgrounds) -> ScreenSettings:
+    """The enabled screen with its training data found and digested, and its classifier's key (both join the
+    run's identity)."""
     root = _find_path(str(screen.data_root))
     if root is None or not (root / "local").is_dir():
         root = demo_patches(str(screen.data_root), dataset.classes)
     if root is None or not (root / "local").is_dir():
         fail("screen.data_root", str(screen.data_root), "a data root with local/<class>/ training patches and their "
              "masks (your local model's training data), or screen.enabled=false")
-    from dmgr.synth.screen_classifier import data_digest  # local import keeps config import light
+    from dmgr.synth.screen_classifier import classifier_key, data_digest  # local import keeps config import light
 
     try:
-        return dataclasses.replace(screen, data_root=root, data_digest=data_digest(root, dataset.classes))
+        digest = data_digest(root, dataset.classes)
     except FileNotFoundError as exc:
         fail("screen.data_root", str(root), str(exc))
+    key = classifier_key(digest, backgrounds, dataset.classes, screen_classifier_settings(screen, dataset))
+    return dataclasses.replace(screen, data_root=root, data_digest=digest, classifier_key=key)
 
 
 def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> None:
@@ -632,7 +671,7 @@ def read_inputs(settings: SynthSettings, model: ModelSettings, nets: Sequence[Ne
         _check_class_rois(dataset, backgrounds)
     dataset = _size_prior(dataset)
     if screen.enabled:
-        screen = _screen_data(screen, dataset)
+        screen = _screen_data(screen, dataset, backgrounds)
     return spec, dataset, backgrounds, screen
 
 
@@ -668,8 +707,10 @@ def validate(cfg: DictConfig) -> RunSpec:
     if screen.enabled:
         resolved["screen"]["data_root"] = str(screen.data_root)
         resolved["screen"]["data_digest"] = screen.data_digest
+        resolved["screen"]["classifier_key"] = screen.classifier_key
     resolved["performance"] = dataclasses.asdict(settings.performance)
-    identity = _identity(resolved, model, backgrounds.digest if backgrounds is not None else None)
+    inputs = identity_inputs(resolved, model, backgrounds.digest if backgrounds is not None else None)
+    identity = identity_of(inputs)
     if settings.out_dir:
         out_dir = Path(settings.out_dir).expanduser()
     else:
@@ -695,6 +736,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         sampler=sampler,
         resolved=resolved,
         identity=identity,
+        identity_inputs=inputs,
         backgrounds=backgrounds,
         threads=None if settings.threads == "auto" else settings.threads,
         nonfinite=settings.nonfinite,

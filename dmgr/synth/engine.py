@@ -81,12 +81,12 @@ def load_screen(spec: RunSpec) -> object | None:
     """The screen classifier (trained on first use, then from screen.cache_dir), or None without the screen."""
     if not spec.screen.enabled:
         return None
-    from dmgr.synth.screen_classifier import ScreenClassifierSettings, load_screen_classifier
+    from dmgr.synth.config import screen_classifier_settings
+    from dmgr.synth.screen_classifier import load_screen_classifier
 
-    settings = ScreenClassifierSettings(window=spec.dataset.window_size, steps=spec.screen.classifier_steps,
-                                      area_quantile=spec.screen.area_quantile)
+    settings = screen_classifier_settings(spec.screen, spec.dataset)
     return load_screen_classifier(spec.screen.data_root, spec.dataset.classes, spec.backgrounds, settings,
-                              spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
+                                  spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
 
 
 @dataclass
@@ -240,6 +240,9 @@ def placement_levels(num_steps: int, count: int) -> list[int]:
     return [round((0.1 + 0.4 * i / (count - 1)) * (num_steps - 1)) for i in range(count)]
 
 
+PLACEMENT_ROWS = 512  # windows x classes x levels per forward of the placement score (the default's 72: one)
+
+
 @torch.no_grad()
 def placement_scores(model: torch.nn.Module, diffusion: Diffusion, windows: torch.Tensor, class_id: int,
                      num_classes: int, levels: list[int], g: torch.Generator, precision: str = "fp32") -> torch.Tensor:
@@ -260,7 +263,10 @@ def placement_scores(model: torch.nn.Module, diffusion: Diffusion, windows: torc
         noises.append(eps[:, :3].repeat(num_classes, 1, 1, 1))
         steps.append(diffusion.model_timesteps(index, k * num_classes, windows.device))
     labels = torch.arange(num_classes, device=windows.device).repeat_interleave(k).repeat(len(levels))
-    predicted = model_eps(model, torch.cat(inputs), torch.cat(steps), labels, precision)[:, :3]
+    inputs, steps = torch.cat(inputs), torch.cat(steps)
+    predicted = torch.cat([model_eps(model, inputs[i : i + PLACEMENT_ROWS], steps[i : i + PLACEMENT_ROWS],
+                                     labels[i : i + PLACEMENT_ROWS], precision)[:, :3]
+                           for i in range(0, len(labels), PLACEMENT_ROWS)])
     error = (predicted - torch.cat(noises)).pow(2).flatten(1).mean(1).view(len(levels), num_classes, k)
     return (error[:, class_id] - error.mean(1)).mean(0).cpu()
 
@@ -358,7 +364,16 @@ def sample_into_backgrounds(
                 "final_loss": float(result.final_loss[j]),
                 **({"placement": choices[j][1]} if choices[j][1] else {}),
             })
-    return Batch(canvas, unions, defects, finite, crop=crop, grid=grid, input=inputs)
+    grey = [spec.backgrounds.items[p.background].grey for p in plans]
+    return Batch([as_input_mode(c, g) for c, g in zip(canvas, grey)], unions, defects, finite, crop=crop, grid=grid,
+                 input=[as_input_mode(f, g) for f, g in zip(inputs, grey)])
+
+
+def as_input_mode(frame: np.ndarray, grey: bool) -> np.ndarray:
+    """An (H, W, 3) uint8 frame in its input's mode: as is, or for a grey input (H, W) by Pillow's luma
+    (integer weights summing to 1: a pixel with three equal channels keeps its value, so outside the masks the
+    frame is the decoded input exactly; inside, the generated colour becomes grey)."""
+    return np.asarray(Image.fromarray(frame).convert("L")) if grey else frame
 
 
 def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:

@@ -2,10 +2,16 @@
 (DATA_ROOT/local/<class>/NAME.png, one label per class) plus clean windows cut from the defect-free images
 (one more label, `clean`). Its record also holds each class's plausible mask area, from the training masks.
 
-Cached under a name that hashes the inputs' contents and the settings, so the synthesis job and
-`python -m dmgr.synth.screen_classifier` (train it ahead, once for every worker) share it:
+Cached under a name that hashes every input of it (the patches' and images' contents, the geometry its clean
+windows are cut with, the classes and the training settings), so the synthesis job and
+`python -m dmgr.synth.screen_classifier` (train it ahead, once for every worker) share it. Given the job's own
+overrides, the command trains exactly the classifier that run loads:
 
+python -m dmgr.synth.screen_classifier dataset.images=/data/boards screen.data_root=data/boards seeds=0-9999
 python -m dmgr.synth.screen_classifier --data-root outputs/pcb-data --images outputs/pcb-backgrounds/global
+
+A cache entry that cannot be read (a truncated file, a damaged or missing record) is set aside as
+`<name>.damaged` with one warning and trained again.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class ScreenClassifier:
     classes: tuple[str, ...]  # the defect classes; label len(classes) is clean
     area_ranges: dict[str, tuple[float, float]]  # per class, at the window size
     record: dict
+    digest: str = ""  # sha256 of the weights file
 
 
 def class_files(data_root: Path, classes: tuple[str, ...]) -> dict[str, list[Path]]:
@@ -137,9 +144,44 @@ def user_patches(
     return Patches(x[~held], empty, y[~held]), Patches(x[held], empty, y[held])
 
 
-def classifier_key(data: str, backgrounds: str, classes: tuple[str, ...], settings: ScreenClassifierSettings) -> str:
-    text = json.dumps([data, backgrounds, list(classes), asdict(settings)], sort_keys=True)
+def classifier_key(data: str, backgrounds: Backgrounds, classes: tuple[str, ...],
+                   settings: ScreenClassifierSettings) -> str:
+    """A digest of every input of the classifier: its training patches (`data`), the defect-free images and
+    the geometry the clean windows are cut with (the backgrounds' digest holds image_size, window_size and
+    scale, the geometry adds the margin), the classes, and the training settings."""
+    text = json.dumps([data, backgrounds.digest, asdict(backgrounds.geometry), list(classes), asdict(settings)],
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _area_ranges(record: dict) -> dict[str, tuple[float, float]]:
+    return {c: (float(lo), float(hi)) for c, (lo, hi) in record["area_ranges"].items()}
+
+
+def _cached(path: Path, classes: tuple[str, ...], key: str) -> tuple[PatchClassifier, dict] | None:
+    """(model, record) of the cache entry at `path`, or None when there is none. An entry that cannot be used
+    (truncated weights, a damaged or missing record) is set aside as `<name>.damaged` with one warning."""
+    if not path.exists():
+        return None
+    meta = path.with_suffix(".json")
+    try:
+        record = json.loads(meta.read_text())
+        if not isinstance(record, dict) or record.get("key") != key:
+            raise ValueError(f"{meta.name} is not this classifier's record")
+        _area_ranges(record), float(record["validation_accuracy"])
+        model = PatchClassifier(len(classes) + 1)
+        model.load_state_dict(load_file(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry is retrained, named in one line
+        for f in (path, meta):
+            try:
+                os.replace(f, f.with_name(f"{f.name}.damaged"))
+            except OSError:
+                pass
+        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+        log.warning("screen classifier cache %s is unusable (%s%s): set aside as %s.damaged, training it again",
+                    path, type(exc).__name__, f": {reason}" if reason else "", path.name)
+        return None
+    return model, record
 
 
 def load_screen_classifier(
@@ -154,12 +196,11 @@ def load_screen_classifier(
     """The screen classifier for these inputs and settings from cache_dir, trained (and cached) on first use.
     `data` is data_digest(data_root, classes) when the caller already has it."""
     data = data or data_digest(data_root, classes)
-    key = classifier_key(data, backgrounds.digest, classes, settings)
+    key = classifier_key(data, backgrounds, classes, settings)
     path = Path(cache_dir) / f"screen-classifier-{key}.safetensors"
-    if path.exists():
-        model = PatchClassifier(len(classes) + 1)
-        model.load_state_dict(load_file(path))
-        record = json.loads(path.with_suffix(".json").read_text())
+    cached = _cached(path, classes, key)
+    if cached is not None:
+        model, record = cached
         log.info("screen classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
     else:
         start = time.perf_counter()
@@ -189,8 +230,9 @@ def load_screen_classifier(
         tmp.replace(path)  # the weights last: a present .safetensors always has its record
         log.info("screen classifier trained in %.0f s: held-out accuracy %.3f -> %s",
                  record["train_seconds"], record["validation_accuracy"], path)
-    ranges = {c: (float(lo), float(hi)) for c, (lo, hi) in record["area_ranges"].items()}
-    return ScreenClassifier(model.eval(), tuple(classes), ranges, record)
+    ranges = _area_ranges(record)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ScreenClassifier(model.eval(), tuple(classes), ranges, record, digest)
 
 
 @dataclass(frozen=True)
@@ -213,11 +255,35 @@ class ScreenInputs:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dmgr.synth.screen_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the synthesis job's overrides, as given to python -m dmgr.synth: trains the classifier "
+                        "that run loads (then the options below are not used)")
     add_settings(p, ScreenInputs)
     add_settings(p.add_argument_group("classifier (screen.classifier_steps, screen.area_quantile)"),
                  ScreenClassifierSettings, help={"window": "dataset.window_size", "steps": "screen.classifier_steps",
                                                 "area_quantile": "screen.area_quantile"})
     return p
+
+
+def _for_run(overrides: list[str]) -> ScreenClassifier:
+    """The classifier of the run these job overrides give, trained or found in its screen.cache_dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from dmgr import CONF_DIR
+    from dmgr.schema import ConfigError
+    from dmgr.synth.config import validate
+    from dmgr.synth.engine import load_screen
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            spec = validate(compose(config_name="synth", overrides=overrides))
+        if not spec.screen.enabled:
+            raise ConfigError("screen.enabled=False: this run has no screen classifier to train")
+    except (ConfigError, HydraException) as exc:
+        print(f"dmgr.synth.screen_classifier: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    return load_screen(spec)
 
 
 @stop_on_interrupt("dmgr.synth.screen_classifier")
@@ -226,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     cli = parser()
     args = cli.parse_args(argv)
+    if args.overrides:
+        screen = _for_run(args.overrides)
+        print(json.dumps(screen.record, indent=1))
+        return
     inputs, settings = settings_from(cli, args, ScreenInputs), settings_from(cli, args, ScreenClassifierSettings)
     try:
         if inputs.classes is None:

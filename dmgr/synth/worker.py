@@ -108,11 +108,16 @@ def add_metrics(total: dict[str, float], more: dict[str, float]) -> dict[str, fl
     return {**total, **{key: total.get(key, 0) + value for key, value in more.items()}}
 
 
+def three_channels(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) of an RGB or a grey (H, W) uint8 image: the screen reads grey samples as the channels equal."""
+    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+
+
 def screen_scores(engine: Engine, spec: RunSpec, sample: dict) -> tuple[dict, list[str]]:
     """(scores, reasons for rejection) of one real-image sample (dmgr.synth.screen)."""
     meta = sample["json"]
-    image, mask = np.asarray(sample["png"]), np.asarray(sample["mask.png"]) > 0
-    given = sample[GIVEN]
+    image, mask = three_channels(np.asarray(sample["png"])), np.asarray(sample["mask.png"]) > 0
+    given = three_channels(sample[GIVEN])
     model, classes = engine.screen.model, engine.screen.classes
     defects = meta["defects"]
     size = spec.dataset.window_size
@@ -262,8 +267,9 @@ def made_with(spec: RunSpec, engine: Engine) -> dict:
     device = str(engine.device)
     if engine.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(engine.device)})"
+    screen = {"screen_classifier": engine.screen.digest[:12]} if engine.screen is not None else {}
     return {"batch_size": spec.batch_size, "threads": torch.get_num_threads(), "device": device,
-            "torch": torch.__version__, "cpu": cpu_name()}
+            "torch": torch.__version__, "cpu": cpu_name(), **screen}
 
 
 def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: ProgressBar,
@@ -421,10 +427,13 @@ def adopt_legacy_shard(path: Path, k: int, seeds: Sequence[int], spec: RunSpec, 
         return f"sha256 {digest[:12]} differs from the manifest's {str(published.get('sha256'))[:12]}"
     metrics: dict[str, float] = {}
     for meta in metas.values():
+        if "screen" in meta:  # the screen's counts, as make_shard sums them
+            metrics = add_metrics(metrics, screen_metrics(meta))
         metrics = add_metrics(metrics, sample_metrics(meta))
+    screened = {"skipped_seeds": []} if spec.screen.enabled or spec.dataset.placement.on_exhausted == "skip" else {}
     write_record(path, {"name": path.name, "index": k, "bytes": path.stat().st_size, "sha256": digest,
                         "samples": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
-                        "members": list(members), "metrics": metrics})
+                        "members": list(members), "metrics": metrics, **screened})
     log.info("shard %s had no record: every member decodes and matches this run's config, adopted", path.name)
     return None
 
