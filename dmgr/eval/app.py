@@ -5,6 +5,8 @@ python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
 python -m dmgr.eval downstream --task classes --run real=outputs/<run> -> OUT/downstream-classes.{md,json}: per-class
                                                                AP and IoU of a 7-class segmenter per source
+python -m dmgr.eval models --local CKPT --data-root DATA_ROOT -> CKPT's folder/models-check/: per class, samples
+                                                               beside their nearest training patches; memorisation
 """
 
 from __future__ import annotations
@@ -122,6 +124,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/eval)")
     m.add_argument("--real-per-class", type=int, default=REAL_PER_CLASS,
                    help=f"real defects rendered per class (default {REAL_PER_CLASS})")
+    c = sub.add_parser("models", parents=[common], help="a local model's samples against its training patches: "
+                       "are they copies? (dmgr/eval/models.py)")
+    c.add_argument("--local", type=Path, required=True, help="the local model's checkpoint (ema.safetensors)")
+    c.add_argument("--data-root", type=Path, required=True, help="the data root it was trained on")
+    c.add_argument("--out", type=Path, default=None, help="report folder (default: the checkpoint's models-check/)")
+    c.add_argument("--n", type=int, default=16, help="samples per class")
+    c.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
+    c.add_argument("--device", default="cpu", help="cpu or cuda")
     d = sub.add_parser(
         "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
     )
@@ -220,6 +230,12 @@ def _main(argv: list[str] | None) -> None:
         if args.record:
             record_quality(args.run_dir, sets)
         print(json.dumps(quality_block(sets)))
+        return
+    if args.command == "models":
+        from dmgr.eval.models import run as check_models
+
+        report = check_models(args.local, args.data_root, args.out, args.n, args.steps, device=args.device)
+        print(report["verdict"])
         return
     if args.command == "masks":
         if not (args.run_dir / "shards").is_dir():
