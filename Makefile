@@ -34,7 +34,7 @@ DEMO_MASK_STEPS ?= 1500
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv backgrounds synth test test-fast bench bench-job lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv
+.PHONY: help venv backgrounds synth test test-fast bench bench-job bench-train lint preview eval eval-runs eval-runs-boards downstream sweep sweep-report slurm data train-global train-local train-local-mask train-demo clean-venv detect-env
 
 # `make` alone prints this list; every target's text is the `##` comment on its rule line.
 help: ## this list of targets
@@ -62,7 +62,7 @@ synth: venv backgrounds ## run the synthesis job (the demo: 16 defects into real
 
 # Two pytest workers, one test module at a time each (tests/conftest.py orders the long modules first).
 TEST_WORKERS ?= 2
-test: venv ## the whole test suite, two pytest workers (TEST_WORKERS=N)
+test: venv detect-env ## the whole test suite, two pytest workers (TEST_WORKERS=N); first use builds .venv-detect
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
 
 # Everything but the end-to-end tests (marked pytest.mark.slow where they are defined): about a minute.
@@ -76,6 +76,11 @@ bench: venv ## the sampler's seconds per image, network passes and FLOPs (DEVICE
 # make bench-job: the whole job's images/s with 1 and 2 workers and with a null shard writer.
 bench-job: venv ## the whole job's images/s: 1 against 2 workers, and the shard writer's cost
 	$(PY) -m dmgr.bench_job $(ARGS)
+
+# make bench-train: the loader's tiles/s on 2448x2048 grey frames, then per architecture and data set steps/s,
+# images/s, data wait, FLOPs per step against the matmul rate, peak memory (DEVICE=cuda: the presets too).
+bench-train: venv ## training cost: loader tiles/s, steps/s, data wait, FLOPs, peak memory per architecture
+	$(PY) -m dmgr.bench_train --device $(DEVICE) $(ARGS)
 
 lint: venv ## ruff check dmgr tests
 	$(VENV)/bin/ruff check dmgr tests
@@ -149,6 +154,17 @@ slurm: venv ## submit the job as a Slurm array (SLURM_ARRAY, SLURM_GPUS, SLURM_P
 	  $(if $(filter 0,$(SLURM_GPUS)),--gres=none,--gres=gpu:$(SLURM_GPUS)) \
 	  --export=ALL,DMGR_NPROC=$(if $(filter 0,$(SLURM_GPUS)),1,$(SLURM_GPUS)) \
 	  $(SLURM_FLAGS) jobs/slurm_array.sbatch $(ARGS)
+
+# The libraries users load exports with, in their own venv (PyPI's torchvision does not import beside .venv's
+# torch pin): the export tests run its python in a subprocess; other benchmarks may reuse it (YOLO as a judge).
+DETECT_VENV ?= .venv-detect
+DETECT_SPEC ?= torch==2.14.1 torchvision==0.29.1 ultralytics==8.4.190 anomalib==2.7.0 pycocotools==2.0.11
+$(DETECT_VENV)/.installed:
+	$(PYTHON) -m venv $(DETECT_VENV)
+	$(DETECT_VENV)/bin/python -m pip install -q $(DETECT_SPEC)
+	touch $@
+
+detect-env: $(DETECT_VENV)/.installed ## .venv-detect: Ultralytics, anomalib, pycocotools (the export library tests run them)
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)

@@ -1,13 +1,14 @@
 """Exports as the libraries that load them see them: YOLO polygons through OpenCV's fillPoly (the way
-Ultralytics rasterises them), data.yaml paths after a move, anomalib's Folder layout, COCO through pycocotools,
-and the errors of the export and preview commands."""
+Ultralytics rasterises them), data.yaml paths after a move, COCO through pycocotools, and, in .venv-detect
+(`make detect-env`), Ultralytics' check_det_dataset, YOLODataset and a 1-epoch yolov8n-seg, and anomalib's
+Folder datamodule; and the errors of the export and preview commands."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -16,11 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 from product_support import cli
-from synth_support import read_samples, run_synth
+from synth_support import ROOT, read_samples, run_synth
+from test_exports_formats import make_run, real_folder
 from test_own_product import filled, own_mask
 from test_synth_backgrounds import IMAGES, write_boards
 
-from dmgr.export.common import Sample
+from dmgr.export.items import split_of
 from dmgr.export.polygons import components
 from dmgr.export.yolo import label_lines
 from dmgr.shards import dataset
@@ -47,12 +49,6 @@ def run(tmp_path_factory, pool):
 
 def masks_of(run: Path) -> dict[str, tuple[np.ndarray, dict]]:
     return {k: (np.asarray(s["mask.png"].convert("L")) > 127, s["json"]) for k, s in read_samples(run).items()}
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def ultralytics_mask(values: list[float], height: int, width: int, imgsz: tuple[int, int]) -> np.ndarray:
@@ -87,11 +83,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_yolo_polygons_rasterise_back_to_the_mask_under_opencv_fillpoly():
     scores = []
-    for i, mask in enumerate(blob_masks(40)):
+    for mask in blob_masks(40):
         height, width = mask.shape
-        meta = {"defects": [{"class_id": 0, "window_box": [0, 0, width, height]}]}
-        sample = Sample(f"{i:08d}", b"", png(np.where(mask, 255, 0).astype(np.uint8)), meta, None)
-        lines, empty = label_lines(sample, boxes=False)
+        lines, empty = label_lines([(0, mask)], boxes=False)
         assert empty == 0 and lines
         drawn = np.zeros_like(mask)
         for line in lines:
@@ -103,13 +97,13 @@ def test_yolo_polygons_rasterise_back_to_the_mask_under_opencv_fillpoly():
 
 def test_yolo_polygons_of_a_run_rasterise_back_under_opencv_and_data_yaml_survives_a_move(run, tmp_path):
     out = tmp_path / "yolo"
-    cli("dmgr.export", "yolo", str(run), str(out))
+    cli("dmgr.export", "yolo", str(run), str(out), "--val", "0.5")
     masks = masks_of(run)
     assert any(mask.any() for mask, _ in masks.values())
     for key, (mask, meta) in masks.items():
         height, width = mask.shape
         drawn = np.zeros_like(mask)
-        for line in (out / "labels" / f"{key}.txt").read_text().splitlines():
+        for line in (out / "labels" / split_of(int(key), 0.5) / f"{key}.txt").read_text().splitlines():
             drawn |= ultralytics_mask([float(v) for v in line.split()[1:]], height, width, (height, width))
         # a YOLO line is one outer outline: exactly each connected part, its holes filled (the tiny random
         # model's noisy masks have many; trained models' blobs, as in the test above, have none)
@@ -129,8 +123,9 @@ def test_yolo_polygons_of_a_run_rasterise_back_under_opencv_and_data_yaml_surviv
     root = Path(data.get("path") or data_yaml.parent)
     for split in ("train", "val"):
         images = (root / data[split]).resolve()
-        assert images == (moved / "images").resolve() and images.is_dir()
-        assert sorted(p.name for p in images.iterdir()) == sorted(f"{k}.png" for k in masks)
+        assert images == (moved / "images" / split).resolve() and images.is_dir()
+        assert sorted(p.name for p in images.iterdir()) == sorted(f"{k}.png" for k in masks
+                                                                  if split_of(int(k), 0.5) == split)
 
 
 def test_coco_masks_decode_and_score_ap_one_against_themselves(run, tmp_path):
@@ -138,12 +133,13 @@ def test_coco_masks_decode_and_score_ap_one_against_themselves(run, tmp_path):
     from pycocotools.cocoeval import COCOeval
 
     out = tmp_path / "coco"
-    cli("dmgr.export", "coco", str(run), str(out))
-    coco = COCO(str(out / "annotations.json"))
+    cli("dmgr.export", "coco", str(run), str(out), "--val", "0")
+    coco = COCO(str(out / "instances_train.json"))
     masks = masks_of(run)
+    ids = {image["seed"]: image["id"] for image in coco.dataset["images"]}
     for key, (mask, _) in masks.items():
         union = np.zeros_like(mask)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[int(key)])):
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[ids[int(key)]])):
             assert ann["iscrowd"] == 0
             union |= coco.annToMask(ann).astype(bool)
         assert np.array_equal(union, mask)
@@ -186,13 +182,14 @@ def test_anomalib_default_run_gets_normal_images_that_are_no_abnormal_images_bac
     assert abnormal == {k for k, (mask, _) in masks.items() if mask.any()} and abnormal
     used = {masks[k][1]["background"]["sha256"] for k in abnormal}
     fitted = fitted_pool(pool, run)
-    normal = {p.stem: np.asarray(Image.open(p)) for p in (out / "normal").iterdir()}
+    normal = {p.stem: np.asarray(Image.open(p)) for p in [*(out / "normal").iterdir(), *(out / "normal_val").iterdir()]}
     # every unused board of the pool, exactly as the run fitted it; none an abnormal image's background
     assert sorted(normal) == sorted(sha[:16] for sha in fitted if sha not in used)
     for sha, image in fitted.items():
         if sha[:16] in normal:
             assert np.array_equal(normal[sha[:16]], image)
-    assert counts["normal"] == len(normal) and counts["held_out"] == 0 and counts["normal_from"] == "pool"
+    assert counts["normal"] + counts["normal_val"] == len(normal) and counts["held_out"] == 0
+    assert counts["normal_from"] == "pool"
 
 
 def test_anomalib_holds_out_backgrounds_when_the_run_used_the_whole_pool(run, pool, tmp_path):
@@ -211,11 +208,11 @@ def test_anomalib_holds_out_backgrounds_when_the_run_used_the_whole_pool(run, po
     out = tmp_path / "anomalib"
     cli("dmgr.export", "anomalib", str(copy), str(out))
     counts = check_anomalib_folder(out)
-    normal = {p.stem for p in (out / "normal").iterdir()}
+    normal = {p.stem for p in [*(out / "normal").iterdir(), *(out / "normal_val").iterdir()]}
     abnormal = {p.stem for p in (out / "abnormal").iterdir()}
     assert normal and counts["held_out"] >= 1
     assert not normal & {masks[k][1]["background"]["sha256"][:16] for k in abnormal}
-    assert counts["abnormal"] == len(abnormal) and counts["normal"] == len(normal)
+    assert counts["abnormal"] == len(abnormal) and counts["normal"] + counts["normal_val"] == len(normal)
 
 
 def test_export_into_a_file_and_preview_of_a_damaged_shard_are_one_line_errors(run, tmp_path):
@@ -243,3 +240,64 @@ def test_reader_reshuffles_per_epoch_and_repeats_a_given_seed_and_epoch(run):
     assert all(sorted(o) == [f"{s:08d}" for s in range(SEEDS)] for o in orders)
     assert len({tuple(o) for o in orders}) > 1
     assert order(0, 2) == orders[2] and order(5, 2) == order(5, 2)
+
+
+DETECT_PYTHON = ROOT / ".venv-detect" / "bin" / "python"
+
+
+def in_libraries(*args: str, cwd: Path) -> dict:
+    """tests/exports_in_libraries.py run by .venv-detect's python, offline: its json."""
+    if not DETECT_PYTHON.is_file():
+        pytest.fail(f"{DETECT_PYTHON} is missing: run `make detect-env` (Ultralytics and anomalib in their own venv)")
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(cwd / "yolo-config"), "OMP_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg"}
+    result = subprocess.run([str(DETECT_PYTHON), str(ROOT / "tests" / "exports_in_libraries.py"), *args], cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def label_count(folder: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("*.txt"))
+
+
+def test_ultralytics_checks_loads_and_trains_a_split_yolo_export_with_real_images(tmp_path):
+    run = make_run(tmp_path / "run", list(range(24)), width=64, height=64, grey=True)
+    out = tmp_path / "yolo"
+    cli("dmgr.export", "yolo", str(run), str(out), "--val", "0.25", "--add-real",
+        str(real_folder(tmp_path / "real", "masks")), "--real-as-val")
+    seen = in_libraries("yolo", str(out / "data.yaml"), "--train", str(tmp_path / "train"), cwd=tmp_path)
+    assert seen["nc"] == 2 and seen["names"] == ["scratch", "dent"]
+    val = {f"{s:08d}" for s in range(24) if split_of(s, 0.25) == "val"}
+    assert seen["splits"]["train"]["images"] == sorted({f"{s:08d}" for s in range(24)} - val)
+    assert seen["splits"]["val"]["images"] == sorted(val | {"real-images_dent_board0", "real-images_dent_board1"})
+    for split in ("train", "val"):
+        assert seen["splits"][split]["path"] == str((out / "images" / split).resolve())
+        assert seen["splits"][split]["instances"] == label_count(out / "labels" / split) > 0
+    assert seen["splits"]["val"]["classes"] == [0, 1]
+    assert "last.pt" in seen["trained"]
+
+
+def test_ultralytics_reads_the_tiles_of_large_frames(tmp_path):
+    defects = [{"class_id": 1, "class_name": "dent", "window_box": [900, 700, 940, 730]}]
+    run = make_run(tmp_path / "run", [0, 1, 2], width=1600, height=1200, grey=True, defects=lambda s: defects)
+    out = tmp_path / "yolo"
+    cli("dmgr.export", "yolo", str(run), str(out), "--tile", "320", "--tile-background", "2", "--val", "0")
+    seen = in_libraries("yolo", str(out / "data.yaml"), cwd=tmp_path)
+    tiles = json.loads((out / "tiles.json").read_text())["tiles"]
+    assert seen["splits"]["train"]["images"] == sorted(Path(name).stem for name in tiles)
+    assert len(tiles) == 9  # per frame: one tile on the defect, two defect-free ones
+    assert seen["splits"]["train"]["instances"] == 3
+
+
+def test_anomalib_folder_datamodule_sets_up_the_split_export(run, tmp_path):
+    out = tmp_path / "anomalib"
+    cli("dmgr.export", "anomalib", str(run), str(out), "--val", "0.5")
+    seen = in_libraries("anomalib", str(out), cwd=tmp_path)
+    normal, normal_val = ({p.stem for p in (out / folder).iterdir()} for folder in ("normal", "normal_val"))
+    abnormal = {p.stem for p in (out / "abnormal").iterdir()}
+    assert normal and normal_val and abnormal
+    assert set(seen["train"]) == normal
+    assert set(seen["test"]) | set(seen["val"]) == normal_val | abnormal
+    assert set(seen["test_masks"]) <= abnormal
+    assert all(label == (name in abnormal) for name, label in seen["test_labels"].items())

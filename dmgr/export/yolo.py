@@ -10,6 +10,7 @@ an empty mask get no line (counted). With tiles, OUT/tiles.json maps each tile t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from dmgr.export.common import Run, Sample, write_atomic, write_json
 from dmgr.export.items import SPLITS, Item, sample_item
 from dmgr.export.polygons import components, inset, outline
 from dmgr.export.tiles import tiled
+
+log = logging.getLogger(__name__)
 
 
 def _num(v: float) -> str:
@@ -82,8 +85,12 @@ def finish(run: Run, out: Path, records: Callable[[], Iterator[dict]], options: 
     if options.get("tile"):
         write_json(out / "tiles.json", {"tile": options["tile"], "tiles": tiles})
         counts["tiles"] = len(tiles)
-    # no `path`: Ultralytics then resolves train/val against the folder holding data.yaml, wherever it is moved
-    data = {"train": "images/train", "val": "images/val", "nc": len(run.classes),
+    # no `path`: Ultralytics then resolves train/val against the folder holding data.yaml, wherever it is moved;
+    # it cannot train without val images, so an empty val split names the train images (and says so)
+    val = "images/val" if counts["images"]["val"] else "images/train"
+    if not counts["images"]["val"]:
+        log.warning("yolo: the val split is empty: data.yaml's val names the train images (raise --val)")
+    data = {"train": "images/train", "val": val, "nc": len(run.classes),
             "names": dict(enumerate(run.classes)), "task": "detect" if options.get("boxes") else "segment"}
     write_atomic(out / "data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
     return counts
