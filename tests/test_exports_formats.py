@@ -158,13 +158,13 @@ def test_flagged_samples_are_left_out_and_counted_unless_included(tmp_path, fmt,
 
 def real_folder(root: Path, layout: str, cls: str = "dent") -> Path:
     """Two real 30 x 24 defect images with an 5 x 4 defect at (10, 8), in one of the three layouts."""
-    images = root / ("images" if layout != "masks" else f"images/{cls}")
+    images = root / {"masks": f"images/{cls}", "defects": f"defects/{cls}"}.get(layout, "images")
     images.mkdir(parents=True)
     mask = np.zeros((24, 30), dtype=np.uint8)
     mask[8:12, 10:15] = 255
     for i in range(2):
         Image.fromarray(frame(100 + i, 30, 24, grey=True)).save(images / f"board{i}.png")
-        if layout == "masks":
+        if layout in ("masks", "defects"):
             (root / "masks" / cls).mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(root / "masks" / cls / f"board{i}.png")
         elif layout == "voc":
@@ -180,7 +180,7 @@ def real_folder(root: Path, layout: str, cls: str = "dent") -> Path:
     return root
 
 
-@pytest.mark.parametrize("layout", ["masks", "voc", "coco"])
+@pytest.mark.parametrize("layout", ["masks", "defects", "voc", "coco"])
 def test_real_images_join_the_train_split_or_val_alone(tmp_path, layout):
     run = make_run(tmp_path / "run", list(range(10)))
     real = real_folder(tmp_path / "real", layout)
@@ -205,6 +205,20 @@ def test_real_images_join_the_train_split_or_val_alone(tmp_path, layout):
     areas = [a["area"] for a in val["annotations"] if a["image_id"] in ids]
     assert areas == [20, 20] and all(a["category_id"] == 2 for a in val["annotations"] if a["image_id"] in ids)
 
+
+
+def test_real_images_are_anomalib_evaluation_data_with_their_masks(tmp_path):
+    run = make_run(tmp_path / "run", list(range(10)))
+    out = tmp_path / "anomalib"
+    export("anomalib", run, out, "--add-real", str(real_folder(tmp_path / "real", "masks")))
+    real = {n for n in stems(out / "abnormal") if n.startswith("real-")}
+    assert real == {"real-images_dent_board0", "real-images_dent_board1"} and real <= stems(out / "ground_truth")
+    for name in real:
+        mask = np.asarray(Image.open(out / "ground_truth" / f"{name}.png"))
+        expected = np.zeros((24, 30), dtype=np.uint8)
+        expected[8:12, 10:15] = 255
+        assert np.array_equal(mask, expected)
+        assert Image.open(out / "abnormal" / f"{name}.png").mode == "L"
 
 def test_a_real_class_the_run_does_not_have_is_a_one_line_error_before_anything_is_written(tmp_path, capsys):
     run = make_run(tmp_path / "run", list(range(4)))

@@ -283,6 +283,7 @@ def test_ultralytics_reads_the_tiles_of_large_frames(tmp_path):
     run = make_run(tmp_path / "run", [0, 1, 2], width=1600, height=1200, grey=True, defects=lambda s: defects)
     out = tmp_path / "yolo"
     cli("dmgr.export", "yolo", str(run), str(out), "--tile", "320", "--tile-background", "2", "--val", "0")
+    assert yaml.safe_load((out / "data.yaml").read_text())["val"] == "images/train"  # no val seed: val = train
     seen = in_libraries("yolo", str(out / "data.yaml"), cwd=tmp_path)
     tiles = json.loads((out / "tiles.json").read_text())["tiles"]
     assert seen["splits"]["train"]["images"] == sorted(Path(name).stem for name in tiles)

@@ -1,8 +1,8 @@
 """The user's own labelled images for `--add-real PATH`, read with the importers' readers (those
 `dmgr.data.prepare` uses) but kept whole, at their own size, with one mask per labelled defect:
 
-- PATH/images/<class>/NAME.ext with PATH/masks/<class>/NAME.png (or NAME_mask.png): one defect per image, its
-  mask non-zero where the defect is (prepare's `--defects` / `--masks` layout);
+- PATH/images/<class>/NAME.ext (or PATH/defects/<class>/) with PATH/masks/<class>/NAME.png (or NAME_mask.png):
+  one defect per image, its mask non-zero where the defect is (prepare's `--defects` / `--masks` layout);
 - a folder of Pascal VOC .xml files and their images (anywhere under PATH): each object's box is its mask;
 - a COCO annotations .json (PATH itself, or the one .json in PATH), its images under the json's folder: the
   polygon (or RLE) segmentation, else the box.
@@ -50,11 +50,17 @@ def _coco_file(path: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def _from_masks(root: Path) -> list[RealImage]:
+def _image_folder(root: Path) -> Path | None:
+    """PATH/images (or PATH/defects) beside PATH/masks: the one-mask-per-image layout."""
+    found = [root / name for name in ("images", "defects") if (root / name).is_dir()]
+    return found[0] if found and (root / "masks").is_dir() else None
+
+
+def _from_masks(root: Path, images_dir: Path) -> list[RealImage]:
     images = []
-    for folder in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
+    for folder in sorted(p for p in images_dir.iterdir() if p.is_dir()):
         for path in list_images(folder, recursive=False):
-            mask = find_mask(root / "masks", path.relative_to(root / "images"))
+            mask = find_mask(root / "masks", path.relative_to(images_dir))
             if mask is None:
                 raise ExportError(f"--add-real={root}: {path} has no mask {root / 'masks' / folder.name / path.stem}"
                                   ".png: give every image its mask")
@@ -106,13 +112,14 @@ def scan_real(path: str | Path, classes: list[str]) -> list[RealImage]:
     coco = _coco_file(root)
     if coco is not None:
         images = _from_coco(coco)
-    elif (root / "images").is_dir() and (root / "masks").is_dir():
-        images = _from_masks(root)
+    elif _image_folder(root) is not None:
+        images = _from_masks(root, _image_folder(root))
     elif root.is_dir() and any(root.rglob("*.xml")):
         images = _from_voc(root)
     else:
-        raise ExportError(f"--add-real={path}: no labelled images: give a folder with images/<class>/ and "
-                          "masks/<class>/, a folder of VOC .xml files and their images, or a COCO .json")
+        raise ExportError(f"--add-real={path}: no labelled images: give a folder with images/<class>/ (or "
+                          "defects/<class>/) and masks/<class>/, a folder of VOC .xml files and their images, or a "
+                          "COCO .json")
     if not images:
         raise ExportError(f"--add-real={path}: holds no labelled image")
     for image in images:
