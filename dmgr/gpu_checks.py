@@ -11,6 +11,7 @@ walks at 1 and 2 threads are as far apart (mean |difference| 0.28 of the [-1, 1]
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -68,7 +69,8 @@ def attention_gap(device: str) -> float:
     return float((model(x, t) - classic).abs().max())
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="dmgr-gpu-checks", description=__doc__.split("\n\n")[0]).parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device visible: nothing to check")
         return 2

@@ -104,5 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def script(argv: list[str] | None = None) -> None:
+    """The dmgr-export console script: main without its summary, which a console script would take for an exit
+    status."""
+    main(argv)
+
+
 if __name__ == "__main__":
     main()
