@@ -1,6 +1,6 @@
 # dmgr: two set-up commands on a fresh machine: `make synth` and `make test`; `make` (or `make help`) lists every target.
 # The first use creates .venv with the pinned CPU torch; elsewhere pass your own CUDA build:
-#   make venv TORCH_SPEC="torch==2.6.0 --index-url https://download.pytorch.org/whl/cu124"
+#   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"   (pyproject.toml: torch 2.13)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
