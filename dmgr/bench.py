@@ -40,7 +40,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, usage_error
+from dmgr.cli import add_settings, program, settings_from, usage_error
 from dmgr.diffusion import make_diffusion, time_walk
 from dmgr.models import build_unet
 from dmgr.models.performance import PerformanceSettings, accelerate
@@ -303,7 +303,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program("dmgr.bench"), description=__doc__.split("\n\n")[0])
     add_settings(p, BenchSettings)
     add_settings(p, PerformanceSettings, help=ACCELERATION_HELP)
     return p

@@ -40,7 +40,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, usage_error
+from dmgr.cli import add_settings, program, settings_from, usage_error
 from dmgr.schema import STRICT_SECTION, Count
 from dmgr.synth.config import SynthSettings
 
@@ -163,7 +163,7 @@ def run(setup: str, overrides: list[str], out_dir: Path) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.bench_job", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program("dmgr.bench_job"), description=__doc__.split("\n\n")[0])
     add_settings(p, BenchJobSettings)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--null-writer", action="store_true", help=argparse.SUPPRESS)

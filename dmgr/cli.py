@@ -21,6 +21,13 @@ F = TypeVar("F", bound=Callable)
 INTERRUPTED = 130  # 128 + SIGINT
 
 
+def program(module: str) -> str:
+    """A tool's name in its usage and error lines, as it was run: its console script (`dmgr-preview`, installed
+    by pyproject.toml) or `python -m MODULE`."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("dmgr-") else f"python -m {module}"
+
+
 def stop_on_interrupt(prog: str, hint: str = "") -> Callable[[F], F]:
     """Decorate a CLI's main: KeyboardInterrupt prints `PROG: interrupted (Ctrl-C)[; HINT]` on stderr and
     exits 130. Under @hydra.main it goes below it, on the task function."""

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.schema import STRICT_SECTION, Count
 
 LABEL_HEIGHT = 14
@@ -109,14 +109,14 @@ def contact_sheet(shards: list[str], max_samples: int = PreviewSettings.max, cel
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.preview", description=__doc__,
+    p = argparse.ArgumentParser(prog=program("dmgr.preview"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", nargs="+", help="shard tar files (or a run's shards/ folder)")
     add_settings(p, PreviewSettings)
     return p
 
 
-@stop_on_interrupt("dmgr.preview")
+@stop_on_interrupt(program("dmgr.preview"))
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = cli.parse_args(argv)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         sheet = contact_sheet(shards, settings.max, settings.cell, settings.columns)
         sheet.save(settings.out)
     except (PreviewError, OSError, ValueError) as exc:
-        print(f"dmgr.preview: error: {exc}", file=sys.stderr)
+        print(f"{cli.prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {settings.out} ({sheet.width}x{sheet.height}) from {len(shards)} shard(s)")
 

@@ -19,7 +19,7 @@ from typing import Annotated
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.images import viridis
 from dmgr.schema import STRICT_SECTION
 
@@ -148,14 +148,14 @@ class SweepReportSettings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog=program("dmgr.sweep"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", type=Path, help="the Hydra sweep directory (hydra.sweep.dir)")
     add_settings(p, SweepReportSettings)
     return p
 
 
-@stop_on_interrupt("dmgr.sweep")
+@stop_on_interrupt(program("dmgr.sweep"))
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = cli.parse_args(argv)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt, usage_error
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt, usage_error
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, Board, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect, class_id_of, defect_sites
 from dmgr.images import bounding_box, save_mask
@@ -215,12 +215,12 @@ def export_all(out: str | Path, size: int, boards: int, per_class: int, test: in
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.data.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program("dmgr.data.export"), description=__doc__.split("\n\n")[0])
     add_settings(p, DataExportSettings)
     return p
 
 
-@stop_on_interrupt("python -m dmgr.data.export")
+@stop_on_interrupt(program("dmgr.data.export"))
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = settings_from(cli, cli.parse_args(argv), DataExportSettings)

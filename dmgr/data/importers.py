@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.data.defects import CLASS_NAMES, class_id_of
 from dmgr.data.patches import PatchWriter, Reader, import_masked, scale
 from dmgr.images import Conversions, list_images, resize_center_crop
@@ -314,7 +314,7 @@ class PatchImport:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.data.importers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program("dmgr.data.importers"), description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     folder = sub.add_parser("folder", help="defect-free images -> DATA_ROOT/global/ (size x size pngs)")
     folder.add_argument("src", type=Path)

@@ -41,7 +41,7 @@ from typing import Annotated
 from PIL import Image
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.data.dataset import holds_tile, too_small_error
 from dmgr.data.importers import _one_line, _parse_map, check_data_root, import_coco, import_voc
 from dmgr.data.patches import Reader, import_masked, rescale_patches
@@ -384,7 +384,7 @@ def prepare(args: PrepareSettings) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.data.prepare", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=program("dmgr.data.prepare"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings(p, PrepareSettings)
     return p

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.data.board import MAX_SIZE, MIN_SIZE, make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
 from dmgr.data.export import patch_window
@@ -82,12 +82,12 @@ def domain_sheet(seed: int = SheetSettings.seed, sizes: Sequence[int] = SheetSet
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.data.sheet", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program("dmgr.data.sheet"), description=__doc__.split("\n\n")[0])
     add_settings(p, SheetSettings)
     return p
 
 
-@stop_on_interrupt("python -m dmgr.data.sheet")
+@stop_on_interrupt(program("dmgr.data.sheet"))
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
     settings = settings_from(cli, cli.parse_args(argv), SheetSettings)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dmgr import EVAL_CACHE
-from dmgr.cli import stop_on_interrupt
+from dmgr.cli import program, stop_on_interrupt
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
@@ -102,7 +102,7 @@ def _panel(text: str) -> tuple[int, int]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dmgr.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=program("dmgr.eval"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")

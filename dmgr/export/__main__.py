@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt, usage_error
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt, usage_error
 from dmgr.export import anomalib, coco, yolo
 from dmgr.export.common import ExportError, export, open_run
 from dmgr.export.real import real_items, scan_real
@@ -47,7 +47,7 @@ class ExportOptions:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.export", description=__doc__)
+    p = argparse.ArgumentParser(prog=program("dmgr.export"), description=__doc__)
     p.add_argument("format", choices=sorted(FORMATS))
     p.add_argument("run", help="a finished synthesis run's out_dir (shards/ and manifest.json)")
     p.add_argument("out", help="the export folder (new, or an earlier export of the same kind to resume)")

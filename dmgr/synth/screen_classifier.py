@@ -34,7 +34,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from dmgr import DEMO_DATA, SCREEN_CACHE
-from dmgr.cli import add_settings, settings_from, stop_on_interrupt
+from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.data.dataset import mask_path
 from dmgr.images import decode_mask, from_uint8, list_images, load_rgb, resize_center_crop
 from dmgr.models.classifier import PatchClassifier, Patches, accuracy, train_classifier
@@ -253,7 +253,7 @@ class ScreenInputs:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.synth.screen_classifier", description=__doc__,
+    p = argparse.ArgumentParser(prog=program("dmgr.synth.screen_classifier"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="the synthesis job's overrides, as given to python -m dmgr.synth: trains the classifier "
@@ -286,7 +286,7 @@ def _for_run(overrides: list[str]) -> ScreenClassifier:
     return load_screen(spec)
 
 
-@stop_on_interrupt("dmgr.synth.screen_classifier")
+@stop_on_interrupt(program("dmgr.synth.screen_classifier"))
 def main(argv: list[str] | None = None) -> None:
     """Train (or find cached) the classifier the job with these inputs and settings loads; print its record."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
