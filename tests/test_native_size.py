@@ -265,19 +265,19 @@ def test_two_workers_write_the_same_native_size_shards(inputs, tmp_path):
     assert all(sizes[name] == (w, h) for name, w, h, _ in INPUTS if name in sizes)
     from dmgr.export.__main__ import main as export
 
-    export(["coco", str(tmp_path / "one"), str(tmp_path / "coco")])
-    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    export(["coco", str(tmp_path / "one"), str(tmp_path / "coco"), "--val", "0"])
+    coco = json.loads((tmp_path / "coco" / "instances_train.json").read_text())
     for image in coco["images"]:
         key = Path(image["file_name"]).stem
         assert (image["width"], image["height"]) == samples[key]["png"].size
-        assert Image.open(tmp_path / "coco" / "images" / image["file_name"]).size == samples[key]["png"].size
+        assert Image.open(tmp_path / "coco" / "images" / "train" / image["file_name"]).size == samples[key]["png"].size
     for a in coco["annotations"]:
         image = next(i for i in coco["images"] if i["id"] == a["image_id"])
         assert a["segmentation"]["size"] == [image["height"], image["width"]]
         x, y, w, h = a["bbox"]
         assert x + w <= image["width"] and y + h <= image["height"]
     export(["yolo", str(tmp_path / "one"), str(tmp_path / "yolo")])
-    for label in (tmp_path / "yolo" / "labels").glob("*.txt"):
+    for label in (tmp_path / "yolo" / "labels").glob("*/*.txt"):
         values = [float(v) for line in label.read_text().splitlines() for v in line.split()[1:]]
         assert values and all(0 <= v <= 1 for v in values)
 

@@ -87,14 +87,15 @@ def test_coco_export_reads_back_through_pycocotools_and_resumes(chain):
     from pycocotools.coco import COCO
 
     out = chain["tmp"] / "coco"
-    cli("dmgr.export", "coco", str(chain["run"]), str(out))
-    coco = COCO(str(out / "annotations.json"))
+    cli("dmgr.export", "coco", str(chain["run"]), str(out), "--val", "0", "--include-flagged")
+    coco = COCO(str(out / "instances_train.json"))
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == chain["classes"]
     masks = shard_masks(chain["run"])
-    assert sorted(coco.getImgIds()) == sorted(masks)
+    ids = {image["seed"]: image["id"] for image in coco.dataset["images"]}
+    assert sorted(ids) == sorted(masks)
     expected_annotations = 0
     for image_id, (mask, meta) in masks.items():
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[ids[image_id]]))
         defects = [d for d in meta["defects"] if own_mask(mask, d).any()]
         expected_annotations += len(defects)
         assert len(anns) == len(defects)
@@ -107,19 +108,22 @@ def test_coco_export_reads_back_through_pycocotools_and_resumes(chain):
             union |= decoded
         assert np.array_equal(union, mask)
         shard_png = read_samples(chain["run"])[f"{image_id:08d}"]["png"]
-        assert np.array_equal(np.asarray(Image.open(out / "images" / f"{image_id:08d}.png")), np.asarray(shard_png))
+        assert np.array_equal(np.asarray(Image.open(out / "images" / "train" / f"{image_id:08d}.png")),
+                              np.asarray(shard_png))
     summary = json.loads((out / "export.json").read_text())
-    assert summary["counts"]["images"] == SEEDS and summary["counts"]["annotations"] == expected_annotations
+    assert summary["counts"]["images"]["train"] == SEEDS
+    assert summary["counts"]["annotations"]["train"] == expected_annotations
     assert len(summary["shards"]) == 3 and all(len(s["sha256"]) == 64 for s in summary["shards"])
 
     # a rerun verifies and skips; a damaged exported file is noticed and its shard exported again
-    before = (out / "images" / "00000003.png").read_bytes()
-    assert json.loads(cli("dmgr.export", "coco", str(chain["run"]), str(out)).stdout)["this_run"] == {
+    before = (out / "images" / "train" / "00000003.png").read_bytes()
+    options = ("--val", "0", "--include-flagged")  # every sample, in one split: compared with the shards
+    assert json.loads(cli("dmgr.export", "coco", str(chain["run"]), str(out), *options).stdout)["this_run"] == {
         "shards_exported": 0, "shards_verified_and_skipped": 3}
-    (out / "images" / "00000003.png").write_bytes(b"damaged")
-    again = json.loads(cli("dmgr.export", "coco", str(chain["run"]), str(out)).stdout)
+    (out / "images" / "train" / "00000003.png").write_bytes(b"damaged")
+    again = json.loads(cli("dmgr.export", "coco", str(chain["run"]), str(out), *options).stdout)
     assert again["this_run"] == {"shards_exported": 1, "shards_verified_and_skipped": 2}
-    assert (out / "images" / "00000003.png").read_bytes() == before
+    assert (out / "images" / "train" / "00000003.png").read_bytes() == before
     refused = cli("dmgr.export", "yolo", str(chain["run"]), str(out), check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "holds a coco export" in refused.stderr
@@ -158,15 +162,15 @@ def filled(part: np.ndarray) -> np.ndarray:
 
 def test_yolo_export_polygons_cover_the_masks_and_boxes_bound_them(chain):
     out = chain["tmp"] / "yolo"
-    cli("dmgr.export", "yolo", str(chain["run"]), str(out))
+    cli("dmgr.export", "yolo", str(chain["run"]), str(out), "--val", "0", "--include-flagged")
     data = yaml.safe_load((out / "data.yaml").read_text())
     assert data["names"] == dict(enumerate(chain["classes"])) and data["task"] == "segment"
     boxes = chain["tmp"] / "yolo-boxes"
-    cli("dmgr.export", "yolo", str(chain["run"]), str(boxes), "--boxes")
+    cli("dmgr.export", "yolo", str(chain["run"]), str(boxes), "--boxes", "--val", "0", "--include-flagged")
     for image_id, (mask, meta) in shard_masks(chain["run"]).items():
         height, width = mask.shape
         drawn = np.zeros_like(mask)
-        for line in (out / "labels" / f"{image_id:08d}.txt").read_text().splitlines():
+        for line in (out / "labels" / "train" / f"{image_id:08d}.txt").read_text().splitlines():
             cls, *values = line.split()
             part = polygon_mask([float(v) for v in values], height, width)
             assert chain["classes"][int(cls)] in {d["class_name"] for d in meta["defects"]}
@@ -177,7 +181,7 @@ def test_yolo_export_polygons_cover_the_masks_and_boxes_bound_them(chain):
             for part in components(own_mask(mask, defect)):
                 expected |= filled(part)
         assert np.array_equal(drawn, expected)
-        lines = (boxes / "labels" / f"{image_id:08d}.txt").read_text().splitlines()
+        lines = (boxes / "labels" / "train" / f"{image_id:08d}.txt").read_text().splitlines()
         defects = [d for d in meta["defects"] if own_mask(mask, d).any()]
         assert len(lines) == len(defects)
         for line, defect in zip(lines, defects):
@@ -190,7 +194,7 @@ def test_yolo_export_polygons_cover_the_masks_and_boxes_bound_them(chain):
 
 def test_anomalib_folder_layout(chain):
     out = chain["tmp"] / "anomalib"
-    cli("dmgr.export", "anomalib", str(chain["run"]), str(out))
+    cli("dmgr.export", "anomalib", str(chain["run"]), str(out), "--include-flagged")
     samples = read_samples(chain["run"])
     abnormal = sorted(p.name for p in (out / "abnormal").iterdir())
     assert abnormal == sorted(p.name for p in (out / "ground_truth").iterdir())
@@ -201,10 +205,10 @@ def test_anomalib_folder_layout(chain):
                               np.asarray(samples[name[:-4]]["mask.png"].convert("L")))
     # normal/: the pool's images that are no abnormal image's background (dmgr/export/anomalib.py)
     backgrounds = {samples[name[:-4]]["json"]["background"]["sha256"][:16] for name in abnormal}
-    normal = {p.stem for p in (out / "normal").iterdir()}
+    normal = {p.stem for folder in ("normal", "normal_val") for p in (out / folder).iterdir()}
     assert normal and not normal & backgrounds
     counts = json.loads((out / "export.json").read_text())["counts"]
-    assert counts["abnormal"] == len(abnormal) and counts["normal"] == len(normal)
+    assert counts["abnormal"] == len(abnormal) and counts["normal"] + counts["normal_val"] == len(normal)
 
 
 @pytest.mark.parametrize("shuffle", [0, 4])
