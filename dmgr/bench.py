@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -310,6 +311,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--train" in argv:  # the training benchmark: dmgr/bench_train.py
+        from dmgr.bench_train import main as bench_train
+
+        return bench_train([a for a in argv if a != "--train"])
     cli = parser()
     parsed = cli.parse_args(argv)
     args = settings_from(cli, parsed, BenchSettings)

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dmgr import CONF_DIR, DEMO_DATA
 from dmgr.cli import stop_on_interrupt
-from dmgr.data.dataset import PatchDataset, TileDataset, TileError, TileSampler, cpus_given
+from dmgr.data.dataset import PatchDataset, TileDataset, TileError, TileSampler, cpus_given, to_model_range
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
 from dmgr.distributed import WorkerContext, init_workers, shutdown
@@ -92,7 +92,8 @@ class TrainSettings:
     weight_decay: NonNegative = 0.0
     ema_rate: Annotated[float, Field(ge=0, lt=1)] = 0.999  # with the usual warm-up min(rate, (1 + step) / (10 + step))
     grad_clip: float = 1.0
-    precision: Literal[PRECISIONS] = "fp32"  # autocast
+    precision: Literal[PRECISIONS] = "fp32"  # autocast (bf16 on a GPU: docs/performance.md "Training cost")
+    channels_last: Flag = False  # NHWC weights and batches: faster convolutions on a GPU's tensor cores
     diffusion_steps: Count(2) = 1000
     beta_schedule: Literal["linear", "cosine"] = "linear"
     seed: int = 0
@@ -280,7 +281,7 @@ def make_dataset(cfg: DictConfig, scale: float = 1.0, exclude: Collection[str] =
         try:
             if only is not None:
                 exclude = {p.name for p in list_images(root)} - set(only)
-            return TileDataset(root, size, scale, exclude=exclude)
+            return TileDataset(root, size, scale, exclude=exclude, raw=True)
         except (TileError, FileNotFoundError) as exc:
             raise TrainConfigError(f"data_root={cfg.data_root}: {exc}") from None
     with_masks = int(cfg.arch.config.get("in_channels", 3)) == 4
@@ -292,7 +293,7 @@ def probe_batch(dataset, count: int, seed: int, stream: str) -> tuple[torch.Tens
     """`count` fixed items of a dataset, drawn from (seed, stream): tiles, or patches with their labels."""
     if isinstance(dataset, TileDataset):
         keys = TileSampler(len(dataset), count, stream_seed(seed, stream), 0, 0, 1).batch(0)
-        return torch.stack([dataset[k] for k in keys]), None
+        return to_model_range(torch.stack([dataset[k] for k in keys])), None
     index = torch.randperm(len(dataset.items), generator=generator(stream_seed(seed, stream)))[:count].tolist()
     return torch.stack([dataset[i][0] for i in index]), torch.tensor([dataset[i][1] for i in index])
 
@@ -378,7 +379,7 @@ def drop_labels(y: torch.Tensor, rate: float, null: int, g: torch.Generator) -> 
 def unwrap(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, (list, tuple)):
         return batch[0].to(device), batch[1].to(device).long()
-    return batch.to(device), None
+    return to_model_range(batch.to(device, non_blocking=True)), None  # tiles come as uint8
 
 
 @torch.no_grad()
@@ -459,7 +460,7 @@ def train(cfg: DictConfig) -> Path:
         if cfg.get("init_from") and not (cfg.resume and (out / "state.pt").exists()):
             init_from(model, str(cfg.init_from))
             log.info("starting from the weights of %s", cfg.init_from)
-        model = model.to(ctx.device)
+        model = model.to(ctx.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step = 0
@@ -520,6 +521,8 @@ def train(cfg: DictConfig) -> Path:
                 fetched = time.perf_counter()
                 for batch in loader:
                     x0, y = unwrap(batch, ctx.device)
+                    if cfg.channels_last:
+                        x0 = x0.contiguous(memory_format=torch.channels_last)
                     waited += time.perf_counter() - fetched
                     t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=g).to(ctx.device)
                     noise = torch.randn(x0.shape, generator=g).to(ctx.device)

@@ -15,7 +15,7 @@ from PIL import Image
 from product_support import make_product
 
 from dmgr import CONF_DIR
-from dmgr.data.dataset import TileDataset, TileError, TileSampler, resize_by
+from dmgr.data.dataset import TileDataset, TileError, TileSampler, resize_by, to_model_range
 from dmgr.data.prepare import main as prepare_main
 from dmgr.models import build_unet, save_checkpoint, stored_metadata
 from dmgr.synth.config import validate
@@ -101,10 +101,12 @@ def test_the_frame_cache_gives_the_tiles_of_decoding_from_workers_and_after_a_re
     restarted = TileDataset(frames, 16, scale=0.75, cache=cache)
     resumed = TileSampler(len(restarted), 4, 5, 0, 3, 6)
     assert np.array_equal(np.stack([restarted[k].numpy() for b in resumed for k in b]), expected[12:])
-    # DataLoader workers give the same batches in the same order
-    loader = torch.utils.data.DataLoader(cached, batch_sampler=TileSampler(len(cached), 4, 5, 0, 0, 6),
-                                         num_workers=2)
-    assert np.array_equal(torch.cat(list(loader)).numpy(), expected)
+    # DataLoader workers give the same batches in the same order, as uint8 (raw) as training reads them
+    raw = TileDataset(frames, 16, scale=0.75, cache=cache, raw=True)
+    loader = torch.utils.data.DataLoader(raw, batch_sampler=TileSampler(len(raw), 4, 5, 0, 0, 6), num_workers=2)
+    batches = list(loader)
+    assert all(b.dtype == torch.uint8 for b in batches)
+    assert np.array_equal(to_model_range(torch.cat(batches)).numpy(), expected)
     # another content under the same name is another cache entry, never a stale frame
     Image.fromarray(smooth_frame(70, 52)[::-1].copy()).save(frames / "colour.png")
     TileDataset(frames, 16, scale=0.75, cache=cache)

@@ -154,14 +154,16 @@ class TileDataset(Dataset):
     (one warning); none usable is a TileError (key: the scale's setting, for the message).
 
     Frames come from the frame cache (`cache`: a folder, default ROOT/.frames; built here on first use):
-    the same tiles as decoding each frame, at the cost of a crop. cache=False decodes each tile's frame."""
+    the same tiles as decoding each frame, at the cost of a crop. cache=False decodes each tile's frame.
+    raw=True gives the tiles as (3, size, size) uint8, a quarter of the bytes between loader workers and to
+    the device; `to_model_range` turns them into the float tiles, the same values."""
 
     def __init__(self, root: str | Path, size: int, scale: float = 1.0, key: str = "scale",
-                 cache: Path | bool = True, exclude: Collection[str] = ()) -> None:
+                 cache: Path | bool = True, exclude: Collection[str] = (), raw: bool = False) -> None:
         files = [f for f in list_images(root) if f.name not in exclude]
         if not files:
             raise FileNotFoundError(f"no images under {root}")
-        self.size, self.scale = size, scale
+        self.size, self.scale, self.raw = size, scale, raw
         self._frames: dict[int, np.ndarray] = {}
         if cache is False:
             self.cached = None
@@ -198,9 +200,14 @@ class TileDataset(Dataset):
         height, width = img.shape[:2]
         x = min(int(u * (width - self.size + 1)), width - self.size)
         y = min(int(v * (height - self.size + 1)), height - self.size)
-        crop = torch.from_numpy(np.array(img[y:y + self.size, x:x + self.size]))  # a writable copy
-        tile = (crop.permute(2, 0, 1).float() / 127.5 - 1.0).expand(3, -1, -1)
-        return (tile.flip(-1) if flip else tile).contiguous()
+        crop = img[y:y + self.size, x:x + self.size]
+        tile = torch.from_numpy(np.array(crop[:, ::-1] if flip else crop)).permute(2, 0, 1).expand(3, -1, -1)
+        return tile.contiguous() if self.raw else to_model_range(tile)
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [-1, 1] (v / 127.5 - 1, as `to_tensor`); float tensors unchanged."""
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
 
 
 class TileSampler:
