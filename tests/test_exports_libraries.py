@@ -302,3 +302,19 @@ def test_anomalib_folder_datamodule_sets_up_the_split_export(run, tmp_path):
     assert set(seen["test"]) | set(seen["val"]) == normal_val | abnormal
     assert set(seen["test_masks"]) <= abnormal
     assert all(label == (name in abnormal) for name, label in seen["test_labels"].items())
+
+
+def test_a_grey_run_exports_grey_images_in_every_format(tmp_path):
+    boards = tmp_path / "boards"
+    boards.mkdir()
+    for path in sorted(write_boards(tmp_path / "rgb", 6).iterdir()):
+        Image.open(path).convert("L").save(boards / path.name)
+    run = tmp_path / "run"
+    run_synth([*IMAGES, f"dataset.images={boards}", "seeds=0-2", "samples_per_shard=3", "batch_size=3",
+               f"out_dir={run}"])
+    for fmt in ("yolo", "coco", "anomalib"):
+        out = tmp_path / fmt
+        cli("dmgr.export", fmt, str(run), str(out), "--val", "0.5")
+        images = [p for p in out.rglob("*.png") if "ground_truth" not in p.parts]
+        assert len(images) >= 3 and all(Image.open(p).mode == "L" for p in images), fmt
+    assert any((tmp_path / "anomalib" / folder).iterdir() for folder in ("normal", "normal_val"))

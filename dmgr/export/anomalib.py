@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dmgr.export.common import ExportError, Run, Sample, shard_index, write_atomic
-from dmgr.export.items import Item, mode_of, png_bytes, split_of
+from dmgr.export.items import Item, png_bytes, split_of
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def write_sample(sample: Sample, run: Run, options: dict) -> tuple[dict[str, byt
         files[f"abnormal/{sample.key}.png"] = sample.png
         files[f"ground_truth/{sample.key}.png"] = sample.mask_png
     record = {"normal": [f for f in files if f.startswith("normal")], "empty": int(empty),
-              "held_out": int(held and not empty), "mode": mode_of(sample.png)}
+              "held_out": int(held and not empty)}
     return files, record
 
 
@@ -129,25 +129,23 @@ def write_item(item: Item, run: Run, options: dict) -> tuple[dict[str, bytes], d
         union |= mask
     mask_png = png_bytes(Image.fromarray(np.where(union, 255, 0).astype(np.uint8), "L"))
     files = {f"abnormal/{item.name}.png": item.png, f"ground_truth/{item.name}.png": mask_png}
-    return files, {"normal": [], "empty": 0, "held_out": 0, "mode": mode_of(item.png)}
+    return files, {"normal": [], "empty": 0, "held_out": 0}
 
 
-def write_pool(out: Path, options: dict, grey: bool) -> list[str]:
-    """The pool's defect-free images for normal/ (grey when the run's images are)."""
+def write_pool(out: Path, options: dict) -> list[str]:
+    """The pool's defect-free images for the normal folders, grey where the input is (as the run writes them)."""
     names = []
     for index in options.get("pool_indices", []):
-        pool = options["pool"]
-        sha = pool.items[index].sha256
-        image = Image.fromarray(pool.image(index))
-        name = f"{_normal(sha, options)}/{sha[:16]}.png"
-        write_atomic(out / name, png_bytes(image.convert("L") if grey else image))
+        item = options["pool"].items[index]
+        image = Image.fromarray(options["pool"].image(index))
+        name = f"{_normal(item.sha256, options)}/{item.sha256[:16]}.png"
+        write_atomic(out / name, png_bytes(image.convert("L") if item.grey else image))
         names.append(name)
     return names
 
 
 def finish(run: Run, out: Path, records: Callable[[], Iterator[dict]], options: dict) -> dict:
-    modes = {r["mode"] for r in records() if "mode" in r}
-    normal, abnormal, empty, held = set(write_pool(out, options, modes == {"L"})), 0, 0, 0
+    normal, abnormal, empty, held = set(write_pool(out, options)), 0, 0, 0
     for r in records():
         normal.update(r["normal"])
         abnormal += 1 - r["empty"] - r.get("held_out", 0)

@@ -47,8 +47,3 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def mode_of(png: bytes) -> str:
-    with Image.open(io.BytesIO(png)) as image:
-        return image.mode
