@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import yaml
 from PIL import Image
 from pydantic import Field
 
@@ -190,16 +191,19 @@ def import_defects(args: PrepareSettings, dst: Path, patch: int, conversions: Co
 
 
 def arch_for(role: str, size: int) -> tuple[str, list[str], int]:
-    """The preset for a side (conf/arch/), the overrides that fit it to another side, and its batch size."""
+    """The preset for a side (conf/arch/), the overrides that fit it to another side (attention at its levels
+    of 8 to 32 px, else its deepest), and its batch size."""
     presets = GLOBAL_ARCH if role == "global" else LOCAL_ARCH
     if size in presets:
         return presets[size][0], [], presets[size][1]
     nearest = min(presets, key=lambda s: (abs(math.log2(size / s)), s))
     name, batch = presets[nearest]
-    levels = {"global": 5, "local": 3}[role] if nearest > 16 else 2
-    attention = [size // 2**k for k in range(1, levels) if size % 2**k == 0 and size // 2**k in (8, 16, 32)]
+    config = yaml.safe_load((PROJECT_CONF / "arch" / f"{name}.yaml").read_text())["config"]
+    depth = len(str(config["channel_mult"]).split(","))
+    levels = [size // 2**k for k in range(depth) if size % 2**k == 0]
+    attention = [side for side in levels if 8 <= side <= 32] or levels[-1:]
     return name, [f"arch.config.image_size={size}",
-                  f"arch.config.attention_resolutions='{','.join(map(str, attention or [size]))}'"], batch
+                  f"arch.config.attention_resolutions='{','.join(map(str, attention))}'"], batch
 
 
 def import_good(src: Path, dst: Path, tile: int, scale: float, conversions: Conversions) -> dict:
