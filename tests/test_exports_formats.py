@@ -327,3 +327,15 @@ def test_option_errors_name_the_option(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and len(err.splitlines()) == 1 and named in err, err
 
+
+
+def test_a_frame_with_one_defect_tile_gets_a_defect_free_tile_at_the_default_ratio():
+    from dmgr.export.tiles import tile_places
+
+    mask = np.zeros((1000, 1500), dtype=bool)
+    mask[480:500, 700:730] = True
+    places = tile_places([(0, mask)], 1500, 1000, 320, 0.5, "00000001")
+    assert len(places) == 2
+    (x, y), (bx, by) = places
+    assert mask[y:y + 320, x:x + 320].sum() == mask.sum() and not mask[by:by + 320, bx:bx + 320].any()
+    assert tile_places([(0, mask)], 1500, 1000, 320, 0.5, "00000001") == places  # the same frame, the same tiles

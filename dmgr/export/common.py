@@ -11,6 +11,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import webdataset as wds
@@ -153,7 +154,7 @@ def _write(out: Path, written: dict[str, bytes], files: dict[str, str]) -> None:
         files[rel] = _sha(data)
 
 
-def _export_shard(run: Run, shard: dict, out: Path, module, options: dict) -> dict:
+def _export_shard(run: Run, shard: dict, out: Path, module: ModuleType, options: dict) -> dict:
     """Every sample of one shard through the format's write_sample (flagged ones left out unless included)."""
     path = run.path / "shards" / shard["name"]
     if not path.is_file() or sha256_file(path) != shard["sha256"]:
@@ -171,7 +172,7 @@ def _export_shard(run: Run, shard: dict, out: Path, module, options: dict) -> di
     return {"shard": shard["name"], "sha256": shard["sha256"], "files": files, "records": records}
 
 
-def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, module,
+def export(run_dir: str | Path, out: str | Path, fmt: str, options: dict, module: ModuleType,
            real: Iterable | None = None) -> dict:
     """Export every shard of a finished run into OUT; returns (and writes) OUT/export.json.
 

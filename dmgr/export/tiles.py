@@ -2,7 +2,7 @@
 
 A frame larger than SIZE on either side becomes SIZE x SIZE tiles (narrower where the frame is): one centred on
 every defect (a defect already whole inside an earlier tile gets none of its own), and defect-free tiles from the
-frame's grid, `background` of them per defect tile (rounded), chosen by a hash of the frame and the tile's
+frame's grid, `background` of them per defect tile (rounded half up), chosen by a hash of the frame and the tile's
 place. Every defect is clipped to each tile it reaches; a tile records its frame, offset and the frame's size.
 """
 
@@ -43,7 +43,7 @@ def tile_places(labels: list[tuple[int, np.ndarray]], width: int, height: int, s
         places.append((_start((x0 + x1) / 2, tw, width), _start((y0 + y1) / 2, th, height)))
     free = [(x, y) for y in _grid(height, th) for x in _grid(width, tw) if not union[y:y + th, x:x + tw].any()]
     free.sort(key=lambda p: hashlib.sha256(f"{name}:{p[0]}:{p[1]}".encode()).hexdigest())
-    return places + free[:round(background * len(places))]
+    return places + free[:int(background * len(places) + 0.5)]  # half up: 0.5 x one defect tile gives one
 
 
 def tile_item(item: Item, size: int, background: float) -> list[Item]:
