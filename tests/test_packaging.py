@@ -132,7 +132,8 @@ def test_pip_install_runs_from_another_folder(tmp_path):
     for name, proc in helps.items():
         text = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, f"{name} --help exited {proc.returncode}:\n{text[-3000:]}"
-        assert "powered by Hydra" in text or "usage:" in text, f"{name} --help printed:\n{text[-3000:]}"
+        # Usage lines (and Hydra's app help) name the command that was run.
+        assert f"{name} is powered by Hydra" in text or f"usage: {name} " in text, f"{name} --help:\n{text[-3000:]}"
     helped = time.monotonic()
 
     # The demo's panels, two of them, by the installed renderer (the default input renders 256 on first use).
