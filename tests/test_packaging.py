@@ -29,8 +29,19 @@ BUILD_INPUTS = ("pyproject.toml", "README.md", "dmgr", "conf", "checkpoints")
 
 
 def _modules() -> dict[str, Path]:
-    """Every module of dmgr/ by dotted name."""
-    return {".".join(path.relative_to(REPO).with_suffix("").parts): path for path in (REPO / "dmgr").rglob("*.py")}
+    """Every module of dmgr/ by dotted name (a package by its own name)."""
+    return {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
+            for path in (REPO / "dmgr").rglob("*.py")}
+
+
+# Imports every module of the installed package (but the __main__ modules, which run their tool) and prints the names.
+IMPORT_ALL = """
+import importlib, json, pkgutil, dmgr
+names = ["dmgr"] + [m.name for m in pkgutil.walk_packages(dmgr.__path__, "dmgr.") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+print(json.dumps(names))
+"""
 
 
 def _distribution(requirement: str) -> str:
@@ -126,6 +137,8 @@ def test_pip_install_runs_from_another_folder(tmp_path):
                             work).stdout)
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     assert [Path(p) for p in where] == [site / "dmgr" / "__init__.py", site / "dmgr" / "conf"]
+    imported = json.loads(_run([python, "-c", IMPORT_ALL], work).stdout)
+    assert sorted(imported) == sorted(name for name in _modules() if not name.endswith("__main__"))
 
     helps = {name: subprocess.Popen([bin_dir / name, "--help"], cwd=work, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name in SCRIPTS}
