@@ -186,6 +186,9 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def __getstate__(self) -> dict:  # a spawned loader worker maps the cache files again, never copies them
+        return {**self.__dict__, "_frames": {}}
+
     def frame(self, i: int) -> np.ndarray:
         """Image i resized by the scale, (H, W, C) uint8: memory-mapped from the cache, else decoded."""
         if self.cached is None:
