@@ -3,6 +3,8 @@
 python -m dmgr.eval samples outputs/<run>                      -> outputs/<run>/eval/samples.{md,json,png}
 python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/eval/mask-areas.{md,json}
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
+python -m dmgr.eval curve --per-class 4,16,64,256 --pairs 64,512    -> outputs/eval/curve/curve.{md,json,png}: every
+                                                               source learns from the same N defects per class
 python -m dmgr.eval downstream --task classes --run real=outputs/<run> -> OUT/downstream-classes.{md,json}: per-class
                                                                AP and IoU of a 7-class segmenter per source
 python -m dmgr.eval models --local CKPT --data-root DATA_ROOT -> CKPT's folder/models-check/: per class, samples
@@ -24,6 +26,7 @@ import torch
 
 from dmgr import EVAL_CACHE
 from dmgr.cli import program, stop_on_interrupt
+from dmgr.eval import fewshot
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
@@ -132,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=int, default=16, help="samples per class")
     c.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
     c.add_argument("--device", default="cpu", help="cpu or cuda")
+    curve = sub.add_parser("curve", parents=[common], help="the few-defect curve: every source learns from the same "
+                           "N real defects per class (dmgr/eval/fewshot.py)")
+    fewshot.add_arguments(curve)
     d = sub.add_parser(
         "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
     )
@@ -237,6 +243,11 @@ def _main(argv: list[str] | None) -> None:
         report = check_models(args.local, args.data_root, args.out, args.n, args.steps, device=args.device)
         print(report["verdict"])
         return
+    command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.command == "curve":
+        for name, path in fewshot.curve_command(args, command).items():
+            print(f"{name}: {path}")
+        return
     if args.command == "masks":
         if not (args.run_dir / "shards").is_dir():
             parser().error(f"run_dir: {args.run_dir}/shards does not exist; give a synthesis run directory")
@@ -278,7 +289,6 @@ def _main(argv: list[str] | None) -> None:
     results = run_benchmark(sources, settings, progress, args.jobs, None if args.no_cache else args.out / "models")
     classes = args.task == "classes"
     results["mask_winners"] = mask_winners(results, "map" if classes else "pixel_ap")
-    command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     written = (write_class_report if classes else write_downstream_report)(args.out, results, command, sources)
     for name, path in written.items():
         print(f"{name}: {path}")

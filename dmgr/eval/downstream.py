@@ -63,7 +63,7 @@ class DownstreamSettings:
     segment: SegmentSettings = field(default_factory=SegmentSettings)
 
 
-def _concat(*parts: Boards) -> Boards:
+def concat(*parts: Boards) -> Boards:
     return Boards(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "masks", "classes")))
 
 
@@ -131,7 +131,7 @@ def build_sources(
     small = defective_boards(USER, settings.real_small, size, panel=panel)
     sources["real-small"] = small
     if runs:
-        sources[f"real-small+{mix_key}"] = _concat(small, sources[mix_key])
+        sources[f"real-small+{mix_key}"] = concat(small, sources[mix_key])
     if f"real-{n}" not in skip:
         sources[f"real-{n}"] = defective_boards(USER, n, size, panel=panel)
     return sources

@@ -1,0 +1,301 @@
+"""The few-defect curve: a user has N real labelled defects per class; what does each source give a segmenter?
+
+    python -m dmgr.eval curve --per-class 4,16,64,256 --pairs 64,512 --out outputs/eval/curve
+
+For each N, every part that learns sees only the user's N defects per class (`user_defects`: the boards
+USER + k, class k % 6, defect seed k, k < 6N); the global model keeps learning from defect-free boards, which a
+user has in plenty. Per N, each step cached by its inputs and resumable (rerun the same command):
+
+    OUT/N<n>/data/local/     the defects' patches (`write_patches`): the local model's and the screen's data
+    OUT/N<n>/local/          `python -m dmgr.train` of the local architecture on them (resumes from state.pt)
+    OUT/N<n>/synth/          the default synthesis job with that local model and the screen trained on the same
+                             patches, into 64 px boards (resumes complete shards); the first M seeds are DMGR-N x M
+    OUT/models/              each segmenter's scores (`run_benchmark`'s cache)
+
+Rows per N: real-N (the 6N boards themselves), cut-paste-N x M (their patches pasted into defect-free boards),
+dmgr-N x M, real-N + dmgr-N x M. `--per-class` may include `demo`: today's shipped local model with the screen
+on `make data`'s 1,000 patches per class, against cut-paste and real boards of those same 1,000 defects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, ImageDraw
+
+from dmgr import DEMO_DATA
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.data.export import Defect, export_global, local_defects, write_patches
+from dmgr.eval.downstream import DownstreamSettings, concat, run_benchmark
+from dmgr.eval.real import USER, Boards, boards_of
+from dmgr.eval.shards import read_run
+from dmgr.eval.sources import cut_paste
+from dmgr.schema import STRICT_SECTION, Count, build
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"  # the --per-class entry of today's shipped local model and its 1,000 defects per class
+DEMO_PER_CLASS = 1000
+DEMO_LOCAL = Path("checkpoints/demo/local.safetensors")
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    __pydantic_config__ = STRICT_SECTION
+    per_class: tuple[Count() | Literal["demo"], ...] = (4, 16, 64, 256)  # N; "demo": the shipped local model
+    #   (1,000 per class)
+    pairs: tuple[Count(), ...] = (64, 512)  # M: pairs each synthetic source makes
+    arch: str = "demo_local_mask_small"  # conf/arch/ of the local model trained per N
+    local_steps: tuple[Count(), ...] = (2000, 2500, 3000, 4000)  # training steps per N, in per_class order
+    #   (the last repeats for further N)
+    local_batch: Count() = 32
+    backgrounds: int = 256  # 64 px defect-free boards with per-class ROIs: the synthesis frames
+    tasks: tuple[Literal["binary", "classes"], ...] = ("binary", "classes")
+    seeds: tuple[int, ...] = (0, 1, 2)  # segmenter seeds
+    jobs: Count() = 2  # segmenters trained at once (one thread each)
+    device: str = "cpu"
+    synth_args: tuple[str, ...] = ()  # extra Hydra overrides of every synthesis run
+    downstream: DownstreamSettings = field(default_factory=DownstreamSettings)
+
+
+def user_defects(per_class: int) -> list[Defect]:
+    """The user's N real defects per class: boards USER + k, class k % 6, defect seed k (k < 6N), the same
+    boards `defective_boards(USER, 6N)` renders whole."""
+    return [Defect(USER + k, k % len(CLASS_NAMES), k) for k in range(len(CLASS_NAMES) * per_class)]
+
+
+def defects_of(n: int | str) -> list[Defect]:
+    return local_defects(DEMO_PER_CLASS) if n == DEMO else user_defects(int(n))
+
+
+def steps_for(settings: CurveSettings, index: int) -> int:
+    return settings.local_steps[min(index, len(settings.local_steps) - 1)]
+
+
+def _run(command: list[str], log_path: Path) -> None:
+    """A step as its own process (its log beside its output); a failure names the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s > %s", " ".join(command), log_path)
+    with log_path.open("a") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed (exit {done.returncode}); see {log_path}")
+
+
+def write_data(root: Path, defects: list[Defect], size: int) -> Path:
+    """root/local/ with exactly these defects' patches, rewritten when the list changed (labels.json says)."""
+    labels = root / "local" / "labels.json"
+    wanted = [asdict(d) for d in defects]
+    if labels.exists():
+        have = [{k: item[k] for k in ("board_seed", "class_id", "defect_seed")}
+                for item in json.loads(labels.read_text())["items"]]
+        if have == wanted:
+            return root
+        raise RuntimeError(f"{root} holds other defects than N={len(defects) // len(CLASS_NAMES)} asks; remove it")
+    write_patches(root, defects, size, progress=False)
+    return root
+
+
+def write_backgrounds(out: Path, settings: CurveSettings) -> Path:
+    """The synthesis frames: 64 px defect-free boards (GLOBAL_OFFSET stream) with per-class ROIs."""
+    size = settings.downstream.image_size
+    root = out / f"backgrounds-{size}-{settings.backgrounds}"
+    manifest = root / "backgrounds.jsonl"
+    if not manifest.exists():
+        export_global(root, size, settings.backgrounds, progress=False, roi_slack=2)
+    return manifest
+
+
+def train_local(root: Path, data: Path, settings: CurveSettings, steps: int, python: str = sys.executable) -> Path:
+    """The local model on the N defects' patches: root/ema.safetensors (dmgr.train resumes where it stopped)."""
+    ckpt = root / "ema.safetensors"
+    done = root / "curve-done.json"
+    key = {"arch": settings.arch, "steps": steps, "batch": settings.local_batch, "data": str(data)}
+    if done.exists() and json.loads(done.read_text()) == key and ckpt.exists():
+        return ckpt
+    _run([python, "-m", "dmgr.train", f"arch={settings.arch}", f"data_root={data}", f"steps={steps}",
+          f"batch_size={settings.local_batch}", "held_out=0", f"out_dir={root}", f"device={settings.device}",
+          "progress=false"],
+         root.parent / "local.log")
+    done.write_text(json.dumps(key))
+    return ckpt
+
+
+def synthesise(run: Path, local: Path, data: Path, backgrounds: Path, seeds: int, settings: CurveSettings,
+               python: str = sys.executable) -> Path:
+    """The default job with this N's local model and screen, `seeds` seeds into the 64 px boards (resumable)."""
+    _run([python, "-m", "dmgr.synth", f"model.local.checkpoint={local.resolve()}", f"screen.data_root={data.resolve()}",
+          f"dataset.images={backgrounds.resolve()}", f"seeds=0-{seeds - 1}", f"out_dir={run}",
+          f"device={settings.device}", *settings.synth_args], run.parent / "synth.log")
+    return run
+
+
+def sources_for(n: int | str, run: Path, settings: CurveSettings) -> dict[str, Boards]:
+    """Every row of this N: real-N, and per M cut-paste-N x M, dmgr-N x M, real-N + dmgr-N x M."""
+    d = settings.downstream
+    defects = defects_of(n)
+    label = DEMO_PER_CLASS if n == DEMO else n
+    real = boards_of(defects, d.image_size)
+    sources = {f"real-{label}": real}
+    for m in settings.pairs:
+        sources[f"cut-paste-{label}x{m}"] = cut_paste(m, d.image_size, d.window, d.margin, defects=defects)
+        synth = read_run(run, limit=m)
+        if len(synth) < m:
+            raise ValueError(f"{run} holds {len(synth)} samples, the curve needs {m}")
+        dmgr = Boards(synth.images, synth.masks, synth.classes)
+        sources[f"dmgr-{label}x{m}"] = dmgr
+        sources[f"real-{label}+dmgr-{label}x{m}"] = concat(real, dmgr)
+    return sources
+
+
+def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) -> dict:
+    """Every step of every N (cached, resumable), then every segmenter; returns (and writes to OUT/curve.json)
+    per task, per N, per source: pairs and mean/std of each score."""
+    out = Path(out)
+    backgrounds = write_backgrounds(out, settings)
+    size = settings.downstream.image_size
+    results: dict = {"settings": asdict(settings), "tasks": {}}
+    per_n = {}
+    for index, n in enumerate(settings.per_class):
+        root = out / f"N{n}"
+        if n == DEMO:
+            data, local = Path(DEMO_DATA), DEMO_LOCAL
+            if not (data / "local" / "labels.json").exists():
+                raise FileNotFoundError(f"{data}/local: the demo row needs `make data` first")
+        else:
+            data = write_data(root / "data", user_defects(int(n)), size)
+            local = train_local(root / "local", data, settings, steps_for(settings, index), python)
+        run = synthesise(root / "synth", local, data, backgrounds, max(settings.pairs), settings, python)
+        per_n[n] = run
+    for task in settings.tasks:
+        segment = replace(settings.downstream.segment, task=task, device=settings.device)
+        downstream = replace(settings.downstream, seeds=settings.seeds, segment=segment)
+        rows = {}
+        for n, run in per_n.items():
+            sources = sources_for(n, run, settings)
+            scored = run_benchmark(sources, downstream, progress=False, jobs=settings.jobs, cache=out / "models")
+            rows[str(n)] = {name: {k: v for k, v in r.items() if k != "runs"} for name, r in scored["sources"].items()}
+        results["tasks"][task] = rows
+    (out / "curve.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+HEADLINE_METRIC = {"binary": "pixel_ap", "classes": "map"}
+FAMILIES = ("real", "cut-paste", "dmgr", "real+dmgr")
+COLOURS = {"real": (40, 40, 40), "cut-paste": (200, 120, 30), "dmgr": (40, 110, 200), "real+dmgr": (200, 40, 60)}
+
+
+def family(source: str) -> tuple[str, int | None]:
+    """`real-16+dmgr-16x512` -> ("real+dmgr", 512); `cut-paste-16x64` -> ("cut-paste", 64); `real-16` -> ("real",
+    None)."""
+    pairs = int(source.rsplit("x", 1)[1]) if "x" in source.rsplit("-", 1)[-1] else None
+    if "+" in source:
+        return "real+dmgr", pairs
+    return source.rsplit("-", 1)[0], pairs
+
+
+def curve_rows(results: dict, task: str) -> list[tuple[str, str, int, float, float]]:
+    """(N, source, pairs, mean, std) of the task's headline metric, per N in order."""
+    metric = HEADLINE_METRIC[task]
+    return [(n, name, row["pairs"], row[metric]["mean"], row[metric]["std"])
+            for n, sources in results["tasks"][task].items() for name, row in sources.items()]
+
+
+def write_report(out: Path, results: dict, command: str) -> dict[str, Path]:
+    """OUT/curve.md (one table per task: N, source, pairs, mean ± std) and OUT/curve.png (the picture)."""
+    lines = ["# The few-defect curve", "", f"`{command}`", "",
+             "Every source learned from the same N real defects per class (the user's boards `USER + k`); the "
+             "segmenter and its held-out real test boards are the downstream benchmark's.", ""]
+    for task in results["tasks"]:
+        lines += [f"## {task}: {HEADLINE_METRIC[task]}", "", "| N per class | source | pairs | mean ± std |",
+                  "|---|---|---|---|"]
+        lines += [f"| {n} | {name} | {pairs} | {mean:.3f} ± {std:.3f} |"
+                  for n, name, pairs, mean, std in curve_rows(results, task)]
+        lines.append("")
+    (out / "curve.md").write_text("\n".join(lines))
+    draw_curve(results).save(out / "curve.png")
+    return {"markdown": out / "curve.md", "picture": out / "curve.png", "json": out / "curve.json"}
+
+
+def draw_curve(results: dict, width: int = 480, height: int = 320) -> Image.Image:
+    """One plot per task: the headline metric against N (log scale), a line per source family (the largest M
+    for synthetic ones, thin lines for smaller M), with the std as a bar."""
+    tasks = list(results["tasks"])
+    picture = Image.new("RGB", (width * len(tasks), height + 40), "white")
+    draw = ImageDraw.Draw(picture)
+    for t, task in enumerate(tasks):
+        rows = curve_rows(results, task)
+        ns = list(dict.fromkeys(n for n, *_ in rows))
+        x0, y0, x1, y1 = t * width + 50, 20, (t + 1) * width - 20, height - 30
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        draw.text((x0, 4), f"{task}: {HEADLINE_METRIC[task]} against real defects per class", fill=(0, 0, 0))
+        for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = y1 - v * (y1 - y0)
+            draw.line([x0 - 4, y, x0, y], fill=(0, 0, 0))
+            draw.text((x0 - 34, y - 6), f"{v:.2f}", fill=(0, 0, 0))
+        xs = {n: x0 + (i + 0.5) * (x1 - x0) / len(ns) for i, n in enumerate(ns)}
+        for n, x in xs.items():
+            draw.text((x - 10, y1 + 4), str(n), fill=(0, 0, 0))
+        largest = max((family(name)[1] or 0 for _, name, *_ in rows), default=0)
+        for fam in FAMILIES:
+            for m in sorted({family(name)[1] for _, name, *_ in rows if family(name)[0] == fam}, key=lambda v: v or 0):
+                points = [(xs[n], y1 - mean * (y1 - y0), std * (y1 - y0)) for n, name, _, mean, std in rows
+                          if family(name) == (fam, m)]
+                line_width = 3 if m in (None, largest) else 1
+                draw.line([(x, y) for x, y, _ in points], fill=COLOURS[fam], width=line_width)
+                for x, y, s in points:
+                    draw.line([x, y - s, x, y + s], fill=COLOURS[fam])
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[fam])
+        for k, fam in enumerate(FAMILIES):
+            draw.rectangle([x0 + 10 + 105 * k, height + 8, x0 + 22 + 105 * k, height + 20], fill=COLOURS[fam])
+            draw.text((x0 + 26 + 105 * k, height + 8), fam, fill=(0, 0, 0))
+    return picture
+
+
+def _numbers(text: str) -> tuple[int | str, ...]:
+    return tuple(v if v == DEMO else int(v) for v in text.split(","))
+
+
+def add_arguments(c: argparse.ArgumentParser) -> None:
+    """The options of `python -m dmgr.eval curve`."""
+    d = CurveSettings()
+    c.add_argument("--per-class", type=_numbers, default=d.per_class, metavar="N,N",
+                   help=f"real defects per class (default {','.join(map(str, d.per_class))}; '{DEMO}': the "
+                   "shipped local model and make data's 1,000 per class)")
+    c.add_argument("--pairs", type=_numbers, default=d.pairs, metavar="M,M", help="pairs per synthetic source")
+    c.add_argument("--arch", default=d.arch, help="conf/arch/ of the local model trained per N")
+    c.add_argument("--local-steps", type=_numbers, default=d.local_steps, metavar="S,S",
+                   help="its training steps per N, in --per-class order (the last repeats)")
+    c.add_argument("--tasks", type=lambda v: tuple(v.split(",")), default=d.tasks, help="binary,classes")
+    c.add_argument("--seeds", type=_numbers, default=d.seeds, help="segmenter seeds")
+    c.add_argument("--segment-steps", type=int, default=d.downstream.segment.steps)
+    c.add_argument("--test-defective", type=int, default=d.downstream.test_defective)
+    c.add_argument("--test-clean", type=int, default=d.downstream.test_clean)
+    c.add_argument("--jobs", type=int, default=d.jobs, help="segmenters trained at once (one thread each)")
+    c.add_argument("--device", default=d.device, help="cpu or cuda: local models, synthesis and segmenters")
+    c.add_argument("--synth-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override of every synthesis run (repeatable)")
+    c.add_argument("--out", type=Path, default=Path("outputs/eval/curve"), help="where every piece is cached")
+
+
+def settings_from_args(args: argparse.Namespace) -> CurveSettings:
+    downstream = {"test_defective": args.test_defective, "test_clean": args.test_clean,
+                  "segment": {"steps": args.segment_steps}}
+    return build(CurveSettings, dict(
+        per_class=args.per_class, pairs=args.pairs, arch=args.arch, local_steps=args.local_steps,
+        tasks=args.tasks, seeds=args.seeds, jobs=args.jobs, device=args.device, synth_args=tuple(args.synth_arg),
+        downstream=downstream))
+
+
+def curve_command(args: argparse.Namespace, command: str) -> dict[str, Path]:
+    settings = settings_from_args(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run_curve(settings, args.out)
+    return write_report(args.out, results, command)

@@ -1,0 +1,85 @@
+"""The few-defect curve (`python -m dmgr.eval curve`) end to end on a tiny budget, N = 2 defects per class: every
+part that learns (the local model, the screen's classifier, cut-paste, real-N) reads only those 12 defects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from synth_support import ROOT
+
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.eval import fewshot, real, sources
+from dmgr.eval.fewshot import CurveSettings, family, sources_for, user_defects
+from dmgr.eval.real import USER
+from dmgr.schema import build
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
+
+N = 2
+SYNTH = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T_e=3", "screen.classifier_steps=3",
+         "screen.max_attempts=1", "samples_per_shard=2"]
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("curve")
+    command = [sys.executable, "-m", "dmgr.eval", "curve", "--quiet", "--per-class", str(N), "--pairs", "4",
+               "--local-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3", "--test-defective", "12",
+               "--test-clean", "6", "--out", str(out),
+               *(f"--synth-arg={a}" for a in [*SYNTH, f"screen.cache_dir={out / 'screen-cache'}"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_the_curve_writes_every_row_its_table_and_its_picture(curve):
+    results = json.loads((curve / "curve.json").read_text())
+    expected = {f"real-{N}", f"cut-paste-{N}x4", f"dmgr-{N}x4", f"real-{N}+dmgr-{N}x4"}
+    for task, metric in (("binary", "pixel_ap"), ("classes", "map")):
+        rows = results["tasks"][task][str(N)]
+        assert set(rows) == expected
+        assert rows[f"real-{N}"]["pairs"] == 6 * N and rows[f"real-{N}+dmgr-{N}x4"]["pairs"] == 6 * N + 4
+        assert all(0 <= row[metric]["mean"] <= 1 for row in rows.values())
+    table = (curve / "curve.md").read_text()
+    assert f"| {N} | dmgr-{N}x4 | 4 |" in table
+    assert (curve / "curve.png").stat().st_size > 0
+
+
+def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
+    users = {(d.board_seed, d.class_id, d.defect_seed) for d in user_defects(N)}
+    assert len(users) == 6 * N and {c for _, c, _ in users} == set(range(len(CLASS_NAMES)))
+    data = curve / f"N{N}" / "data"
+    # the local model's and the screen's data root holds exactly the users' defects, nothing else
+    labels = json.loads((data / "local" / "labels.json").read_text())["items"]
+    assert {(i["board_seed"], i["class_id"], i["defect_seed"]) for i in labels} == users
+    files = {p.relative_to(data / "local").as_posix() for p in (data / "local").rglob("*.png")}
+    assert files == {i["file"] for i in labels} | {i["mask"] for i in labels}
+    # the local model trained on that root, the synthesis used that model and screened with that root
+    assert json.loads((curve / f"N{N}" / "local" / "train.json").read_text())["data_root"] == str(data)
+    config = json.loads((curve / f"N{N}" / "synth" / "manifest.json").read_text())["config"]
+    assert config["model"]["local"]["checkpoint"] == str((curve / f"N{N}" / "local" / "ema.safetensors").resolve())
+    assert config["screen"]["data_root"] == str(data.resolve())
+    records = [json.loads(p.read_text()) for p in (curve / "screen-cache").glob("*.json")]
+    assert records and all(r["data_root"] == str(data.resolve()) for r in records)
+    # cut-paste and real-N draw only those defects (their backgrounds are defect-free boards)
+    drawn = []
+    original = sources.add_defect
+
+    def recording(board, class_id, defect_seed):
+        drawn.append((board.seed, class_id, defect_seed))
+        return original(board, class_id, defect_seed)
+
+    monkeypatch.setattr(sources, "add_defect", recording)
+    monkeypatch.setattr(real, "add_defect", recording)
+    settings = build(CurveSettings, dict(per_class=(N,), pairs=(4,)))
+    rows = sources_for(N, curve / f"N{N}" / "synth", settings)
+    assert drawn and set(drawn) == users
+    assert all(USER <= seed < USER + 6 * N for seed, _, _ in drawn)
+    assert {family(name)[0] for name in rows} == set(fewshot.FAMILIES)
+
