@@ -28,7 +28,7 @@ torch.set_num_threads(int(os.environ.get("DMGR_TEST_THREADS", "1")))
 # the long ones keeps one of them from being the last to start while the other worker sits idle.
 LONGEST_FIRST = (
     "test_eval_job", "test_eval_panels", "test_synth_reliability", "test_synth_job", "test_slurm", "test_synth_screen",
-    "test_synth_backgrounds", "test_native_size", "test_exports_libraries", "test_reference_parity",
+    "test_packaging", "test_synth_backgrounds", "test_native_size", "test_exports_libraries", "test_reference_parity",
     "test_sampler_dmgr", "test_train", "test_bench",
     "test_sweep", "test_own_product", "test_eval_sources",
 )
