@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmgr import CONF_DIR, DEMO_DATA
+from dmgr.cli import program
 from dmgr.data.dataset import PatchDataset, TileDataset, TileSampler, to_model_range
 from dmgr.diffusion import make_diffusion
 from dmgr.diffusion.training import diffusion_loss
@@ -205,7 +206,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dmgr.bench_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=program("dmgr.bench_train"), description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default=None, help=f"conf/arch names (default: {CPU_ARCHS} on cpu; on cuda "
                                                  f"{GPU_ARCHS})")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per case (after one untimed)")
