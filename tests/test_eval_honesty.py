@@ -1,10 +1,9 @@
 """The evaluation stays honest: synthesis never uses the evaluation's classifier or its data.
 
-The evaluation classifier (`dmgr.eval.classifier.load_or_train`) is trained on the procedural domain's own
-streams (`dmgr.eval.real`: the local model's boards, the held-out validation stream) and judges the samples;
-whatever scores or selects during synthesis (the quality screen's classifier, `dmgr.synth.screen_classifier`) must
-learn from the user's data root and defect-free images only. The patch network's architecture and training
-loop (`PatchClassifier`, `train_classifier`) are shared; the evaluation's weights and data are not.
+The evaluation's judge (`dmgr.eval.classifier.load_or_train`) is trained on a board stream of its own
+(`dmgr.eval.real.JUDGE`) and judges the samples; whatever scores or selects during synthesis (the quality screen's
+classifier, `dmgr.synth.screen_classifier`) must learn from the user's data root and defect-free images only.
+They share neither architecture, training code nor data (tests/test_eval_judge.py).
 """
 
 from __future__ import annotations
@@ -93,6 +92,16 @@ def test_gated_synthesis_never_touches_the_evaluation_classifier_or_its_data(tmp
     assert record["data_digest"] == data_digest(data, CLASSES)
     clean = 4 * record["settings"]["clean_per_image"]
     assert record["patches"]["train"] + record["patches"]["held_out"] == len(CLASSES) * 4 + clean
+    # afterwards the judge reads the run and reports how often it agrees with the screen that selected it
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "dmgr.eval", "samples", "--quiet", "--cache", str(eval_cache),
+                           str(out), "--classifier-steps", "5", "--classifier-boards", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    agreement = json.loads((out / "eval" / "samples.json").read_text())["sets"]["dmgr"]["screen_agreement"]
+    assert agreement["windows"] == 4
+    assert all(0 <= agreement[k] <= 1 for k in ("agreement", "judge_class_accuracy", "screen_class_accuracy"))
+    assert "agree" in (out / "eval" / "samples.md").read_text()
 
 
 def test_the_guard_catches_a_synthesis_that_uses_the_evaluation(tmp_path):

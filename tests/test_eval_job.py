@@ -151,7 +151,7 @@ def test_samples_command_rewrites_the_report(eval_run, tmp_path):
     )
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(printed) == set(QUALITY_KEYS)
-    assert (out / "samples.md").exists() and list(cache.glob("classifier-*.safetensors"))
+    assert (out / "samples.md").exists() and list(cache.glob("judge-*.safetensors"))
     # the same classifier settings and data give the same numbers as the run's own measurement
     assert printed == pytest.approx(manifest(eval_run)["quality"])
 

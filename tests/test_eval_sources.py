@@ -5,7 +5,6 @@ import torch
 
 from dmgr.data import make_board
 from dmgr.data.export import GLOBAL_OFFSET, TEST_OFFSET
-from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.real import (
     CLEAN,
     USER,
@@ -18,7 +17,6 @@ from dmgr.eval.real import (
 from dmgr.eval.segment import SegmentSettings, detection_scores, predict_maps, train_segmenter
 from dmgr.eval.sources import cut_paste, perlin_anomalies, perlin_noise
 from dmgr.images import from_uint8
-from dmgr.models.classifier import accuracy
 
 
 def test_test_boards_are_the_exported_test_set_plus_clean_boards():
@@ -65,18 +63,6 @@ def test_perlin_anomalies_blend_only_inside_their_mask():
     assert torch.allclose(pairs.images[outside], backgrounds[outside])
     assert pairs.masks.flatten(1).any(1).all()
     assert (pairs.images[~outside] - backgrounds[~outside]).abs().mean() > 0.05
-
-
-@pytest.mark.slow
-def test_classifier_is_accurate_on_its_own_training_patches(tmp_path):
-    settings = ClassifierSettings(per_class=30, validation_per_class=5, steps=250, batch_size=64, lr=5e-3)
-    model, record = load_or_train(settings, tmp_path, progress=False)
-    assert record["train_accuracy"] > 0.9
-    assert (tmp_path / f"classifier-{settings.key()}.safetensors").exists()
-    cached, again = load_or_train(settings, tmp_path, progress=False)  # from the cache: same weights
-    assert again == record
-    train = defect_patches(10_000_000, settings.per_class, 64, 16, settings.jitter, settings.seed)
-    assert accuracy(cached, train) == record["train_accuracy"]
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from dmgr import EVAL_CACHE
 from dmgr.cli import program, stop_on_interrupt
@@ -31,9 +32,10 @@ from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
 from dmgr.eval.report import write_class_report, write_downstream_report, write_sample_report
-from dmgr.eval.samples import quality_block, real_reference, sample_metrics
+from dmgr.eval.samples import quality_block, real_reference, sample_metrics, screen_agreement
 from dmgr.eval.segment import SegmentSettings
 from dmgr.eval.shards import first_sample, frame_geometry, geometry, read_run
+from dmgr.models.classifier import PatchClassifier
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.schema import build
 from dmgr.shards.manifest import write_json_atomic
@@ -61,9 +63,30 @@ def evaluate_samples(
     synth = read_run(run_dir, images=tuple(optional))
     real = real_reference(settings.image_size, settings.window)
     sets = sample_metrics(synth, model, real)
+    screen = run_screen_classifier(run_dir)
+    if screen is not None:
+        sets["dmgr"]["screen_agreement"] = screen_agreement(model, screen, synth)
+        log.info("the judge agrees with the run's screen classifier on %.3f of %d windows",
+                 sets["dmgr"]["screen_agreement"]["agreement"], len(synth))
     written = write_sample_report(Path(out_dir) if out_dir else run_dir / "eval", run_dir, sets, record)
     log.info("sample metrics of %d images in %.0f s: %s", len(synth), time.perf_counter() - start, written["markdown"])
     return sets
+
+
+def run_screen_classifier(run_dir: Path) -> torch.nn.Module | None:
+    """The quality screen's classifier a screened run used (from its cache, by the key in the run's manifest),
+    or None: an unscreened run, or a cache that no longer holds it. Only read to report agreement."""
+    config = json.loads((Path(run_dir) / "manifest.json").read_text()).get("config", {})
+    screen = config.get("screen") or {}
+    if not screen.get("enabled") or not screen.get("classifier_key"):
+        return None
+    path = Path(screen["cache_dir"]) / f"screen-classifier-{screen['classifier_key']}.safetensors"
+    if not path.exists():
+        log.warning("no screen agreement: %s is gone from the screen's cache", path)
+        return None
+    model = PatchClassifier(len(config["dataset"]["classes"]) + 1)
+    model.load_state_dict(load_file(path))
+    return model
 
 
 def record_quality(run_dir: Path, sets: dict) -> None:

@@ -7,7 +7,9 @@ Every set comes from its own board-seed stream, so nothing here overlaps another
     TEST_OFFSET + i     the held-out defective test boards (`python -m dmgr.data.export` writes the same)
     CLEAN_TEST + i      held-out defect-free test boards (image-level AUROC needs negatives)
     VALIDATION + i      held-out patches for checking the classifier and the real-vs-real references
-    USER + i            the "few real images a user has" of the downstream benchmark
+    USER + i            the "few real images a user has" of the downstream benchmark (the few-defect curve's
+                        N defects per class: dmgr.eval.fewshot)
+    JUDGE + i           the evaluation judge's training patches (dmgr.eval.judge), read by nothing else
 
 Panels (`panel=(W, H)`, the demo backgrounds' layout: W x H panels of `size`-px boards, row by row) hold the
 same board i of each set in one tile (the same defect, exact mask); the other tiles are defect-free boards
@@ -31,6 +33,7 @@ from dmgr.models.classifier import Patches
 CLEAN_TEST = TEST_OFFSET + STREAM // 2
 VALIDATION = 3 * STREAM
 USER = 4 * STREAM
+JUDGE = 5 * STREAM
 CLEAN = len(CLASS_NAMES)  # the classifier's extra class: a defect-free patch
 PATCH_CLASSES = (*CLASS_NAMES, "clean")
 PANEL_FILL = STREAM // 4  # per stream: the defect-free boards around a panel's own board

@@ -61,9 +61,10 @@ def write_sample_report(out_dir: Path, run_dir: Path, sets: dict, classifier: di
     lines = [
         f"# Sample metrics: {run_dir}",
         "",
-        f"{sets['dmgr']['count']} synthesised images. Features and class reads come from the patch classifier "
-        f"(held-out accuracy {classifier['validation_accuracy']:.3f} on real procedural patches). "
-        "`real` is held-out real data scored the same way: the value a perfect generator reaches.",
+        f"{sets['dmgr']['count']} synthesised images. Features and class reads come from the judge, a classifier "
+        f"independent of the quality screen (held-out accuracy {classifier['validation_accuracy']:.3f} on real "
+        "procedural patches). `real` is held-out real data scored the same way: the value a perfect generator "
+        "reaches.",
         "",
         "| set | " + " | ".join(h for _, h in SAMPLE_COLUMNS) + " |",
         "|---|" + "---|" * len(SAMPLE_COLUMNS),
@@ -87,6 +88,11 @@ def write_sample_report(out_dir: Path, run_dir: Path, sets: dict, classifier: di
             confusion_png(s["confusion"], path, f"{name}: class fidelity")
             written[f"confusion-{name}"] = path
             lines += ["", f"![{name} confusion]({path.name})"]
+    agreement = sets["dmgr"].get("screen_agreement")
+    if agreement:
+        lines += ["", f"The judge and the run's screen classifier read the same label (six classes + clean) on "
+                  f"{agreement['agreement']:.3f} of {agreement['windows']} windows; class accuracy read by the judge "
+                  f"{agreement['judge_class_accuracy']:.3f}, by the screen {agreement['screen_class_accuracy']:.3f}."]
     written["markdown"].write_text("\n".join(lines) + "\n")
     return written
 

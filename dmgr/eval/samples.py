@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from dmgr.data.defects import CLASS_NAMES
+from dmgr.eval.classifier import JudgeNet, predict
 from dmgr.eval.metrics import confusion_matrix, kid, mean_pairwise_distance, nan_mean, seam_ratio
 from dmgr.eval.real import CLEAN, VALIDATION, clean_boards, defect_patches, defective_boards
 from dmgr.eval.shards import SynthSet, outside_tiles
-from dmgr.models.classifier import PatchClassifier, Patches, predict
+from dmgr.models.classifier import Patches
 from dmgr.sampler import crop_windows
 from dmgr.sampler.masks import window_support
 
@@ -68,7 +69,7 @@ class RealFeatures:
 
 
 def score_images(
-    classifier: PatchClassifier,
+    classifier: JudgeNet,
     images: torch.Tensor,
     windows: torch.Tensor,
     classes: torch.Tensor,
@@ -100,7 +101,7 @@ def score_images(
 
 
 def score_real(
-    classifier: PatchClassifier, real: RealReference, windows: torch.Tensor, window: int
+    classifier: JudgeNet, real: RealReference, windows: torch.Tensor, window: int
 ) -> tuple[dict, RealFeatures]:
     """The same metrics for real data against real data (what a perfect generator would score), and
     the reference features the synthesised sets are scored against."""
@@ -124,7 +125,7 @@ def score_real(
     return scores, RealFeatures(features_a, background_a, diversity)
 
 
-def sample_metrics(synth: SynthSet, classifier: PatchClassifier, real: RealReference) -> dict:
+def sample_metrics(synth: SynthSet, classifier: JudgeNet, real: RealReference) -> dict:
     """Metrics of the run's DMGR images, the real reference and (when present) the paste baseline."""
     w = synth.window_size
     real_scores, reference = score_real(classifier, real, synth.windows, w)
@@ -143,3 +144,16 @@ def sample_metrics(synth: SynthSet, classifier: PatchClassifier, real: RealRefer
 def quality_block(sets: dict) -> dict[str, float]:
     """The flat numbers the manifest's `quality` holds (and the sweep report tabulates)."""
     return {key: sets["dmgr"][key] for key in QUALITY_KEYS}
+
+
+def screen_agreement(judge: JudgeNet, screen: torch.nn.Module, synth: SynthSet) -> dict:
+    """How often the judge and the run's screen classifier read a synthesised window as the same label (six
+    classes + clean), and each one's class accuracy there: the judge is independent, the screen selected."""
+    crops = crop_windows(synth.images, synth.windows, synth.window_size)
+    judged = predict(judge, crops)[0].argmax(1)
+    with torch.no_grad():
+        screened = torch.cat([screen.eval()(c) for c in crops.split(512)]).argmax(1)
+    return {"agreement": float((judged == screened).float().mean()),
+            "judge_class_accuracy": float((judged == synth.classes).float().mean()),
+            "screen_class_accuracy": float((screened == synth.classes).float().mean()),
+            "windows": len(crops)}
