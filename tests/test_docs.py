@@ -137,7 +137,7 @@ def documented_keys() -> dict[str, set[str]]:
 
 
 # Set by the job itself, not by users (ScreenSettings: "set by validate").
-INTERNAL_KEYS = {"screen.data_digest"}
+INTERNAL_KEYS = {"screen.data_digest", "screen.classifier_key"}  # set by validate, never by a user
 
 
 def test_configuration_reference_matches_the_schema():

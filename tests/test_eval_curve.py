@@ -83,3 +83,22 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
     assert all(USER <= seed < USER + 6 * N for seed, _, _ in drawn)
     assert {family(name)[0] for name in rows} == set(fewshot.FAMILIES)
 
+
+
+def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
+    """`python -m dmgr.eval yolo` (Ultralytics in .venv-detect: `make detect-env`) on the curve's N = 2 run, one
+    epoch: real-N trains on the export's 12 real boards only, real-N + DMGR-N on those and the run's 4 images,
+    both validated on the held-out real boards exported the same way."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "dmgr.eval", "yolo", "--quiet", "--curve", str(curve), "--per-class",
+                           str(N), "--epochs", "1", "--test-defective", "12"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((curve / "yolo" / "yolo.json").read_text())["per_class"][str(N)]
+    assert rows[f"real-{N}"]["train_images"] == 6 * N
+    assert rows[f"real-{N}+dmgr-{N}"]["train_images"] == 6 * N + 4
+    assert all(0 <= row[k]["mean"] <= 1 for row in rows.values() for k in ("mask_map50", "mask_map50_95"))
+    listing = (curve / "yolo" / f"N{N}" / f"real-{N}.train.txt").read_text().split()
+    assert len(listing) == 6 * N and all(Path(p).name.startswith("real-") for p in listing)
+    val = (curve / "yolo" / f"N{N}" / f"real-{N}.yaml").read_text().split("val: ")[1].split()[0]
+    assert len(list(Path(val).glob("*.png"))) == 12

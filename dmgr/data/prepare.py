@@ -42,6 +42,7 @@ import yaml
 from PIL import Image
 from pydantic import Field
 
+from dmgr import CONF_DIR
 from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.data.dataset import holds_tile, too_small_error
 from dmgr.data.importers import _one_line, _parse_map, check_data_root, import_coco, import_voc
@@ -50,7 +51,7 @@ from dmgr.images import Conversions, list_images
 from dmgr.schema import STRICT_SECTION
 
 log = logging.getLogger("dmgr.prepare")
-PROJECT_CONF = Path(__file__).resolve().parents[2] / "conf"
+PROJECT_CONF = Path(CONF_DIR).resolve()  # the package's own configs (arch presets), installed or in a clone
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WINDOWS = (16, 32, 64)  # the local presets' sides
 GLOBAL_ARCH = {64: ("demo_global", 16), 128: ("global_128", 16), 256: ("global_256", 8)}  # side: (arch, batch)

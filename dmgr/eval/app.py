@@ -5,6 +5,8 @@ python -m dmgr.eval masks outputs/<run>                        -> outputs/<run>/
 python -m dmgr.eval downstream --run fast=outputs/<run> --run paper=outputs/<run2> --out outputs/eval/downstream
 python -m dmgr.eval curve --per-class 4,16,64,256 --pairs 64,512    -> outputs/eval/curve/curve.{md,json,png}: every
                                                                source learns from the same N defects per class
+python -m dmgr.eval yolo --curve outputs/eval/curve            -> OUT/yolo/yolo.json: YOLO-seg mask mAP of real-N and
+                                                               real-N + DMGR-N (needs make detect-env)
 python -m dmgr.eval downstream --task classes --run real=outputs/<run> -> OUT/downstream-classes.{md,json}: per-class
                                                                AP and IoU of a 7-class segmenter per source
 python -m dmgr.eval models --local CKPT --data-root DATA_ROOT -> CKPT's folder/models-check/: per class, samples
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 
 from dmgr import EVAL_CACHE
 from dmgr.cli import program, stop_on_interrupt
-from dmgr.eval import fewshot
+from dmgr.eval import detector, fewshot
 from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, build_sources, run_benchmark
 from dmgr.eval.mask_areas import REAL_PER_CLASS, write_areas
@@ -161,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     curve = sub.add_parser("curve", parents=[common], help="the few-defect curve: every source learns from the same "
                            "N real defects per class (dmgr/eval/fewshot.py)")
     fewshot.add_arguments(curve)
+    yolo = sub.add_parser("yolo", parents=[common], help="a real detector as a second judge of the curve: YOLO "
+                          "segmentation on real-N and real-N + DMGR-N exports (dmgr/eval/detector.py)")
+    detector.add_arguments(yolo)
     d = sub.add_parser(
         "downstream", parents=[common], help="train the same segmenter on each source, test on real boards"
     )
@@ -267,6 +272,9 @@ def _main(argv: list[str] | None) -> None:
         print(report["verdict"])
         return
     command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.command == "yolo":
+        print(json.dumps(detector.yolo_command(args)["per_class"], indent=1))
+        return
     if args.command == "curve":
         for name, path in fewshot.curve_command(args, command).items():
             print(f"{name}: {path}")

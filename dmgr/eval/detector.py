@@ -1,0 +1,174 @@
+"""A real detector as a second judge of the few-defect curve: Ultralytics YOLO segmentation, trained on the YOLO
+export (`python -m dmgr.export yolo`) of real-N and of real-N + DMGR-N, scored on held-out real boards exported
+the same way.
+
+    make detect-env && python -m dmgr.eval yolo --curve outputs/eval/curve --per-class 16,64
+
+Per N it reads the curve's synthesis run (OUT/N<n>/synth: run `python -m dmgr.eval curve` first) and writes:
+
+    OUT/yolo/N<n>/real/images/<class>/, masks/<class>/   the user's 6N boards (the export's --add-real layout)
+    OUT/yolo/N<n>/export/                                 the run with them: `--val 0 --add-real ... --include-flagged`
+    OUT/yolo/test/                                        held-out real boards (TEST stream) as the val split
+    OUT/yolo/N<n>/<source>-<seed>/                        YOLO's run; its scores in scores.json (cached)
+
+The model is built from `yolov8n-seg.yaml` (no pretrained weights, nothing downloaded, plots off) and trained in
+the detector environment (`.venv-detect`), whose torch and torchvision Ultralytics needs. Sources: real-N (the
+export's `real-*` images only) and real-N + DMGR-N (every training image of the export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.data.export import TEST_OFFSET
+from dmgr.eval.fewshot import user_defects
+from dmgr.eval.real import Boards, boards_of, defective_boards
+from dmgr.schema import STRICT_SECTION, Count, build
+
+log = logging.getLogger(__name__)
+
+DETECT_PYTHON = Path(".venv-detect/bin/python")
+
+# Runs inside the detector environment: only Ultralytics, no dmgr.
+TRAIN_SCRIPT = """
+import json, os, sys
+os.environ.setdefault("YOLO_OFFLINE", "1")
+from ultralytics import YOLO
+data, out, epochs, imgsz, batch, seed, device = sys.argv[1:8]
+model = YOLO("yolov8n-seg.yaml")
+common = dict(imgsz=int(imgsz), batch=int(batch), device=device, workers=0, plots=False, verbose=False,
+              project=out, exist_ok=True)
+model.train(data=data, epochs=int(epochs), seed=int(seed), deterministic=True, amp=False, val=False,
+            pretrained=False, name="train", **common)
+metrics = model.val(data=data, split="val", name="val", **common)
+print(json.dumps({"mask_map50": float(metrics.seg.map50), "mask_map50_95": float(metrics.seg.map),
+                  "box_map50": float(metrics.box.map50), "box_map50_95": float(metrics.box.map)}))
+"""
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    __pydantic_config__ = STRICT_SECTION
+    per_class: tuple[Count(), ...] = (16, 64)
+    epochs: Count() = 30
+    imgsz: Count(32) = 64
+    batch: Count() = 32
+    seeds: tuple[int, ...] = (0,)
+    test_defective: Count() = 180
+    image_size: Count(8) = 64
+    device: str = "cpu"
+
+
+def write_boards(root: Path, boards: Boards) -> Path:
+    """root/images/<class>/NNNNNN.png and root/masks/<class>/NNNNNN.png: one defect per board."""
+    pixels = ((boards.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (image, mask, cid) in enumerate(zip(pixels, boards.masks, boards.classes.tolist())):
+        name = CLASS_NAMES[cid]
+        (root / "images" / name).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / name / f"{i:06d}.png")
+        Image.fromarray(mask[0].numpy().astype(np.uint8) * 255).save(root / "masks" / name / f"{i:06d}.png")
+    return root
+
+
+def _export(run: Path, out: Path, real: Path, real_as_val: bool) -> Path:
+    if (out / "data.yaml").exists():
+        return out
+    command = [sys.executable, "-m", "dmgr.export", "yolo", str(run), str(out), "--val", "0", "--include-flagged",
+               "--add-real", str(real), *(["--real-as-val"] if real_as_val else [])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return out
+
+
+def data_yaml(path: Path, train: list[Path], val: Path) -> Path:
+    """A data.yaml whose train split is a list file of `train` images and whose val split is `val`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    listing = path.with_suffix(".train.txt")
+    listing.write_text("".join(f"{p.resolve()}\n" for p in train))
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASS_NAMES))
+    path.write_text(f"train: {listing.resolve()}\nval: {val.resolve()}\nnames:\n{names}")
+    return path
+
+
+def train_and_score(data: Path, out: Path, settings: DetectorSettings, seed: int, python: Path) -> dict:
+    """One YOLO model (cached in out/scores.json)."""
+    scores = out / "scores.json"
+    if scores.exists():
+        return json.loads(scores.read_text())
+    if not python.exists():
+        raise FileNotFoundError(f"{python}: the detector environment is missing; run `make detect-env`")
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(out.resolve() / "config")}
+    command = [str(python), "-c", TRAIN_SCRIPT, str(data.resolve()), str(out.resolve()), str(settings.epochs),
+               str(settings.imgsz), str(settings.batch), str(seed), settings.device]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    (out / "yolo.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"YOLO training failed; see {out / 'yolo.log'}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    scores.write_text(json.dumps(result))
+    return result
+
+
+def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_PYTHON) -> dict:
+    """Per N and source: mean and std over seeds of mask/box mAP50 and mAP50-95; written to OUT/yolo/yolo.json."""
+    root = curve / "yolo"
+    test_real = root / "test" / "boards"
+    if not (test_real / "images").exists():
+        write_boards(test_real, defective_boards(TEST_OFFSET, settings.test_defective, settings.image_size))
+    results: dict = {"settings": asdict(settings), "per_class": {}}
+    for n in settings.per_class:
+        run = curve / f"N{n}" / "synth"
+        if not (run / "manifest.json").exists():
+            raise FileNotFoundError(f"{run}: no synthesis run for N={n}; run `python -m dmgr.eval curve` first")
+        real = root / f"N{n}" / "real"
+        if not (real / "images").exists():
+            write_boards(real, boards_of(user_defects(n), settings.image_size))
+        test = _export(run, root / "test" / f"export-N{n}", test_real, real_as_val=True)
+        exported = _export(run, root / f"N{n}" / "export", real, real_as_val=False)
+        train_images = sorted((exported / "images" / "train").glob("*.png"))
+        sources = {f"real-{n}": [p for p in train_images if p.name.startswith("real-")],
+                   f"real-{n}+dmgr-{n}": train_images}
+        rows = {}
+        for name, images in sources.items():
+            yaml_path = data_yaml(root / f"N{n}" / f"{name}.yaml", images, test / "images" / "val")
+            runs = [train_and_score(yaml_path, root / f"N{n}" / f"{name}-{seed}", settings, seed, python)
+                    for seed in settings.seeds]
+            rows[name] = {"train_images": len(images), **{k: {"mean": float(np.mean([r[k] for r in runs])),
+                                                            "std": float(np.std([r[k] for r in runs]))}
+                                                        for k in runs[0]}}
+            log.info("YOLO %s: mask mAP50 %.3f, mAP50-95 %.3f (%d images)", name, rows[name]["mask_map50"]["mean"],
+                     rows[name]["mask_map50_95"]["mean"], len(images))
+        results["per_class"][str(n)] = rows
+    (root / "yolo.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def add_arguments(c: argparse.ArgumentParser) -> None:
+    d = DetectorSettings()
+    c.add_argument("--curve", type=Path, default=Path("outputs/eval/curve"), help="the curve's output folder")
+    c.add_argument("--per-class", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.per_class)
+    c.add_argument("--epochs", type=int, default=d.epochs)
+    c.add_argument("--seeds", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.seeds)
+    c.add_argument("--test-defective", type=int, default=d.test_defective)
+    c.add_argument("--device", default=d.device, help="cpu, or a CUDA device index such as 0")
+
+
+def yolo_command(args: argparse.Namespace) -> dict:
+    settings = build(DetectorSettings, dict(per_class=args.per_class, epochs=args.epochs, seeds=args.seeds,
+                                            test_defective=args.test_defective, device=args.device))
+    return judge_curve(args.curve, settings)
