@@ -62,7 +62,8 @@ def test_the_docs_name_every_eval_module_synth_imports_at_module_level():
 
 def test_the_readme_own_model_command_has_the_schedule_overrides_of_own_product():
     def schedule_overrides(text: str) -> set[str]:
-        commands = re.findall(r"python -m dmgr\.synth dataset=cells model=custom[^`]*?(?:\n\n|```)", text, re.S)
+        commands = re.findall(r"python -m dmgr\.synth [^`\n]*dataset=cells model=custom[^`]*?(?:\n\n|```)", text,
+                              re.S)
         return {o for c in commands for o in re.findall(r"schedule\.\w+=\S+", c)}
 
     needed = schedule_overrides(read("docs/own-product.md"))
