@@ -16,7 +16,7 @@ from test_synth_config import spec_of
 
 from dmgr.schema import ConfigError
 from dmgr.synth.backgrounds import scan_backgrounds
-from dmgr.synth.engine import GIVEN, generate, load_engine, mask_to_image, to_image, to_model
+from dmgr.synth.engine import load_engine, make_attempts, mask_to_image, to_image, to_model
 from dmgr.synth.plan import Defect, SamplePlan, context_origin, plan_sample
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -64,10 +64,15 @@ _SPECS: dict = {}
 
 
 def make(spec, plans: list[SamplePlan]) -> list[dict]:
-    """The job's own sampling of a batch of plans, in this process."""
+    """The job's own sampling of a batch of plans, in this process: each attempt as a shard holds it, and the
+    decoded input the screen compares with as "given"."""
+    from dmgr.synth.record import attempt_sample
+
     key = spec.model.name + str(spec.dataset.image_size)
     _SPECS.setdefault(key, spec)
-    return generate(_engine(key), spec, plans)
+    engine = _engine(key)
+    return [{**attempt_sample(spec, engine.digests, a), "given": a.given, "attempt": a}
+            for a in make_attempts(engine, spec, plans)]
 
 
 def mask_of(sample: dict) -> np.ndarray:
@@ -84,7 +89,7 @@ def check_sample(spec, sample: dict) -> None:
     assert sample["png"].mode == "RGB" and image.shape == source.shape
     assert mask.shape == source.shape[:2] == (meta["height"], meta["width"])
     assert (image[~mask] == source[~mask]).all()
-    assert (sample[GIVEN] == source).all()  # the decoded input the screen compares with
+    assert (sample["given"] == source).all()  # the decoded input the screen compares with
     assert meta["scale"] == spec.dataset.scale
     assert meta["mask_area"] == int(mask.sum()) == sum(d["mask_area"] for d in meta["defects"])
     inside = np.zeros_like(mask)
@@ -357,7 +362,7 @@ def test_the_reader_keeps_frames_of_different_sizes_apart():
 def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
     from types import SimpleNamespace
 
-    from dmgr.synth.worker import screen_scores
+    from dmgr.synth.screen import screen_scores
 
     seen = []
 
@@ -369,7 +374,7 @@ def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
     sample = make(spec, [plan_sample(3, spec.dataset, spec.backgrounds)])[0]
     screen = SimpleNamespace(model=classifier, classes=list(spec.dataset.classes),
                            area_ranges={c: (0, 1e9) for c in spec.dataset.classes})
-    scores, _ = screen_scores(SimpleNamespace(screen=screen), spec, sample)
+    scores, _ = screen_scores(screen, sample["attempt"], spec.dataset.window_size, spec.screen.thresholds())
     assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
     assert scores["mask_area"] == [sample["json"]["mask_area"]] and seen == [(16, 16)]
 
@@ -378,7 +383,7 @@ def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
 def test_a_shard_found_without_a_record_is_checked_against_each_defects_plan(inputs, scale):
     """Adoption compares every json with what the config and the seed's plan give: the frame's size, the
     scale, and each defect's class, window and context box in image pixels."""
-    from dmgr.synth.worker import config_problem
+    from dmgr.synth.record import config_problem
 
     spec = images_spec(inputs, f"dataset.scale={scale}", "dataset.defects_per_image=2")
     plans = covering_plans(spec, 4)

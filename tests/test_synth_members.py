@@ -1,33 +1,33 @@
-"""shard_members: a batch's tensors -> the members the run's extras name, with known pixel values."""
+"""dmgr.synth.record.members: an attempt's typed results -> the members the run's extras name, with known
+pixel values, and its json's boxes, areas and loss."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from test_synth_config import spec_of
 
-from dmgr.synth.engine import Batch, shard_members
+from dmgr.synth.engine import Attempt, DefectResult
 from dmgr.synth.plan import plan_sample
+from dmgr.synth.record import attempt_sample
 
 DIGESTS = {"global": "g", "local": "l"}
 
 
-def batch_of(spec, plans, extras: bool) -> Batch:
-    """Two samples: image values -1 / 0, every mask method the same 2x3 block at (x, y) = (5, 7)."""
+def attempt_of(spec, plan, value: int) -> Attempt:
+    """Image value `value`, every mask method the same 2x3 block at (x, y) = (5, 7)."""
     size, w = spec.dataset.image_size, spec.dataset.window_size
-    b = len(plans)
-    mask = torch.zeros(b, size, size, dtype=torch.bool)
-    mask[:, 7:9, 5:8] = True
-    image = torch.stack([torch.full((3, size, size), -1.0), torch.zeros(3, size, size)])
+    mask = np.zeros((size, size), dtype=bool)
+    mask[7:9, 5:8] = True
     methods = spec.available_masks if spec.extras.masks else (spec.mask.method,)
-    defects = [[{"window_box": [1, 2, 1 + w, 2 + w], "final_loss": 0.5}] for _ in plans]
-    batch = Batch(image, {m: mask for m in methods}, defects, [True, False])
-    if extras:
-        batch.crop = torch.ones(b, 3, w, w)
-        batch.twin = torch.full((b, 3, size, size), 2.0)  # clamped to 255
-        batch.paste, batch.paste_mask = torch.zeros(b, 3, size, size), ~mask
-    return batch
+    defect = DefectResult(plan.defects[0], [1, 2, 1 + w, 2 + w], [5, 7, 8, 9], 6, 0.5)
+    attempt = Attempt(plan, np.full((size, size, 3), value, np.uint8), mask, [defect], True,
+                      masks={m: mask for m in methods})
+    if spec.extras.crop:
+        attempt.pictures = {"crop": np.full((w, w, 3), 255, np.uint8), "twin": np.full((size, size, 3), 255, np.uint8),
+                            "paste": np.full((size, size, 3), 127, np.uint8)}
+        attempt.paste_mask = ~mask
+    return attempt
 
 
 @pytest.mark.parametrize("extras", [[], ["extras.crop=true", "extras.twin=true", "extras.masks=true",
@@ -35,7 +35,7 @@ def batch_of(spec, plans, extras: bool) -> Batch:
 def test_members_are_the_ones_the_extras_name_with_known_values(tmp_path, extras):
     spec = spec_of([*extras, f"out_dir={tmp_path / 'run'}"])
     plans = [plan_sample(s, spec.dataset) for s in (3, 4)]
-    samples = shard_members(spec, DIGESTS, plans, batch_of(spec, plans, bool(extras)))
+    samples = [attempt_sample(spec, DIGESTS, attempt_of(spec, p, v)) for p, v in zip(plans, (0, 127))]
 
     names = spec.extras.members(spec.available_masks)
     expected = ("png", "mask.png", "json")
@@ -43,13 +43,12 @@ def test_members_are_the_ones_the_extras_name_with_known_values(tmp_path, extras
         expected += ("crop.png", "twin.png", "mask_local.png", "mask_diff.png", "mask_gate.png",
                      "paste.png", "paste_mask.png")
     assert names == expected
-    assert [s["seed"] for s in samples] == [3, 4] and [s["finite"] for s in samples] == [True, False]
     block = np.zeros((64, 64), dtype=np.uint8)
     block[7:9, 5:8] = 255
     for k, sample in enumerate(samples):
-        assert list(sample) == ["seed", "finite", *names]
+        assert list(sample) == ["seed", *names] and sample["seed"] == plans[k].seed
         assert sample["png"].mode == "RGB" and sample["png"].size == (64, 64)
-        assert (np.asarray(sample["png"]) == (0, 127)[k]).all()  # to_uint8: (x + 1) * 127.5, truncated
+        assert (np.asarray(sample["png"]) == (0, 127)[k]).all()
         masks = [n for n in names if n.startswith("mask")]
         for name in masks:
             assert sample[name].mode == "L" and np.array_equal(np.asarray(sample[name]), block), name

@@ -23,7 +23,7 @@ from dmgr.digest import sha256_file
 from dmgr.models import build_unet, save_checkpoint
 from dmgr.shards.locks import acquire, release
 from dmgr.synth.config import ConfigError
-from dmgr.synth.engine import generate, load_engine
+from dmgr.synth.engine import load_engine, make_attempts
 from dmgr.synth.plan import plan_sample
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -447,32 +447,35 @@ def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_
     from test_synth_config import spec_of
 
     import dmgr.synth.worker as worker
+    from dmgr.synth.policy import NonFiniteSample
 
     spec = spec_of([*(o for o in SMALL if not o.startswith("seeds=")), "seeds=0-1", f"out_dir={tmp_path / 'run'}"])
     engine = load_engine(spec, torch.device("cpu"))
-    real = generate
     calls = []
 
     def flaky(engine, spec, plans):  # seed 1's first attempt holds NaN
-        samples = real(engine, spec, plans)
-        for plan, sample in zip(plans, samples):
-            calls.append((plan.seed, plan.attempt))
-            sample["finite"] = sample["finite"] and (plan.seed, plan.attempt) != (1, 0)
-        return samples
+        attempts = make_attempts(engine, spec, plans)
+        for attempt in attempts:
+            calls.append((attempt.plan.seed, attempt.plan.attempt))
+            attempt.finite = attempt.finite and (attempt.plan.seed, attempt.plan.attempt) != (1, 0)
+        return attempts
 
-    monkeypatch.setattr(worker, "generate", flaky)
+    monkeypatch.setattr(worker, "make_attempts", flaky)
     worker.run_worker(spec, engine, 0, 1)
     assert (1, 1) in calls
     record = json.loads((spec.out_dir / "records" / "dmgr-000001.tar.json").read_text())
     assert record["metrics"]["nonfinite_retries"] == 1
     samples = read_samples(spec.out_dir)
     assert samples["00000001"]["json"]["attempt"] == 1 and "attempt" not in samples["00000000"]["json"]
-    again = real(engine, spec, [replace(plan_sample(1, spec.dataset), attempt=1)])[0]
-    assert np.array_equal(np.asarray(again["png"]), np.asarray(samples["00000001"]["png"]))  # deterministic
+    again = make_attempts(engine, spec, [replace(plan_sample(1, spec.dataset), attempt=1)])[0]
+    assert np.array_equal(again.image, np.asarray(samples["00000001"]["png"]))  # deterministic
 
-    monkeypatch.setattr(worker, "generate", lambda e, s, plans: [{**x, "finite": False} for x in real(e, s, plans)])
+    def broken(engine, spec, plans):
+        return [replace(a, finite=False) for a in make_attempts(engine, spec, plans)]
+
+    monkeypatch.setattr(worker, "make_attempts", broken)
     stop = replace(spec, out_dir=tmp_path / "stop", nonfinite=replace(spec.nonfinite, action="stop"))
-    with pytest.raises(worker.NonFiniteSample, match="^seed 0: the image holds NaN/Inf after 1 attempt"):
+    with pytest.raises(NonFiniteSample, match="^seed 0: the image holds NaN/Inf after 1 attempt"):
         worker.run_worker(stop, engine, 0, 1)
     assert not (stop.out_dir / "shards" / "dmgr-000000.tar").exists()
     assert not list((stop.out_dir / "shards").glob("*.tmp-*"))

@@ -34,16 +34,16 @@ from test_synth_config import spec_of
 from dmgr import CONF_DIR
 from dmgr.synth.backgrounds import scan_backgrounds
 from dmgr.synth.config import ConfigError
-from dmgr.synth.engine import generate, load_engine
+from dmgr.synth.engine import load_engine, make_attempts
 from dmgr.synth.plan import plan_sample
+from dmgr.synth.record import attempt_sample, screen_metrics
 from dmgr.synth.screen import (
     attempt_rank,
     changed_outside,
+    failed_checks,
     mask_outside,
-    screen_metrics,
     screen_summary,
     seam_z,
-    verdict,
 )
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -167,15 +167,14 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_screen
         first_plan = plan_sample(seed, spec.dataset, spec.backgrounds)
         assert (plan.background, plan.class_id) == (first_plan.background, first_plan.class_id)
         assert plan.window != first_plan.window
-        alone = generate(engine, spec, [plan])[0]
+        alone = attempt_sample(spec, engine.digests, make_attempts(engine, spec, [plan])[0])
         written = samples[f"{seed:08d}"]
         assert alone["json"]["attempt"] == final[seed]["attempt"] == written["json"]["attempt"]
         assert written["json"]["retries"] == [{"attempt": a, "reason": "screen"} for a in range(plan.attempt)]
         assert_same_sample(alone, written, ignore=("screen", "retries"))
         for attempt in {plan.attempt - 1, plan.attempt + 1}:  # the neighbouring streams are far outside it
-            other = generate(engine, spec, [replace(plan, attempt=attempt)])[0]
-            assert not pixels_close(other["png"], written["png"]), (attempt, grey_difference(other["png"],
-                                                                                         written["png"]))
+            other = Image.fromarray(make_attempts(engine, spec, [replace(plan, attempt=attempt)])[0].image)
+            assert not pixels_close(other, written["png"]), (attempt, grey_difference(other, written["png"]))
 
 
 def test_a_seed_that_spends_its_attempts_writes_its_best_ranked_attempt(setup):
@@ -300,9 +299,9 @@ def test_scores_of_known_pixels():
     assert seam_z(given, given, np.zeros_like(mask)) == 0.0
     thresholds = {"min_fidelity": 0.5, "max_mask_outside": 0, "max_changed_outside": 0, "max_seam": 4.0}
     good = {"fidelity": [0.9], "mask_area": [16], "mask_outside": 0, "changed_outside": 0, "seam": 1.0}
-    assert verdict(good, [(5, 20)], thresholds) == []
+    assert failed_checks(good, [(5, 20)], thresholds) == []
     bad = {"fidelity": [0.9, 0.1], "mask_area": [16, 30], "mask_outside": 3, "changed_outside": 1, "seam": 9.0}
-    assert verdict(bad, [(5, 20), (5, 20)], thresholds) == ["fidelity", "area", "mask_outside",
+    assert failed_checks(bad, [(5, 20), (5, 20)], thresholds) == ["fidelity", "area", "mask_outside",
                                                               "changed_outside", "seam"]
 
 

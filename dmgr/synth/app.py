@@ -28,7 +28,8 @@ from dmgr.shards.manifest import read_manifest, write_json_atomic
 from dmgr.synth.config import EXECUTION_KEYS, ConfigError, RunSpec, changed_settings, validate
 from dmgr.synth.engine import load_engine
 from dmgr.synth.plan import worker_index
-from dmgr.synth.worker import NonFiniteSample, run_metrics, run_worker, shard_records
+from dmgr.synth.policy import NonFiniteSample
+from dmgr.synth.worker import run_metrics, run_worker, shard_records
 
 log = logging.getLogger("dmgr.synth")
 

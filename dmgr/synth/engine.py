@@ -1,31 +1,32 @@
-"""Models and samplers composed for the job: seed plans in, sampled tensors and masks (a `Batch`), then the
-samples' shard members out (`shard_members`)."""
+"""Where a sample is made: the models loaded for the job, and a batch of seed plans sampled into typed
+`Attempt`s (the image, its masks, each defect's result). Deciding about an attempt is dmgr.synth.policy's
+job, writing it dmgr.synth.record's."""
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from dmgr import __version__
 from dmgr.diffusion import Diffusion, make_diffusion
 from dmgr.images import bounding_box, from_uint8, to_uint8
 from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.performance import accelerate
 from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
-from dmgr.sampler.dmgr import model_eps
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
-from dmgr.sampler.noise import generator
 from dmgr.synth.config import NetworkSpec, RunSpec
+from dmgr.synth.geometry import image_window_box, mask_to_image, square, to_image, to_model
+from dmgr.synth.paste import paste_baseline
+from dmgr.synth.placement import Placement, choose_placement
 from dmgr.synth.plan import Defect, SamplePlan, model_window, stream_seed
 
+__all__ = ["Attempt", "DefectResult", "Engine", "load_engine", "make_attempts", "mask_to_image", "to_image",
+           "to_model"]
+
 log = logging.getLogger(__name__)
-GIVEN = "_given"  # a real-image sample's decoded input frame, dropped before the sample is written
 
 
 @dataclass
@@ -36,6 +37,36 @@ class Engine:
     digests: dict[str, str]
     device: torch.device
     screen: object | None = None  # dmgr.synth.screen_classifier.ScreenClassifier when screen.enabled
+
+
+@dataclass(frozen=True)
+class DefectResult:
+    """One defect of an attempt as made: its plan at the window it was made in, that window and its own mask's
+    box in image pixels (None: empty), the mask's area, the sampler's final loss, and the placement choice."""
+
+    defect: Defect
+    window_box: list[int]
+    mask_box: list[int] | None
+    mask_area: int
+    final_loss: float
+    placement: Placement | None = None
+
+
+@dataclass
+class Attempt:
+    """One making of one seed's plan. Images are uint8 (H, W, 3), or (H, W) for a grey input; masks (H, W)
+    bool. `mask` is the run's (mask.method); `masks` every method made, by method; `pictures` the optional
+    images the run writes ("crop", "twin", "grid", "paste"); `given` the decoded input frame (real images)."""
+
+    plan: SamplePlan
+    image: np.ndarray
+    mask: np.ndarray
+    defects: list[DefectResult]
+    finite: bool  # no NaN/Inf in the sample's image or crop
+    given: np.ndarray | None = None
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    pictures: dict[str, np.ndarray] = field(default_factory=dict)
+    paste_mask: np.ndarray | None = None
 
 
 def randomised_unet(config: dict, seed: int) -> UNetModel:
@@ -89,30 +120,22 @@ def load_screen(spec: RunSpec) -> object | None:
                                   spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
 
 
-@dataclass
-class Batch:
-    """One batch sampled, before it becomes shard members. Masks are (B, H, W) bool, by method (the run's
-    `spec.mask.method` is the sample's mask); `defects` holds per sample, per defect, at least window_box
-    and final_loss. The extra images are None when the run does not write them."""
-
-    image: torch.Tensor | list[np.ndarray]  # (B, 3, H, W) in [-1, 1], or real images: B (H_i, W_i, 3) uint8
-    masks: dict[str, torch.Tensor | list[np.ndarray]]
-    defects: list[list[dict]]
-    finite: list[bool]  # no NaN/Inf in the sample's image or crop
-    crop: torch.Tensor | None = None
-    grid: torch.Tensor | None = None
-    twin: torch.Tensor | None = None
-    input: list[np.ndarray] | None = None
-    paste: torch.Tensor | None = None
-    paste_mask: torch.Tensor | None = None
-
-
-def generate(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[dict]:
-    """One batch of plans -> webdataset samples (seed, finite: no NaN/Inf in the image, + members): sampled
-    with their masks into a `Batch`, then turned into members by `shard_members`."""
+def make_attempts(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[Attempt]:
+    """One batch of plans sampled together, one `Attempt` per plan in order."""
     methods = spec.available_masks if spec.extras.masks else (spec.mask.method,)
-    sampler = sample_into_backgrounds if spec.dataset.source == "images" else sample_boards
-    return shard_members(spec, engine.digests, plans, sampler(engine, spec, plans, methods))
+    if spec.dataset.source == "images":
+        return sample_into_backgrounds(engine, spec, plans, methods)
+    return sample_boards(engine, spec, plans, methods)
+
+
+def _sample(engine: Engine, spec: RunSpec, x_T: torch.Tensor, windows: torch.Tensor, classes: list[int],
+            generators: list[torch.Generator], record_process: bool, known: torch.Tensor | None = None
+            ) -> DMGRResult:
+    """The DMGR sampler with the run's models and schedule: windows (B, 2) model pixels, noise per sample."""
+    return dmgr_sample(engine.global_model, engine.local_model, engine.diffusion, x_T, windows,
+                       torch.tensor(classes, device=engine.device), spec.dataset.window_size, spec.sampler,
+                       noise=PerSampleNoise(generators), precision=spec.precision, record_process=record_process,
+                       known=known)
 
 
 def defect_masks(
@@ -140,168 +163,47 @@ def _finite(*tensors: torch.Tensor) -> list[bool]:
     return ok.tolist()
 
 
-def _box(x: int, y: int, w: int) -> list[int]:
-    return [x, y, x + w, y + w]
-
-
 def _grid(result: DMGRResult) -> torch.Tensor | None:
     """The recorded x0 predictions side by side, or None when none were recorded."""
     return torch.cat([x0 for _, x0 in result.x0_process], dim=3) if result.x0_process else None
 
 
-def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]) -> Batch:
-    """The whole-board walk (dataset.source=generate): the global model makes the board, DMGR the defect;
+def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]) -> list[Attempt]:
+    """The whole-board path (dataset.source=generate): the global model makes the board, DMGR the defect;
     the defect-free twin (plain DDIM from the same x_T) when a diff mask, the twin or the paste needs it."""
-    size, w = spec.dataset.image_size, spec.dataset.window_size
+    size, w, extras = spec.dataset.image_size, spec.dataset.window_size, spec.extras
     generators = make_generators([p.noise_seed for p in plans])
     x_T = initial_noise(generators, (3, size, size), engine.device)
     windows = torch.tensor([p.window for p in plans], device=engine.device)
-    result = dmgr_sample(
-        engine.global_model,
-        engine.local_model,
-        engine.diffusion,
-        x_T,
-        windows,
-        torch.tensor([p.class_id for p in plans], device=engine.device),
-        w,
-        spec.sampler,
-        noise=PerSampleNoise(generators),
-        precision=spec.precision,
-        record_process=spec.extras.grid,
-    )
+    result = _sample(engine, spec, x_T, windows, [p.class_id for p in plans], generators, extras.grid)
     twin = None
-    if "diff" in methods or spec.extras.twin or spec.extras.paste:
+    if "diff" in methods or extras.twin or extras.paste:
         twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
-    defects = [[{"window_box": _box(*p.window, w), "final_loss": float(result.final_loss[i])}]
-               for i, p in enumerate(plans)]
-    batch = Batch(result.image, defect_masks(spec, methods, result, twin), defects,
-                  _finite(result.image, result.crop), crop=result.crop[:, RGB], grid=_grid(result), twin=twin)
-    if spec.extras.paste:  # evaluation only
-        from dmgr.synth.paste import paste_baseline
-
-        batch.paste, batch.paste_mask = paste_baseline(engine, spec, plans, twin, windows)
-    return batch
-
-
-def to_model(crops: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, c, c) context crops -> (B, 3, size, size): bilinear with antialiasing (an area-like filter when
-    shrinking); unchanged when c == size."""
-    if crops.shape[-1] == size:
-        return crops
-    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def to_image(pixels: torch.Tensor, side: int) -> torch.Tensor:
-    """Model-pixel results (B, 3, S, S) back to a context crop of `side` image pixels (bilinear, antialiased);
-    unchanged when S == side."""
-    if pixels.shape[-1] == side:
-        return pixels
-    return F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-
-
-def mask_to_image(masks: torch.Tensor, side: int) -> np.ndarray:
-    """(B, S, S) bool model-pixel masks -> (B, side, side) bool numpy, nearest neighbour."""
-    if masks.shape[-1] != side:
-        masks = F.interpolate(masks[:, None].float(), size=(side, side), mode="nearest")[:, 0] > 0.5
-    return masks.cpu().numpy()
-
-
-def image_window_box(defect, geometry) -> list[int]:
-    """The image pixels [x0, y0, x1, y1] that the defect's model window covers once resized back (the
-    nearest-neighbour masks fall inside it)."""
-    ratio = geometry.crop / geometry.image_size
-    (mx, my), (cx, cy) = model_window(defect, geometry), defect.context
-    w = geometry.window_size
-    return [cx + math.ceil(mx * ratio), cy + math.ceil(my * ratio),
-            cx + math.ceil((mx + w) * ratio), cy + math.ceil((my + w) * ratio)]
-
-
-def planned_defect(defect, geometry) -> dict:
-    """The json fields of one defect on a real background that its plan gives (boxes in image pixels): with
-    candidates, their window boxes (the engine chooses the window)."""
-    if defect.candidates:
-        return {"class_name": defect.class_name, "class_id": defect.class_id,
-                "candidate_boxes": [image_window_box(defect.placed(j, geometry), geometry)
-                                    for j in range(len(defect.candidates))]}
-    cx, cy = defect.context
-    return {
-        "class_name": defect.class_name,
-        "class_id": defect.class_id,
-        "window_box": image_window_box(defect, geometry),
-        "context_box": [cx, cy, cx + geometry.crop, cy + geometry.crop],
-    }
-
-
-def placement_levels(num_steps: int, count: int) -> list[int]:
-    """`count` indices of the respaced grid, evenly from 10 % to 50 % of it (low and middle noise: where the
-    local model's error still sees the window's texture)."""
-    if count == 1:
-        return [max(0, round(0.3 * (num_steps - 1)))]
-    return [round((0.1 + 0.4 * i / (count - 1)) * (num_steps - 1)) for i in range(count)]
-
-
-PLACEMENT_ROWS = 512  # windows x classes x levels per forward of the placement score (the default's 72: one)
-
-
-@torch.no_grad()
-def placement_scores(model: torch.nn.Module, diffusion: Diffusion, windows: torch.Tensor, class_id: int,
-                     num_classes: int, levels: list[int], g: torch.Generator, precision: str = "fp32") -> torch.Tensor:
-    """(K,) how much better class `class_id` explains each clean window (K, 3, w, w) than the classes on
-    average: the local model's class-conditional denoising error (epsilon MSE on the colour channels) under
-    the class minus its mean over all classes, averaged over the noise `levels`; lower is more plausible.
-    The noise comes from `g` (per level, (K, C_in, w, w)); a mask channel is given pure noise (its clean value
-    is unknown). One forward over levels x classes x windows."""
-    k, w = windows.shape[0], windows.shape[-1]
-    channels = getattr(model, "in_channels", 3)
-    inputs, noises, steps = [], [], []
-    for index in levels:
-        eps = torch.randn((k, channels, w, w), generator=g).to(windows.device)
-        abar = diffusion.abar(index)
-        x_t = eps.clone()
-        x_t[:, :3] = abar**0.5 * windows + (1 - abar) ** 0.5 * eps[:, :3]
-        inputs.append(x_t.repeat(num_classes, 1, 1, 1))
-        noises.append(eps[:, :3].repeat(num_classes, 1, 1, 1))
-        steps.append(diffusion.model_timesteps(index, k * num_classes, windows.device))
-    labels = torch.arange(num_classes, device=windows.device).repeat_interleave(k).repeat(len(levels))
-    inputs, steps = torch.cat(inputs), torch.cat(steps)
-    predicted = torch.cat([model_eps(model, inputs[i : i + PLACEMENT_ROWS], steps[i : i + PLACEMENT_ROWS],
-                                     labels[i : i + PLACEMENT_ROWS], precision)[:, :3]
-                           for i in range(0, len(labels), PLACEMENT_ROWS)])
-    error = (predicted - torch.cat(noises)).pow(2).flatten(1).mean(1).view(len(levels), num_classes, k)
-    return (error[:, class_id] - error.mean(1)).mean(0).cpu()
-
-
-def _clean_window(frame: np.ndarray, defect: Defect, spec: RunSpec) -> torch.Tensor:
-    """(1, 3, w, w) the defect's window as the sampler sees it: its context crop resized to image_size."""
-    geometry, side, w = spec.backgrounds.geometry, spec.backgrounds.geometry.crop, spec.dataset.window_size
-    cx, cy = defect.context
-    crop = to_model(from_uint8(np.ascontiguousarray(frame[None, cy : cy + side, cx : cx + side])),
-                    spec.dataset.image_size)
-    mx, my = model_window(defect, geometry)
-    return crop[:, :, my : my + w, mx : mx + w]
-
-
-def choose_placement(engine: Engine, spec: RunSpec, frame: np.ndarray, plan: SamplePlan, k: int,
-                     defect: Defect) -> tuple[Defect, dict | None]:
-    """(the defect at its most plausible candidate window, the json's record of the choice), scored on `frame`
-    in a batch of this defect's candidates only (so the choice never depends on batch-mates); ties go to the
-    lower index. A defect without candidates is returned as planned, with None."""
-    if len(defect.candidates) < 2:
-        return defect, None
-    geometry = spec.backgrounds.geometry
-    placed = [defect.placed(j, geometry) for j in range(len(defect.candidates))]
-    windows = torch.cat([_clean_window(frame, d, spec) for d in placed]).to(engine.device)
-    key = stream_seed(plan.seed, "placement", k, *((plan.attempt,) if plan.attempt else ()))
-    levels = placement_levels(engine.diffusion.num_steps, spec.dataset.placement.noise_levels)
-    scores = placement_scores(engine.local_model, engine.diffusion, windows, defect.class_id,
-                              len(spec.dataset.classes), levels, generator(key), spec.precision).tolist()
-    chosen = min(range(len(scores)), key=lambda j: (scores[j], j))
-    return placed[chosen], {"candidates": len(scores), "chosen": chosen, "score": diagnostic(scores[chosen])}
+    masks = {m: v.cpu().numpy() for m, v in defect_masks(spec, methods, result, twin).items()}
+    tensors = {"crop": result.crop[:, RGB] if extras.crop else None, "twin": twin if extras.twin else None,
+               "grid": _grid(result) if extras.grid else None}
+    paste_mask = None
+    if extras.paste:  # evaluation only
+        tensors["paste"], paste = paste_baseline(engine.local_model, engine.diffusion, plans, twin, windows, w,
+                                                 spec.mask, spec.precision)
+        paste_mask = paste.cpu().numpy()
+    pictures = {name: to_uint8(t) for name, t in tensors.items() if t is not None}
+    images, finite = to_uint8(result.image), _finite(result.image, result.crop)
+    attempts = []
+    for i, plan in enumerate(plans):
+        mask = masks[spec.mask.method][i]
+        defect = DefectResult(plan.defects[0], square(*plan.window, w), bounding_box(mask), int(mask.sum()),
+                              float(result.final_loss[i]))
+        attempts.append(Attempt(plan, images[i], mask, [defect], finite[i],
+                                masks={m: v[i] for m, v in masks.items()},
+                                pictures={name: p[i] for name, p in pictures.items()},
+                                paste_mask=None if paste_mask is None else paste_mask[i]))
+    return attempts
 
 
 def sample_into_backgrounds(
     engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]
-) -> Batch:
+) -> list[Attempt]:
     """DMGR into real backgrounds at their own size: each frame is decoded once; defect k of every plan is
     made in one sampler call on its context crop (resized to image_size when scale != 1; defect k > 0 draws
     its noise from stream_seed(seed, "defect", k)) with the crop known outside the window, into the result
@@ -313,33 +215,27 @@ def sample_into_backgrounds(
     inputs = [spec.backgrounds.image(p.background) for p in plans]
     canvas = [frame.copy() for frame in inputs]
     unions = {m: [np.zeros(frame.shape[:2], dtype=bool) for frame in inputs] for m in methods}
-    defects: list[list[dict]] = [[] for _ in plans]
+    defects: list[list[DefectResult]] = [[] for _ in plans]
     finite = [True] * len(plans)
+    pictures: dict[str, np.ndarray] = {}
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
-        choices = [choose_placement(engine, spec, canvas[i], plans[i], k, plans[i].defects[k]) for i in rows]
+        choices = [choose_placement(engine.local_model, engine.diffusion, geometry, len(spec.dataset.classes),
+                                    spec.dataset.placement.noise_levels, spec.precision, canvas[i], plans[i], k,
+                                    plans[i].defects[k], engine.device) for i in rows]
         chosen_defects = [d for d, _ in choices]
         generators = make_generators([plans[i].noise_seed if k == 0 else stream_seed(plans[i].noise_seed, "defect", k)
                                       for i in rows])
         crops = np.stack([canvas[i][d.context[1] : d.context[1] + side, d.context[0] : d.context[0] + side]
                           for i, d in zip(rows, chosen_defects)])
         known = to_model(from_uint8(crops), size).to(engine.device)
-        result = dmgr_sample(
-            engine.global_model,
-            engine.local_model,
-            engine.diffusion,
-            initial_noise(generators, (3, size, size), engine.device),
-            torch.tensor([model_window(d, geometry) for d in chosen_defects], device=engine.device),
-            torch.tensor([d.class_id for d in chosen_defects], device=engine.device),
-            w,
-            spec.sampler,
-            noise=PerSampleNoise(generators),
-            precision=spec.precision,
-            record_process=spec.extras.grid and k == 0,
-            known=known,
-        )
+        result = _sample(engine, spec, initial_noise(generators, (3, size, size), engine.device),
+                         torch.tensor([model_window(d, geometry) for d in chosen_defects], device=engine.device),
+                         [d.class_id for d in chosen_defects], generators, spec.extras.grid and k == 0, known)
         if k == 0:
-            crop, grid = result.crop[:, RGB], _grid(result)
+            tensors = {"crop": result.crop[:, RGB] if spec.extras.crop else None,
+                       "grid": _grid(result) if spec.extras.grid else None}
+            pictures = {name: to_uint8(t) for name, t in tensors.items() if t is not None}
         for j, ok in enumerate(_finite(result.image, result.crop)):
             finite[rows[j]] &= ok
         pixels = result.image.clone()
@@ -354,19 +250,19 @@ def sample_into_backgrounds(
             region[chosen] = pixels[j][chosen]
             for m in methods:
                 unions[m][i][cy : cy + side, cx : cx + side] |= masks[m][j]
-            box, planned = bounding_box(chosen), planned_defect(d, geometry)
-            if d.candidates:
-                planned = {**planned, **planned_defect(d.settled(), geometry)}
-            defects[i].append({
-                **planned,
-                "mask_box": None if box is None else [box[0] + cx, box[1] + cy, box[2] + cx, box[3] + cy],
-                "mask_area": int(chosen.sum()),
-                "final_loss": float(result.final_loss[j]),
-                **({"placement": choices[j][1]} if choices[j][1] else {}),
-            })
-    grey = [spec.backgrounds.items[p.background].grey for p in plans]
-    return Batch([as_input_mode(c, g) for c, g in zip(canvas, grey)], unions, defects, finite, crop=crop, grid=grid,
-                 input=[as_input_mode(f, g) for f, g in zip(inputs, grey)])
+            box = bounding_box(chosen)
+            defects[i].append(DefectResult(
+                d, image_window_box(d, geometry),
+                None if box is None else [box[0] + cx, box[1] + cy, box[2] + cx, box[3] + cy],
+                int(chosen.sum()), float(result.final_loss[j]), choices[j][1]))
+    attempts = []
+    for i, plan in enumerate(plans):
+        grey = spec.backgrounds.items[plan.background].grey
+        given = as_input_mode(inputs[i], grey)
+        attempts.append(Attempt(plan, as_input_mode(canvas[i], grey), unions[spec.mask.method][i], defects[i],
+                                finite[i], given=given, masks={m: v[i] for m, v in unions.items()},
+                                pictures={name: p[i] for name, p in pictures.items()}))
+    return attempts
 
 
 def as_input_mode(frame: np.ndarray, grey: bool) -> np.ndarray:
@@ -374,101 +270,3 @@ def as_input_mode(frame: np.ndarray, grey: bool) -> np.ndarray:
     (integer weights summing to 1: a pixel with three equal channels keeps its value, so outside the masks the
     frame is the decoded input exactly; inside, the generated colour becomes grey)."""
     return np.asarray(Image.fromarray(frame).convert("L")) if grey else frame
-
-
-def _mask_image(mask: torch.Tensor | np.ndarray) -> Image.Image:
-    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
-    return Image.fromarray(mask.astype(np.uint8) * 255)
-
-
-DIAGNOSTIC_DIGITS = 4
-
-
-def diagnostic(value: float) -> float:
-    """A float diagnostic (a sampler loss) to DIAGNOSTIC_DIGITS significant digits: its last digits depend on
-    the sample's batch-mates (kernel blocking), and the json must not, so that a shard redone with another
-    batch_size reproduces its record."""
-    return float(f"{value:.{DIAGNOSTIC_DIGITS}g}")
-
-
-def config_fields(spec: RunSpec, digests: dict[str, str], plan: SamplePlan) -> dict:
-    """The json fields a sample takes from the run's config and its seed's plan, none from sampling: what a
-    shard found without a record is checked against before it is adopted. On a real background "defects"
-    lists the planned part of each defect; the sample's entries add what sampling gives (mask box, area, loss)."""
-    fields = {
-        "seed": plan.seed,
-        "class_name": plan.class_name,
-        "class_id": plan.class_id,
-        "mask_method": spec.mask.method,
-        "image_size": spec.dataset.image_size,
-        "dataset": spec.dataset.name,
-        "source": spec.dataset.source,
-        "schedule": dict(spec.resolved["schedule"]),
-        "respacing": spec.respacing,
-        "checkpoints": {"model": spec.model.name, **digests},
-        "precision": spec.precision,
-        "run_identity": spec.identity,
-        "window_box": _box(*plan.window, spec.dataset.window_size),
-    }
-    if spec.dataset.source != "images":
-        return fields
-    background, geometry = spec.backgrounds.items[plan.background], spec.backgrounds.geometry
-    if plan.defects[0].candidates:
-        fields.pop("window_box")  # the engine chooses it
-    else:
-        fields["window_box"] = image_window_box(plan.defects[0], geometry)
-    return {
-        **fields,
-        "width": background.size[0],
-        "height": background.size[1],
-        "scale": spec.backgrounds.scale,
-        "mask_pixels": spec.mask.pixels,
-        "defects": [planned_defect(d, geometry) for d in plan.defects],
-        "defects_requested": spec.dataset.defects_per_image,
-        "background": {"image": background.name, "sha256": background.sha256, "index": plan.background},
-    }
-
-
-def _metadata(spec: RunSpec, digests: dict[str, str], plan: SamplePlan, defects: list[dict],
-              mask: torch.Tensor | np.ndarray) -> dict:
-    """The sample's json: the run, the plan, and the mask's box and area (a real image's also lists its
-    defects and background)."""
-    meta = {
-        "seed": plan.seed,
-        **({"attempt": plan.attempt} if plan.attempt else {}),
-        **config_fields(spec, digests, plan),
-        "dmgr_version": __version__,
-        "window_box": defects[0]["window_box"],  # as sampled (config_fields gives the plan's, the same)
-        "mask_box": bounding_box(mask),
-        "mask_area": int(mask.sum()),
-        "final_loss": diagnostic(defects[0]["final_loss"]),
-    }
-    if spec.dataset.source == "images":
-        meta["defects"] = [{**d, "final_loss": diagnostic(d["final_loss"])} for d in defects]
-    return meta
-
-
-def shard_members(spec: RunSpec, digests: dict[str, str], plans: list[SamplePlan], batch: Batch) -> list[dict]:
-    """Per plan: {"seed", "finite", + every member of `spec.extras.members(spec.available_masks)`}, the
-    images as PIL images (uint8, guided-diffusion's conversion), the masks as 0/255 L images, json a dict."""
-    names = spec.extras.members(spec.available_masks)
-    masks = {"mask.png": batch.masks[spec.mask.method], "paste_mask.png": batch.paste_mask,
-             **{f"mask_{method}.png": mask for method, mask in batch.masks.items()}}
-    pictures = {"png": batch.image, "crop.png": batch.crop, "twin.png": batch.twin, "grid.png": batch.grid,
-                "input.png": batch.input, "paste.png": batch.paste}
-    pictures = {name: x if isinstance(x, (np.ndarray, list)) else to_uint8(x)
-                for name, x in pictures.items() if name in names}
-    samples = []
-    for i, plan in enumerate(plans):
-        sample = {"seed": plan.seed, "finite": batch.finite[i]}
-        if batch.input is not None:
-            sample[GIVEN] = batch.input[i]  # the decoded input frame, for the screen; never written
-        for name in names:
-            if name == "json":
-                sample[name] = _metadata(spec, digests, plan, batch.defects[i], masks["mask.png"][i])
-            elif name in pictures:
-                sample[name] = Image.fromarray(pictures[name][i])
-            else:
-                sample[name] = _mask_image(masks[name][i])
-        samples.append(sample)
-    return samples

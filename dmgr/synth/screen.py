@@ -1,5 +1,5 @@
-"""The quality screen's scores of one finished real-image sample, its verdict, and the reject counts that the
-shard records sum and the manifest reports.
+"""The quality screen's scores of one finished real-image sample, the checks it fails, and the manifest's
+summary of the reject counts that the shard records sum.
 
 Scores (docs/evaluation.md "Quality screen"):
   fidelity        per defect: the screen classifier's probability of the requested class on the defect window
@@ -65,8 +65,8 @@ def fidelity(model: torch.nn.Module, image: np.ndarray, box: list[int], class_id
     return float(torch.softmax(model(window), 1)[0, class_id])
 
 
-def verdict(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -> list[str]:
-    """The reasons (subset of REASONS) a sample fails; empty when it passes."""
+def failed_checks(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -> list[str]:
+    """The checks (a subset of REASONS) a sample fails; empty when it passes."""
     reasons = []
     if any(p < thresholds["min_fidelity"] for p in scores["fidelity"]):
         reasons.append("fidelity")
@@ -81,28 +81,33 @@ def verdict(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -
     return reasons
 
 
+def three_channels(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) of an RGB or a grey (H, W) uint8 image: the screen reads grey samples as the channels equal."""
+    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+
+
+def screen_scores(classifier, attempt, window_size: int, thresholds: dict) -> tuple[dict, list[str]]:
+    """(scores, failed checks) of one real-image attempt (a dmgr.synth.engine.Attempt) by the screen's
+    `classifier` (a dmgr.synth.screen_classifier.ScreenClassifier: model, classes, area_ranges)."""
+    image, given = three_channels(attempt.image), three_channels(attempt.given)
+    model, classes = classifier.model, classifier.classes
+    defects = attempt.defects
+    scores = {
+        "fidelity": [round(fidelity(model, image, d.window_box, classes.index(d.defect.class_name), window_size), 6)
+                     for d in defects],
+        "mask_area": [d.mask_area for d in defects],
+        "mask_outside": mask_outside(attempt.mask, [d.window_box for d in defects]),
+        "changed_outside": changed_outside(image, given, attempt.mask),
+        "seam": round(seam_z(image, given, attempt.mask), 4),
+    }
+    ranges = [classifier.area_ranges[d.defect.class_name] for d in defects]
+    return scores, failed_checks(scores, ranges, thresholds)
+
+
 def attempt_rank(scores: dict, reasons: list[str]) -> tuple[int, float]:
     """The order of a seed's rejected attempts, best first: the fewest failed checks, then the highest
     fidelity of its weakest defect (screen.on_exhausted=best writes the first of that order)."""
     return len(reasons), -min(scores["fidelity"], default=0.0)
-
-
-def screen_metrics(meta: dict) -> dict[str, float]:
-    """One seed's screen counts for the shard record's sums: images generated, rejected attempts (per reason,
-    per class of each defect), accepted / flagged / skipped."""
-    g = meta["screen"]
-    classes = [d["class_name"] for d in meta.get("defects", [meta])]
-    rejected = g["rejected"] + ([] if g["accepted"] else [{"reasons": g["reasons"]}])
-    out = {"screen_seeds": 1, "screen_generated": g["attempts"], "screen_accepted": int(g["accepted"]),
-           "screen_flagged": int(g.get("flagged", False)), "screen_skipped": int(g.get("skipped", False)),
-           "screen_rejected": len(rejected), "screen_scored": len(g["rejected"]) + 1}
-    for attempt in rejected:
-        for reason in attempt["reasons"]:
-            out[f"screen_reason.{reason}"] = out.get(f"screen_reason.{reason}", 0) + 1
-    for c in classes:
-        out[f"screen_class_attempts.{c}"] = out.get(f"screen_class_attempts.{c}", 0) + len(g["rejected"]) + 1
-        out[f"screen_class_rejected.{c}"] = out.get(f"screen_class_rejected.{c}", 0) + len(rejected)
-    return out
 
 
 def screen_summary(total: dict[str, float], skipped_seeds: list[int]) -> dict:
