@@ -44,6 +44,7 @@ from dmgr.diffusion.training import diffusion_loss
 from dmgr.models import build_unet
 from dmgr.models.precision import autocast
 from dmgr.models.unet import set_attention_kernel
+from dmgr.sampler.settings import has_mask_channel
 from dmgr.train import workers_for
 
 FRAMES = Path("outputs/bench-frames")
@@ -126,7 +127,7 @@ def dataset_for(arch: dict, data: str, frames: Path):
     if arch["role"] == "global":
         return TileDataset(frames if data == "frames" else Path(DEMO_DATA) / "global", size, raw=True)
     return PatchDataset(Path(DEMO_DATA) / "local", list(arch["classes"]), size=size, flip=True,
-                        with_masks=int(arch["config"].get("in_channels", 3)) == 4)
+                        with_masks=has_mask_channel(int(arch["config"].get("in_channels", 3))))
 
 
 def train_case(name: str, data: str, frames: str, steps: int, device: str, precision: str, threads: int | None) -> dict:

@@ -55,7 +55,7 @@ from dmgr.models.unet import UNetConfig, UNetConfigError, check_attention, null_
 from dmgr.progress import progress_bar
 from dmgr.sampler import ddim_sample
 from dmgr.sampler.noise import generator, stream_seed
-from dmgr.sampler.settings import MASK_CHANNEL, RGB
+from dmgr.sampler.settings import MASK_CHANNEL, RGB, has_mask_channel
 from dmgr.schema import STRICT_SECTION, ConfigError, Count, Flag, NonNegative, build, fail, register_defaults
 
 log = logging.getLogger("dmgr.train")
@@ -284,7 +284,7 @@ def make_dataset(cfg: DictConfig, scale: float = 1.0, exclude: Collection[str] =
             return TileDataset(root, size, scale, exclude=exclude, raw=True)
         except (TileError, FileNotFoundError) as exc:
             raise TrainConfigError(f"data_root={cfg.data_root}: {exc}") from None
-    with_masks = int(cfg.arch.config.get("in_channels", 3)) == 4
+    with_masks = has_mask_channel(int(cfg.arch.config.get("in_channels", 3)))
     return PatchDataset(root, list(cfg.arch.classes), size=size, flip=True, with_masks=with_masks, exclude=exclude,
                         only=only)
 
@@ -398,7 +398,7 @@ def sample_grid(ema: UNetModel, cfg: DictConfig, device: torch.device, path: Pat
     x_T = torch.randn(8 * classes, ema.in_channels, size, size, generator=g).to(device)
     y = torch.arange(classes, device=device).repeat_interleave(8) if cfg.arch.role == "local" else None
     out = ddim_sample(ema, diffusion, x_T, y=y, guidance=cfg.get("sample_guidance", 0.0))
-    if ema.in_channels > MASK_CHANNEL:  # every class row followed by its generated masks
+    if has_mask_channel(ema.in_channels):  # every class row followed by its generated masks
         out = torch.stack([out[:, RGB], out[:, MASK_CHANNEL:].expand(-1, 3, -1, -1)], 1).reshape(-1, 3, size, size)
         out = out.reshape(classes, 8, 2, 3, size, size).transpose(1, 2).reshape(-1, 3, size, size)
         classes *= 2

@@ -3,10 +3,11 @@
 from dmgr.sampler.dmgr import DMGRResult, PassCounter, crop_windows, dmgr_sample, model_eps
 from dmgr.sampler.noise import NoiseSource, PerSampleNoise, ReplayNoise, initial_noise, make_generators
 from dmgr.sampler.plain import ddim_sample
-from dmgr.sampler.settings import MASK_CHANNEL, RGB, DMGRSettings
+from dmgr.sampler.settings import MASK_CHANNEL, RGB, DMGRSettings, has_mask_channel
 
 __all__ = [
     "MASK_CHANNEL",
+    "has_mask_channel",
     "RGB",
     "DMGRResult",
     "DMGRSettings",

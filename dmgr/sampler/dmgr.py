@@ -34,7 +34,7 @@ from dmgr.sampler.gates import crop_gate, global_gate
 from dmgr.sampler.loss import disagreement_map, rectification_loss
 from dmgr.sampler.masks import window_support
 from dmgr.sampler.noise import NoiseSource
-from dmgr.sampler.settings import MASK_CHANNEL, RGB, DMGRSettings
+from dmgr.sampler.settings import MASK_CHANNEL, RGB, DMGRSettings, has_mask_channel
 
 # Step 2, the phase table: which states a phase rectifies.
 PHASE_RATES = {
@@ -107,6 +107,15 @@ def guided_eps(
     return uncond + (1 + scale) * (cond - uncond)
 
 
+def class_eps(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None, guidance: float,
+              precision: str) -> torch.Tensor:
+    """The epsilon of a class-conditional model for labels `y`: with guidance > 0 classifier-free guided
+    (`guided_eps`, two passes), else one plain pass."""
+    if guidance:
+        return guided_eps(model, x, timesteps, y, guidance, null_label(model), precision)
+    return model_eps(model, x, timesteps, y, precision)
+
+
 @dataclass(frozen=True)
 class Sampler:
     """What stays fixed during one call of `dmgr_sample`: the models, the process and every sample's plan."""
@@ -173,11 +182,7 @@ def predict(sm: Sampler, x, c, t: int, grad_x: bool, grad_c: bool, eps_l: torch.
         eps_g = model_eps(sm.global_model, x, steps, None, sm.precision)
         sm.count(phase, "forward_grad_global" if grad_x else "forward_global")
         if eps_l is None:
-            if sm.s.guidance:
-                eps_l = guided_eps(sm.local_model, c, steps, sm.classes, sm.s.guidance,
-                                   null_label(sm.local_model), sm.precision)
-            else:
-                eps_l = model_eps(sm.local_model, c, steps, sm.classes, sm.precision)
+            eps_l = class_eps(sm.local_model, c, steps, sm.classes, sm.s.guidance, sm.precision)
             for _ in range(2 if sm.s.guidance else 1):  # guidance: the batch twice (its class, the null class)
                 sm.count(phase, "forward_grad_local" if grad_c else "forward_local")
         return Point(x, c, eps_g, predict_x0(x, eps_g, abar), eps_l, predict_x0(c, eps_l, abar), [(x, c)])
@@ -462,7 +467,7 @@ def dmgr_sample(
     """
     s = settings
     windows, classes = windows.to(x_T.device).long(), classes.to(x_T.device).long()
-    mask_channel = getattr(local_model, "in_channels", 3) > MASK_CHANNEL
+    mask_channel = has_mask_channel(getattr(local_model, "in_channels", 3))
     if (s.time_travel or s.eta > 0 or known is not None) and noise is None:
         raise ValueError("time travel, eta > 0 and known backgrounds need a noise source (per-sample generators)")
     indices = time_walk(diffusion.num_steps, s.time_travel, s.jump_length, s.jump_n_sample)

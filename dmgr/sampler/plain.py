@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from dmgr.diffusion import Diffusion, ddim_step, predict_x0, time_walk
-from dmgr.models.unet import null_label
 from dmgr.progress import progress_bar
-from dmgr.sampler.dmgr import guided_eps, model_eps
+from dmgr.sampler.dmgr import class_eps
 from dmgr.sampler.noise import NoiseSource
 
 
@@ -32,10 +31,7 @@ def ddim_sample(
     walk = time_walk(diffusion.num_steps)
     for t, target in progress_bar(list(zip(walk[:-1], walk[1:])), desc="ddim", disable=not progress, leave=False):
         steps = diffusion.model_timesteps(t, x.shape[0], x.device)
-        if guidance:
-            eps = guided_eps(model, x, steps, y, guidance, null_label(model), precision)
-        else:
-            eps = model_eps(model, x, steps, y, precision)
+        eps = class_eps(model, x, steps, y, guidance, precision)
         x0 = predict_x0(x, eps, diffusion.abar(t))
         x = ddim_step(
             x0, eps, diffusion.abar(t), diffusion.abar(target), eta, noise.draw(x, "ddim") if eta > 0 else None

@@ -19,6 +19,11 @@ RGB = slice(0, 3)
 MASK_CHANNEL = 3
 
 
+def has_mask_channel(in_channels: int) -> bool:
+    """Whether a local model with `in_channels` inputs generates the defect mask beside its RGB."""
+    return in_channels > MASK_CHANNEL
+
+
 @dataclass(frozen=True)
 class DMGRSettings:
     __pydantic_config__ = STRICT_SECTION

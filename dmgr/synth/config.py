@@ -35,7 +35,7 @@ from dmgr.models.precision import PRECISIONS
 from dmgr.models.unet import UNetConfig, UNetConfigError
 from dmgr.sampler.masks import MASK_METHODS
 from dmgr.sampler.noise import MAX_SEED
-from dmgr.sampler.settings import MASK_CHANNEL, DMGRSettings
+from dmgr.sampler.settings import DMGRSettings, has_mask_channel
 from dmgr.schema import (
     STRICT_SECTION,
     ConfigError,
@@ -173,6 +173,15 @@ class DatasetSettings:
                  "several defects need source=images and window_choice=uniform")
 
 
+def class_weights(dataset: DatasetSettings) -> list[float]:
+    """The chance weight of each class by dataset.class_choice (uniform: equal; fixed: one class)."""
+    if dataset.class_choice == "fixed":
+        return [float(c == dataset.fixed_class) for c in dataset.classes]
+    if dataset.class_choice == "weighted":
+        return [float(w) for w in dataset.class_weights]
+    return [1.0] * len(dataset.classes)
+
+
 @dataclass(frozen=True)
 class NetworkSettings:
     """model.global / model.local."""
@@ -210,6 +219,11 @@ class ModelSpec:
     beta_schedule: str
     global_net: NetworkSpec
     local_net: NetworkSpec
+
+    @property
+    def local_has_mask(self) -> bool:
+        """Whether the local model generates a defect mask channel (`mask.method=local`)."""
+        return has_mask_channel((self.local_net.config or {}).get("in_channels", 3))
 
 
 @dataclass(frozen=True)
@@ -395,8 +409,7 @@ class RunSpec:
     @property
     def available_masks(self) -> tuple[str, ...]:
         """The mask methods this run can compute (`local` needs a local model with a mask channel)."""
-        has_mask = (self.model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
-        return tuple(m for m in MASK_METHODS if m != "local" or has_mask)
+        return tuple(m for m in MASK_METHODS if m != "local" or self.model.local_has_mask)
 
 
 def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
@@ -539,7 +552,7 @@ def changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
 
 def _mask_method(method: str, dataset: DatasetSettings, model: ModelSpec) -> str:
     """`auto`: the local model's own mask when it generates one, else `diff` (real images) or `gate`."""
-    has_mask = (model.local_net.config or {}).get("in_channels", 3) > MASK_CHANNEL
+    has_mask = model.local_has_mask
     if method == "auto":
         return "local" if has_mask else ("diff" if dataset.source == "images" else "gate")
     if method == "local" and not has_mask:
@@ -614,8 +627,6 @@ def _check_fixed_window(window: tuple[int, int], backgrounds: Backgrounds) -> No
 
 def _check_class_rois(dataset: DatasetSettings, backgrounds: Backgrounds) -> None:
     """Every per-class ROI names a class of the run, and every class that can be drawn fits somewhere."""
-    from dmgr.synth.plan import class_weights  # plan imports this module
-
     for item in backgrounds.items:
         for own in item.class_rois:
             if own.class_name not in dataset.classes:

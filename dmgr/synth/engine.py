@@ -17,11 +17,12 @@ from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.performance import accelerate
 from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
-from dmgr.synth.config import NetworkSpec, RunSpec
+from dmgr.synth.config import NetworkSpec, RunSpec, screen_classifier_settings
 from dmgr.synth.geometry import image_window_box, mask_to_image, square, to_image, to_model
 from dmgr.synth.paste import paste_baseline
 from dmgr.synth.placement import Placement, choose_placement
 from dmgr.synth.plan import Defect, SamplePlan, model_window, stream_seed
+from dmgr.synth.screen_classifier import load_screen_classifier
 
 __all__ = ["Attempt", "DefectResult", "Engine", "load_engine", "make_attempts", "mask_to_image", "to_image",
            "to_model"]
@@ -112,9 +113,6 @@ def load_screen(spec: RunSpec) -> object | None:
     """The screen classifier (trained on first use, then from screen.cache_dir), or None without the screen."""
     if not spec.screen.enabled:
         return None
-    from dmgr.synth.config import screen_classifier_settings
-    from dmgr.synth.screen_classifier import load_screen_classifier
-
     settings = screen_classifier_settings(spec.screen, spec.dataset)
     return load_screen_classifier(spec.screen.data_root, spec.dataset.classes, spec.backgrounds, settings,
                                   spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)

@@ -16,7 +16,7 @@ import torch
 
 from dmgr.sampler.noise import generator, stream_seed
 from dmgr.synth.backgrounds import Backgrounds, Geometry
-from dmgr.synth.config import DatasetSettings
+from dmgr.synth.config import DatasetSettings, class_weights
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,6 @@ def plan_generator(seed: int) -> torch.Generator:
 def replacement_generator(seed: int, attempt: int) -> torch.Generator:
     """The generator of attempt a > 0's windows (re-placement: same background and classes)."""
     return generator(stream_seed(seed, "replace", attempt))
-
-
-def class_weights(dataset: DatasetSettings) -> list[float]:
-    """The chance weight of each class by dataset.class_choice (uniform: equal; fixed: one class)."""
-    if dataset.class_choice == "fixed":
-        return [float(c == dataset.fixed_class) for c in dataset.classes]
-    if dataset.class_choice == "weighted":
-        return [float(w) for w in dataset.class_weights]
-    return [1.0] * len(dataset.classes)
 
 
 def _class(dataset: DatasetSettings, g: torch.Generator, allowed: Sequence[bool] | None = None) -> int:
