@@ -101,7 +101,7 @@ def test_gated_synthesis_never_touches_the_evaluation_classifier_or_its_data(tmp
     agreement = json.loads((out / "eval" / "samples.json").read_text())["sets"]["dmgr"]["screen_agreement"]
     assert agreement["windows"] == 4
     assert all(0 <= agreement[k] <= 1 for k in ("agreement", "judge_class_accuracy", "screen_class_accuracy"))
-    assert "agree" in (out / "eval" / "samples.md").read_text()
+    assert "the run's screen classifier read the same label" in (out / "eval" / "samples.md").read_text()
 
 
 def test_the_guard_catches_a_synthesis_that_uses_the_evaluation(tmp_path):
