@@ -119,13 +119,13 @@ def presets(window: int) -> dict[str, Preset]:
     from hydra import compose, initialize_config_dir
 
     from dmgr import CONF_DIR
-    from dmgr.synth.config import sampler_settings
+    from dmgr.synth.config import schedule_settings
 
     found = {}
     for name in ("paper", "fast"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             cfg = compose(config_name="synth", overrides=[f"schedule={name}", "model=tiny_random"])
-        found[name] = Preset(name, str(cfg.schedule.respacing), sampler_settings(cfg, window))
+        found[name] = Preset(name, str(cfg.schedule.respacing), schedule_settings(cfg, window))
     return found
 
 

@@ -2,7 +2,7 @@
 
 The steps are numbered as in docs/algorithm.md ("one reverse step at index t"):
   1. predict with both models            `predict`
-  2. pick the rates from the phase table  `phase_rates`, `PHASE_RATES`
+  2. pick the rates from the phase table  `phase_rates`, `RECTIFIED_STATES`
   3. no rate: no gradients                `rectify`
   4. K gradient iterations, backtracking  `rectify`, `backtrack`
   5. the multi-scale loss                 `fit` (dmgr/sampler/loss.py)
@@ -36,8 +36,8 @@ from dmgr.sampler.masks import window_support
 from dmgr.sampler.noise import NoiseSource
 from dmgr.sampler.settings import MASK_CHANNEL, RGB, DMGRSettings, has_mask_channel
 
-# Step 2, the phase table: which states a phase rectifies.
-PHASE_RATES = {
+# Step 2, the phase table: which states a phase rectifies (its rates are `phase_rates`).
+RECTIFIED_STATES = {
     #             x      crop
     "anchoring": (True, False),  # t > T_s: Structural Anchoring
     "free": (False, False),  # T_e < t <= T_s: free evolution
@@ -206,7 +206,7 @@ def objective(sm: Sampler, p: Point, t: int, start: tuple, reg: float, weight_ma
 def phase_rates(s: DMGRSettings, abar: Callable[[int], float], t: int, lr_base: float) -> tuple[float, float]:
     """Step 2: (lr on x, lr on the crop) at t. Without gating the crop is never rectified."""
     lr = lr_base * math.sqrt(abar(t)) / math.sqrt(abar(0)) if s.smart_lr else lr_base
-    on_x, on_c = PHASE_RATES[s.phase(t)]
+    on_x, on_c = RECTIFIED_STATES[s.phase(t)]
     return (lr if on_x else 0.0), (lr if on_c and s.gating else 0.0)
 
 

@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import torch
 
+# G_c's numbers in docs/algorithm.md "The spatial gates": R = max(int(CROP_MIN_RADIUS w),
+# int(CROP_RADIUS_PER_FALLOFF w f)) and alpha = sigmoid(ALPHA_SLOPE (f - ALPHA_ONSET)).
+CROP_MIN_RADIUS = 0.45
+CROP_RADIUS_PER_FALLOFF = 0.5
+ALPHA_SLOPE = 20
+ALPHA_ONSET = 0.03
+
 
 def _distance(height: int, width: int, centers: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) distances from each sample's (x, y) centre."""
@@ -42,8 +49,9 @@ def crop_gate(size: int, falloff: float, device: torch.device | str = "cpu") -> 
     distance = _distance(size, size, center)
     if falloff <= 0.0:
         return torch.ones_like(distance)
-    radius = max(int(size * 0.45), int(size * 0.5 * falloff))
-    alpha = torch.sigmoid(20 * (torch.tensor(falloff, device=device) - torch.tensor(0.03, device=device)))
+    radius = max(int(size * CROP_MIN_RADIUS), int(size * CROP_RADIUS_PER_FALLOFF * falloff))
+    onset = torch.tensor(ALPHA_ONSET, device=device)
+    alpha = torch.sigmoid(ALPHA_SLOPE * (torch.tensor(falloff, device=device) - onset))
     std = radius / torch.sqrt(2 * _log32(2 - falloff, torch.device(device)))
     gaussian = torch.exp(-((distance - radius) ** 2) / (2 * std**2))
     shape = torch.where(distance <= radius, torch.ones_like(distance), gaussian)

@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The reference's numbers in docs/algorithm.md step 5: w_low = max(1 - a, LOW_PASS_FLOOR) and
+# D = LAPLACIAN_GAIN (1 - a) L_lap + a L_pix; the weight map m = clamp(d / (DISAGREEMENT_SCALE max d), 0, 1).
+LOW_PASS_FLOOR = 0.1
+LAPLACIAN_GAIN = 100.0
+DISAGREEMENT_SCALE = 0.2
+DIVISION_GUARD = 1e-8  # keeps an all-agreeing window (max d = 0) at m = 0
+
 
 def laplacian_pyramid(image: torch.Tensor, levels: int = 4) -> list[torch.Tensor]:
     """`levels` band-pass images (finest first) followed by the low-pass residual."""
@@ -24,7 +31,7 @@ def laplacian_pyramid(image: torch.Tensor, levels: int = 4) -> list[torch.Tensor
 
 def pyramid_weights(sqrt_abar: float, levels: int = 4) -> list[float]:
     """Band-pass weights then the low-pass weight: noisy steps favour the low-pass (topology)."""
-    low = max(1.0 - sqrt_abar, 0.1)
+    low = max(1.0 - sqrt_abar, LOW_PASS_FLOOR)
     return [(1.0 - low) / levels] * levels + [low]
 
 
@@ -45,7 +52,8 @@ def multiscale_loss(
     weight_map: torch.Tensor | None = None,
     levels: int = 4,
 ) -> torch.Tensor:
-    """100 (1 - a) L_lap + a L_pix with a = sqrt(abar_t); L_lap sums squared pyramid differences / levels."""
+    """LAPLACIAN_GAIN (1 - a) L_lap + a L_pix with a = sqrt(abar_t); L_lap sums squared pyramid differences
+    / levels."""
     if weight_map is not None:
         u, v = u * weight_map, v * weight_map
     lap = (
@@ -57,7 +65,7 @@ def multiscale_loss(
         )
         / levels
     )
-    return 100.0 * (1.0 - sqrt_abar) * lap + sqrt_abar * _sum_squares(u, v)
+    return LAPLACIAN_GAIN * (1.0 - sqrt_abar) * lap + sqrt_abar * _sum_squares(u, v)
 
 
 def rectification_loss(
@@ -74,10 +82,10 @@ def rectification_loss(
 
 
 def disagreement_map(window_x0: torch.Tensor, local_x0: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """Where the two manifolds disagree: clamp(d / (0.2 max d), 0, 1), accumulated by maximum."""
+    """Where the two manifolds disagree: clamp(d / (DISAGREEMENT_SCALE max d), 0, 1), accumulated by maximum."""
     d = ((window_x0 - local_x0) ** 2).mean(dim=1, keepdim=True)
-    upper = d.amax(dim=(2, 3), keepdim=True) * 0.2
-    new = (d / (upper + 1e-8)).clamp(0, 1)
+    upper = d.amax(dim=(2, 3), keepdim=True) * DISAGREEMENT_SCALE
+    new = (d / (upper + DIVISION_GUARD)).clamp(0, 1)
     if previous is None:
         return new
     return (previous + (new - previous).clamp(0, 1)).clamp(0, 1)

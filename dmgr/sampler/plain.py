@@ -28,8 +28,8 @@ def ddim_sample(
     if eta > 0 and noise is None:
         raise ValueError("ddim_sample with eta > 0 needs a noise source")
     x = x_T
-    walk = time_walk(diffusion.num_steps)
-    for t, target in progress_bar(list(zip(walk[:-1], walk[1:])), desc="ddim", disable=not progress, leave=False):
+    indices = time_walk(diffusion.num_steps)
+    for t, target in progress_bar(list(zip(indices[:-1], indices[1:])), desc="ddim", disable=not progress, leave=False):
         steps = diffusion.model_timesteps(t, x.shape[0], x.device)
         eps = class_eps(model, x, steps, y, guidance, precision)
         x0 = predict_x0(x, eps, diffusion.abar(t))

@@ -1,6 +1,8 @@
-"""Every number of the DMGR sampler, with the reference's values as defaults (docs/algorithm.md).
+"""Every setting of the DMGR sampler, with the reference's values as defaults (docs/algorithm.md). The
+formulas' fixed constants are not settings: each is named where it is defined (dmgr/sampler/loss.py,
+dmgr/sampler/gates.py), with the formula it belongs to.
 
-The defaults are the only copy of the paper's numbers: conf/schedule/paper.yaml inherits them (via
+The defaults are the only copy of the paper's settings: conf/schedule/paper.yaml inherits them (via
 `schedule/base` in Hydra's ConfigStore). The bounds apply where a config is checked (dmgr.schema.build);
 building the dataclass directly checks nothing.
 """

@@ -51,7 +51,7 @@ from dmgr.schema import (
 from dmgr.synth.backgrounds import BackgroundError, Backgrounds, demo_backgrounds, demo_patches, scan_backgrounds
 from dmgr.synth.screen_classifier import ScreenClassifierSettings
 
-__all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "sampler_settings"]
+__all__ = ["ConfigError", "RunSpec", "validate", "parse_seeds", "schedule_settings"]
 
 # Keys that change how a run is executed but not what it produces: left out of the run's identity.
 EXECUTION_KEYS = ("out_dir", "device", "batch_size", "progress", "writer_queue", "array", "quality", "threads")
@@ -396,7 +396,7 @@ class RunSpec:
     dataset: DatasetSettings
     model: ModelSpec
     respacing: str
-    sampler: DMGRSettings
+    schedule: DMGRSettings  # the sampler's settings (conf/schedule/ but name and respacing)
     resolved: dict  # the whole resolved config, for metadata and the manifest
     identity: str  # hash of what determines the samples
     backgrounds: Backgrounds | None = None  # source=images: the usable input list
@@ -412,7 +412,7 @@ class RunSpec:
         return tuple(m for m in MASK_METHODS if m != "local" or self.model.local_has_mask)
 
 
-def sampler_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
+def schedule_settings(cfg: DictConfig, window_size: int) -> DMGRSettings:
     """The validated DMGRSettings of `cfg.schedule` for a window of `window_size` px."""
     values = {k: v for k, v in OmegaConf.to_container(cfg.schedule, resolve=True).items()
               if k not in ("name", "respacing")}
@@ -523,8 +523,8 @@ def identity_inputs(resolved: dict, model: ModelSpec, images_digest: str | None)
         kept["screen"] = {k: v for k, v in screen.items() if k not in ("data_root", "cache_dir")}
     performance = kept.pop("performance", None)
     if performance and performance != dataclasses.asdict(PerformanceSettings()):
-        kept["performance"] = performance  # the defaults keep the identity runs had before the setting existed
-    if not kept.get("schedule", {}).get("guidance", 1):  # off: the identity runs had before the setting existed
+        kept["performance"] = performance  # at its defaults left out: shards made without it still resume
+    if not kept.get("schedule", {}).get("guidance", 1):  # off, left out: shards made without it still resume
         kept["schedule"] = {k: v for k, v in kept["schedule"].items() if k != "guidance"}
     kept["model"] = {**kept["model"]}
     for which, net in (("global", model.global_net), ("local", model.local_net)):
@@ -701,13 +701,13 @@ def validate(cfg: DictConfig) -> RunSpec:
     model_settings, *nets = _model(settings.model)
     respacing = str(settings.schedule.get("respacing"))
     steps = _respaced_steps(model_settings.diffusion_steps, respacing)
-    sampler = sampler_settings(cfg, settings.dataset.window_size)
-    if sampler.T_s >= steps:
-        fail("schedule.T_s", sampler.T_s, f"must be below the number of respaced steps ({steps})")
+    schedule = schedule_settings(cfg, settings.dataset.window_size)
+    if schedule.T_s >= steps:
+        fail("schedule.T_s", schedule.T_s, f"must be below the number of respaced steps ({steps})")
     model, dataset, backgrounds, screen = read_inputs(settings, model_settings, nets)
     _check_model(model, dataset)
-    if sampler.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
-        fail("schedule.guidance", sampler.guidance, "the local model has no null class: train one with "
+    if schedule.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
+        fail("schedule.guidance", schedule.guidance, "the local model has no null class: train one with "
              "label_dropout > 0 (arch=demo_local_mask_guided, docs/training.md), or 0 for no guidance")
     mask_method = _mask_method(settings.mask.method, dataset, model)
     resolved["mask"]["method"] = mask_method
@@ -744,7 +744,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         dataset=dataset,
         model=model,
         respacing=respacing,
-        sampler=sampler,
+        schedule=schedule,
         resolved=resolved,
         identity=identity,
         identity_inputs=inputs,

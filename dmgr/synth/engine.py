@@ -131,7 +131,7 @@ def _sample(engine: Engine, spec: RunSpec, x_T: torch.Tensor, windows: torch.Ten
             ) -> DMGRResult:
     """The DMGR sampler with the run's models and schedule: windows (B, 2) model pixels, noise per sample."""
     return dmgr_sample(engine.global_model, engine.local_model, engine.diffusion, x_T, windows,
-                       torch.tensor(classes, device=engine.device), spec.dataset.window_size, spec.sampler,
+                       torch.tensor(classes, device=engine.device), spec.dataset.window_size, spec.schedule,
                        noise=PerSampleNoise(generators), precision=spec.precision, record_process=record_process,
                        known=known)
 
@@ -148,7 +148,7 @@ def defect_masks(
             return local_mask(result.crop, result.windows, size, size)
         if method == "diff":
             return diff_mask(result.image, reference, result.windows, w, spec.mask.sigma, spec.mask.min_contrast)
-        return gate_mask(size, size, result.windows, w, spec.sampler.gate_radius, result.gate_falloff)
+        return gate_mask(size, size, result.windows, w, spec.schedule.gate_radius, result.gate_falloff)
 
     return {method: mask(method)[:, 0] for method in methods}
 

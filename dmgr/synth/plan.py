@@ -81,8 +81,8 @@ def replacement_generator(seed: int, attempt: int) -> torch.Generator:
 
 
 def _class(dataset: DatasetSettings, g: torch.Generator, allowed: Sequence[bool] | None = None) -> int:
-    """A class drawn by dataset.class_choice among the `allowed` ones (all when None; the draw is today's
-    when all are allowed)."""
+    """A class drawn by dataset.class_choice among the `allowed` ones (all when None; all allowed draws as the
+    unrestricted choice does, so a run without per-class ROIs draws the same classes)."""
     allowed = [True] * len(dataset.classes) if allowed is None else allowed
     if dataset.class_choice == "fixed":
         return dataset.classes.index(dataset.fixed_class)

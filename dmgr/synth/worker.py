@@ -1,4 +1,4 @@
-"""One worker's share of the job: walk its shards, verify the complete ones against their records, make
+"""One worker's share of the job: go through its shards, verify the complete ones against their records, make
 the others under the shard's lock, and stream them to the writer."""
 
 from __future__ import annotations
