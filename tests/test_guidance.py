@@ -214,7 +214,8 @@ def test_guidance_settings(tmp_path):
     assert message.startswith("schedule.guidance=2") and "label_dropout" in message and "\n" not in message
     with pytest.raises(ConfigError, match="^schedule.guidance=-1"):
         synth_spec([out, "schedule.guidance=-1"])
-    assert synth_spec([out, "+model.local.config.null_class=true", "schedule.guidance=2"]).schedule.guidance == 2.0
+    guided = synth_spec([out, "+model.local.config.null_class=true", "schedule.guidance=2"])
+    assert guided.schedule.settings.guidance == 2.0
     today = synth_spec([out, "~schedule.guidance"]).identity
     assert synth_spec([out]).identity == today  # the default leaves the run's identity (its out_dir) as it was
     assert synth_spec([out, "schedule.guidance=0"]).identity == today

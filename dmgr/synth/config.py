@@ -379,6 +379,17 @@ register_defaults("base", ModelSettings, group="model", **{"global": nets, "loca
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """conf/schedule/ validated: its name, the respacing, the sampler's settings (gate_radius resolved for the
+    window when the config leaves it null), and every value as the config gave it (`given`: the sample json's
+    `schedule`, which adoption compares with a shard's, so types stay as written, e.g. respacing 10 or "10")."""
+
+    name: str
+    respacing: str
+    settings: DMGRSettings
+    given: dict
+
+@dataclass(frozen=True)
 class RunSpec:
     seeds: Sequence[int]  # a range for "a-b", however long
     samples_per_shard: int
@@ -395,9 +406,8 @@ class RunSpec:
     quality: QualitySettings
     dataset: DatasetSettings
     model: ModelSpec
-    respacing: str
-    schedule: DMGRSettings  # the sampler's settings (conf/schedule/ but name and respacing)
-    resolved: dict  # the whole resolved config, for metadata and the manifest
+    schedule: Schedule
+    resolved: dict  # the whole resolved config: the run's identity, run.json and the manifest
     identity: str  # hash of what determines the samples
     backgrounds: Backgrounds | None = None  # source=images: the usable input list
     threads: int | None = None  # intra-op threads per worker; None: from the CPUs the worker was given
@@ -701,13 +711,14 @@ def validate(cfg: DictConfig) -> RunSpec:
     model_settings, *nets = _model(settings.model)
     respacing = str(settings.schedule.get("respacing"))
     steps = _respaced_steps(model_settings.diffusion_steps, respacing)
-    schedule = schedule_settings(cfg, settings.dataset.window_size)
-    if schedule.T_s >= steps:
-        fail("schedule.T_s", schedule.T_s, f"must be below the number of respaced steps ({steps})")
+    schedule = Schedule(str(settings.schedule.get("name")), respacing,
+                        schedule_settings(cfg, settings.dataset.window_size), dict(settings.schedule))
+    if schedule.settings.T_s >= steps:
+        fail("schedule.T_s", schedule.settings.T_s, f"must be below the number of respaced steps ({steps})")
     model, dataset, backgrounds, screen = read_inputs(settings, model_settings, nets)
     _check_model(model, dataset)
-    if schedule.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
-        fail("schedule.guidance", schedule.guidance, "the local model has no null class: train one with "
+    if schedule.settings.guidance > 0 and not (model.local_net.config or {}).get("null_class"):
+        fail("schedule.guidance", schedule.settings.guidance, "the local model has no null class: train one with "
              "label_dropout > 0 (arch=demo_local_mask_guided, docs/training.md), or 0 for no guidance")
     mask_method = _mask_method(settings.mask.method, dataset, model)
     resolved["mask"]["method"] = mask_method
@@ -743,7 +754,6 @@ def validate(cfg: DictConfig) -> RunSpec:
         quality=settings.quality,
         dataset=dataset,
         model=model,
-        respacing=respacing,
         schedule=schedule,
         resolved=resolved,
         identity=identity,

@@ -104,7 +104,7 @@ def load_engine(spec: RunSpec, device: torch.device) -> Engine:
         model.requires_grad_(False)
     global_model = accelerate(global_model, spec.performance)
     local_model = accelerate(local_model, spec.performance)
-    diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.respacing)
+    diffusion = make_diffusion(spec.model.diffusion_steps, spec.model.beta_schedule, spec.schedule.respacing)
     digests = {"global": global_digest, "local": local_digest}
     return Engine(global_model, local_model, diffusion, digests, device, load_screen(spec))
 
@@ -131,7 +131,7 @@ def _sample(engine: Engine, spec: RunSpec, x_T: torch.Tensor, windows: torch.Ten
             ) -> DMGRResult:
     """The DMGR sampler with the run's models and schedule: windows (B, 2) model pixels, noise per sample."""
     return dmgr_sample(engine.global_model, engine.local_model, engine.diffusion, x_T, windows,
-                       torch.tensor(classes, device=engine.device), spec.dataset.window_size, spec.schedule,
+                       torch.tensor(classes, device=engine.device), spec.dataset.window_size, spec.schedule.settings,
                        noise=PerSampleNoise(generators), precision=spec.precision, record_process=record_process,
                        known=known)
 
@@ -148,7 +148,7 @@ def defect_masks(
             return local_mask(result.crop, result.windows, size, size)
         if method == "diff":
             return diff_mask(result.image, reference, result.windows, w, spec.mask.sigma, spec.mask.min_contrast)
-        return gate_mask(size, size, result.windows, w, spec.schedule.gate_radius, result.gate_falloff)
+        return gate_mask(size, size, result.windows, w, spec.schedule.settings.gate_radius, result.gate_falloff)
 
     return {method: mask(method)[:, 0] for method in methods}
 
