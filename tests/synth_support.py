@@ -145,7 +145,7 @@ def assert_same_sample(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> None:
     """Two makings of one sample in different batch compositions (or thread counts) agree as promised: every
     image within the rounding tolerance, every mask but MAX_MASK_FLIPS pixels, the json equal but for float
     diagnostics (relative FLOAT_REL) and the mask's area and box; json keys in `ignore` are left out.
-    `a` and `b` are samples as generate() or read_samples() give them."""
+    `a` and `b` are samples as dmgr.synth.record.attempt_sample() or read_samples() give them."""
     members = sorted(k for k in a if k == "json" or k.endswith("png"))
     assert members == sorted(k for k in b if k == "json" or k.endswith("png")), (sorted(a), sorted(b))
     flips = {name: mask_flips(a[name], b[name]) for name in members if name.endswith("mask.png")}

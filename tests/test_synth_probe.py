@@ -146,7 +146,7 @@ def test_unbounded_candidates_are_refused_at_validation_before_anything_is_writt
 def test_placement_scores_in_chunks_equal_one_forward(monkeypatch):
     from dmgr.diffusion import make_diffusion
     from dmgr.models import build_unet
-    from dmgr.synth import engine
+    from dmgr.synth import placement
 
     torch.manual_seed(0)
     model = build_unet({"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
@@ -154,9 +154,9 @@ def test_placement_scores_in_chunks_equal_one_forward(monkeypatch):
                         "num_classes": 6, "in_channels": 4}).eval()
     diffusion = make_diffusion(1000, "linear", "10")
     windows = torch.rand(5, 3, 16, 16) * 2 - 1
-    whole = engine.placement_scores(model, diffusion, windows, 2, 6, [1, 3, 5], torch.Generator().manual_seed(1))
-    monkeypatch.setattr(engine, "PLACEMENT_ROWS", 7)
-    chunked = engine.placement_scores(model, diffusion, windows, 2, 6, [1, 3, 5], torch.Generator().manual_seed(1))
+    whole = placement.placement_scores(model, diffusion, windows, 2, 6, [1, 3, 5], torch.Generator().manual_seed(1))
+    monkeypatch.setattr(placement, "PLACEMENT_ROWS", 7)
+    chunked = placement.placement_scores(model, diffusion, windows, 2, 6, [1, 3, 5], torch.Generator().manual_seed(1))
     assert torch.allclose(whole, chunked, atol=1e-5)
 
 

@@ -110,7 +110,7 @@ class PlacementSettings:
     #   at least this quantile of the class's real mask areas
     data_root: UserPath | None = None  # local/<class>/*.mask.png: the per-class size prior (null: none)
     max_attempts: Count() = 6  # attempts per seed in all against an empty mask (each a new placement); more
-    #   than screen.max_attempts (one counter per seed), so a last screened attempt that is empty is made again
+    #   than screen.max_attempts, so a last screened attempt that is empty is made again (dmgr.synth.policy.Rules)
     on_exhausted: Literal["flag", "skip"] = "flag"  # flag: write the last attempt marked | skip: drop the seed
     min_areas: tuple[float, ...] | None = None  # set by validate: per class, the minimum mask area
 
