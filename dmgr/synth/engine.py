@@ -17,7 +17,7 @@ from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.performance import accelerate
 from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
-from dmgr.synth.config import NetworkSpec, RunSpec, screen_classifier_settings
+from dmgr.synth.config import MaskSettings, NetworkSpec, RunSpec, screen_classifier_settings
 from dmgr.synth.geometry import image_window_box, mask_to_image, square, to_image, to_model
 from dmgr.synth.paste import paste_baseline
 from dmgr.synth.placement import Placement, choose_placement
@@ -136,21 +136,20 @@ def _sample(engine: Engine, spec: RunSpec, x_T: torch.Tensor, windows: torch.Ten
                        known=known)
 
 
-def defect_masks(
-    spec: RunSpec, methods: tuple[str, ...], result: DMGRResult, reference: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
+def defect_masks(mask: MaskSettings, gate_radius: float, methods: tuple[str, ...], result: DMGRResult,
+                 reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """(B, H, W) bool masks of a sampler result by method; `reference` is what `diff` compares with
     (the defect-free twin, or the real background)."""
-    size, w = spec.dataset.image_size, spec.dataset.window_size
+    size, w = result.image.shape[-1], result.crop.shape[-1]
 
-    def mask(method: str) -> torch.Tensor:
+    def made(method: str) -> torch.Tensor:
         if method == "local":
             return local_mask(result.crop, result.windows, size, size)
         if method == "diff":
-            return diff_mask(result.image, reference, result.windows, w, spec.mask.sigma, spec.mask.min_contrast)
-        return gate_mask(size, size, result.windows, w, spec.schedule.settings.gate_radius, result.gate_falloff)
+            return diff_mask(result.image, reference, result.windows, w, mask.sigma, mask.min_contrast)
+        return gate_mask(size, size, result.windows, w, gate_radius, result.gate_falloff)
 
-    return {method: mask(method)[:, 0] for method in methods}
+    return {method: made(method)[:, 0] for method in methods}
 
 
 def _finite(*tensors: torch.Tensor) -> list[bool]:
@@ -177,7 +176,8 @@ def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], method
     twin = None
     if "diff" in methods or extras.twin or extras.paste:
         twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
-    masks = {m: v.cpu().numpy() for m, v in defect_masks(spec, methods, result, twin).items()}
+    made = defect_masks(spec.mask, spec.schedule.settings.gate_radius, methods, result, twin)
+    masks = {m: v.cpu().numpy() for m, v in made.items()}
     tensors = {"crop": result.crop[:, RGB] if extras.crop else None, "twin": twin if extras.twin else None,
                "grid": _grid(result) if extras.grid else None}
     paste_mask = None
@@ -240,7 +240,8 @@ def sample_into_backgrounds(
         if spec.mask.pixels == "crop":
             for j, (x, y) in enumerate(result.windows.tolist()):
                 pixels[j, :, y : y + w, x : x + w] = result.crop[j, :3]
-        masks = {m: mask_to_image(v, side) for m, v in defect_masks(spec, methods, result, known).items()}
+        made = defect_masks(spec.mask, spec.schedule.settings.gate_radius, methods, result, known)
+        masks = {m: mask_to_image(v, side) for m, v in made.items()}
         pixels = to_uint8(to_image(pixels.float(), side))
         for j, (i, d) in enumerate(zip(rows, chosen_defects)):
             (cx, cy), chosen = d.context, masks[spec.mask.method][j]
