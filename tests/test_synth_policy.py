@@ -8,9 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from dmgr.synth.config import NonfiniteSettings, PlacementSettings, ScreenSettings
 from dmgr.synth.engine import Attempt, DefectResult
 from dmgr.synth.plan import Defect, SamplePlan
-from dmgr.synth.policy import NonFiniteSample, Rules, Screened, decide, judge
+from dmgr.synth.policy import NonFiniteSample, Rules, Screened, decide, judge, rules_for
 
 MINIMA = [4.0, 10.0]  # per class: the minimum mask area
 
@@ -45,7 +46,12 @@ def run(script: dict, rules: Rules, seeds=(0,), class_id: int = 0, screen: bool 
     return outcomes, calls
 
 
-RULES = Rules({"nonfinite": 3, "empty_mask": 6, "screen": 4}, screen=True)
+RULES = rules_for(NonfiniteSettings(), PlacementSettings(), ScreenSettings())  # the defaults
+
+
+def test_the_default_rules_give_the_empty_mask_more_attempts_than_the_screen():
+    assert RULES == Rules({"nonfinite": 3, "empty_mask": 6, "screen": 4}, screen=True, on_screen_exhausted="best")
+    assert RULES.retries(3, "empty_mask") and not RULES.retries(3, "screen") and not RULES.retries(0, None)
 
 
 def test_a_passing_attempt_is_accepted_at_once():

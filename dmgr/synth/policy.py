@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dmgr.synth.config import NonfiniteSettings, PlacementSettings, ScreenSettings
 from dmgr.synth.engine import Attempt
 from dmgr.synth.plan import SamplePlan
 from dmgr.synth.screen import attempt_rank
@@ -72,6 +73,14 @@ class Rules:
         if reason is None or (reason == "nonfinite" and self.stop_on_nonfinite):
             return False
         return attempt + 1 < self.max_attempts[reason]
+
+
+def rules_for(nonfinite: NonfiniteSettings, placement: PlacementSettings, screen: ScreenSettings) -> Rules:
+    """The run's rules from the settings sections that set them."""
+    return Rules({"nonfinite": nonfinite.max_attempts, "empty_mask": placement.max_attempts,
+                  "screen": screen.max_attempts}, stop_on_nonfinite=nonfinite.action == "stop",
+                 screen=screen.enabled, on_screen_exhausted=screen.on_exhausted,
+                 on_small_exhausted=placement.on_exhausted)
 
 
 @dataclass

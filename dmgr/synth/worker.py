@@ -24,7 +24,7 @@ from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
 from dmgr.synth.engine import Attempt, Engine, make_attempts
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
-from dmgr.synth.policy import Outcome, Rules, Screened, decide, judge
+from dmgr.synth.policy import Outcome, Screened, decide, judge, rules_for
 from dmgr.synth.record import add_metrics, config_problem, members, outcome_json, outcome_metrics
 from dmgr.synth.screen import screen_scores, screen_summary
 
@@ -102,14 +102,6 @@ def made_with(spec: RunSpec, engine: Engine) -> dict:
             "torch": torch.__version__, "cpu": cpu_name(), **screen}
 
 
-def rules_of(spec: RunSpec) -> Rules:
-    """The run's attempt budget and what happens when it is spent (dmgr.synth.policy.Rules)."""
-    return Rules({"nonfinite": spec.nonfinite.max_attempts, "empty_mask": spec.dataset.placement.max_attempts,
-                  "screen": spec.screen.max_attempts}, stop_on_nonfinite=spec.nonfinite.action == "stop",
-                 screen=spec.screen.enabled, on_screen_exhausted=spec.screen.on_exhausted,
-                 on_small_exhausted=spec.dataset.placement.on_exhausted)
-
-
 def _screened(engine: Engine, spec: RunSpec, attempt: Attempt) -> Screened:
     return Screened(*screen_scores(engine.screen, attempt, spec.dataset.window_size, spec.screen.thresholds()))
 
@@ -121,7 +113,7 @@ def made_seeds(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[O
     screen = partial(_screened, engine, spec) if spec.screen.enabled else None
     return decide(plans, partial(make_attempts, engine, spec), partial(judge, minima=minima, screen=screen),
                   lambda plan: plan_sample(plan.seed, spec.dataset, spec.backgrounds, plan.attempt + 1),
-                  rules_of(spec))
+                  rules_for(spec.nonfinite, spec.dataset.placement, spec.screen))
 
 
 def make_shard(engine: Engine, spec: RunSpec, writer: ShardWriter, path: Path, seeds: Sequence[int], bar: ProgressBar,
