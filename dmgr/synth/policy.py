@@ -123,37 +123,45 @@ def _status(rules: Rules, reason: Reason | None) -> Status:
     return "skipped" if exhausted == "skip" else "flagged"
 
 
+@dataclass
+class _Seed:
+    """What a seed has gone through so far: its retries, the screen's rejections, the best-ranked of them."""
+
+    retries: list[tuple[int, Reason]] = field(default_factory=list)
+    rejected: list[Verdict] = field(default_factory=list)
+    best: tuple[Attempt, Verdict] | None = None
+
+
 def decide(plans: list[SamplePlan], make: Callable[[list[SamplePlan]], list[Attempt]],
            check: Callable[[Attempt], Verdict], replan: Callable[[SamplePlan], SamplePlan], rules: Rules
            ) -> list[Outcome]:
     """Make the plans, judge each attempt, and make the failed ones again at their next attempt (`replan`: a
     new placement with noise from a derived seed) until they pass or `rules` say stop; one `Outcome` per plan,
-    in order. A seed whose attempts are spent keeps its last attempt, or with on_screen_exhausted=best its
-    best-ranked screened one (`attempt_rank`); a NaN/Inf that may not be retried raises NonFiniteSample. Each
-    round makes the failed plans of one batch together, so the batches depend only on the seeds and the batch."""
+    in order. A seed whose attempts are spent keeps its last attempt or, with on_screen_exhausted=best and any
+    screened attempt, the best-ranked of those (`attempt_rank`: also when the last attempt's mask was the
+    failure); a NaN/Inf that may not be retried raises NonFiniteSample. Each round makes the failed plans of one
+    batch together, so the batches depend only on the seeds and the batch."""
     outcomes: list[Outcome | None] = [None] * len(plans)
-    retries: list[list[tuple[int, Reason]]] = [[] for _ in plans]
-    rejected: list[list[Verdict]] = [[] for _ in plans]
-    best: list[tuple[Attempt, Verdict] | None] = [None] * len(plans)  # the best-ranked screen rejection
+    seeds = [_Seed() for _ in plans]
     keep_best = rules.screen and rules.on_screen_exhausted == "best"
     pending = list(enumerate(plans))
     while pending:
         again = []
         for (i, plan), attempt in zip(pending, make([p for _, p in pending])):
-            verdict = check(attempt)
+            verdict, seed = check(attempt), seeds[i]
             reason = verdict.reason
             if reason == "screen":
-                rejected[i].append(verdict)
-                if keep_best and (best[i] is None or _rank(verdict) < _rank(best[i][1])):
-                    best[i] = (attempt, verdict)
+                seed.rejected.append(verdict)
+                if keep_best and (seed.best is None or _rank(verdict) < _rank(seed.best[1])):
+                    seed.best = (attempt, verdict)
             if rules.retries(plan.attempt, reason):
-                retries[i].append((plan.attempt, reason))
+                seed.retries.append((plan.attempt, reason))
                 log.info("seed %d: attempt %d failed (%s): a new placement", plan.seed, plan.attempt, reason)
                 again.append((i, replan(plan)))
                 continue
             attempts, kept = plan.attempt + 1, attempt
-            if reason in ("screen", "empty_mask") and best[i] is not None:
-                kept, verdict = best[i]
+            if reason in ("screen", "empty_mask") and seed.best is not None:
+                kept, verdict = seed.best
             elif reason == "nonfinite":
                 raise NonFiniteSample(
                     f"seed {plan.seed}: the image holds NaN/Inf after {attempts} attempt(s) (nonfinite.action="
@@ -164,8 +172,8 @@ def decide(plans: list[SamplePlan], make: Callable[[list[SamplePlan]], list[Atte
             if verdict.reason == "empty_mask":
                 log.warning("seed %d: a defect mask below its minimum area after %d attempt(s): %s", plan.seed,
                             attempts, status)
-            others = [r for r in rejected[i] if r.attempt != verdict.attempt]
-            outcomes[i] = Outcome(kept, verdict, status, attempts, retries[i], others)
+            others = [r for r in seed.rejected if r.attempt != verdict.attempt]
+            outcomes[i] = Outcome(kept, verdict, status, attempts, seed.retries, others)
         pending = again
     return outcomes
 
