@@ -29,7 +29,7 @@ from dmgr.images import to_uint8
 from dmgr.models.checkpoints import load_unet, stored_metadata
 from dmgr.sampler import ddim_sample
 from dmgr.sampler.noise import generator, stream_seed
-from dmgr.sampler.settings import MASK_CHANNEL, RGB
+from dmgr.sampler.settings import RGB, has_mask_channel
 
 log = logging.getLogger("dmgr.eval.models")
 COPY = 0.5  # a sample this much nearer to a training patch than real unseen defects are is a copy
@@ -80,7 +80,7 @@ def check_memorisation(model: torch.nn.Module, data_root: Path, classes: list[st
     """Per class: `n` samples of `model` against the training patches under data_root/local (without the
     held-out names, `<class>/NAME.png`), with the held-out patches (else leave-one-out) as the yardstick."""
     size = int(model.config.image_size) if hasattr(model, "config") else None
-    masks = int(getattr(model, "in_channels", 3)) > MASK_CHANNEL
+    masks = has_mask_channel(int(getattr(model, "in_channels", 3)))
     root = Path(data_root) / "local"
     training = PatchDataset(root, classes, size=size, with_masks=masks, exclude=held_out)
     unseen = PatchDataset(root, classes, size=size, with_masks=masks, only=held_out) if held_out else None
