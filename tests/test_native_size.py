@@ -16,7 +16,7 @@ from test_synth_config import spec_of
 
 from dmgr.schema import ConfigError
 from dmgr.synth.backgrounds import scan_backgrounds
-from dmgr.synth.engine import load_engine, make_attempts, mask_to_image, to_image, to_model
+from dmgr.synth.engine import load_engine, make_attempts, make_settings, mask_to_image, to_image, to_model
 from dmgr.synth.plan import Defect, SamplePlan, context_origin, plan_sample
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -72,7 +72,7 @@ def make(spec, plans: list[SamplePlan]) -> list[dict]:
     _SPECS.setdefault(key, spec)
     engine = _engine(key)
     return [{**attempt_sample(spec, engine.digests, a), "given": a.given, "attempt": a}
-            for a in make_attempts(engine, spec, plans)]
+            for a in make_attempts(engine, make_settings(spec), plans)]
 
 
 def mask_of(sample: dict) -> np.ndarray:

@@ -102,12 +102,13 @@ def tiny_engine():
 def test_float_diagnostics_in_the_json_do_not_carry_batch_dependent_digits(tiny_engine):
     """final_loss's last digits depend on the batch's kernels; the json keeps 4 significant digits, so that a
     shard redone with another batch_size can reproduce its recorded bytes."""
-    from dmgr.synth.engine import make_attempts
+    from dmgr.synth.engine import make_attempts, make_settings
     from dmgr.synth.plan import plan_sample
     from dmgr.synth.record import attempt_json
 
     spec, engine = tiny_engine
-    meta = attempt_json(spec, engine.digests, make_attempts(engine, spec, [plan_sample(0, spec.dataset)])[0])
+    attempt = make_attempts(engine, make_settings(spec), [plan_sample(0, spec.dataset)])[0]
+    meta = attempt_json(spec, engine.digests, attempt)
     assert meta["final_loss"] > 0
     assert meta["final_loss"] == float(f"{meta['final_loss']:.4g}")
 

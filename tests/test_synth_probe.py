@@ -67,7 +67,7 @@ def test_the_run_identity_holds_the_classifier_key(setup, tmp_path):
 
 
 def test_the_classifier_command_takes_the_run_overrides(setup, tmp_path):
-    from dmgr.synth.screen_classifier import main
+    from dmgr.synth.screen_ahead import main
 
     overrides = screened(setup, tmp_path / "r", tmp_path / "cache", "dataset.margin=3")
     main(overrides)

@@ -23,7 +23,7 @@ from dmgr.digest import sha256_file
 from dmgr.models import build_unet, save_checkpoint
 from dmgr.shards.locks import acquire, release
 from dmgr.synth.config import ConfigError
-from dmgr.synth.engine import load_engine, make_attempts
+from dmgr.synth.engine import load_engine, make_attempts, make_settings
 from dmgr.synth.plan import plan_sample
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -453,8 +453,8 @@ def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_
     engine = load_engine(spec, torch.device("cpu"))
     calls = []
 
-    def flaky(engine, spec, plans):  # seed 1's first attempt holds NaN
-        attempts = make_attempts(engine, spec, plans)
+    def flaky(engine, how, plans):  # seed 1's first attempt holds NaN
+        attempts = make_attempts(engine, how, plans)
         for attempt in attempts:
             calls.append((attempt.plan.seed, attempt.plan.attempt))
             attempt.finite = attempt.finite and (attempt.plan.seed, attempt.plan.attempt) != (1, 0)
@@ -467,11 +467,11 @@ def test_a_nonfinite_sample_is_retried_from_a_derived_seed_or_stops_the_run(tmp_
     assert record["metrics"]["nonfinite_retries"] == 1
     samples = read_samples(spec.out_dir)
     assert samples["00000001"]["json"]["attempt"] == 1 and "attempt" not in samples["00000000"]["json"]
-    again = make_attempts(engine, spec, [replace(plan_sample(1, spec.dataset), attempt=1)])[0]
+    again = make_attempts(engine, make_settings(spec), [replace(plan_sample(1, spec.dataset), attempt=1)])[0]
     assert np.array_equal(again.image, np.asarray(samples["00000001"]["png"]))  # deterministic
 
-    def broken(engine, spec, plans):
-        return [replace(a, finite=False) for a in make_attempts(engine, spec, plans)]
+    def broken(engine, how, plans):
+        return [replace(a, finite=False) for a in make_attempts(engine, how, plans)]
 
     monkeypatch.setattr(worker, "make_attempts", broken)
     stop = replace(spec, out_dir=tmp_path / "stop", nonfinite=replace(spec.nonfinite, action="stop"))

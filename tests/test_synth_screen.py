@@ -34,7 +34,7 @@ from test_synth_config import spec_of
 from dmgr import CONF_DIR
 from dmgr.synth.backgrounds import scan_backgrounds
 from dmgr.synth.config import ConfigError
-from dmgr.synth.engine import load_engine, make_attempts
+from dmgr.synth.engine import load_engine, make_attempts, make_settings
 from dmgr.synth.plan import plan_sample
 from dmgr.synth.record import attempt_sample, screen_metrics
 from dmgr.synth.screen import (
@@ -167,13 +167,14 @@ def test_rejected_seeds_are_regenerated_from_the_next_attempt(setup, open_screen
         first_plan = plan_sample(seed, spec.dataset, spec.backgrounds)
         assert (plan.background, plan.class_id) == (first_plan.background, first_plan.class_id)
         assert plan.window != first_plan.window
-        alone = attempt_sample(spec, engine.digests, make_attempts(engine, spec, [plan])[0])
+        alone = attempt_sample(spec, engine.digests, make_attempts(engine, make_settings(spec), [plan])[0])
         written = samples[f"{seed:08d}"]
         assert alone["json"]["attempt"] == final[seed]["attempt"] == written["json"]["attempt"]
         assert written["json"]["retries"] == [{"attempt": a, "reason": "screen"} for a in range(plan.attempt)]
         assert_same_sample(alone, written, ignore=("screen", "retries"))
         for attempt in {plan.attempt - 1, plan.attempt + 1}:  # the neighbouring streams are far outside it
-            other = Image.fromarray(make_attempts(engine, spec, [replace(plan, attempt=attempt)])[0].image)
+            again = make_attempts(engine, make_settings(spec), [replace(plan, attempt=attempt)])[0]
+            other = Image.fromarray(again.image)
             assert not pixels_close(other, written["png"]), (attempt, grey_difference(other, written["png"]))
 
 
@@ -392,7 +393,7 @@ def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
 
 def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
     from dmgr.synth.engine import load_screen
-    from dmgr.synth.screen_classifier import main
+    from dmgr.synth.screen_ahead import main
 
     main(["--data-root", str(setup["data"]), "--images", str(setup["boards"]), "--classes", ",".join(CLASSES),
           "--steps", "3", "--area-quantile", "0", "--cache-dir", str(tmp_path), "--quiet"])

@@ -17,15 +17,24 @@ from dmgr.models import UNetModel, build_unet, file_digest, load_unet
 from dmgr.models.performance import accelerate
 from dmgr.sampler import RGB, DMGRResult, PerSampleNoise, ddim_sample, dmgr_sample, initial_noise, make_generators
 from dmgr.sampler.masks import diff_mask, gate_mask, local_mask
-from dmgr.synth.config import MaskSettings, NetworkSpec, RunSpec, screen_classifier_settings
+from dmgr.sampler.settings import DMGRSettings
+from dmgr.synth.backgrounds import Backgrounds
+from dmgr.synth.config import (
+    DatasetSettings,
+    Extras,
+    MaskSettings,
+    NetworkSpec,
+    RunSpec,
+    screen_classifier_settings,
+)
 from dmgr.synth.geometry import image_window_box, mask_to_image, square, to_image, to_model
 from dmgr.synth.paste import paste_baseline
 from dmgr.synth.placement import Placement, choose_placement
 from dmgr.synth.plan import Defect, SamplePlan, model_window, stream_seed
 from dmgr.synth.screen_classifier import load_screen_classifier
 
-__all__ = ["Attempt", "DefectResult", "Engine", "load_engine", "make_attempts", "mask_to_image", "to_image",
-           "to_model"]
+__all__ = ["Attempt", "DefectResult", "Engine", "MakeSettings", "load_engine", "make_attempts", "make_settings",
+           "mask_to_image", "to_image", "to_model"]
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +127,39 @@ def load_screen(spec: RunSpec) -> object | None:
                                   spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
 
 
-def make_attempts(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[Attempt]:
-    """One batch of plans sampled together, one `Attempt` per plan in order."""
+@dataclass(frozen=True)
+class MakeSettings:
+    """The sections of the run that making a batch reads, and nothing else."""
+
+    dataset: DatasetSettings  # sizes, classes, source, the placement's noise levels
+    schedule: DMGRSettings  # the sampler's numbers (the gate radius too)
+    mask: MaskSettings  # the run's mask (mask.method) and how its pixels go back
+    methods: tuple[str, ...]  # the mask methods made: the run's, or every available one with extras.masks
+    extras: Extras
+    precision: str
+    backgrounds: Backgrounds | None  # source=images: the frames
+
+
+def make_settings(spec: RunSpec) -> MakeSettings:
     methods = spec.available_masks if spec.extras.masks else (spec.mask.method,)
-    if spec.dataset.source == "images":
-        return sample_into_backgrounds(engine, spec, plans, methods)
-    return sample_boards(engine, spec, plans, methods)
+    return MakeSettings(spec.dataset, spec.schedule.settings, spec.mask, methods, spec.extras, spec.precision,
+                        spec.backgrounds)
 
 
-def _sample(engine: Engine, spec: RunSpec, x_T: torch.Tensor, windows: torch.Tensor, classes: list[int],
+def make_attempts(engine: Engine, how: MakeSettings, plans: list[SamplePlan]) -> list[Attempt]:
+    """One batch of plans sampled together, one `Attempt` per plan in order."""
+    if how.dataset.source == "images":
+        return sample_into_backgrounds(engine, how, plans)
+    return sample_boards(engine, how, plans)
+
+
+def _sample(engine: Engine, how: MakeSettings, x_T: torch.Tensor, windows: torch.Tensor, classes: list[int],
             generators: list[torch.Generator], record_process: bool, known: torch.Tensor | None = None
             ) -> DMGRResult:
     """The DMGR sampler with the run's models and schedule: windows (B, 2) model pixels, noise per sample."""
     return dmgr_sample(engine.global_model, engine.local_model, engine.diffusion, x_T, windows,
-                       torch.tensor(classes, device=engine.device), spec.dataset.window_size, spec.schedule.settings,
-                       noise=PerSampleNoise(generators), precision=spec.precision, record_process=record_process,
+                       torch.tensor(classes, device=engine.device), how.dataset.window_size, how.schedule,
+                       noise=PerSampleNoise(generators), precision=how.precision, record_process=record_process,
                        known=known)
 
 
@@ -165,31 +192,31 @@ def _grid(result: DMGRResult) -> torch.Tensor | None:
     return torch.cat([x0 for _, x0 in result.x0_process], dim=3) if result.x0_process else None
 
 
-def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]) -> list[Attempt]:
+def sample_boards(engine: Engine, how: MakeSettings, plans: list[SamplePlan]) -> list[Attempt]:
     """The whole-board path (dataset.source=generate): the global model makes the board, DMGR the defect;
     the defect-free twin (plain DDIM from the same x_T) when a diff mask, the twin or the paste needs it."""
-    size, w, extras = spec.dataset.image_size, spec.dataset.window_size, spec.extras
+    size, w, extras = how.dataset.image_size, how.dataset.window_size, how.extras
     generators = make_generators([p.noise_seed for p in plans])
     x_T = initial_noise(generators, (3, size, size), engine.device)
     windows = torch.tensor([p.window for p in plans], device=engine.device)
-    result = _sample(engine, spec, x_T, windows, [p.class_id for p in plans], generators, extras.grid)
+    result = _sample(engine, how, x_T, windows, [p.class_id for p in plans], generators, extras.grid)
     twin = None
-    if "diff" in methods or extras.twin or extras.paste:
-        twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=spec.precision)
-    made = defect_masks(spec.mask, spec.schedule.settings.gate_radius, methods, result, twin)
+    if "diff" in how.methods or extras.twin or extras.paste:
+        twin = ddim_sample(engine.global_model, engine.diffusion, x_T, precision=how.precision)
+    made = defect_masks(how.mask, how.schedule.gate_radius, how.methods, result, twin)
     masks = {m: v.cpu().numpy() for m, v in made.items()}
     tensors = {"crop": result.crop[:, RGB] if extras.crop else None, "twin": twin if extras.twin else None,
                "grid": _grid(result) if extras.grid else None}
     paste_mask = None
     if extras.paste:  # evaluation only
         tensors["paste"], paste = paste_baseline(engine.local_model, engine.diffusion, plans, twin, windows, w,
-                                                 spec.mask, spec.precision)
+                                                 how.mask, how.precision)
         paste_mask = paste.cpu().numpy()
     pictures = {name: to_uint8(t) for name, t in tensors.items() if t is not None}
     images, finite = to_uint8(result.image), _finite(result.image, result.crop)
     attempts = []
     for i, plan in enumerate(plans):
-        mask = masks[spec.mask.method][i]
+        mask = masks[how.mask.method][i]
         defect = DefectResult(plan.defects[0], square(*plan.window, w), bounding_box(mask), int(mask.sum()),
                               float(result.final_loss[i]))
         attempts.append(Attempt(plan, images[i], mask, [defect], finite[i],
@@ -199,27 +226,25 @@ def sample_boards(engine: Engine, spec: RunSpec, plans: list[SamplePlan], method
     return attempts
 
 
-def sample_into_backgrounds(
-    engine: Engine, spec: RunSpec, plans: list[SamplePlan], methods: tuple[str, ...]
-) -> list[Attempt]:
+def sample_into_backgrounds(engine: Engine, how: MakeSettings, plans: list[SamplePlan]) -> list[Attempt]:
     """DMGR into real backgrounds at their own size: each frame is decoded once; defect k of every plan is
     made in one sampler call on its context crop (resized to image_size when scale != 1; defect k > 0 draws
     its noise from stream_seed(seed, "defect", k)) with the crop known outside the window, into the result
     of defects < k. Only the pixels inside the defect mask go back into the frame, so everything outside
     the masks is the input, byte for byte. The masks are the union over the defects; crop and grid are
     defect 0's."""
-    size, w = spec.dataset.image_size, spec.dataset.window_size
-    geometry, side = spec.backgrounds.geometry, spec.backgrounds.geometry.crop
-    inputs = [spec.backgrounds.image(p.background) for p in plans]
+    size, w = how.dataset.image_size, how.dataset.window_size
+    geometry, side = how.backgrounds.geometry, how.backgrounds.geometry.crop
+    inputs = [how.backgrounds.image(p.background) for p in plans]
     canvas = [frame.copy() for frame in inputs]
-    unions = {m: [np.zeros(frame.shape[:2], dtype=bool) for frame in inputs] for m in methods}
+    unions = {m: [np.zeros(frame.shape[:2], dtype=bool) for frame in inputs] for m in how.methods}
     defects: list[list[DefectResult]] = [[] for _ in plans]
     finite = [True] * len(plans)
     pictures: dict[str, np.ndarray] = {}
     for k in range(max(len(p.defects) for p in plans)):
         rows = [i for i, p in enumerate(plans) if len(p.defects) > k]
-        choices = [choose_placement(engine.local_model, engine.diffusion, geometry, len(spec.dataset.classes),
-                                    spec.dataset.placement.noise_levels, spec.precision, canvas[i], plans[i], k,
+        choices = [choose_placement(engine.local_model, engine.diffusion, geometry, len(how.dataset.classes),
+                                    how.dataset.placement.noise_levels, how.precision, canvas[i], plans[i], k,
                                     plans[i].defects[k], engine.device) for i in rows]
         chosen_defects = [d for d, _ in choices]
         generators = make_generators([plans[i].noise_seed if k == 0 else stream_seed(plans[i].noise_seed, "defect", k)
@@ -227,27 +252,27 @@ def sample_into_backgrounds(
         crops = np.stack([canvas[i][d.context[1] : d.context[1] + side, d.context[0] : d.context[0] + side]
                           for i, d in zip(rows, chosen_defects)])
         known = to_model(from_uint8(crops), size).to(engine.device)
-        result = _sample(engine, spec, initial_noise(generators, (3, size, size), engine.device),
+        result = _sample(engine, how, initial_noise(generators, (3, size, size), engine.device),
                          torch.tensor([model_window(d, geometry) for d in chosen_defects], device=engine.device),
-                         [d.class_id for d in chosen_defects], generators, spec.extras.grid and k == 0, known)
+                         [d.class_id for d in chosen_defects], generators, how.extras.grid and k == 0, known)
         if k == 0:
-            tensors = {"crop": result.crop[:, RGB] if spec.extras.crop else None,
-                       "grid": _grid(result) if spec.extras.grid else None}
+            tensors = {"crop": result.crop[:, RGB] if how.extras.crop else None,
+                       "grid": _grid(result) if how.extras.grid else None}
             pictures = {name: to_uint8(t) for name, t in tensors.items() if t is not None}
         for j, ok in enumerate(_finite(result.image, result.crop)):
             finite[rows[j]] &= ok
         pixels = result.image.clone()
-        if spec.mask.pixels == "crop":
+        if how.mask.pixels == "crop":
             for j, (x, y) in enumerate(result.windows.tolist()):
                 pixels[j, :, y : y + w, x : x + w] = result.crop[j, :3]
-        made = defect_masks(spec.mask, spec.schedule.settings.gate_radius, methods, result, known)
+        made = defect_masks(how.mask, how.schedule.gate_radius, how.methods, result, known)
         masks = {m: mask_to_image(v, side) for m, v in made.items()}
         pixels = to_uint8(to_image(pixels.float(), side))
         for j, (i, d) in enumerate(zip(rows, chosen_defects)):
-            (cx, cy), chosen = d.context, masks[spec.mask.method][j]
+            (cx, cy), chosen = d.context, masks[how.mask.method][j]
             region = canvas[i][cy : cy + side, cx : cx + side]
             region[chosen] = pixels[j][chosen]
-            for m in methods:
+            for m in how.methods:
                 unions[m][i][cy : cy + side, cx : cx + side] |= masks[m][j]
             box = bounding_box(chosen)
             defects[i].append(DefectResult(
@@ -256,9 +281,9 @@ def sample_into_backgrounds(
                 int(chosen.sum()), float(result.final_loss[j]), choices[j][1]))
     attempts = []
     for i, plan in enumerate(plans):
-        grey = spec.backgrounds.items[plan.background].grey
+        grey = how.backgrounds.items[plan.background].grey
         given = as_input_mode(inputs[i], grey)
-        attempts.append(Attempt(plan, as_input_mode(canvas[i], grey), unions[spec.mask.method][i], defects[i],
+        attempts.append(Attempt(plan, as_input_mode(canvas[i], grey), unions[how.mask.method][i], defects[i],
                                 finite[i], given=given, masks={m: v[i] for m, v in unions.items()},
                                 pictures={name: p[i] for name, p in pictures.items()}))
     return attempts

@@ -4,11 +4,7 @@
 
 Cached under a name that hashes every input of it (the patches' and images' contents, the geometry its clean
 windows are cut with, the classes and the training settings), so the synthesis job and
-`python -m dmgr.synth.screen_classifier` (train it ahead, once for every worker) share it. Given the job's own
-overrides, the command trains exactly the classifier that run loads:
-
-python -m dmgr.synth.screen_classifier dataset.images=/data/boards screen.data_root=data/boards seeds=0-9999
-python -m dmgr.synth.screen_classifier --data-root outputs/pcb-data --images outputs/pcb-backgrounds/global
+`python -m dmgr.synth.screen_ahead` (train it ahead, once for every worker) share it.
 
 A cache entry that cannot be read (a truncated file, a damaged or missing record) is set aside as
 `<name>.damaged` with one warning and trained again.
@@ -16,12 +12,10 @@ A cache entry that cannot be read (a truncated file, a damaged or missing record
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,13 +27,11 @@ from PIL import Image
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from dmgr import DEMO_DATA, SCREEN_CACHE
-from dmgr.cli import add_settings, program, settings_from, stop_on_interrupt
 from dmgr.data.dataset import mask_path
 from dmgr.images import decode_mask, from_uint8, list_images, load_rgb, resize_center_crop
 from dmgr.models.classifier import PatchClassifier, Patches, accuracy, train_classifier
 from dmgr.schema import STRICT_SECTION, Count
-from dmgr.synth.backgrounds import BackgroundError, Backgrounds, scan_backgrounds
+from dmgr.synth.backgrounds import Backgrounds
 
 log = logging.getLogger(__name__)
 
@@ -233,86 +225,3 @@ def load_screen_classifier(
     ranges = _area_ranges(record)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return ScreenClassifier(model.eval(), tuple(classes), ranges, record, digest)
-
-
-@dataclass(frozen=True)
-class ScreenInputs:
-    """What the job would give the screen: its data root, defect-free images and dataset geometry."""
-
-    __pydantic_config__ = STRICT_SECTION
-    data_root: Annotated[Path, Field(description="holds local/<class>/ patches (screen.data_root)")] = DEMO_DATA
-    images: Annotated[Path, Field(description="the defect-free images, folder or .jsonl (dataset.images)")] = Path(
-        "outputs/pcb-backgrounds/global")
-    classes: Annotated[str | None, Field(description="A,B,...: class names in id order "
-                                                     "(default: DATA_ROOT/local/labels.json)")] = None
-    image_size: Annotated[Count(8), Field(description="dataset.image_size")] = 64
-    margin: Annotated[Count(0), Field(description="dataset.margin")] = 5
-    scale: Annotated[float, Field(gt=0, description="dataset.scale")] = 1.0
-    cache_dir: Annotated[Path, Field(description="screen.cache_dir")] = SCREEN_CACHE
-    quiet: Annotated[bool, Field(description="no progress bar")] = False
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=program("dmgr.synth.screen_classifier"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="the synthesis job's overrides, as given to python -m dmgr.synth: trains the classifier "
-                        "that run loads (then the options below are not used)")
-    add_settings(p, ScreenInputs)
-    add_settings(p.add_argument_group("classifier (screen.classifier_steps, screen.area_quantile)"),
-                 ScreenClassifierSettings, help={"window": "dataset.window_size", "steps": "screen.classifier_steps",
-                                                "area_quantile": "screen.area_quantile"})
-    return p
-
-
-def _for_run(overrides: list[str]) -> ScreenClassifier:
-    """The classifier of the run these job overrides give, trained or found in its screen.cache_dir."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from dmgr import CONF_DIR
-    from dmgr.schema import ConfigError
-    from dmgr.synth.config import validate
-    from dmgr.synth.engine import load_screen
-
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            spec = validate(compose(config_name="synth", overrides=overrides))
-        if not spec.screen.enabled:
-            raise ConfigError("screen.enabled=False: this run has no screen classifier to train")
-    except (ConfigError, HydraException) as exc:
-        print(f"dmgr.synth.screen_classifier: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-    return load_screen(spec)
-
-
-@stop_on_interrupt(program("dmgr.synth.screen_classifier"))
-def main(argv: list[str] | None = None) -> None:
-    """Train (or find cached) the classifier the job with these inputs and settings loads; print its record."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    cli = parser()
-    args = cli.parse_args(argv)
-    if args.overrides:
-        screen = _for_run(args.overrides)
-        print(json.dumps(screen.record, indent=1))
-        return
-    inputs, settings = settings_from(cli, args, ScreenInputs), settings_from(cli, args, ScreenClassifierSettings)
-    try:
-        if inputs.classes is None:
-            labels = inputs.data_root / "local" / "labels.json"
-            if not labels.is_file():
-                raise FileNotFoundError(f"{labels} not found: give --classes A,B,...")
-            classes = tuple(json.loads(labels.read_text())["classes"])
-        else:
-            classes = tuple(inputs.classes.split(","))
-        backgrounds = scan_backgrounds(inputs.images, inputs.image_size, settings.window, inputs.margin, inputs.scale)
-        screen = load_screen_classifier(inputs.data_root.resolve(), classes, backgrounds, settings, inputs.cache_dir,
-                                        progress=not inputs.quiet)
-    except (BackgroundError, FileNotFoundError, ValueError) as exc:
-        print(f"dmgr.synth.screen_classifier: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(screen.record, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,7 @@ from dmgr.shards.locks import acquire, release
 from dmgr.shards.manifest import manifest_entry
 from dmgr.shards.records import write_record
 from dmgr.synth.config import RunSpec
-from dmgr.synth.engine import Attempt, Engine, make_attempts
+from dmgr.synth.engine import Attempt, Engine, make_attempts, make_settings
 from dmgr.synth.plan import SamplePlan, num_shards, plan_sample, shard_seeds, worker_shards
 from dmgr.synth.policy import Outcome, Screened, decide, judge, rules_for
 from dmgr.synth.record import add_metrics, config_problem, members, outcome_json, outcome_metrics
@@ -111,7 +111,8 @@ def made_seeds(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[O
     placement = spec.dataset.placement
     minima = placement.min_areas or [placement.min_mask_area] * len(spec.dataset.classes)
     screen = partial(_screened, engine, spec) if spec.screen.enabled else None
-    return decide(plans, partial(make_attempts, engine, spec), partial(judge, minima=minima, screen=screen),
+    make = partial(make_attempts, engine, make_settings(spec))
+    return decide(plans, make, partial(judge, minima=minima, screen=screen),
                   lambda plan: plan_sample(plan.seed, spec.dataset, spec.backgrounds, plan.attempt + 1),
                   rules_for(spec.nonfinite, spec.dataset.placement, spec.screen))
 
