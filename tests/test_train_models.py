@@ -108,7 +108,7 @@ def test_a_multirun_trains_every_point_in_its_own_folder(data_root, tmp_path):
     out = tmp_path / "sweep"
     cli("dmgr.train", "-m", "arch=demo_global", f"arch.config={TINY_GLOBAL}", f"data_root={data_root}",
         f"out_dir={out}", "steps=1", "batch_size=2", "sample_every=1000", "sample_steps=2", "progress=false",
-        "lr=1e-3,2e-3")
+        "lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 'hydra'}")  # Hydra's own record, out of the repository
     points = sorted(p.name for p in out.iterdir() if (p / "ema.safetensors").is_file())
     assert len(points) == 2 and all("lr=" in p for p in points), points
     records = [json.loads((out / p / "train.json").read_text()) for p in points]
