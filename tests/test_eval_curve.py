@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from synth_support import ROOT
 
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.eval import fewshot, real, sources
 from dmgr.eval.fewshot import CurveSettings, family, sources_for, user_defects
 from dmgr.eval.real import USER
+from dmgr.eval.shards import read_run
 from dmgr.schema import build
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -28,7 +30,7 @@ SYNTH = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T
 @pytest.fixture(scope="module")
 def curve(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curve")
-    command = [sys.executable, "-m", "dmgr.eval", "curve", "--quiet", "--per-class", str(N), "--pairs", "4",
+    command = [sys.executable, "-m", "dmgr.eval", "curve", "--quiet", "--per-class", str(N), "--pairs", "2,4",
                "--local-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3", "--test-defective", "12",
                "--test-clean", "6", "--out", str(out),
                *(f"--synth-arg={a}" for a in [*SYNTH, f"screen.cache_dir={out / 'screen-cache'}"])]
@@ -40,14 +42,28 @@ def curve(tmp_path_factory) -> Path:
 
 def test_the_curve_writes_every_row_its_table_and_its_picture(curve):
     results = json.loads((curve / "curve.json").read_text())
-    expected = {f"real-{N}", f"cut-paste-{N}x4", f"dmgr-{N}x4", f"real-{N}+dmgr-{N}x4"}
+    expected = {f"real-{N}", *(f"{source}x{m}" for m in (2, 4)
+                               for source in (f"cut-paste-{N}", f"dmgr-{N}", f"real-{N}+dmgr-{N}"))}
     for task, metric in (("binary", "pixel_ap"), ("classes", "map")):
         rows = results["tasks"][task][str(N)]
         assert set(rows) == expected
         assert rows[f"real-{N}"]["pairs"] == 6 * N and rows[f"real-{N}+dmgr-{N}x4"]["pairs"] == 6 * N + 4
         assert all(0 <= row[metric]["mean"] <= 1 for row in rows.values())
     table = (curve / "curve.md").read_text()
-    assert f"| {N} | dmgr-{N}x4 | 4 |" in table
+    assert f"| {N} | dmgr-{N}x4 | 4 |" in table and f"| {N} | dmgr-{N}x2 | 2 |" in table
+
+
+def test_a_larger_m_adds_a_synthesis_run_and_reads_both(curve):
+    """--pairs 2,4: seeds 0-1 in one run, 2-3 in another (a later, larger M never redoes a run); DMGR x4 is both."""
+    runs = fewshot.synth_runs(curve / f"N{N}", (2, 4))
+    assert [r.name for r in runs] == ["synth-0-1", "synth-2-3"]
+    per_run = [read_run(r) for r in runs]
+    assert [s.seeds for s in per_run] == [[0, 1], [2, 3]]
+    both = fewshot.read_pairs(runs, 4)
+    assert torch.equal(both.images, torch.cat([s.images for s in per_run]))
+    assert torch.equal(fewshot.read_pairs(runs, 2).images, per_run[0].images)
+    with pytest.raises(ValueError, match="holds 4 synthesised samples, the curve needs 5"):
+        fewshot.read_pairs(runs, 5)
     assert (curve / "curve.png").stat().st_size > 0
 
 
@@ -62,7 +78,7 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
     assert files == {i["file"] for i in labels} | {i["mask"] for i in labels}
     # the local model trained on that root, the synthesis used that model and screened with that root
     assert json.loads((curve / f"N{N}" / "local" / "train.json").read_text())["data_root"] == str(data)
-    config = json.loads((curve / f"N{N}" / "synth" / "manifest.json").read_text())["config"]
+    config = json.loads((curve / f"N{N}" / "synth-0-1" / "manifest.json").read_text())["config"]
     assert config["model"]["local"]["checkpoint"] == str((curve / f"N{N}" / "local" / "ema.safetensors").resolve())
     assert config["screen"]["data_root"] == str(data.resolve())
     records = [json.loads(p.read_text()) for p in (curve / "screen-cache").glob("*.json")]
@@ -77,8 +93,8 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
 
     monkeypatch.setattr(sources, "add_defect", recording)
     monkeypatch.setattr(real, "add_defect", recording)
-    settings = build(CurveSettings, dict(per_class=(N,), pairs=(4,)))
-    rows = sources_for(N, curve / f"N{N}" / "synth", settings)
+    settings = build(CurveSettings, dict(per_class=(N,), pairs=(2, 4)))
+    rows = sources_for(N, fewshot.synth_runs(curve / f"N{N}", settings.pairs), settings)
     assert drawn and set(drawn) == users
     assert all(USER <= seed < USER + 6 * N for seed, _, _ in drawn)
     assert {family(name)[0] for name in rows} == set(fewshot.FAMILIES)
@@ -87,7 +103,7 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
 
 def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     """`python -m dmgr.eval yolo` (Ultralytics in .venv-detect: `make detect-env`) on the curve's N = 2 run, one
-    epoch: real-N trains on the export's 12 real boards only, real-N + DMGR-N on those and the run's 4 images,
+    epoch: real-N trains on the export's 12 real boards only, real-N + DMGR-N on those and the first run's 2 images,
     both validated on the held-out real boards exported the same way."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "dmgr.eval", "yolo", "--quiet", "--curve", str(curve), "--per-class",
@@ -96,7 +112,7 @@ def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((curve / "yolo" / "yolo.json").read_text())["per_class"][str(N)]
     assert rows[f"real-{N}"]["train_images"] == 6 * N
-    assert rows[f"real-{N}+dmgr-{N}"]["train_images"] == 6 * N + 4
+    assert rows[f"real-{N}+dmgr-{N}x2"]["train_images"] == 6 * N + 2
     assert all(0 <= row[k]["mean"] <= 1 for row in rows.values() for k in ("mask_map50", "mask_map50_95"))
     listing = (curve / "yolo" / f"N{N}" / f"real-{N}.train.txt").read_text().split()
     assert len(listing) == 6 * N and all(Path(p).name.startswith("real-") for p in listing)

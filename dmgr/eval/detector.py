@@ -4,7 +4,8 @@ the same way.
 
     make detect-env && python -m dmgr.eval yolo --curve outputs/eval/curve --per-class 16,64
 
-Per N it reads the curve's synthesis run (OUT/N<n>/synth: run `python -m dmgr.eval curve` first) and writes:
+Per N it reads the curve's first synthesis run (OUT/N<n>/synth-0-<M-1>, the curve's DMGR-N x M at its smallest M:
+run `python -m dmgr.eval curve` first) and writes:
 
     OUT/yolo/N<n>/real/images/<class>/, masks/<class>/   the user's 6N boards (the export's --add-real layout)
     OUT/yolo/N<n>/export/                                 the run with them: `--val 0 --add-real ... --include-flagged`
@@ -124,6 +125,14 @@ def train_and_score(data: Path, out: Path, settings: DetectorSettings, seed: int
     return result
 
 
+def first_run(root: Path) -> Path:
+    """The N's finished synthesis run of seeds 0..M-1 (the curve's smallest M)."""
+    runs = [r for r in root.glob("synth-0-*") if (r / "manifest.json").exists()]
+    if not runs:
+        raise FileNotFoundError(f"{root}: no finished synthesis run (synth-0-*); run `python -m dmgr.eval curve` first")
+    return min(runs, key=lambda r: int(r.name.rsplit("-", 1)[1]))
+
+
 def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_PYTHON) -> dict:
     """Per N and source: mean and std over seeds of mask/box mAP50 and mAP50-95; written to OUT/yolo/yolo.json."""
     root = curve / "yolo"
@@ -132,17 +141,16 @@ def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_P
         write_boards(test_real, defective_boards(TEST_OFFSET, settings.test_defective, settings.image_size))
     results: dict = {"settings": asdict(settings), "per_class": {}}
     for n in settings.per_class:
-        run = curve / f"N{n}" / "synth"
-        if not (run / "manifest.json").exists():
-            raise FileNotFoundError(f"{run}: no synthesis run for N={n}; run `python -m dmgr.eval curve` first")
+        run = first_run(curve / f"N{n}")
         real = root / f"N{n}" / "real"
         if not (real / "images").exists():
             write_boards(real, boards_of(user_defects(n), settings.image_size))
         test = _export(run, root / "test" / f"export-N{n}", test_real, real_as_val=True)
         exported = _export(run, root / f"N{n}" / "export", real, real_as_val=False)
         train_images = sorted((exported / "images" / "train").glob("*.png"))
-        sources = {f"real-{n}": [p for p in train_images if p.name.startswith("real-")],
-                   f"real-{n}+dmgr-{n}": train_images}
+        real_images = [p for p in train_images if p.name.startswith("real-")]
+        pairs = len(train_images) - len(real_images)
+        sources = {f"real-{n}": real_images, f"real-{n}+dmgr-{n}x{pairs}": train_images}
         rows = {}
         for name, images in sources.items():
             yaml_path = data_yaml(root / f"N{n}" / f"{name}.yaml", images, test / "images" / "val")

@@ -8,8 +8,10 @@ user has in plenty. Per N, each step cached by its inputs and resumable (rerun t
 
     OUT/N<n>/data/local/     the defects' patches (`write_patches`): the local model's and the screen's data
     OUT/N<n>/local/          `python -m dmgr.train` of the local architecture on them (resumes from state.pt)
-    OUT/N<n>/synth/          the default synthesis job with that local model and the screen trained on the same
-                             patches, into 64 px boards (resumes complete shards); the first M seeds are DMGR-N x M
+    OUT/N<n>/synth-<a>-<b>/  the default synthesis job with that local model and the screen trained on the same
+                             patches, into 64 px boards, seeds a..b: one run per step of --pairs (64,512: seeds
+                             0-63 and 64-511), so a larger M adds a run and never redoes one; the first M seeds
+                             are DMGR-N x M (each run resumes complete shards)
     OUT/models/              each segmenter's scores (`run_benchmark`'s cache)
 
 Rows per N: real-N (the 6N boards themselves), cut-paste-N x M (their patches pasted into defect-free boards),
@@ -128,16 +130,43 @@ def train_local(root: Path, data: Path, settings: CurveSettings, steps: int, pyt
     return ckpt
 
 
-def synthesise(run: Path, local: Path, data: Path, backgrounds: Path, seeds: int, settings: CurveSettings,
-               python: str = sys.executable) -> Path:
-    """The default job with this N's local model and screen, `seeds` seeds into the 64 px boards (resumable)."""
+def seed_ranges(pairs: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The synthesis runs of one N as seed ranges [first, end): (64, 512) -> [(0, 64), (64, 512)]."""
+    ends = sorted(set(pairs))
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def synth_runs(root: Path, pairs: tuple[int, ...]) -> list[Path]:
+    """root/synth-<first>-<last> for each seed range of `pairs`, in seed order."""
+    return [root / f"synth-{first}-{end - 1}" for first, end in seed_ranges(pairs)]
+
+
+def synthesise(run: Path, local: Path, data: Path, backgrounds: Path, seeds: tuple[int, int],
+               settings: CurveSettings, python: str = sys.executable) -> Path:
+    """The default job with this N's local model and screen, seeds [first, end) into the 64 px boards
+    (resumable)."""
+    first, end = seeds
     _run([python, "-m", "dmgr.synth", f"model.local.checkpoint={local.resolve()}", f"screen.data_root={data.resolve()}",
-          f"dataset.images={backgrounds.resolve()}", f"seeds=0-{seeds - 1}", f"out_dir={run}",
+          f"dataset.images={backgrounds.resolve()}", f"seeds={first}-{end - 1}", f"out_dir={run}",
           f"device={settings.device}", *settings.synth_args], run.parent / "synth.log")
     return run
 
 
-def sources_for(n: int | str, run: Path, settings: CurveSettings) -> dict[str, Boards]:
+def read_pairs(runs: list[Path], pairs: int) -> Boards:
+    """The first `pairs` samples (by seed) of an N's synthesis runs."""
+    parts, have = [], 0
+    for run in runs:
+        if have >= pairs:
+            break
+        synth = read_run(run, limit=pairs - have)
+        parts.append(Boards(synth.images, synth.masks, synth.classes))
+        have += len(synth)
+    if have < pairs:
+        raise ValueError(f"{runs[0].parent} holds {have} synthesised samples, the curve needs {pairs}")
+    return concat(*parts)
+
+
+def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict[str, Boards]:
     """Every row of this N: real-N, and per M cut-paste-N x M, dmgr-N x M, real-N + dmgr-N x M."""
     d = settings.downstream
     defects = defects_of(n)
@@ -146,10 +175,7 @@ def sources_for(n: int | str, run: Path, settings: CurveSettings) -> dict[str, B
     sources = {f"real-{label}": real}
     for m in settings.pairs:
         sources[f"cut-paste-{label}x{m}"] = cut_paste(m, d.image_size, d.window, d.margin, defects=defects)
-        synth = read_run(run, limit=m)
-        if len(synth) < m:
-            raise ValueError(f"{run} holds {len(synth)} samples, the curve needs {m}")
-        dmgr = Boards(synth.images, synth.masks, synth.classes)
+        dmgr = read_pairs(runs, m)
         sources[f"dmgr-{label}x{m}"] = dmgr
         sources[f"real-{label}+dmgr-{label}x{m}"] = concat(real, dmgr)
     return sources
@@ -172,14 +198,14 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
         else:
             data = write_data(root / "data", user_defects(int(n)), size)
             local = train_local(root / "local", data, settings, steps_for(settings, index), python)
-        run = synthesise(root / "synth", local, data, backgrounds, max(settings.pairs), settings, python)
-        per_n[n] = run
+        per_n[n] = [synthesise(run, local, data, backgrounds, seeds, settings, python)
+                    for run, seeds in zip(synth_runs(root, settings.pairs), seed_ranges(settings.pairs))]
     for task in settings.tasks:
         segment = replace(settings.downstream.segment, task=task, device=settings.device)
         downstream = replace(settings.downstream, seeds=settings.seeds, segment=segment)
         rows = {}
-        for n, run in per_n.items():
-            sources = sources_for(n, run, settings)
+        for n, runs in per_n.items():
+            sources = sources_for(n, runs, settings)
             scored = run_benchmark(sources, downstream, progress=False, jobs=settings.jobs, cache=out / "models")
             rows[str(n)] = {name: {k: v for k, v in r.items() if k != "runs"} for name, r in scored["sources"].items()}
         results["tasks"][task] = rows
