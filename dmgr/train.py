@@ -114,6 +114,9 @@ class TrainSettings:
     #   patches (held as tensors), else up to 8 of the CPUs given (per process under torchrun), leaving one
     held_out: Count(0) = 2  # kept out of training: patches per class (local), images (global), at most a
     #   quarter of each; 0: none
+    local_data: Literal["defects", "clean"] = "defects"  # local: the labelled defect patches of data_root/local,
+    #   or clean: patches cut from the defect-free images of data_root/global with an empty mask and the null
+    #   class (needs arch.config.null_class): pretraining without defects, then init_from it on the defects
     progress: Flag = True
 
     def __post_init__(self) -> None:
@@ -122,6 +125,9 @@ class TrainSettings:
             fail("arch.config.num_classes", arch.config.get("num_classes"),
                  f"must equal the number of arch.classes ({len(arch.classes or ())})")
         null = arch.role == "local" and bool(arch.config.get("null_class"))
+        if self.local_data == "clean" and not null:
+            fail("local_data", self.local_data, "pretrains the null class: needs a local model with one "
+                 "(`+arch.config.null_class=true`), or local_data=defects")
         for key, value in (("label_dropout", self.label_dropout), ("sample_guidance", self.sample_guidance)):
             if value > 0 and not null:
                 fail(key, value, "needs a local model with a null class: set arch.config.null_class=true "
@@ -151,7 +157,7 @@ def check_config(cfg: DictConfig) -> TrainSettings:
         check_attention(UNetConfig.from_dict(settings.arch.config))
     except UNetConfigError as exc:
         raise TrainConfigError(f"arch.config: {exc}") from None
-    subdir = Path(settings.data_root) / settings.arch.role
+    subdir = Path(settings.data_root) / data_folder(settings)
     if not subdir.is_dir():
         raise TrainConfigError(
             f"data_root={settings.data_root!r}: no {subdir}: prepare your images with `python -m dmgr.data.prepare "
@@ -159,6 +165,11 @@ def check_config(cfg: DictConfig) -> TrainSettings:
             f"`python -m dmgr.data.export --out {settings.data_root}`"
         )
     return settings
+
+
+def data_folder(cfg: TrainSettings | DictConfig) -> str:
+    """The folder of data_root a run reads: its role's, except clean local pretraining: the defect-free images."""
+    return "global" if cfg.arch.role == "local" and getattr(cfg, "local_data", "defects") == "clean" else cfg.arch.role
 
 
 def data_scale(settings: TrainSettings) -> float:
@@ -183,6 +194,8 @@ def data_scale(settings: TrainSettings) -> float:
 def run_record(cfg: DictConfig, scale: float = 1.0) -> dict:
     """What makes a training run: its data, its scale and its architecture (out_dir/train.json)."""
     record = {"data_root": str(Path(cfg.data_root).resolve()), "arch": OmegaConf.to_container(cfg.arch, resolve=True)}
+    if data_folder(cfg) != cfg.arch.role:  # only where it differs: records of defect runs stay as they were
+        record["local_data"] = cfg.local_data
     if scale != 1.0:  # 1.0 keeps the record of runs made before the setting existed
         record["scale"] = scale
     return record
@@ -275,9 +288,9 @@ def make_dataset(cfg: DictConfig, scale: float = 1.0, exclude: Collection[str] =
                  only: Collection[str] | None = None):
     """The global model's tiles at `scale` (a TrainConfigError when no image holds one), or the local patches;
     without the names in `exclude`, or only those in `only`."""
-    root = Path(cfg.data_root) / cfg.arch.role
+    root = Path(cfg.data_root) / data_folder(cfg)
     size = int(cfg.arch.config.image_size)
-    if cfg.arch.role == "global":
+    if data_folder(cfg) == "global":
         try:
             if only is not None:
                 exclude = {p.name for p in list_images(root)} - set(only)
@@ -376,6 +389,14 @@ def drop_labels(y: torch.Tensor, rate: float, null: int, g: torch.Generator) -> 
     return torch.where(drop.to(y.device), torch.full_like(y, null), y)
 
 
+def as_clean_patches(x: torch.Tensor, in_channels: int, null: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Defect-free tiles as local training items: an empty mask (-1) where the model has a mask channel, and
+    the null class for every one."""
+    if has_mask_channel(in_channels):
+        x = torch.cat([x, torch.full_like(x[:, :1], -1.0)], 1)
+    return x, torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+
+
 def unwrap(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, (list, tuple)):
         return batch[0].to(device), batch[1].to(device).long()
@@ -437,15 +458,19 @@ def train(cfg: DictConfig) -> Path:
     scale = data_scale(check_config(cfg))
     out = output_folder(cfg)
     check_resume(cfg, out, scale)
-    root = Path(cfg.data_root) / cfg.arch.role
-    held = held_out_names(root, cfg.arch.role, list(cfg.arch.get("classes") or []), cfg.held_out, cfg.seed)
+    root = Path(cfg.data_root) / data_folder(cfg)
+    held = held_out_names(root, data_folder(cfg), list(cfg.arch.get("classes") or []), cfg.held_out, cfg.seed)
     dataset = make_dataset(cfg, scale, exclude=held)
+    clean = data_folder(cfg) != cfg.arch.role
+    in_channels, null = int(cfg.arch.config.get("in_channels", 3)), int(cfg.arch.config.get("num_classes") or 0)
     probes = None
     if held:
         held_out = make_dataset(cfg, scale, only=held)
         count = min(32, 8 * len(held) if isinstance(held_out, TileDataset) else len(held_out.items))
         probes = {"held_out": probe_batch(held_out, count, cfg.seed, "held_out"),
                   "train": probe_batch(dataset, count, cfg.seed, "train_probe")}
+        if clean:
+            probes = {k: as_clean_patches(x, in_channels, null) for k, (x, _) in probes.items()}
     if cfg.save_every > cfg.steps:
         log.warning("save_every=%d is larger than steps=%d: checkpoints are saved every save_every_minutes=%s and "
                     "at the end", cfg.save_every, cfg.steps, cfg.get("save_every_minutes"))
@@ -499,7 +524,7 @@ def train(cfg: DictConfig) -> Path:
             cfg.arch.name,
             sum(p.numel() for p in model.parameters()),
             len(dataset),
-            cfg.arch.role,
+            "defect-free (clean pretraining)" if clean else cfg.arch.role,
             scale,
             len(held),
             ctx.device,
@@ -521,6 +546,8 @@ def train(cfg: DictConfig) -> Path:
                 fetched = time.perf_counter()
                 for batch in loader:
                     x0, y = unwrap(batch, ctx.device)
+                    if clean:
+                        x0, y = as_clean_patches(x0, in_channels, null)
                     if cfg.channels_last:
                         x0 = x0.contiguous(memory_format=torch.channels_last)
                     waited += time.perf_counter() - fetched

@@ -14,6 +14,7 @@ from PIL import Image
 from product_support import cli
 from test_train import TINY_GLOBAL, TINY_LOCAL
 
+import dmgr.train as train_module
 from dmgr import CONF_DIR
 from dmgr.data import export_global, export_local
 from dmgr.data.dataset import PatchDataset
@@ -113,3 +114,39 @@ def test_a_multirun_trains_every_point_in_its_own_folder(data_root, tmp_path):
     assert len(points) == 2 and all("lr=" in p for p in points), points
     records = [json.loads((out / p / "train.json").read_text()) for p in points]
     assert all(r["arch"]["name"] == "demo_global" for r in records)
+
+
+@pytest.mark.slow
+def test_clean_pretraining_reads_only_defect_free_images_then_a_defect_model_starts_from_it(data_root, tmp_path,
+                                                                                            monkeypatch):
+    """local_data=clean: patches of data_root/global with an empty mask and the null class (no defect patch is
+    read), refused without a null class; a model of the defects then starts from its weights."""
+    tiny = TINY_LOCAL[:-1] + ", in_channels: 4, null_class: true}"
+    base = ["arch=demo_local_mask_guided", f"arch.config={tiny}", f"data_root={data_root}", "batch_size=4",
+            "sample_every=1000", "sample_steps=2", "progress=false"]
+    with pytest.raises(TrainConfigError, match=r"local_data=.?clean.?: pretrains the null class"):
+        train(config("train", ["arch=demo_local_mask", f"arch.config={TINY_LOCAL[:-1]}, in_channels: 4}}",
+                               f"data_root={data_root}", "local_data=clean", f"out_dir={tmp_path / 'refused'}"]))
+    seen = []
+    original = train_module.unwrap
+
+    def recording(batch, device):
+        x0, y = original(batch, device)
+        seen.append((x0.clone(), None if y is None else y.clone()))
+        return x0, y
+
+    monkeypatch.setattr(train_module, "unwrap", recording)
+    monkeypatch.setattr(train_module, "PatchDataset", None)  # reading a defect patch would fail
+    pre = tmp_path / "pre"
+    train(config("train", [*base, "local_data=clean", f"out_dir={pre}", "steps=2", "held_out=1"]))
+    assert len(seen) == 2 and all(y is None and x.shape == (4, 3, 8, 8) for x, y in seen)  # tiles, no labels
+    record = json.loads((pre / "train.json").read_text())
+    assert record["local_data"] == "clean"
+    assert json.loads((pre / "held_out.json").read_text())["names"][0].endswith(".png")  # a global image
+    clean, labels = train_module.as_clean_patches(seen[0][0], 4, 6)
+    assert clean.shape == (4, 4, 8, 8) and bool((clean[:, 3] == -1).all()) and labels.tolist() == [6] * 4
+    monkeypatch.undo()
+    fine = tmp_path / "fine"
+    train(config("train", [*base, f"init_from={pre / 'ema.safetensors'}", f"out_dir={fine}", "steps=1"]))
+    assert "local_data" not in json.loads((fine / "train.json").read_text())
+    assert (fine / "ema.safetensors").is_file()

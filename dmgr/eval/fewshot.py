@@ -58,6 +58,8 @@ class CurveSettings:
     local_steps: tuple[Count(), ...] = (2000, 2500, 3000, 4000)  # training steps per N, in per_class order
     #   (the last repeats for further N)
     local_batch: Count() = 32
+    pretrain_steps: Count(0) = 0  # steps of one local model pretrained on clean patches of the defect-free
+    #   boards (`local_data=clean`, the null class), from which every N's model starts; 0: each from scratch
     backgrounds: int = 256  # 64 px defect-free boards with per-class ROIs: the synthesis frames
     tasks: tuple[Literal["binary", "classes"], ...] = ("binary", "classes")
     seeds: tuple[int, ...] = (0, 1, 2)  # segmenter seeds
@@ -115,19 +117,37 @@ def write_backgrounds(out: Path, settings: CurveSettings) -> Path:
     return manifest
 
 
-def train_local(root: Path, data: Path, settings: CurveSettings, steps: int, python: str = sys.executable) -> Path:
-    """The local model on the N defects' patches: root/ema.safetensors (dmgr.train resumes where it stopped)."""
-    ckpt = root / "ema.safetensors"
-    done = root / "curve-done.json"
-    key = {"arch": settings.arch, "steps": steps, "batch": settings.local_batch, "data": str(data)}
+def _train(root: Path, key: dict, overrides: list[str], settings: CurveSettings, python: str) -> Path:
+    """`python -m dmgr.train` into root (resumed where it stopped), skipped when root/curve-done.json holds
+    this key; returns root/ema.safetensors."""
+    ckpt, done = root / "ema.safetensors", root / "curve-done.json"
     if done.exists() and json.loads(done.read_text()) == key and ckpt.exists():
         return ckpt
-    _run([python, "-m", "dmgr.train", f"arch={settings.arch}", f"data_root={data}", f"steps={steps}",
-          f"batch_size={settings.local_batch}", "held_out=0", f"out_dir={root}", f"device={settings.device}",
-          "progress=false"],
-         root.parent / "local.log")
+    _run([python, "-m", "dmgr.train", f"arch={settings.arch}", f"batch_size={settings.local_batch}",
+          f"out_dir={root}", f"device={settings.device}", "progress=false", *overrides],
+         root.parent / f"{root.name}.log")
     done.write_text(json.dumps(key))
     return ckpt
+
+
+def pretrain_local(out: Path, backgrounds: Path, settings: CurveSettings, python: str = sys.executable) -> Path:
+    """One local model for every N, trained on clean 16 px patches of the defect-free boards under the
+    backgrounds' root (`local_data=clean`: empty masks, the null class): no defect is seen."""
+    root = out / f"pretrain-{settings.arch}-{settings.pretrain_steps}"
+    key = {"arch": settings.arch, "steps": settings.pretrain_steps, "data": str(backgrounds.parent)}
+    return _train(root, key, [f"data_root={backgrounds.parent}", "local_data=clean", "+arch.config.null_class=true",
+                              f"steps={settings.pretrain_steps}"], settings, python)
+
+
+def train_local(root: Path, data: Path, settings: CurveSettings, steps: int, python: str = sys.executable,
+                pretrained: Path | None = None) -> Path:
+    """The local model on the N defects' patches (from `pretrained` when given): root/ema.safetensors."""
+    key = {"arch": settings.arch, "steps": steps, "batch": settings.local_batch, "data": str(data)}
+    overrides = [f"data_root={data}", f"steps={steps}", "held_out=0"]
+    if pretrained is not None:
+        key["pretrained"] = str(pretrained)
+        overrides += ["+arch.config.null_class=true", f"init_from={pretrained}"]
+    return _train(root, key, overrides, settings, python)
 
 
 def seed_ranges(pairs: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -188,6 +208,7 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
     backgrounds = write_backgrounds(out, settings)
     size = settings.downstream.image_size
     results: dict = {"settings": asdict(settings), "tasks": {}}
+    pretrained = pretrain_local(out, backgrounds, settings, python) if settings.pretrain_steps else None
     per_n = {}
     for index, n in enumerate(settings.per_class):
         root = out / f"N{n}"
@@ -197,7 +218,7 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
                 raise FileNotFoundError(f"{data}/local: the demo row needs `make data` first")
         else:
             data = write_data(root / "data", user_defects(int(n)), size)
-            local = train_local(root / "local", data, settings, steps_for(settings, index), python)
+            local = train_local(root / "local", data, settings, steps_for(settings, index), python, pretrained)
         per_n[n] = [synthesise(run, local, data, backgrounds, seeds, settings, python)
                     for run, seeds in zip(synth_runs(root, settings.pairs), seed_ranges(settings.pairs))]
     for task in settings.tasks:
@@ -299,6 +320,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--arch", default=d.arch, help="conf/arch/ of the local model trained per N")
     c.add_argument("--local-steps", type=_numbers, default=d.local_steps, metavar="S,S",
                    help="its training steps per N, in --per-class order (the last repeats)")
+    c.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
+                   help="steps of a local model pretrained on clean patches of the defect-free boards, from which "
+                   "every N's model starts (0: each from scratch)")
     c.add_argument("--tasks", type=lambda v: tuple(v.split(",")), default=d.tasks, help="binary,classes")
     c.add_argument("--seeds", type=_numbers, default=d.seeds, help="segmenter seeds")
     c.add_argument("--segment-steps", type=int, default=d.downstream.segment.steps)
@@ -316,6 +340,7 @@ def settings_from_args(args: argparse.Namespace) -> CurveSettings:
                   "segment": {"steps": args.segment_steps}}
     return build(CurveSettings, dict(
         per_class=args.per_class, pairs=args.pairs, arch=args.arch, local_steps=args.local_steps,
+        pretrain_steps=args.pretrain_steps,
         tasks=args.tasks, seeds=args.seeds, jobs=args.jobs, device=args.device, synth_args=tuple(args.synth_arg),
         downstream=downstream))
 
