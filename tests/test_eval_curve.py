@@ -31,7 +31,8 @@ SYNTH = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T
 def curve(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curve")
     command = [sys.executable, "-m", "dmgr.eval", "curve", "--quiet", "--per-class", str(N), "--pairs", "2,4",
-               "--local-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3", "--test-defective", "12",
+               "--local-steps", "2", "--pretrain-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3",
+               "--test-defective", "12",
                "--test-clean", "6", "--out", str(out),
                *(f"--synth-arg={a}" for a in [*SYNTH, f"screen.cache_dir={out / 'screen-cache'}"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
@@ -51,6 +52,13 @@ def test_the_curve_writes_every_row_its_table_and_its_picture(curve):
         assert all(0 <= row[metric]["mean"] <= 1 for row in rows.values())
     table = (curve / "curve.md").read_text()
     assert f"| {N} | dmgr-{N}x4 | 4 |" in table and f"| {N} | dmgr-{N}x2 | 2 |" in table
+    assert (curve / "curve.png").stat().st_size > 0
+    # each N's local model checked for copies of its training defects (dmgr.eval models), in the json and table
+    checked = results["models"][str(N)]
+    assert checked["verdict"].startswith("memorisation: ") and set(checked["classes"]) == set(CLASS_NAMES)
+    assert all(c["samples"] == 16 and 0 <= c["copies"] <= 16 for c in checked["classes"].values())
+    assert (curve / f"N{N}" / "local" / "models-check" / "models.json").is_file()
+    assert f"| {N} | " in table.split("## The local models")[1]
 
 
 def test_a_larger_m_adds_a_synthesis_run_and_reads_both(curve):
@@ -64,7 +72,6 @@ def test_a_larger_m_adds_a_synthesis_run_and_reads_both(curve):
     assert torch.equal(fewshot.read_pairs(runs, 2).images, per_run[0].images)
     with pytest.raises(ValueError, match="holds 4 synthesised samples, the curve needs 5"):
         fewshot.read_pairs(runs, 5)
-    assert (curve / "curve.png").stat().st_size > 0
 
 
 def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
@@ -76,8 +83,14 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
     assert {(i["board_seed"], i["class_id"], i["defect_seed"]) for i in labels} == users
     files = {p.relative_to(data / "local").as_posix() for p in (data / "local").rglob("*.png")}
     assert files == {i["file"] for i in labels} | {i["mask"] for i in labels}
-    # the local model trained on that root, the synthesis used that model and screened with that root
+    # the local model trained on that root, starting from the pretrained model, which read only defect-free boards;
+    # the synthesis used that model and screened with that root
     assert json.loads((curve / f"N{N}" / "local" / "train.json").read_text())["data_root"] == str(data)
+    pretrained = curve / "pretrain-demo_local_mask_small-2"
+    record = json.loads((pretrained / "train.json").read_text())
+    assert record["local_data"] == "clean" and Path(record["data_root"]).name.startswith("backgrounds-")
+    assert json.loads((curve / f"N{N}" / "local" / "curve-done.json").read_text())["pretrained"] == str(
+        pretrained / "ema.safetensors")
     config = json.loads((curve / f"N{N}" / "synth-0-1" / "manifest.json").read_text())["config"]
     assert config["model"]["local"]["checkpoint"] == str((curve / f"N{N}" / "local" / "ema.safetensors").resolve())
     assert config["screen"]["data_root"] == str(data.resolve())

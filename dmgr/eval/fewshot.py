@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from dmgr import DEMO_DATA
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.export import Defect, export_global, local_defects, write_patches
+from dmgr.eval import models
 from dmgr.eval.downstream import DownstreamSettings, concat, run_benchmark
 from dmgr.eval.real import USER, Boards, boards_of
 from dmgr.eval.shards import read_run
@@ -186,6 +187,18 @@ def read_pairs(runs: list[Path], pairs: int) -> Boards:
     return concat(*parts)
 
 
+def check_local(local: Path, data: Path, device: str) -> dict:
+    """`python -m dmgr.eval models` on an N's local model (kept beside it, redone when the model is newer):
+    per class the samples that copy a training defect and how far samples and real defects lie from them."""
+    report = local.parent / "models-check" / "models.json"
+    if not report.exists() or report.stat().st_mtime < local.stat().st_mtime:
+        models.run(local, data, out=report.parent, device=device)
+    checked = json.loads(report.read_text())
+    return {"verdict": checked["verdict"], "classes": {
+        name: {k: c[k] for k in ("samples", "copies", "median_distance", "unseen_median")}
+        for name, c in checked["classes"].items()}}
+
+
 def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict[str, Boards]:
     """Every row of this N: real-N, and per M cut-paste-N x M, dmgr-N x M, real-N + dmgr-N x M."""
     d = settings.downstream
@@ -219,6 +232,8 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
         else:
             data = write_data(root / "data", user_defects(int(n)), size)
             local = train_local(root / "local", data, settings, steps_for(settings, index), python, pretrained)
+        if n != DEMO:
+            results.setdefault("models", {})[str(n)] = check_local(local, data, settings.device)
         per_n[n] = [synthesise(run, local, data, backgrounds, seeds, settings, python)
                     for run, seeds in zip(synth_runs(root, settings.pairs), seed_ranges(settings.pairs))]
     for task in settings.tasks:
@@ -265,6 +280,20 @@ def write_report(out: Path, results: dict, command: str) -> dict[str, Path]:
                   "|---|---|---|---|"]
         lines += [f"| {n} | {name} | {pairs} | {mean:.3f} ± {std:.3f} |"
                   for n, name, pairs, mean, std in curve_rows(results, task)]
+        lines.append("")
+    if results.get("models"):
+        lines += ["## The local models (`python -m dmgr.eval models`)", "",
+                  "Per N: samples nearer a training defect than half the spacing of real defects (copies), and the "
+                  "median distance of a sample to its nearest training defect against that of real defects "
+                  "(leave-one-out), over the classes.", "",
+                  "| N per class | copies | sample -> nearest training defect | real defect -> nearest other |",
+                  "|---|---|---|---|"]
+        for n, checked in results["models"].items():
+            classes = checked["classes"].values()
+            copies, samples = sum(c["copies"] for c in classes), sum(c["samples"] for c in classes)
+            median = sorted(c["median_distance"] for c in classes)[len(classes) // 2]
+            unseen = sorted(c["unseen_median"] for c in classes)[len(classes) // 2]
+            lines.append(f"| {n} | {copies} of {samples} | {median:.3f} | {unseen:.3f} |")
         lines.append("")
     (out / "curve.md").write_text("\n".join(lines))
     draw_curve(results).save(out / "curve.png")
