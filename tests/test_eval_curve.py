@@ -86,7 +86,7 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
     # the local model trained on that root, starting from the pretrained model, which read only defect-free boards;
     # the synthesis used that model and screened with that root
     assert json.loads((curve / f"N{N}" / "local" / "train.json").read_text())["data_root"] == str(data)
-    pretrained = curve / "pretrain-demo_local_mask_small-2"
+    pretrained = curve / "pretrain-demo_local_mask-2"
     record = json.loads((pretrained / "train.json").read_text())
     assert record["local_data"] == "clean" and Path(record["data_root"]).name.startswith("backgrounds-")
     assert json.loads((curve / f"N{N}" / "local" / "curve-done.json").read_text())["pretrained"] == str(

@@ -55,7 +55,8 @@ class CurveSettings:
     per_class: tuple[Count() | Literal["demo"], ...] = (4, 16, 64, 256)  # N; "demo": the shipped local model
     #   (1,000 per class)
     pairs: tuple[Count(), ...] = (64, 512)  # M: pairs each synthetic source makes
-    arch: str = "demo_local_mask_small"  # conf/arch/ of the local model trained per N
+    arch: str = "demo_local_mask"  # conf/arch/ of the local model trained per N (docs/training.md: the
+    #   smallest tested that keeps the default job's quality)
     local_steps: tuple[Count(), ...] = (2000, 2500, 3000, 4000)  # training steps per N, in per_class order
     #   (the last repeats for further N)
     local_batch: Count() = 32
