@@ -7,7 +7,7 @@ import torch
 
 from dmgr.images import bounding_box
 from dmgr.sampler.gates import global_gate
-from dmgr.sampler.masks import diff_mask, gate_mask, gaussian_blur, otsu_threshold, window_support
+from dmgr.sampler.masks import diff_mask, gate_mask, gaussian_blur, local_mask, otsu_threshold, window_support
 
 
 def smooth_background(batch, size, seed):
@@ -113,3 +113,21 @@ def test_gaussian_blur_preserves_constants_and_mass():
     blurred = gaussian_blur(spike, 1.0)
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert blurred[0, 0, 10, 10] < 1 and blurred[0, 0, 10, 11] > 0
+
+
+def test_local_mask_smoothing_drops_scattered_pixels_and_keeps_the_defect():
+    crop = torch.full((1, 4, 16, 16), -1.0)
+    crop[0, 3, 6:10, 6:10] = 1.0  # the defect: a compact 4x4 region
+    scattered = [(1, 1), (1, 13), (13, 2), (12, 12), (3, 8)]
+    for y, x in scattered:
+        crop[0, 3, y, x] = 0.3  # isolated pixels just above the threshold
+    windows = torch.tensor([[8, 4]])
+    plain = local_mask(crop, windows, 24, 32)
+    smoothed = local_mask(crop, windows, 24, 32, sigma=1.0)
+    assert plain.sum() == 16 + len(scattered)
+    assert all(plain[0, 0, 4 + y, 8 + x] for y, x in scattered)
+    assert not any(smoothed[0, 0, 4 + y, 8 + x] for y, x in scattered)
+    region = smoothed[0, 0, 4 + 6 : 4 + 10, 8 + 6 : 8 + 10]
+    assert region.sum() >= 12 and region[1:3, 1:3].all()  # its corners may round off, its body stays
+    assert smoothed.sum() == region.sum()  # nothing around it
+    assert not (smoothed & ~window_support(24, 32, windows, 16)).any()

@@ -224,6 +224,16 @@ def test_performance_settings_enter_the_identity_only_when_not_default(out):
     assert (changed.performance.channels_last, changed.performance.compile) == (True, "reduce-overhead")
 
 
+def test_local_mask_smoothing_enters_the_identity_only_when_on(out):
+    default = spec_of([out])
+    assert "local_sigma" not in default.identity_inputs["mask"]  # runs made before the setting resume
+    assert spec_of([out, "mask.local_sigma=0"]).identity == default.identity
+    smoothed = spec_of([out, "mask.local_sigma=1"])
+    assert smoothed.identity != default.identity and smoothed.mask.local_sigma == 1.0
+    with pytest.raises(ConfigError, match="mask.local_sigma"):
+        spec_of([out, "mask.local_sigma=-1"])
+
+
 def test_extras_name_every_member_a_sample_holds(out):
     spec = spec_of([out, "extras.crop=true", "extras.masks=true", "extras.paste=true", "extras.twin=true"])
     assert spec.extras.members(spec.available_masks) == (

@@ -1,7 +1,8 @@
 """Defect masks for a finished sample (the reference writes none).
 
-* `local`: the defect mask the local model generated with the defect (its fourth channel, > 0), placed
-  at the window: the pixels that are the defect, from a model trained on patches with exact masks.
+* `local`: the defect mask the local model generated with the defect (its fourth channel, optionally
+  smoothed, > 0), placed at the window: the pixels that are the defect, from a model trained on patches
+  with exact masks.
 * `diff`: where the final image departs from its defect-free twin (plain global DDIM from the same
   x_T; on real backgrounds, the background itself), inside the window, Gaussian-smoothed and
   thresholded by Otsu's method with a contrast floor.
@@ -88,10 +89,13 @@ def gate_mask(
     return (gate >= 0.5) & window_support(height, width, windows, window_size)
 
 
-def local_mask(crop: torch.Tensor, windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 1, H, W) bool: the crop's mask channel (index 3, > 0) placed at each sample's window."""
+def local_mask(crop: torch.Tensor, windows: torch.Tensor, height: int, width: int, sigma: float = 0.0) -> torch.Tensor:
+    """(B, 1, H, W) bool: the crop's mask channel (index 3), Gaussian-smoothed by `sigma` pixels (0: as it
+    is), > 0, placed at each sample's window. Smoothing drops isolated pixels a weak model scatters over the
+    window and keeps compact regions."""
     size = crop.shape[-1]
+    evidence = gaussian_blur(crop[:, 3:4].float(), sigma)
     masks = torch.zeros(crop.shape[0], 1, height, width, dtype=torch.bool, device=crop.device)
     for i, (x, y) in enumerate(windows.tolist()):
-        masks[i, 0, y : y + size, x : x + size] = crop[i, 3] > 0
+        masks[i, 0, y : y + size, x : x + size] = evidence[i, 0] > 0
     return masks

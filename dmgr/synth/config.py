@@ -236,6 +236,8 @@ class MaskSettings:
     pixels: Literal["crop", "global"] = "crop"  # real images: inside the mask the crop's pixels or the global's
     sigma: NonNegative = 1.0  # diff: Gaussian smoothing of |image - twin|, pixels
     min_contrast: NonNegative = 0.1  # diff: smallest smoothed difference counted as defect ([-1, 1] scale)
+    local_sigma: NonNegative = 0.0  # local: Gaussian smoothing of the mask channel before its > 0, pixels
+    #   (0: none; 1 for a local model trained on few defects, whose masks scatter: docs/masks.md)
 
 
 @dataclass(frozen=True)
@@ -536,6 +538,8 @@ def identity_inputs(resolved: dict, model: ModelSpec, images_digest: str | None)
         kept["performance"] = performance  # at its defaults left out: shards made without it still resume
     if not kept.get("schedule", {}).get("guidance", 1):  # off, left out: shards made without it still resume
         kept["schedule"] = {k: v for k, v in kept["schedule"].items() if k != "guidance"}
+    if not kept.get("mask", {}).get("local_sigma"):  # 0, left out: shards made without it still resume
+        kept["mask"] = {k: v for k, v in kept["mask"].items() if k != "local_sigma"}
     kept["model"] = {**kept["model"]}
     for which, net in (("global", model.global_net), ("local", model.local_net)):
         kept["model"][which] = {**kept["model"][which], "checkpoint": net.digest}

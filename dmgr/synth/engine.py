@@ -171,7 +171,7 @@ def defect_masks(mask: MaskSettings, gate_radius: float, methods: tuple[str, ...
 
     def made(method: str) -> torch.Tensor:
         if method == "local":
-            return local_mask(result.crop, result.windows, size, size)
+            return local_mask(result.crop, result.windows, size, size, mask.local_sigma)
         if method == "diff":
             return diff_mask(result.image, reference, result.windows, w, mask.sigma, mask.min_contrast)
         return gate_mask(size, size, result.windows, w, gate_radius, result.gate_falloff)
