@@ -115,8 +115,9 @@ def test_gaussian_blur_preserves_constants_and_mass():
     assert blurred[0, 0, 10, 10] < 1 and blurred[0, 0, 10, 11] > 0
 
 
-def test_local_mask_smoothing_drops_scattered_pixels_and_keeps_the_defect():
-    crop = torch.full((1, 4, 16, 16), -1.0)
+@pytest.mark.parametrize("background", [-1.0, -0.05])  # a weak model's channel hovers near 0 off the defect
+def test_local_mask_smoothing_drops_scattered_pixels_and_keeps_the_defect(background):
+    crop = torch.full((1, 4, 16, 16), background)
     crop[0, 3, 6:10, 6:10] = 1.0  # the defect: a compact 4x4 region
     scattered = [(1, 1), (1, 13), (13, 2), (12, 12), (3, 8)]
     for y, x in scattered:

@@ -90,12 +90,15 @@ def gate_mask(
 
 
 def local_mask(crop: torch.Tensor, windows: torch.Tensor, height: int, width: int, sigma: float = 0.0) -> torch.Tensor:
-    """(B, 1, H, W) bool: the crop's mask channel (index 3), Gaussian-smoothed by `sigma` pixels (0: as it
-    is), > 0, placed at each sample's window. Smoothing drops isolated pixels a weak model scatters over the
-    window and keeps compact regions."""
+    """(B, 1, H, W) bool: the crop's mask channel (index 3) > 0, placed at each sample's window; with `sigma`
+    > 0 each pixel then takes the Gaussian-weighted majority of its neighbourhood (the +-1 mask smoothed, > 0),
+    which drops the isolated pixels a weak model scatters over the window and keeps compact regions. The
+    vote is on the thresholded mask because such a model's channel hovers near 0 where there is no defect."""
     size = crop.shape[-1]
-    evidence = gaussian_blur(crop[:, 3:4].float(), sigma)
+    inside = crop[:, 3:4] > 0
+    if sigma > 0:
+        inside = gaussian_blur(inside.float() * 2 - 1, sigma) > 0
     masks = torch.zeros(crop.shape[0], 1, height, width, dtype=torch.bool, device=crop.device)
     for i, (x, y) in enumerate(windows.tolist()):
-        masks[i, 0, y : y + size, x : x + size] = evidence[i, 0] > 0
+        masks[i, 0, y : y + size, x : x + size] = inside[i, 0]
     return masks

@@ -236,8 +236,8 @@ class MaskSettings:
     pixels: Literal["crop", "global"] = "crop"  # real images: inside the mask the crop's pixels or the global's
     sigma: NonNegative = 1.0  # diff: Gaussian smoothing of |image - twin|, pixels
     min_contrast: NonNegative = 0.1  # diff: smallest smoothed difference counted as defect ([-1, 1] scale)
-    local_sigma: NonNegative = 0.0  # local: Gaussian smoothing of the mask channel before its > 0, pixels
-    #   (0: none; 1 for a local model trained on few defects, whose masks scatter: docs/masks.md)
+    local_sigma: NonNegative = 0.0  # local: each mask pixel takes the majority of its Gaussian neighbourhood of
+    #   this sigma, pixels (0: none; for a local model whose masks scatter: docs/masks.md)
 
 
 @dataclass(frozen=True)
