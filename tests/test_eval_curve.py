@@ -15,6 +15,7 @@ from synth_support import ROOT
 
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.eval import fewshot, real, sources
+from dmgr.eval.detector import DetectorSettings, train_and_score
 from dmgr.eval.fewshot import CurveSettings, family, sources_for, user_defects
 from dmgr.eval.real import USER
 from dmgr.eval.shards import read_run
@@ -131,3 +132,26 @@ def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     assert len(listing) == 6 * N and all(Path(p).name.startswith("real-") for p in listing)
     val = (curve / "yolo" / f"N{N}" / f"real-{N}.yaml").read_text().split("val: ")[1].split()[0]
     assert len(list(Path(val).glob("*.png"))) == 12
+
+
+def test_yolo_scores_are_reused_only_for_the_same_epochs_batch_and_images(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"  # stands in for the detector environment's interpreter: counts its trainings
+    fake.write_text(f'#!/bin/sh\necho run >> "{calls}"\necho \'{{"mask_map50": 0.5}}\'\n')
+    fake.chmod(0o755)
+    data = tmp_path / "real-2.yaml"
+    data.with_suffix(".train.txt").write_text("/a.png\n/b.png\n")
+    data.write_text("train: x\nval: y\n")
+    out = tmp_path / "real-2-0"
+
+    def trainings(settings: DetectorSettings) -> int:
+        assert train_and_score(data, out, settings, 0, fake) == {"mask_map50": 0.5}
+        return len(calls.read_text().split())
+
+    assert trainings(DetectorSettings(epochs=30)) == 1
+    assert trainings(DetectorSettings(epochs=30)) == 1  # cached
+    assert trainings(DetectorSettings(epochs=300)) == 2
+    assert trainings(DetectorSettings(epochs=300, batch=16)) == 3
+    data.with_suffix(".train.txt").write_text("/a.png\n/b.png\n/c.png\n")
+    assert trainings(DetectorSettings(epochs=300, batch=16)) == 4
+    assert trainings(DetectorSettings(epochs=300, batch=16)) == 4

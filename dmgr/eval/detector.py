@@ -20,9 +20,11 @@ export's `real-*` images only) and real-N + DMGR-N (every training image of the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -105,11 +107,21 @@ def data_yaml(path: Path, train: list[Path], val: Path) -> Path:
     return path
 
 
+def model_inputs(data: Path, settings: DetectorSettings, seed: int) -> dict:
+    """What a YOLO model's scores depend on: its training settings, seed, and the images its data yaml lists."""
+    listed = data.with_suffix(".train.txt").read_text() + data.read_text()
+    return {"epochs": settings.epochs, "imgsz": settings.imgsz, "batch": settings.batch, "seed": seed,
+            "device": settings.device, "data": hashlib.sha256(listed.encode()).hexdigest()[:16]}
+
+
 def train_and_score(data: Path, out: Path, settings: DetectorSettings, seed: int, python: Path) -> dict:
-    """One YOLO model (cached in out/scores.json)."""
-    scores = out / "scores.json"
+    """One YOLO model, cached in out/scores.json with its inputs: a change of epochs, batch or images retrains."""
+    scores, inputs = out / "scores.json", model_inputs(data, settings, seed)
     if scores.exists():
-        return json.loads(scores.read_text())
+        kept = json.loads(scores.read_text())
+        if kept.get("inputs") == inputs:
+            return kept["scores"]
+        shutil.rmtree(out)
     if not python.exists():
         raise FileNotFoundError(f"{python}: the detector environment is missing; run `make detect-env`")
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +133,7 @@ def train_and_score(data: Path, out: Path, settings: DetectorSettings, seed: int
     if done.returncode != 0:
         raise RuntimeError(f"YOLO training failed; see {out / 'yolo.log'}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    scores.write_text(json.dumps(result))
+    scores.write_text(json.dumps({"inputs": inputs, "scores": result}))
     return result
 
 
