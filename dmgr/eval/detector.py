@@ -183,12 +183,14 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--curve", type=Path, default=Path("outputs/eval/curve"), help="the curve's output folder")
     c.add_argument("--per-class", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.per_class)
     c.add_argument("--epochs", type=int, default=d.epochs)
+    c.add_argument("--imgsz", type=int, default=d.imgsz,
+                   help="YOLO's input side: the boards are upscaled to it (a multiple of 32)")
     c.add_argument("--seeds", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.seeds)
     c.add_argument("--test-defective", type=int, default=d.test_defective)
     c.add_argument("--device", default=d.device, help="cpu, or a CUDA device index such as 0")
 
 
 def yolo_command(args: argparse.Namespace) -> dict:
-    settings = build(DetectorSettings, dict(per_class=args.per_class, epochs=args.epochs, seeds=args.seeds,
-                                            test_defective=args.test_defective, device=args.device))
+    settings = build(DetectorSettings, dict(per_class=args.per_class, epochs=args.epochs, imgsz=args.imgsz,
+                                            seeds=args.seeds, test_defective=args.test_defective, device=args.device))
     return judge_curve(args.curve, settings)
