@@ -134,7 +134,7 @@ def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     assert len(list(Path(val).glob("*.png"))) == 12
 
 
-def test_yolo_scores_are_reused_only_for_the_same_epochs_batch_and_images(tmp_path, monkeypatch):
+def test_yolo_scores_are_reused_only_for_the_same_epochs_batch_and_images(tmp_path):
     calls = tmp_path / "calls"
     fake = tmp_path / "python"  # stands in for the detector environment's interpreter: counts its trainings
     fake.write_text(f'#!/bin/sh\necho run >> "{calls}"\necho \'{{"mask_map50": 0.5}}\'\n')

@@ -184,7 +184,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--per-class", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.per_class)
     c.add_argument("--epochs", type=int, default=d.epochs)
     c.add_argument("--imgsz", type=int, default=d.imgsz,
-                   help="YOLO's input side: the boards are upscaled to it (a multiple of 32)")
+                   help="YOLO's input side in pixels: the boards are upscaled to it (Ultralytics rounds to its stride)")
     c.add_argument("--seeds", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.seeds)
     c.add_argument("--test-defective", type=int, default=d.test_defective)
     c.add_argument("--device", default=d.device, help="cpu, or a CUDA device index such as 0")
