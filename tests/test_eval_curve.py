@@ -18,7 +18,8 @@ from dmgr.eval import fewshot, real, sources
 from dmgr.eval.detector import DetectorSettings, train_and_score
 from dmgr.eval.fewshot import CurveSettings, family, sources_for, user_defects
 from dmgr.eval.real import USER
-from dmgr.eval.shards import read_run
+from dmgr.eval.shards import read_run, sample_metas
+from dmgr.export.common import is_flagged
 from dmgr.schema import build
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
@@ -32,6 +33,7 @@ SYNTH = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T
 def curve(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curve")
     command = [sys.executable, "-m", "dmgr.eval", "curve", "--quiet", "--per-class", str(N), "--pairs", "2,4",
+               "--include-flagged",
                "--local-steps", "2", "--pretrain-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3",
                "--test-defective", "12",
                "--test-clean", "6", "--out", str(out),
@@ -62,17 +64,22 @@ def test_the_curve_writes_every_row_its_table_and_its_picture(curve):
     assert f"| {N} | " in table.split("## The local models")[1]
 
 
-def test_a_larger_m_adds_a_synthesis_run_and_reads_both(curve):
-    """--pairs 2,4: seeds 0-1 in one run, 2-3 in another (a later, larger M never redoes a run); DMGR x4 is both."""
-    runs = fewshot.synth_runs(curve / f"N{N}", (2, 4))
+def test_with_include_flagged_a_larger_m_adds_a_run_and_reads_both(curve):
+    """The tiny models' samples all fail the screen, so the run counts flagged ones (`--include-flagged`; the
+    default, accepted samples only, is tests/test_eval_curve_pairs.py): --pairs 2,4 makes seeds 0-1 and 2-3 (a
+    larger M never redoes a run) and DMGR x4 is both; the curve records what the screen accepted."""
+    runs = fewshot.synth_runs(curve / f"N{N}")
     assert [r.name for r in runs] == ["synth-0-1", "synth-2-3"]
     per_run = [read_run(r) for r in runs]
     assert [s.seeds for s in per_run] == [[0, 1], [2, 3]]
-    both = fewshot.read_pairs(runs, 4)
+    both = fewshot.read_pairs(runs, 4, include_flagged=True)
     assert torch.equal(both.images, torch.cat([s.images for s in per_run]))
-    assert torch.equal(fewshot.read_pairs(runs, 2).images, per_run[0].images)
+    assert torch.equal(fewshot.read_pairs(runs, 2, include_flagged=True).images, per_run[0].images)
     with pytest.raises(ValueError, match="holds 4 synthesised samples, the curve needs 5"):
-        fewshot.read_pairs(runs, 5)
+        fewshot.read_pairs(runs, 5, include_flagged=True)
+    accepted = sum(not is_flagged(meta) for r in runs for meta in sample_metas(r))
+    record = json.loads((curve / "curve.json").read_text())["synthesis"][str(N)]
+    assert record == {"seeds": 4, "written": 4, "accepted": accepted}
 
 
 def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
@@ -107,21 +114,22 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
 
     monkeypatch.setattr(sources, "add_defect", recording)
     monkeypatch.setattr(real, "add_defect", recording)
-    settings = build(CurveSettings, dict(per_class=(N,), pairs=(2, 4)))
-    rows = sources_for(N, fewshot.synth_runs(curve / f"N{N}", settings.pairs), settings)
+    settings = build(CurveSettings, dict(per_class=(N,), pairs=(2, 4), include_flagged=True))
+    rows = sources_for(N, fewshot.synth_runs(curve / f"N{N}"), settings)
     assert drawn and set(drawn) == users
     assert all(USER <= seed < USER + 6 * N for seed, _, _ in drawn)
     assert {family(name)[0] for name in rows} == set(fewshot.FAMILIES)
 
 
-
 def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     """`python -m dmgr.eval yolo` (Ultralytics in .venv-detect: `make detect-env`) on the curve's N = 2 run, one
-    epoch: real-N trains on the export's 12 real boards only, real-N + DMGR-N on those and the first run's 2 images,
-    both validated on the held-out real boards exported the same way."""
+    epoch: real-N trains on the export's 12 real boards only, real-N + DMGR-N on those and the first 2 samples (all
+    flagged by the screen at this budget: `--include-flagged`, as the curve's), both validated on the held-out real
+    boards exported the same way."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "dmgr.eval", "yolo", "--quiet", "--curve", str(curve), "--per-class",
-                           str(N), "--epochs", "1", "--test-defective", "12"], cwd=ROOT, env=env,
+                           str(N), "--pairs", "2", "--include-flagged", "--epochs", "1",
+                           "--test-defective", "12"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((curve / "yolo" / "yolo.json").read_text())["per_class"][str(N)]
@@ -130,6 +138,8 @@ def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     assert all(0 <= row[k]["mean"] <= 1 for row in rows.values() for k in ("mask_map50", "mask_map50_95"))
     listing = (curve / "yolo" / f"N{N}" / f"real-{N}.train.txt").read_text().split()
     assert len(listing) == 6 * N and all(Path(p).name.startswith("real-") for p in listing)
+    mixed = (curve / "yolo" / f"N{N}" / f"real-{N}+dmgr-{N}x2.train.txt").read_text().split()
+    assert sorted(int(Path(p).stem) for p in mixed if not Path(p).name.startswith("real-")) == [0, 1]
     val = (curve / "yolo" / f"N{N}" / f"real-{N}.yaml").read_text().split("val: ")[1].split()[0]
     assert len(list(Path(val).glob("*.png"))) == 12
 

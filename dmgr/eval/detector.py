@@ -4,11 +4,12 @@ the same way.
 
     make detect-env && python -m dmgr.eval yolo --curve outputs/eval/curve --per-class 16,64
 
-Per N it reads the curve's first synthesis run (OUT/N<n>/synth-0-<M-1>, the curve's DMGR-N x M at its smallest M:
-run `python -m dmgr.eval curve` first) and writes:
+Per N it reads the curve's synthesis runs (OUT/N<n>/synth-*: run `python -m dmgr.eval curve` first) and takes
+the first M samples the export hands a user (flagged ones left out, as the curve's DMGR-N x M), and writes:
 
     OUT/yolo/N<n>/real/images/<class>/, masks/<class>/   the user's 6N boards (the export's --add-real layout)
-    OUT/yolo/N<n>/export/                                 the run with them: `--val 0 --add-real ... --include-flagged`
+    OUT/yolo/N<n>/export/                                 the first run with them: `--val 0 --add-real ...`
+    OUT/yolo/N<n>/export-synth-<a>-<b>/                   each further run: `--val 0`
     OUT/yolo/test/                                        held-out real boards (TEST stream) as the val split
     OUT/yolo/N<n>/<source>-<seed>/                        YOLO's run; its scores in scores.json (cached)
 
@@ -36,7 +37,7 @@ from PIL import Image
 
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.export import TEST_OFFSET
-from dmgr.eval.fewshot import user_defects
+from dmgr.eval.fewshot import synth_runs, user_defects
 from dmgr.eval.real import Boards, boards_of, defective_boards
 from dmgr.schema import STRICT_SECTION, Count, build
 
@@ -65,6 +66,8 @@ print(json.dumps({"mask_map50": float(metrics.seg.map50), "mask_map50_95": float
 class DetectorSettings:
     __pydantic_config__ = STRICT_SECTION
     per_class: tuple[Count(), ...] = (16, 64)
+    pairs: Count() = 64  # DMGR-N x M: the first M samples of the curve's runs that the export keeps
+    include_flagged: bool = False  # the export's --include-flagged (the curve's, when it was run with it)
     epochs: Count() = 30
     imgsz: Count(32) = 64
     batch: Count() = 32
@@ -86,11 +89,12 @@ def write_boards(root: Path, boards: Boards) -> Path:
     return root
 
 
-def _export(run: Path, out: Path, real: Path, real_as_val: bool) -> Path:
+def _export(run: Path, out: Path, real: Path | None, real_as_val: bool = False, include_flagged: bool = False) -> Path:
     if (out / "data.yaml").exists():
         return out
-    command = [sys.executable, "-m", "dmgr.export", "yolo", str(run), str(out), "--val", "0", "--include-flagged",
-               "--add-real", str(real), *(["--real-as-val"] if real_as_val else [])]
+    command = [sys.executable, "-m", "dmgr.export", "yolo", str(run), str(out), "--val", "0",
+               *(["--include-flagged"] if include_flagged else []), *(["--add-real", str(real)] if real else []),
+               *(["--real-as-val"] if real_as_val else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -137,12 +141,28 @@ def train_and_score(data: Path, out: Path, settings: DetectorSettings, seed: int
     return result
 
 
-def first_run(root: Path) -> Path:
-    """The N's finished synthesis run of seeds 0..M-1 (the curve's smallest M)."""
-    runs = [r for r in root.glob("synth-0-*") if (r / "manifest.json").exists()]
+def finished_runs(root: Path) -> list[Path]:
+    """The N's finished synthesis runs, in seed order."""
+    runs = [r for r in synth_runs(root) if (r / "manifest.json").exists()]
     if not runs:
-        raise FileNotFoundError(f"{root}: no finished synthesis run (synth-0-*); run `python -m dmgr.eval curve` first")
-    return min(runs, key=lambda r: int(r.name.rsplit("-", 1)[1]))
+        raise FileNotFoundError(f"{root}: no finished synthesis run (synth-*); run `python -m dmgr.eval curve` first")
+    return runs
+
+
+def synthetic_images(runs: list[Path], root: Path, real: Path, settings: DetectorSettings) -> tuple[Path, list[Path]]:
+    """The first run's export with the user's boards (root/export), and the first `pairs` exported synthetic
+    training images by seed over the runs' exports (a further run exported only when needed)."""
+    first = _export(runs[0], root / "export", real, include_flagged=settings.include_flagged)
+    images = sorted(p for p in (first / "images" / "train").glob("*.png") if not p.name.startswith("real-"))
+    for run in runs[1:]:
+        if len(images) >= settings.pairs:
+            break
+        more = _export(run, root / f"export-{run.name}", None, include_flagged=settings.include_flagged)
+        images += sorted((more / "images" / "train").glob("*.png"))
+    if len(images) < settings.pairs:
+        raise ValueError(f"{runs[0].parent}: the runs' exports hold {len(images)} images, --pairs asks "
+                         f"{settings.pairs}; run the curve with that M first")
+    return first, images[: settings.pairs]
 
 
 def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_PYTHON) -> dict:
@@ -153,16 +173,14 @@ def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_P
         write_boards(test_real, defective_boards(TEST_OFFSET, settings.test_defective, settings.image_size))
     results: dict = {"settings": asdict(settings), "per_class": {}}
     for n in settings.per_class:
-        run = first_run(curve / f"N{n}")
+        runs = finished_runs(curve / f"N{n}")
         real = root / f"N{n}" / "real"
         if not (real / "images").exists():
             write_boards(real, boards_of(user_defects(n), settings.image_size))
-        test = _export(run, root / "test" / f"export-N{n}", test_real, real_as_val=True)
-        exported = _export(run, root / f"N{n}" / "export", real, real_as_val=False)
-        train_images = sorted((exported / "images" / "train").glob("*.png"))
-        real_images = [p for p in train_images if p.name.startswith("real-")]
-        pairs = len(train_images) - len(real_images)
-        sources = {f"real-{n}": real_images, f"real-{n}+dmgr-{n}x{pairs}": train_images}
+        test = _export(runs[0], root / "test" / f"export-N{n}", test_real, real_as_val=True)
+        exported, synthetic = synthetic_images(runs, root / f"N{n}", real, settings)
+        real_images = sorted(p for p in (exported / "images" / "train").glob("*.png") if p.name.startswith("real-"))
+        sources = {f"real-{n}": real_images, f"real-{n}+dmgr-{n}x{settings.pairs}": real_images + synthetic}
         rows = {}
         for name, images in sources.items():
             yaml_path = data_yaml(root / f"N{n}" / f"{name}.yaml", images, test / "images" / "val")
@@ -182,6 +200,10 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     d = DetectorSettings()
     c.add_argument("--curve", type=Path, default=Path("outputs/eval/curve"), help="the curve's output folder")
     c.add_argument("--per-class", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.per_class)
+    c.add_argument("--pairs", type=int, default=d.pairs,
+                   help="DMGR-N x M: the first M samples of the curve's runs the export keeps (the curve's M)")
+    c.add_argument("--include-flagged", action="store_true",
+                   help="count flagged samples too (when the curve was run with --include-flagged)")
     c.add_argument("--epochs", type=int, default=d.epochs)
     c.add_argument("--imgsz", type=int, default=d.imgsz,
                    help="YOLO's input side in pixels: the boards are upscaled to it (Ultralytics rounds to its stride)")
@@ -191,6 +213,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def yolo_command(args: argparse.Namespace) -> dict:
-    settings = build(DetectorSettings, dict(per_class=args.per_class, epochs=args.epochs, imgsz=args.imgsz,
+    settings = build(DetectorSettings, dict(per_class=args.per_class, pairs=args.pairs,
+                                            include_flagged=args.include_flagged, epochs=args.epochs, imgsz=args.imgsz,
                                             seeds=args.seeds, test_defective=args.test_defective, device=args.device))
     return judge_curve(args.curve, settings)

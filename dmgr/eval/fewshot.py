@@ -9,9 +9,10 @@ user has in plenty. Per N, each step cached by its inputs and resumable (rerun t
     OUT/N<n>/data/local/     the defects' patches (`write_patches`): the local model's and the screen's data
     OUT/N<n>/local/          `python -m dmgr.train` of the local architecture on them (resumes from state.pt)
     OUT/N<n>/synth-<a>-<b>/  the default synthesis job with that local model and the screen trained on the same
-                             patches, into 64 px boards, seeds a..b: one run per step of --pairs (64,512: seeds
-                             0-63 and 64-511), so a larger M adds a run and never redoes one; the first M seeds
-                             are DMGR-N x M (each run resumes complete shards)
+                             patches, into 64 px boards, seeds a..b: first seeds 0..M-1, then runs of further seeds
+                             until M samples were accepted by the screen (those the export hands a user; flagged
+                             ones count only with --include-flagged); a larger M only adds runs. DMGR-N x M is the
+                             first M accepted samples by seed (each run resumes complete shards)
     OUT/models/              each segmenter's scores (`run_benchmark`'s cache)
 
 Rows per N: real-N (the 6N boards themselves), cut-paste-N x M (their patches pasted into defect-free boards),
@@ -24,9 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,8 +42,9 @@ from dmgr.data.export import Defect, export_global, local_defects, write_patches
 from dmgr.eval import models
 from dmgr.eval.downstream import DownstreamSettings, concat, run_benchmark
 from dmgr.eval.real import USER, Boards, boards_of
-from dmgr.eval.shards import read_run
+from dmgr.eval.shards import read_run, sample_metas
 from dmgr.eval.sources import cut_paste
+from dmgr.export.common import is_flagged
 from dmgr.schema import STRICT_SECTION, Count, build
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 DEMO = "demo"  # the --per-class entry of today's shipped local model and its 1,000 defects per class
 DEMO_PER_CLASS = 1000
 DEMO_LOCAL = Path("checkpoints/demo/local.safetensors")
+SEED_BUDGET = 4  # at most this many seeds per pair asked for before an N's synthesis gives up
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class CurveSettings:
     per_class: tuple[Count() | Literal["demo"], ...] = (4, 16, 64, 256)  # N; "demo": the shipped local model
     #   (1,000 per class)
     pairs: tuple[Count(), ...] = (64, 512)  # M: pairs each synthetic source makes
+    include_flagged: bool = False  # DMGR-N x M counts every written sample, not only those the screen accepted
+    #   (the export's --include-flagged; by default the curve reads what the export hands the user)
     arch: str = "demo_local_mask"  # conf/arch/ of the local model trained per N (docs/training.md: the
     #   smallest tested that keeps the default job's quality)
     local_steps: tuple[Count(), ...] = (2000, 2500, 3000, 4000)  # training steps per N, in per_class order
@@ -152,18 +160,58 @@ def train_local(root: Path, data: Path, settings: CurveSettings, steps: int, pyt
     return _train(root, key, overrides, settings, python)
 
 
-def seed_ranges(pairs: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The synthesis runs of one N as seed ranges [first, end): (64, 512) -> [(0, 64), (64, 512)]."""
-    ends = sorted(set(pairs))
-    return list(zip([0, *ends[:-1]], ends))
+def synth_runs(root: Path) -> list[Path]:
+    """root/synth-<first>-<last>: an N's synthesis runs so far, in seed order."""
+    runs = [r for r in root.glob("synth-*-*") if r.is_dir() and r.name.count("-") == 2]
+    return sorted(runs, key=lambda r: int(r.name.split("-")[1]))
 
 
-def synth_runs(root: Path, pairs: tuple[int, ...]) -> list[Path]:
-    """root/synth-<first>-<last> for each seed range of `pairs`, in seed order."""
-    return [root / f"synth-{first}-{end - 1}" for first, end in seed_ranges(pairs)]
+def seed_range(run: Path) -> tuple[int, int]:
+    """synth-<first>-<last> -> (first, last + 1)."""
+    first, last = (int(v) for v in run.name.split("-")[1:])
+    return first, last + 1
 
 
-def synthesise(run: Path, local: Path, data: Path, backgrounds: Path, seeds: tuple[int, int],
+def usable(run: Path, include_flagged: bool) -> int:
+    """Samples of a finished run that reach the user: the export leaves flagged ones out unless asked."""
+    return sum(include_flagged or not is_flagged(meta) for meta in sample_metas(run))
+
+
+def next_seeds(end: int, have: int, pairs: int) -> int:
+    """How many seeds to add after `end` synthesised seeds gave `have` usable samples, to reach `pairs`: first up
+    to `pairs` seeds, then enough at the rate seen so far (10 % spare, at least 8)."""
+    if end < pairs:
+        return pairs - end
+    if have == 0:
+        return pairs
+    return max(8, math.ceil((pairs - have) * end / have * 1.1))
+
+
+def synthesise_pairs(root: Path, synthesise_run: Callable[[Path, tuple[int, int]], Path], pairs: tuple[int, ...],
+                     include_flagged: bool, budget: int = SEED_BUDGET) -> list[Path]:
+    """Seed ranges into root/synth-<first>-<last> (existing ones resumed) until each M of `pairs` has M usable
+    samples; a larger M only adds runs. More than `budget` x M seeds for M samples is an error."""
+    runs = synth_runs(root)
+    for run in runs:
+        synthesise_run(run, seed_range(run))
+    end = seed_range(runs[-1])[1] if runs else 0
+    have = sum(usable(run, include_flagged) for run in runs)
+    for m in sorted(set(pairs)):
+        while have < m:
+            if end >= budget * m:
+                raise RuntimeError(
+                    f"{root}: {end} seeds gave {have} samples the screen accepted, the curve needs {m}; the screen "
+                    "rejects most of this local model's samples (see its models-check and the runs' manifests), "
+                    "or pass --include-flagged to count every written sample")
+            size = min(next_seeds(end, have, m), budget * m - end)
+            run = synthesise_run(root / f"synth-{end}-{end + size - 1}", (end, end + size))
+            runs.append(run)
+            have += usable(run, include_flagged)
+            end += size
+    return runs
+
+
+def synthesise(run: Path, seeds: tuple[int, int], local: Path, data: Path, backgrounds: Path,
                settings: CurveSettings, python: str = sys.executable) -> Path:
     """The default job with this N's local model and screen, seeds [first, end) into the 64 px boards
     (resumable)."""
@@ -174,17 +222,21 @@ def synthesise(run: Path, local: Path, data: Path, backgrounds: Path, seeds: tup
     return run
 
 
-def read_pairs(runs: list[Path], pairs: int) -> Boards:
-    """The first `pairs` samples (by seed) of an N's synthesis runs."""
+def read_pairs(runs: list[Path], pairs: int, include_flagged: bool) -> Boards:
+    """The first `pairs` usable samples (by seed) of an N's synthesis runs."""
     parts, have = [], 0
     for run in runs:
         if have >= pairs:
             break
-        synth = read_run(run, limit=pairs - have)
-        parts.append(Boards(synth.images, synth.masks, synth.classes))
-        have += len(synth)
+        if not usable(run, include_flagged):
+            continue
+        synth = read_run(run, include_flagged=include_flagged)
+        take = min(pairs - have, len(synth))
+        parts.append(Boards(synth.images[:take], synth.masks[:take], synth.classes[:take]))
+        have += take
     if have < pairs:
-        raise ValueError(f"{runs[0].parent} holds {have} synthesised samples, the curve needs {pairs}")
+        kind = "synthesised" if include_flagged else "accepted"
+        raise ValueError(f"{runs[0].parent} holds {have} {kind} samples, the curve needs {pairs}")
     return concat(*parts)
 
 
@@ -209,7 +261,7 @@ def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict
     sources = {f"real-{label}": real}
     for m in settings.pairs:
         sources[f"cut-paste-{label}x{m}"] = cut_paste(m, d.image_size, d.window, d.margin, defects=defects)
-        dmgr = read_pairs(runs, m)
+        dmgr = read_pairs(runs, m, settings.include_flagged)
         sources[f"dmgr-{label}x{m}"] = dmgr
         sources[f"real-{label}+dmgr-{label}x{m}"] = concat(real, dmgr)
     return sources
@@ -235,8 +287,13 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
             local = train_local(root / "local", data, settings, steps_for(settings, index), python, pretrained)
         if n != DEMO:
             results.setdefault("models", {})[str(n)] = check_local(local, data, settings.device)
-        per_n[n] = [synthesise(run, local, data, backgrounds, seeds, settings, python)
-                    for run, seeds in zip(synth_runs(root, settings.pairs), seed_ranges(settings.pairs))]
+        synthesise_run = partial(synthesise, local=local, data=data, backgrounds=backgrounds, settings=settings,
+                                 python=python)
+        runs = synthesise_pairs(root, synthesise_run, settings.pairs, settings.include_flagged)
+        results.setdefault("synthesis", {})[str(n)] = {
+            "seeds": seed_range(runs[-1])[1], "written": sum(usable(r, True) for r in runs),
+            "accepted": sum(usable(r, False) for r in runs)}
+        per_n[n] = runs
     for task in settings.tasks:
         segment = replace(settings.downstream.segment, task=task, device=settings.device)
         downstream = replace(settings.downstream, seeds=settings.seeds, segment=segment)
@@ -346,7 +403,10 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--per-class", type=_numbers, default=d.per_class, metavar="N,N",
                    help=f"real defects per class (default {','.join(map(str, d.per_class))}; '{DEMO}': the "
                    "shipped local model and make data's 1,000 per class)")
-    c.add_argument("--pairs", type=_numbers, default=d.pairs, metavar="M,M", help="pairs per synthetic source")
+    c.add_argument("--pairs", type=_numbers, default=d.pairs, metavar="M,M",
+                   help="pairs per synthetic source: samples the screen accepted (seeds are added until M are)")
+    c.add_argument("--include-flagged", action="store_true",
+                   help="count every written sample, flagged ones too (the export's --include-flagged)")
     c.add_argument("--arch", default=d.arch, help="conf/arch/ of the local model trained per N")
     c.add_argument("--local-steps", type=_numbers, default=d.local_steps, metavar="S,S",
                    help="its training steps per N, in --per-class order (the last repeats)")
@@ -369,7 +429,8 @@ def settings_from_args(args: argparse.Namespace) -> CurveSettings:
     downstream = {"test_defective": args.test_defective, "test_clean": args.test_clean,
                   "segment": {"steps": args.segment_steps}}
     return build(CurveSettings, dict(
-        per_class=args.per_class, pairs=args.pairs, arch=args.arch, local_steps=args.local_steps,
+        per_class=args.per_class, pairs=args.pairs, include_flagged=args.include_flagged, arch=args.arch,
+        local_steps=args.local_steps,
         pretrain_steps=args.pretrain_steps,
         tasks=args.tasks, seeds=args.seeds, jobs=args.jobs, device=args.device, synth_args=tuple(args.synth_arg),
         downstream=downstream))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from dmgr.export.common import is_flagged
 from dmgr.images import from_uint8
 
 
@@ -70,10 +71,18 @@ def _mask(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("L")) > 127)[None]
 
 
+def sample_metas(run_dir: str | Path) -> list[dict]:
+    """The json of every sample of a run, sorted by seed (no image decoded)."""
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(shard_paths(run_dir), shardshuffle=False)]
+    return sorted(metas, key=lambda m: m["seed"])
+
+
 def read_run(
-    run_dir: str | Path, images: tuple[str, ...] = (), masks: tuple[str, ...] = (), limit: int | None = None
+    run_dir: str | Path, images: tuple[str, ...] = (), masks: tuple[str, ...] = (), limit: int | None = None,
+    include_flagged: bool = True,
 ) -> SynthSet:
-    """Samples of a run through `webdataset.WebDataset`, sorted by seed.
+    """Samples of a run through `webdataset.WebDataset`, sorted by seed; without `include_flagged`, only those
+    the export hands the user (the seeds written flagged left out, before `limit` applies).
 
     `images` / `masks` name extra members to load (e.g. "twin.png", "paste.png" / "mask_gate.png");
     a sample without one of them is an error that names the synth option that writes it.
@@ -86,7 +95,8 @@ def read_run(
                 raise KeyError(
                     f"{run_dir}: sample {sample['__key__']} has no {key}; synthesise with extras.{option}=true"
                 )
-        rows.append(sample)
+        if include_flagged or not is_flagged(sample["json"]):
+            rows.append(sample)
     rows.sort(key=lambda s: s["json"]["seed"])
     rows = rows[:limit] if limit is not None else rows
     if not rows:
