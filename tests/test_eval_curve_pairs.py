@@ -13,11 +13,15 @@ import webdataset as wds
 from PIL import Image
 
 from dmgr.eval import fewshot
+from dmgr.eval.fewshot import CurveSettings, sources_for
+from dmgr.schema import build
+
+SIZE = 64  # the curve's boards
 
 
 def _png(value: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format="png")
+    Image.fromarray(np.full((SIZE, SIZE, 3), value, np.uint8)).save(buffer, format="png")
     return buffer.getvalue()
 
 
@@ -38,7 +42,7 @@ class FakeSynthesis:
             for seed in range(*seeds):
                 meta = {"seed": seed, "class_id": seed % 6, "window_box": [0, 0, 4, 4],
                         "screen": {"flagged": self.flagged(seed)}}
-                mask = Image.new("L", (8, 8), 255 if seed % 2 else 0)
+                mask = Image.new("L", (SIZE, SIZE), 255 if seed % 2 else 0)
                 buffer = io.BytesIO()
                 mask.save(buffer, format="png")
                 sink.write({"__key__": f"{seed:06d}", "png": _png(seed), "mask.png": buffer.getvalue(),
@@ -83,8 +87,19 @@ def test_a_run_the_screen_rejected_whole_is_passed_over(tmp_path):
     assert seeds_read(fewshot.read_pairs(runs, 4, include_flagged=False)) == [4, 5, 6, 7]
 
 
-def test_a_screen_that_rejects_everything_stops_at_the_seed_budget(tmp_path):
+def test_a_screen_that_rejects_everything_stops_at_the_seed_budget(tmp_path, caplog):
     synthesis = FakeSynthesis(lambda seed: True)
-    with pytest.raises(RuntimeError, match="16 seeds gave 0 samples the screen accepted, the curve needs 4"):
-        fewshot.synthesise_pairs(tmp_path, synthesis, (4,), include_flagged=False, budget=4)
+    runs = fewshot.synthesise_pairs(tmp_path, synthesis, (4,), include_flagged=False, budget=4)
     assert sum(end - first for _, (first, end) in synthesis.calls) == 16
+    assert "16 seeds gave 0 usable samples of the 4 asked" in caplog.text
+    assert [r.name for r in runs] == ["synth-0-3", "synth-4-7", "synth-8-11", "synth-12-15"]
+    assert not any(fewshot.usable(r, include_flagged=False) for r in runs)
+
+
+def test_rows_of_an_m_the_budget_could_not_fill_hold_the_accepted_samples_there_are(tmp_path):
+    synthesis = FakeSynthesis(lambda seed: seed % 4 != 1)  # one seed in four accepted
+    runs = fewshot.synthesise_pairs(tmp_path, synthesis, (6,), include_flagged=False, budget=2)
+    assert fewshot.seed_range(runs[-1])[1] == 12
+    rows = sources_for(1, runs, build(CurveSettings, dict(per_class=(1,), pairs=(6,))))
+    assert seeds_read(rows["dmgr-1x6"]) == [1, 5, 9]
+    assert len(rows["real-1+dmgr-1x6"].images) == 6 + 3 and len(rows["cut-paste-1x6"].images) == 6

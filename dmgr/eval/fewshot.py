@@ -190,7 +190,7 @@ def next_seeds(end: int, have: int, pairs: int) -> int:
 def synthesise_pairs(root: Path, synthesise_run: Callable[[Path, tuple[int, int]], Path], pairs: tuple[int, ...],
                      include_flagged: bool, budget: int = SEED_BUDGET) -> list[Path]:
     """Seed ranges into root/synth-<first>-<last> (existing ones resumed) until each M of `pairs` has M usable
-    samples; a larger M only adds runs. More than `budget` x M seeds for M samples is an error."""
+    samples; a larger M only adds runs. At `budget` x M seeds it stops with fewer (a warning says how many)."""
     runs = synth_runs(root)
     for run in runs:
         synthesise_run(run, seed_range(run))
@@ -199,10 +199,10 @@ def synthesise_pairs(root: Path, synthesise_run: Callable[[Path, tuple[int, int]
     for m in sorted(set(pairs)):
         while have < m:
             if end >= budget * m:
-                raise RuntimeError(
-                    f"{root}: {end} seeds gave {have} samples the screen accepted, the curve needs {m}; the screen "
-                    "rejects most of this local model's samples (see its models-check and the runs' manifests), "
-                    "or pass --include-flagged to count every written sample")
+                log.warning("%s: %d seeds gave %d usable samples of the %d asked; the rows of this M use those %d "
+                            "(the screen rejects most of this local model's samples: see its models-check and the "
+                            "runs' manifests; --include-flagged counts every written sample)", root, end, have, m, have)
+                return runs
             size = min(next_seeds(end, have, m), budget * m - end)
             run = synthesise_run(root / f"synth-{end}-{end + size - 1}", (end, end + size))
             runs.append(run)
@@ -253,7 +253,8 @@ def check_local(local: Path, data: Path, device: str) -> dict:
 
 
 def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict[str, Boards]:
-    """Every row of this N: real-N, and per M cut-paste-N x M, dmgr-N x M, real-N + dmgr-N x M."""
+    """Every row of this N: real-N, and per M cut-paste-N x M, dmgr-N x M, real-N + dmgr-N x M (the DMGR rows
+    of an M the seed budget could not fill hold the usable samples there are; their `pairs` says how many)."""
     d = settings.downstream
     defects = defects_of(n)
     label = DEMO_PER_CLASS if n == DEMO else n
@@ -261,7 +262,11 @@ def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict
     sources = {f"real-{label}": real}
     for m in settings.pairs:
         sources[f"cut-paste-{label}x{m}"] = cut_paste(m, d.image_size, d.window, d.margin, defects=defects)
-        dmgr = read_pairs(runs, m, settings.include_flagged)
+        available = sum(usable(run, settings.include_flagged) for run in runs)
+        if not available:
+            log.warning("%s: no usable DMGR sample; its DMGR rows are left out", runs[0].parent)
+            continue
+        dmgr = read_pairs(runs, min(m, available), settings.include_flagged)
         sources[f"dmgr-{label}x{m}"] = dmgr
         sources[f"real-{label}+dmgr-{label}x{m}"] = concat(real, dmgr)
     return sources
