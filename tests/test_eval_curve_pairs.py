@@ -94,6 +94,8 @@ def test_a_screen_that_rejects_everything_stops_at_the_seed_budget(tmp_path, cap
     assert "16 seeds gave 0 usable samples of the 4 asked" in caplog.text
     assert [r.name for r in runs] == ["synth-0-3", "synth-4-7", "synth-8-11", "synth-12-15"]
     assert not any(fewshot.usable(r, include_flagged=False) for r in runs)
+    rows = sources_for(1, runs, build(CurveSettings, dict(per_class=(1,), pairs=(4,))))
+    assert set(rows) == {"real-1", "cut-paste-1x4"}  # no DMGR rows without a usable sample
 
 
 def test_rows_of_an_m_the_budget_could_not_fill_hold_the_accepted_samples_there_are(tmp_path):

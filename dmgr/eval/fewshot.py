@@ -260,11 +260,12 @@ def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict
     label = DEMO_PER_CLASS if n == DEMO else n
     real = boards_of(defects, d.image_size)
     sources = {f"real-{label}": real}
+    available = sum(usable(run, settings.include_flagged) for run in runs)
+    if not available:
+        log.warning("%s: no usable DMGR sample; its DMGR rows are left out", runs[0].parent)
     for m in settings.pairs:
         sources[f"cut-paste-{label}x{m}"] = cut_paste(m, d.image_size, d.window, d.margin, defects=defects)
-        available = sum(usable(run, settings.include_flagged) for run in runs)
         if not available:
-            log.warning("%s: no usable DMGR sample; its DMGR rows are left out", runs[0].parent)
             continue
         dmgr = read_pairs(runs, min(m, available), settings.include_flagged)
         sources[f"dmgr-{label}x{m}"] = dmgr
