@@ -296,9 +296,10 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
         synthesise_run = partial(synthesise, local=local, data=data, backgrounds=backgrounds, settings=settings,
                                  python=python)
         runs = synthesise_pairs(root, synthesise_run, settings.pairs, settings.include_flagged)
+        written = [meta for run in runs for meta in sample_metas(run)]
         results.setdefault("synthesis", {})[str(n)] = {
-            "seeds": seed_range(runs[-1])[1], "written": sum(usable(r, True) for r in runs),
-            "accepted": sum(usable(r, False) for r in runs)}
+            "seeds": seed_range(runs[-1])[1], "written": len(written),
+            "accepted": sum(not is_flagged(meta) for meta in written)}
         per_n[n] = runs
     for task in settings.tasks:
         segment = replace(settings.downstream.segment, task=task, device=settings.device)
