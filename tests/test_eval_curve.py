@@ -25,6 +25,7 @@ from dmgr.schema import build
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` leaves the module out
 
 N = 2
+MODEL = "demo_local_mask-2-from-2"  # the local model's folder: its architecture, steps and pretraining steps
 SYNTH = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T_e=3", "screen.classifier_steps=3",
          "screen.max_attempts=1", "samples_per_shard=2"]
 
@@ -33,7 +34,7 @@ SYNTH = ["schedule=fast", "schedule.respacing=10", "schedule.T_s=6", "schedule.T
 def curve(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curve")
     command = [sys.executable, "-m", "dmgr.eval", "curve", "--quiet", "--per-class", str(N), "--pairs", "2,4",
-               "--include-flagged",
+               "--include-flagged", "--no-balance",
                "--local-steps", "2", "--pretrain-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3",
                "--test-defective", "12",
                "--test-clean", "6", "--out", str(out),
@@ -60,7 +61,7 @@ def test_the_curve_writes_every_row_its_table_and_its_picture(curve):
     checked = results["models"][str(N)]
     assert checked["verdict"].startswith("memorisation: ") and set(checked["classes"]) == set(CLASS_NAMES)
     assert all(c["samples"] == 16 and 0 <= c["copies"] <= 16 for c in checked["classes"].values())
-    assert (curve / f"N{N}" / "local" / "models-check" / "models.json").is_file()
+    assert (curve / f"N{N}" / MODEL / "local" / "models-check" / "models.json").is_file()
     assert f"| {N} | " in table.split("## The local models")[1]
 
 
@@ -68,18 +69,33 @@ def test_with_include_flagged_a_larger_m_adds_a_run_and_reads_both(curve):
     """The tiny models' samples all fail the screen, so the run counts flagged ones (`--include-flagged`; the
     default, accepted samples only, is tests/test_eval_curve_pairs.py): --pairs 2,4 makes seeds 0-1 and 2-3 (a
     larger M never redoes a run) and DMGR x4 is both; the curve records what the screen accepted."""
-    runs = fewshot.synth_runs(curve / f"N{N}")
+    runs = fewshot.synth_runs(curve / f"N{N}" / MODEL)
     assert [r.name for r in runs] == ["synth-0-1", "synth-2-3"]
     per_run = [read_run(r) for r in runs]
     assert [s.seeds for s in per_run] == [[0, 1], [2, 3]]
-    both = fewshot.read_pairs(runs, 4, include_flagged=True)
+    both = fewshot.read_pairs(runs, 4, include_flagged=True, balance=False)
     assert torch.equal(both.images, torch.cat([s.images for s in per_run]))
-    assert torch.equal(fewshot.read_pairs(runs, 2, include_flagged=True).images, per_run[0].images)
+    assert torch.equal(fewshot.read_pairs(runs, 2, include_flagged=True, balance=False).images, per_run[0].images)
     with pytest.raises(ValueError, match="holds 4 synthesised samples, the curve needs 5"):
-        fewshot.read_pairs(runs, 5, include_flagged=True)
+        fewshot.read_pairs(runs, 5, include_flagged=True, balance=False)
     accepted = sum(not is_flagged(meta) for r in runs for meta in sample_metas(r))
     record = json.loads((curve / "curve.json").read_text())["synthesis"][str(N)]
-    assert record == {"seeds": 4, "written": 4, "accepted": accepted}
+    assert record == {"model": f"N{N}/{MODEL}", "seeds": 4, "written": 4, "accepted": accepted}
+
+
+def test_a_top_up_run_draws_only_the_classes_it_weights(curve, tmp_path):
+    """The balanced curve's further runs (`fewshot.top_up`) pass their class weights to `dmgr.synth` (the fast
+    pairs tests stand in for it): a run weighted to two classes writes only those, and records the choice."""
+    synth_args = (*SYNTH, f"screen.cache_dir={curve / 'screen-cache'}")
+    settings = build(CurveSettings, dict(per_class=(N,), synth_args=synth_args))
+    backgrounds = next(curve.glob("backgrounds-*")) / "backgrounds.jsonl"
+    run = fewshot.synthesise(tmp_path / "synth-10-13", (10, 14), [0, 0, 0.5, 0, 0.5, 0],
+                             local=curve / f"N{N}" / MODEL / "local" / "ema.safetensors", data=curve / f"N{N}" / "data",
+                             backgrounds=backgrounds, settings=settings)
+    metas = sample_metas(run)
+    assert [m["seed"] for m in metas] == [10, 11, 12, 13] and {m["class_id"] for m in metas} <= {2, 4}
+    config = json.loads((run / "manifest.json").read_text())["config"]["dataset"]
+    assert config["class_choice"] == "weighted" and config["class_weights"] == [0, 0, 0.5, 0, 0.5, 0]
 
 
 def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
@@ -93,14 +109,15 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
     assert files == {i["file"] for i in labels} | {i["mask"] for i in labels}
     # the local model trained on that root, starting from the pretrained model, which read only defect-free boards;
     # the synthesis used that model and screened with that root
-    assert json.loads((curve / f"N{N}" / "local" / "train.json").read_text())["data_root"] == str(data)
+    assert json.loads((curve / f"N{N}" / MODEL / "local" / "train.json").read_text())["data_root"] == str(data)
     pretrained = curve / "pretrain-demo_local_mask-2"
     record = json.loads((pretrained / "train.json").read_text())
     assert record["local_data"] == "clean" and Path(record["data_root"]).name.startswith("backgrounds-")
-    assert json.loads((curve / f"N{N}" / "local" / "curve-done.json").read_text())["pretrained"] == str(
+    assert json.loads((curve / f"N{N}" / MODEL / "local" / "curve-done.json").read_text())["pretrained"] == str(
         pretrained / "ema.safetensors")
-    config = json.loads((curve / f"N{N}" / "synth-0-1" / "manifest.json").read_text())["config"]
-    assert config["model"]["local"]["checkpoint"] == str((curve / f"N{N}" / "local" / "ema.safetensors").resolve())
+    config = json.loads((curve / f"N{N}" / MODEL / "synth-0-1" / "manifest.json").read_text())["config"]
+    assert config["model"]["local"]["checkpoint"] == str((curve / f"N{N}" / MODEL / "local" / "ema.safetensors")
+                                                         .resolve())
     assert config["screen"]["data_root"] == str(data.resolve())
     records = [json.loads(p.read_text()) for p in (curve / "screen-cache").glob("*.json")]
     assert records and all(r["data_root"] == str(data.resolve()) for r in records)
@@ -114,8 +131,8 @@ def test_every_learning_part_reads_only_the_users_n_defects(curve, monkeypatch):
 
     monkeypatch.setattr(sources, "add_defect", recording)
     monkeypatch.setattr(real, "add_defect", recording)
-    settings = build(CurveSettings, dict(per_class=(N,), pairs=(2, 4), include_flagged=True))
-    rows = sources_for(N, fewshot.synth_runs(curve / f"N{N}"), settings)
+    settings = build(CurveSettings, dict(per_class=(N,), pairs=(2, 4), include_flagged=True, balance=False))
+    rows = sources_for(N, fewshot.synth_runs(curve / f"N{N}" / MODEL), settings)
     assert drawn and set(drawn) == users
     assert all(USER <= seed < USER + 6 * N for seed, _, _ in drawn)
     assert {family(name)[0] for name in rows} == set(fewshot.FAMILIES)
@@ -128,7 +145,8 @@ def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     boards exported the same way."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "dmgr.eval", "yolo", "--quiet", "--curve", str(curve), "--per-class",
-                           str(N), "--pairs", "2", "--include-flagged", "--epochs", "1",
+                           str(N), "--pairs", "2", "--include-flagged", "--no-balance", "--local-steps", "2",
+                           "--pretrain-steps", "2", "--epochs", "1",
                            "--test-defective", "12"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -136,11 +154,11 @@ def test_a_yolo_judge_trains_on_real_n_and_on_real_n_plus_dmgr_exports(curve):
     assert rows[f"real-{N}"]["train_images"] == 6 * N
     assert rows[f"real-{N}+dmgr-{N}x2"]["train_images"] == 6 * N + 2
     assert all(0 <= row[k]["mean"] <= 1 for row in rows.values() for k in ("mask_map50", "mask_map50_95"))
-    listing = (curve / "yolo" / f"N{N}" / f"real-{N}.train.txt").read_text().split()
+    listing = (curve / "yolo" / f"N{N}" / MODEL / f"real-{N}.train.txt").read_text().split()
     assert len(listing) == 6 * N and all(Path(p).name.startswith("real-") for p in listing)
-    mixed = (curve / "yolo" / f"N{N}" / f"real-{N}+dmgr-{N}x2.train.txt").read_text().split()
+    mixed = (curve / "yolo" / f"N{N}" / MODEL / f"real-{N}+dmgr-{N}x2.train.txt").read_text().split()
     assert sorted(int(Path(p).stem) for p in mixed if not Path(p).name.startswith("real-")) == [0, 1]
-    val = (curve / "yolo" / f"N{N}" / f"real-{N}.yaml").read_text().split("val: ")[1].split()[0]
+    val = (curve / "yolo" / f"N{N}" / MODEL / f"real-{N}.yaml").read_text().split("val: ")[1].split()[0]
     assert len(list(Path(val).glob("*.png"))) == 12
 
 

@@ -4,14 +4,16 @@ the same way.
 
     make detect-env && python -m dmgr.eval yolo --curve outputs/eval/curve --per-class 16,64
 
-Per N it reads the curve's synthesis runs (OUT/N<n>/synth-*: run `python -m dmgr.eval curve` first) and takes
-the first M samples the export hands a user (flagged ones left out, as the curve's DMGR-N x M), and writes:
+Per N it reads the curve's synthesis runs of the local model named by --arch, --local-steps and --pretrain-steps
+(the curve's, OUT/N<n>/<model>/synth-*: run `python -m dmgr.eval curve` first) and takes the samples of the curve's
+DMGR-N x M (`fewshot.choose`: samples the export hands a user, flagged ones left out; M / 6 of each class with
+--balance, the curve's default), and writes:
 
     OUT/yolo/N<n>/real/images/<class>/, masks/<class>/   the user's 6N boards (the export's --add-real layout)
-    OUT/yolo/N<n>/export/                                 the first run with them: `--val 0 --add-real ...`
-    OUT/yolo/N<n>/export-synth-<a>-<b>/                   each further run: `--val 0`
+    OUT/yolo/N<n>/<model>/export/                         the first run with them: `--val 0 --add-real ...`
+    OUT/yolo/N<n>/<model>/export-synth-<a>-<b>/           each further run: `--val 0`
     OUT/yolo/test/                                        held-out real boards (TEST stream) as the val split
-    OUT/yolo/N<n>/<source>-<seed>/                        YOLO's run; its scores in scores.json (cached)
+    OUT/yolo/N<n>/<model>/<source>-<seed>/                YOLO's run; its scores in scores.json (cached)
 
 The model is built from `yolov8n-seg.yaml` (no pretrained weights, nothing downloaded, plots off) and trained in
 the detector environment (`.venv-detect`), whose torch and torchvision Ultralytics needs. Sources: real-N (the
@@ -37,9 +39,10 @@ from PIL import Image
 
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.export import TEST_OFFSET
-from dmgr.eval.fewshot import synth_runs, user_defects
+from dmgr.eval.fewshot import CurveSettings, choose, model_name, steps_for, synth_runs, user_defects
 from dmgr.eval.real import Boards, boards_of, defective_boards
 from dmgr.schema import STRICT_SECTION, Count, build
+from dmgr.shards.layout import sample_key
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,13 @@ print(json.dumps({"mask_map50": float(metrics.seg.map50), "mask_map50_95": float
 class DetectorSettings:
     __pydantic_config__ = STRICT_SECTION
     per_class: tuple[Count(), ...] = (16, 64)
-    pairs: Count() = 64  # DMGR-N x M: the first M samples of the curve's runs that the export keeps
+    pairs: Count() = 64  # DMGR-N x M: the curve's M (samples of its runs that the export keeps)
     include_flagged: bool = False  # the export's --include-flagged (the curve's, when it was run with it)
+    balance: bool = CurveSettings.balance  # the curve's --balance: which of the runs' samples DMGR-N x M holds
+    arch: str = CurveSettings.arch  # the local model whose runs are judged: the curve's --arch,
+    local_steps: tuple[Count(), ...] = (2500, 3000)  # --local-steps (per N, in per_class order; the curve's
+    #   defaults for N = 16 and 64)
+    pretrain_steps: Count(0) = 0  # and --pretrain-steps
     epochs: Count() = 30
     imgsz: Count(32) = 64
     batch: Count() = 32
@@ -150,19 +158,23 @@ def finished_runs(root: Path) -> list[Path]:
 
 
 def synthetic_images(runs: list[Path], root: Path, real: Path, settings: DetectorSettings) -> tuple[Path, list[Path]]:
-    """The first run's export with the user's boards (root/export), and the first `pairs` exported synthetic
-    training images by seed over the runs' exports (a further run exported only when needed)."""
+    """The first run's export with the user's boards (root/export), and the exported training images of the
+    samples the curve's DMGR-N x M reads (`choose`; each further run exported only when it holds one of them)."""
+    chosen = choose(runs, settings.pairs, settings.include_flagged, settings.balance)
+    have = sum(len(seeds) for seeds in chosen.values())
+    if have < settings.pairs:
+        raise ValueError(f"{runs[0].parent}: the runs hold {have} of the {settings.pairs} samples --pairs asks; run "
+                         "the curve with that M first")
     first = _export(runs[0], root / "export", real, include_flagged=settings.include_flagged)
-    images = sorted(p for p in (first / "images" / "train").glob("*.png") if not p.name.startswith("real-"))
-    for run in runs[1:]:
-        if len(images) >= settings.pairs:
-            break
-        more = _export(run, root / f"export-{run.name}", None, include_flagged=settings.include_flagged)
-        images += sorted((more / "images" / "train").glob("*.png"))
-    if len(images) < settings.pairs:
-        raise ValueError(f"{runs[0].parent}: the runs' exports hold {len(images)} images, --pairs asks "
-                         f"{settings.pairs}; run the curve with that M first")
-    return first, images[: settings.pairs]
+    images = []
+    for run, seeds in chosen.items():
+        exported = first if run == runs[0] else _export(run, root / f"export-{run.name}", None,
+                                                        include_flagged=settings.include_flagged)
+        images += [exported / "images" / "train" / f"{sample_key(seed)}.png" for seed in seeds]
+    missing = [p for p in images if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: a chosen sample is not in its run's export")
+    return first, images
 
 
 def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_PYTHON) -> dict:
@@ -172,19 +184,20 @@ def judge_curve(curve: Path, settings: DetectorSettings, python: Path = DETECT_P
     if not (test_real / "images").exists():
         write_boards(test_real, defective_boards(TEST_OFFSET, settings.test_defective, settings.image_size))
     results: dict = {"settings": asdict(settings), "per_class": {}}
-    for n in settings.per_class:
-        runs = finished_runs(curve / f"N{n}")
+    for index, n in enumerate(settings.per_class):
+        model = model_name(settings.arch, steps_for(settings.local_steps, index), settings.pretrain_steps)
+        runs = finished_runs(curve / f"N{n}" / model)
         real = root / f"N{n}" / "real"
         if not (real / "images").exists():
             write_boards(real, boards_of(user_defects(n), settings.image_size))
         test = _export(runs[0], root / "test" / f"export-N{n}", test_real, real_as_val=True)
-        exported, synthetic = synthetic_images(runs, root / f"N{n}", real, settings)
+        exported, synthetic = synthetic_images(runs, root / f"N{n}" / model, real, settings)
         real_images = sorted(p for p in (exported / "images" / "train").glob("*.png") if p.name.startswith("real-"))
         sources = {f"real-{n}": real_images, f"real-{n}+dmgr-{n}x{settings.pairs}": real_images + synthetic}
         rows = {}
         for name, images in sources.items():
-            yaml_path = data_yaml(root / f"N{n}" / f"{name}.yaml", images, test / "images" / "val")
-            runs = [train_and_score(yaml_path, root / f"N{n}" / f"{name}-{seed}", settings, seed, python)
+            yaml_path = data_yaml(root / f"N{n}" / model / f"{name}.yaml", images, test / "images" / "val")
+            runs = [train_and_score(yaml_path, root / f"N{n}" / model / f"{name}-{seed}", settings, seed, python)
                     for seed in settings.seeds]
             rows[name] = {"train_images": len(images), **{k: {"mean": float(np.mean([r[k] for r in runs])),
                                                             "std": float(np.std([r[k] for r in runs]))}
@@ -201,9 +214,15 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--curve", type=Path, default=Path("outputs/eval/curve"), help="the curve's output folder")
     c.add_argument("--per-class", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.per_class)
     c.add_argument("--pairs", type=int, default=d.pairs,
-                   help="DMGR-N x M: the first M samples of the curve's runs the export keeps (the curve's M)")
+                   help="DMGR-N x M: the curve's M (samples of its runs that the export keeps)")
     c.add_argument("--include-flagged", action="store_true",
                    help="count flagged samples too (when the curve was run with --include-flagged)")
+    c.add_argument("--balance", action=argparse.BooleanOptionalAction, default=d.balance,
+                   help="the curve's --balance (M / 6 samples of each class) or --no-balance (the first M)")
+    c.add_argument("--arch", default=d.arch, help="the curve's --arch: the local model whose runs are judged")
+    c.add_argument("--local-steps", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.local_steps,
+                   help="the curve's --local-steps (per N, in --per-class order; the last repeats)")
+    c.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help="the curve's --pretrain-steps")
     c.add_argument("--epochs", type=int, default=d.epochs)
     c.add_argument("--imgsz", type=int, default=d.imgsz,
                    help="YOLO's input side in pixels: the boards are upscaled to it (Ultralytics rounds to its stride)")
@@ -214,6 +233,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 def yolo_command(args: argparse.Namespace) -> dict:
     settings = build(DetectorSettings, dict(per_class=args.per_class, pairs=args.pairs,
-                                            include_flagged=args.include_flagged, epochs=args.epochs, imgsz=args.imgsz,
+                                            include_flagged=args.include_flagged, balance=args.balance,
+                                            arch=args.arch,
+                                            local_steps=args.local_steps, pretrain_steps=args.pretrain_steps,
+                                            epochs=args.epochs, imgsz=args.imgsz,
                                             seeds=args.seeds, test_defective=args.test_defective, device=args.device))
     return judge_curve(args.curve, settings)

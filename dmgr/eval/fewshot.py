@@ -7,12 +7,14 @@ USER + k, class k % 6, defect seed k, k < 6N); the global model keeps learning f
 user has in plenty. Per N, each step cached by its inputs and resumable (rerun the same command):
 
     OUT/N<n>/data/local/     the defects' patches (`write_patches`): the local model's and the screen's data
-    OUT/N<n>/local/          `python -m dmgr.train` of the local architecture on them (resumes from state.pt)
-    OUT/N<n>/synth-<a>-<b>/  the default synthesis job with that local model and the screen trained on the same
-                             patches, into 64 px boards, seeds a..b: first seeds 0..M-1, then runs of further seeds
+    OUT/N<n>/<model>/local/  `python -m dmgr.train` of the local architecture on them (resumes from state.pt);
+                             <model> names its inputs: <arch>-<steps>, or <arch>-<steps>-from-<pretrain steps>
+    OUT/N<n>/<model>/synth-<a>-<b>/  the default synthesis job with that local model and the screen trained on
+                             the same patches, into 64 px boards, seeds a..b: first seeds 0..M-1, then further seeds
                              until M samples were accepted by the screen (those the export hands a user; flagged
-                             ones count only with --include-flagged); a larger M only adds runs. DMGR-N x M is the
-                             first M accepted samples by seed (each run resumes complete shards)
+                             ones count only with --include-flagged), M / 6 of each class: further runs weight the
+                             classes short of theirs (`top_up`; --no-balance: any M); a larger M only adds runs.
+                             DMGR-N x M is those samples, first by seed (each run resumes complete shards)
     OUT/models/              each segmenter's scores (`run_benchmark`'s cache)
 
 Rows per N: real-N (the 6N boards themselves), cut-paste-N x M (their patches pasted into defect-free boards),
@@ -34,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import torch
 from PIL import Image, ImageDraw
 
 from dmgr import DEMO_DATA
@@ -63,6 +66,8 @@ class CurveSettings:
     pairs: tuple[Count(), ...] = (64, 512)  # M: pairs each synthetic source makes
     include_flagged: bool = False  # DMGR-N x M counts every written sample, not only those the screen accepted
     #   (the export's --include-flagged; by default the curve reads what the export hands the user)
+    balance: bool = True  # DMGR-N x M holds M / 6 samples of each class: runs after the first M seeds weight
+    #   the classes short of theirs (`dataset.class_weights`) at their own acceptance; False: the first M by seed
     arch: str = "demo_local_mask"  # conf/arch/ of the local model trained per N (docs/training.md: the
     #   smallest tested that keeps the default job's quality)
     local_steps: tuple[Count(), ...] = (2000, 2500, 3000, 4000)  # training steps per N, in per_class order
@@ -89,8 +94,9 @@ def defects_of(n: int | str) -> list[Defect]:
     return local_defects(DEMO_PER_CLASS) if n == DEMO else user_defects(int(n))
 
 
-def steps_for(settings: CurveSettings, index: int) -> int:
-    return settings.local_steps[min(index, len(settings.local_steps) - 1)]
+def steps_for(local_steps: tuple[int, ...], index: int) -> int:
+    """The local model's training steps of the index-th N (the last entry repeats)."""
+    return local_steps[min(index, len(local_steps) - 1)]
 
 
 def _run(command: list[str], log_path: Path) -> None:
@@ -149,6 +155,12 @@ def pretrain_local(out: Path, backgrounds: Path, settings: CurveSettings, python
                               f"steps={settings.pretrain_steps}"], settings, python)
 
 
+def model_name(arch: str, steps: int, pretrain_steps: int) -> str:
+    """<arch>-<steps>[-from-<pretrain steps>]: the folder of an N's local model and its synthesis runs, one per set
+    of training inputs, so that a change of steps or architecture trains and synthesises anew beside the old."""
+    return f"{arch}-{steps}" + (f"-from-{pretrain_steps}" if pretrain_steps else "")
+
+
 def train_local(root: Path, data: Path, settings: CurveSettings, steps: int, python: str = sys.executable,
                 pretrained: Path | None = None) -> Path:
     """The local model on the N defects' patches (from `pretrained` when given): root/ema.safetensors."""
@@ -172,9 +184,20 @@ def seed_range(run: Path) -> tuple[int, int]:
     return first, last + 1
 
 
-def usable(run: Path, include_flagged: bool) -> int:
-    """Samples of a finished run that reach the user: the export leaves flagged ones out unless asked."""
-    return sum(include_flagged or not is_flagged(meta) for meta in sample_metas(run))
+def quotas(pairs: int, balance: bool) -> list[int] | None:
+    """Samples per class of a class-balanced M (the first classes take the remainder); None without balance."""
+    classes = len(CLASS_NAMES)
+    return [pairs // classes + (c < pairs % classes) for c in range(classes)] if balance else None
+
+
+def tally(runs: list[Path], include_flagged: bool) -> tuple[list[int], list[int]]:
+    """Per class over the runs: usable samples (the export leaves flagged ones out unless asked) and samples
+    written."""
+    have, written = [0] * len(CLASS_NAMES), [0] * len(CLASS_NAMES)
+    for meta in (meta for run in runs for meta in sample_metas(run)):
+        written[meta["class_id"]] += 1
+        have[meta["class_id"]] += include_flagged or not is_flagged(meta)
+    return have, written
 
 
 def next_seeds(end: int, have: int, pairs: int) -> int:
@@ -187,57 +210,100 @@ def next_seeds(end: int, have: int, pairs: int) -> int:
     return max(8, math.ceil((pairs - have) * end / have * 1.1))
 
 
-def synthesise_pairs(root: Path, synthesise_run: Callable[[Path, tuple[int, int]], Path], pairs: tuple[int, ...],
-                     include_flagged: bool, budget: int = SEED_BUDGET) -> list[Path]:
+def top_up(have: list[int], written: list[int], quota: list[int]) -> tuple[int, list[float]]:
+    """Seeds and class weights (`dataset.class_weights`) of a run that fills each class's shortfall at its own
+    acceptance so far (10 % spare, at least 8 seeds; a class with none accepted yet counts as 1 in written + 1)."""
+    need = [(q - h) * (w / h if h else w + 1) if h < q else 0.0 for h, w, q in zip(have, written, quota)]
+    return max(8, math.ceil(sum(need) * 1.1)), [round(v / sum(need), 4) for v in need]
+
+
+def planned_weights(run: Path) -> list[float] | None:
+    """The class weights a run was planned with (run/curve-run.json), None for the job's own class choice."""
+    record = run / "curve-run.json"
+    return json.loads(record.read_text())["class_weights"] if record.exists() else None
+
+
+def synthesise_pairs(root: Path, synthesise_run: Callable[[Path, tuple[int, int], list[float] | None], Path],
+                     pairs: tuple[int, ...], include_flagged: bool, balance: bool,
+                     budget: int = SEED_BUDGET) -> list[Path]:
     """Seed ranges into root/synth-<first>-<last> (existing ones resumed) until each M of `pairs` has M usable
-    samples; a larger M only adds runs. At `budget` x M seeds it stops with fewer (a warning says how many)."""
+    samples (balance: M / 6 of each class, further runs weighted to the classes short of theirs at their own
+    acceptance); a larger M only adds runs. At `budget` x M seeds it stops with fewer (a warning says how many)."""
     runs = synth_runs(root)
     for run in runs:
-        synthesise_run(run, seed_range(run))
+        synthesise_run(run, seed_range(run), planned_weights(run))
     end = seed_range(runs[-1])[1] if runs else 0
-    have = sum(usable(run, include_flagged) for run in runs)
     for m in sorted(set(pairs)):
-        while have < m:
+        quota = quotas(m, balance)
+        while True:
+            have, written = tally(runs, include_flagged)
+            if (sum(have) >= m) if quota is None else all(h >= q for h, q in zip(have, quota)):
+                break
             if end >= budget * m:
-                log.warning("%s: %d seeds gave %d usable samples of the %d asked; the rows of this M use those %d "
+                log.warning("%s: %d seeds gave %s usable samples of the %d asked; the rows of this M use those "
                             "(the screen rejects most of this local model's samples: see its models-check and the "
-                            "runs' manifests; --include-flagged counts every written sample)", root, end, have, m, have)
+                            "runs' manifests; --include-flagged counts every written sample)", root, end,
+                            sum(have) if quota is None else f"{have} per class (quota {quota[0]})", m)
                 return runs
-            size = min(next_seeds(end, have, m), budget * m - end)
-            run = synthesise_run(root / f"synth-{end}-{end + size - 1}", (end, end + size))
-            runs.append(run)
-            have += usable(run, include_flagged)
+            size, weights = next_seeds(end, sum(have), m), None
+            if quota is not None and end >= m:
+                size, weights = top_up(have, written, quota)
+            size = min(size, budget * m - end)
+            run = root / f"synth-{end}-{end + size - 1}"
+            if weights is not None:
+                run.mkdir(parents=True, exist_ok=True)
+                (run / "curve-run.json").write_text(json.dumps({"class_weights": weights}))
+            runs.append(synthesise_run(run, (end, end + size), weights))
             end += size
     return runs
 
 
-def synthesise(run: Path, seeds: tuple[int, int], local: Path, data: Path, backgrounds: Path,
-               settings: CurveSettings, python: str = sys.executable) -> Path:
-    """The default job with this N's local model and screen, seeds [first, end) into the 64 px boards
-    (resumable)."""
+def synthesise(run: Path, seeds: tuple[int, int], weights: list[float] | None, local: Path, data: Path,
+               backgrounds: Path, settings: CurveSettings, python: str = sys.executable) -> Path:
+    """The default job with this N's local model and screen, seeds [first, end) into the 64 px boards, with the
+    class weights given (resumable)."""
     first, end = seeds
+    choice = [] if weights is None else ["dataset.class_choice=weighted",
+                                         f"dataset.class_weights=[{','.join(map(str, weights))}]"]
     _run([python, "-m", "dmgr.synth", f"model.local.checkpoint={local.resolve()}", f"screen.data_root={data.resolve()}",
           f"dataset.images={backgrounds.resolve()}", f"seeds={first}-{end - 1}", f"out_dir={run}",
-          f"device={settings.device}", *settings.synth_args], run.parent / "synth.log")
+          f"device={settings.device}", *choice, *settings.synth_args], run.parent / "synth.log")
     return run
 
 
-def read_pairs(runs: list[Path], pairs: int, include_flagged: bool) -> Boards:
-    """The first `pairs` usable samples (by seed) of an N's synthesis runs."""
-    parts, have = [], 0
+def choose(runs: list[Path], pairs: int, include_flagged: bool, balance: bool) -> dict[Path, list[int]]:
+    """The seeds of DMGR-N x M per run: by seed, the first M usable samples (balance: of each class the first of
+    its quota); fewer where the runs hold fewer."""
+    quota, taken, chosen = quotas(pairs, balance), [0] * len(CLASS_NAMES), {}
     for run in runs:
-        if have >= pairs:
-            break
-        if not usable(run, include_flagged):
-            continue
-        synth = read_run(run, include_flagged=include_flagged)
-        take = min(pairs - have, len(synth))
-        parts.append(Boards(synth.images[:take], synth.masks[:take], synth.classes[:take]))
-        have += take
+        for meta in sample_metas(run):
+            c = meta["class_id"]
+            if (include_flagged or not is_flagged(meta)) and (
+                    sum(taken) < pairs if quota is None else taken[c] < quota[c]):
+                taken[c] += 1
+                chosen.setdefault(run, []).append(meta["seed"])
+    return chosen
+
+
+def read_chosen(chosen: dict[Path, list[int]]) -> Boards:
+    """The chosen samples' boards, in seed order, read through webdataset."""
+    parts = []
+    for run, seeds in chosen.items():
+        synth = read_run(run, include_flagged=True)
+        keep = torch.tensor([seed in set(seeds) for seed in synth.seeds])
+        parts.append(Boards(synth.images[keep], synth.masks[keep], synth.classes[keep]))
+    return concat(*parts)
+
+
+def read_pairs(runs: list[Path], pairs: int, include_flagged: bool, balance: bool) -> Boards:
+    """DMGR-N x M: the samples `choose` picks, all M of them."""
+    chosen = choose(runs, pairs, include_flagged, balance)
+    have = sum(len(seeds) for seeds in chosen.values())
     if have < pairs:
         kind = "synthesised" if include_flagged else "accepted"
-        raise ValueError(f"{runs[0].parent} holds {have} {kind} samples, the curve needs {pairs}")
-    return concat(*parts)
+        raise ValueError(f"{runs[0].parent} holds {have} {kind} samples{' in the quotas' if balance else ''}, the "
+                         f"curve needs {pairs}")
+    return read_chosen(chosen)
 
 
 def check_local(local: Path, data: Path, device: str) -> dict:
@@ -260,14 +326,13 @@ def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict
     label = DEMO_PER_CLASS if n == DEMO else n
     real = boards_of(defects, d.image_size)
     sources = {f"real-{label}": real}
-    available = sum(usable(run, settings.include_flagged) for run in runs)
-    if not available:
-        log.warning("%s: no usable DMGR sample; its DMGR rows are left out", runs[0].parent)
     for m in settings.pairs:
         sources[f"cut-paste-{label}x{m}"] = cut_paste(m, d.image_size, d.window, d.margin, defects=defects)
-        if not available:
+        chosen = choose(runs, m, settings.include_flagged, settings.balance)
+        if not chosen:
+            log.warning("%s: no usable DMGR sample; its DMGR rows are left out", runs[0].parent)
             continue
-        dmgr = read_pairs(runs, min(m, available), settings.include_flagged)
+        dmgr = read_chosen(chosen)
         sources[f"dmgr-{label}x{m}"] = dmgr
         sources[f"real-{label}+dmgr-{label}x{m}"] = concat(real, dmgr)
     return sources
@@ -290,15 +355,17 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
                 raise FileNotFoundError(f"{data}/local: the demo row needs `make data` first")
         else:
             data = write_data(root / "data", user_defects(int(n)), size)
-            local = train_local(root / "local", data, settings, steps_for(settings, index), python, pretrained)
+            steps = steps_for(settings.local_steps, index)
+            root = root / model_name(settings.arch, steps, settings.pretrain_steps)
+            local = train_local(root / "local", data, settings, steps, python, pretrained)
         if n != DEMO:
             results.setdefault("models", {})[str(n)] = check_local(local, data, settings.device)
         synthesise_run = partial(synthesise, local=local, data=data, backgrounds=backgrounds, settings=settings,
                                  python=python)
-        runs = synthesise_pairs(root, synthesise_run, settings.pairs, settings.include_flagged)
+        runs = synthesise_pairs(root, synthesise_run, settings.pairs, settings.include_flagged, settings.balance)
         written = [meta for run in runs for meta in sample_metas(run)]
         results.setdefault("synthesis", {})[str(n)] = {
-            "seeds": seed_range(runs[-1])[1], "written": len(written),
+            "model": str(root.relative_to(out)), "seeds": seed_range(runs[-1])[1], "written": len(written),
             "accepted": sum(not is_flagged(meta) for meta in written)}
         per_n[n] = runs
     for task in settings.tasks:
@@ -414,6 +481,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
                    help="pairs per synthetic source: samples the screen accepted (seeds are added until M are)")
     c.add_argument("--include-flagged", action="store_true",
                    help="count every written sample, flagged ones too (the export's --include-flagged)")
+    c.add_argument("--balance", action=argparse.BooleanOptionalAction, default=d.balance,
+                   help="DMGR-N x M holds M / 6 samples of each class, further seeds weighted to the classes short "
+                   "of theirs (--no-balance: the first M by seed, whatever their classes)")
     c.add_argument("--arch", default=d.arch, help="conf/arch/ of the local model trained per N")
     c.add_argument("--local-steps", type=_numbers, default=d.local_steps, metavar="S,S",
                    help="its training steps per N, in --per-class order (the last repeats)")
@@ -436,7 +506,8 @@ def settings_from_args(args: argparse.Namespace) -> CurveSettings:
     downstream = {"test_defective": args.test_defective, "test_clean": args.test_clean,
                   "segment": {"steps": args.segment_steps}}
     return build(CurveSettings, dict(
-        per_class=args.per_class, pairs=args.pairs, include_flagged=args.include_flagged, arch=args.arch,
+        per_class=args.per_class, pairs=args.pairs, include_flagged=args.include_flagged, balance=args.balance,
+        arch=args.arch,
         local_steps=args.local_steps,
         pretrain_steps=args.pretrain_steps,
         tasks=args.tasks, seeds=args.seeds, jobs=args.jobs, device=args.device, synth_args=tuple(args.synth_arg),
