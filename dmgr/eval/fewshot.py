@@ -289,8 +289,8 @@ def read_chosen(chosen: dict[Path, list[int]]) -> Boards:
     """The chosen samples' boards, in seed order, read through webdataset."""
     parts = []
     for run, seeds in chosen.items():
-        synth = read_run(run, include_flagged=True)
-        keep = torch.tensor([seed in set(seeds) for seed in synth.seeds])
+        synth, wanted = read_run(run, include_flagged=True), set(seeds)
+        keep = torch.tensor([seed in wanted for seed in synth.seeds])
         parts.append(Boards(synth.images[keep], synth.masks[keep], synth.classes[keep]))
     return concat(*parts)
 
