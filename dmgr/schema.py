@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -55,14 +56,18 @@ def _bounds(cls: type, loc: tuple) -> str:
     """'must be >= 1', 'a number in [0, 1]', 'must be > 0 and < 1': the field's bounds, as declared."""
     section = _section_type(cls, loc[:-1])
     hint = typing.get_type_hints(section, include_extras=True)[loc[-1]]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     found = {}
-    for info in typing.get_args(hint)[1:]:
-        for bound in getattr(info, "metadata", []):
-            found.update({k: getattr(bound, k) for k in ("ge", "gt", "le", "lt") if hasattr(bound, k)})
+    for member in typing.get_args(hint) if optional else (hint,):  # X | None: the bounds of X
+        for info in typing.get_args(member)[1:]:
+            for bound in getattr(info, "metadata", []):
+                found.update({k: getattr(bound, k) for k in ("ge", "gt", "le", "lt") if hasattr(bound, k)})
     if "ge" in found and "le" in found:
-        return f"a number in [{found['ge']}, {found['le']}]"
-    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    return "must be " + " and ".join(f"{symbols[k]} {v}" for k, v in found.items())
+        text = f"a number in [{found['ge']}, {found['le']}]"
+    else:
+        symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        text = "must be " + " and ".join(f"{symbols[k]} {v}" for k, v in found.items())
+    return text + (", or null" if optional else "")
 
 
 def _allowed(error: dict, cls: type) -> str:

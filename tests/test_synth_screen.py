@@ -41,6 +41,7 @@ from dmgr.synth.screen import (
     attempt_rank,
     changed_outside,
     failed_checks,
+    fidelity_threshold,
     mask_outside,
     screen_summary,
     seam_z,
@@ -350,6 +351,7 @@ def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
         (["screen.enabled=true", "dataset.source=generate"], "screen.enabled=True: the quality screen needs"),
         ([*images, *on, "screen.on_exhausted=drop"], "screen.on_exhausted='drop': allowed: best, flag, skip"),
         ([*images, *on, "screen.min_fidelity=2"], "screen.min_fidelity=2: a number in [0, 1]"),
+        ([*images, *on, "screen.fidelity_quantile=1.5"], "screen.fidelity_quantile=1.5: a number in [0, 1], or null"),
         ([*images, "screen.enabled=true", f"screen.data_root={tmp_path}"], "screen.data_root="),
         ([*images, "+screen.threshold=1"], "screen.threshold=1: unknown setting"),
     ]
@@ -368,6 +370,8 @@ def test_identity_ignores_a_disabled_gate_and_holds_an_enabled_one(setup, tmp_pa
     on = [*images, "screen.enabled=true", f"screen.data_root={setup['data']}"]
     screened = spec_of(on).identity
     assert screened != today and spec_of([*on, "screen.max_seam=2.5"]).identity != screened
+    fixed = spec_of([*on, "screen.fidelity_quantile=null"])
+    assert fixed.identity != screened and "fidelity_quantile" not in fixed.identity_inputs["screen"]
     assert spec_of([*on, f"screen.cache_dir={tmp_path}"]).identity == screened  # where it is cached is no matter
 
 
@@ -383,12 +387,42 @@ def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
     again = load_screen_classifier(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
     assert all((a == b).all() for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    # its probability of the right class on each of the 6 held-out defects (one per class), as the model reads them
+    held = [p for p, label in zip(*_held_out_reading(first, setup["data"], backgrounds, settings)) if label < 6]
+    assert len(first.held_out_fidelity) == 6 and np.allclose(first.held_out_fidelity, held, atol=1e-5)
+    # an entry written without it gains it on load, once, with the same values
+    path = tmp_path / f"screen-classifier-{first.record['key']}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "held_out_fidelity"}))
+    older = load_screen_classifier(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
+    assert older.held_out_fidelity == first.held_out_fidelity
+    assert json.loads(path.read_text())["held_out_fidelity"] == list(first.held_out_fidelity)
     data = tmp_path / "data"
     shutil.copytree(setup["data"], data)
     Image.new("L", (16, 16), 255).save(data / "local" / "spur" / "000.mask.png")
     changed = load_screen_classifier(data, CLASSES, backgrounds, settings, tmp_path / "c", progress=False)
     assert changed.record["key"] != first.record["key"]
     assert changed.area_ranges["spur"] == (80.0, 256.0)
+
+
+def _held_out_reading(screen, data, backgrounds, settings) -> tuple[list[float], list[int]]:
+    """The screen model's probability of each held-out patch's label, one patch at a time, and the labels."""
+    from dmgr.synth.screen_classifier import user_patches
+
+    _, held = user_patches(data, CLASSES, backgrounds, settings)
+    with torch.no_grad():
+        probs = [float(torch.softmax(screen.model(x[None]), 1)[0, y]) for x, y in zip(held.images, held.labels)]
+    return probs, held.labels.tolist()
+
+
+def test_the_class_check_is_lowered_to_what_the_classifier_reads_of_unseen_user_defects():
+    # a classifier that reads the user's held-out defects well keeps min_fidelity
+    assert fidelity_threshold(0.5, 0.1, (0.9, 0.97, 0.99, 1.0)) == 0.5
+    # one that misreads them (few defects per class) rejects only samples it reads worse than most of them
+    held = (0.001, 0.002, 0.004, 0.3, 0.6, 0.9)
+    assert fidelity_threshold(0.5, 0.1, held) == pytest.approx(0.0015) and fidelity_threshold(0.5, 0.5, held) < 0.5
+    # null, or no held-out defect to read: min_fidelity as given
+    assert fidelity_threshold(0.5, None, held) == 0.5 and fidelity_threshold(0.5, 0.1, ()) == 0.5
 
 
 def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
@@ -423,12 +457,18 @@ def test_the_default_screens_every_seed_with_four_attempts_on_the_20_step_walk(s
     run_synth(defaults)
     samples = read_samples(tmp_path / "faithful")
     assert len(samples) == 4
+    # the class check's threshold: 0.5, or lower where the classifier reads the user's held-out defects worse
+    run = manifest(tmp_path / "faithful")
+    record = json.loads((setup["cache"] / f"screen-classifier-{run['screen']['classifier']}.json").read_text())
+    held = record["held_out_fidelity"]
+    threshold = min(0.5, float(np.quantile(held, 0.1)))
+    assert len(held) == run["screen"]["held_out_defects"] > 0 and run["screen"]["min_fidelity"] == threshold
     for sample in samples.values():
         screen = sample["json"]["screen"]
         assert screen["attempt"] < screen["attempts"] <= 6 and len(screen["rejected"]) < screen["attempts"]
         empty = sample["json"].get("empty_mask", {})
         assert screen["accepted"] or (screen.get("flagged") and screen["attempts"] >= 4) or empty.get("flagged")
         assert sample["json"]["mask_area"] > 0 or empty.get("flagged")
-        assert screen["accepted"] == (min(screen["scores"]["fidelity"]) >= 0.5)
+        assert screen["accepted"] == (min(screen["scores"]["fidelity"]) >= threshold)
     summary = manifest(tmp_path / "faithful")["metrics"]["screen"]
     assert summary["seeds"] == 4 and summary["images_generated"] <= 24

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import signal
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -75,6 +76,15 @@ def _claim_out_dir(spec: RunSpec) -> None:
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.out_dir / "run.json",
                       {"identity": spec.identity, "inputs": spec.identity_inputs, "config": spec.resolved})
+
+
+def screen_record(spec: RunSpec, screen) -> dict:
+    """The manifest's account of the screen's classifier: its held-out user defects, how it read them, and the
+    class check's threshold they set (docs/evaluation.md "Quality screen")."""
+    held = screen.held_out_fidelity
+    return {"classifier": screen.record["key"], "held_out_defects": len(held),
+            "held_out_fidelity_median": statistics.median(held) if held else None,
+            "min_fidelity": spec.screen.thresholds(held)["min_fidelity"]}
 
 
 def _run_record(path: Path) -> dict:
@@ -175,6 +185,7 @@ def synthesise(spec: RunSpec) -> dict | None:
             },
             "checkpoints": engine.digests,
             **({"backgrounds": spec.backgrounds.summary()} if spec.backgrounds is not None else {}),
+            **({"screen": screen_record(spec, engine.screen)} if engine.screen is not None else {}),
             "metrics": run_metrics(records),
             **_carried_over(spec, summary, everyone),
         }

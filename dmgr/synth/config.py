@@ -298,6 +298,9 @@ class ScreenSettings:
     on_exhausted: Literal["best", "flag", "skip"] = "best"  # best: write the best-ranked attempt (fewest failed
     #   checks, then the highest class fidelity) marked flagged | flag: the last attempt, flagged | skip: drop
     min_fidelity: Fraction = 0.5  # per defect: the classifier's probability of the requested class
+    fidelity_quantile: Fraction | None = 0.1  # the class check's threshold is at most this quantile of the
+    #   classifier's probability of the right class on the user's held-out defects (with few defects per class it
+    #   misreads real ones; docs/evaluation.md "Quality screen"); null: min_fidelity as given
     area_quantile: Annotated[float, Field(ge=0, le=0.5)] = ScreenClassifierSettings.area_quantile  # per defect:
     #   mask area within the [q, 1-q] quantiles of the class's training masks
     max_mask_outside: Count(0) = 0  # mask pixels outside the defect windows
@@ -309,9 +312,13 @@ class ScreenSettings:
     classifier_key: str | None = None  # set by validate: the digest of every input of the screen's classifier
     #   (its cache name, part of the identity)
 
-    def thresholds(self) -> dict:
-        return {"min_fidelity": self.min_fidelity, "max_mask_outside": self.max_mask_outside,
-                "max_changed_outside": self.max_changed_outside, "max_seam": self.max_seam}
+    def thresholds(self, held_out_fidelity: tuple[float, ...]) -> dict:
+        """The checks' limits, the class check's calibrated by the classifier's held-out defects."""
+        from dmgr.synth.screen import fidelity_threshold  # local import keeps config import light
+
+        return {"min_fidelity": fidelity_threshold(self.min_fidelity, self.fidelity_quantile, held_out_fidelity),
+                "max_mask_outside": self.max_mask_outside, "max_changed_outside": self.max_changed_outside,
+                "max_seam": self.max_seam}
 
 
 @dataclass(frozen=True)
@@ -533,6 +540,8 @@ def identity_inputs(resolved: dict, model: ModelSpec, images_digest: str | None)
     screen = kept.pop("screen", None)
     if screen and screen.get("enabled"):  # off, the screen's settings stay out of the identity
         kept["screen"] = {k: v for k, v in screen.items() if k not in ("data_root", "cache_dir")}
+        if kept["screen"].get("fidelity_quantile") is None:  # the fixed class check: runs made before it resume
+            kept["screen"].pop("fidelity_quantile", None)
     performance = kept.pop("performance", None)
     if performance and performance != dataclasses.asdict(PerformanceSettings()):
         kept["performance"] = performance  # at its defaults left out: shards made without it still resume

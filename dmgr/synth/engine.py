@@ -123,8 +123,17 @@ def load_screen(spec: RunSpec) -> object | None:
     if not spec.screen.enabled:
         return None
     settings = screen_classifier_settings(spec.screen, spec.dataset)
-    return load_screen_classifier(spec.screen.data_root, spec.dataset.classes, spec.backgrounds, settings,
-                                  spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
+    screen = load_screen_classifier(spec.screen.data_root, spec.dataset.classes, spec.backgrounds, settings,
+                                    spec.screen.cache_dir, spec.screen.data_digest, progress=spec.progress)
+    held = screen.held_out_fidelity
+    threshold = spec.screen.thresholds(held)["min_fidelity"]
+    if threshold < spec.screen.min_fidelity:
+        log.warning("screen: its classifier reads the user's %d held-out defects at a median %.3f of their class, so "
+                    "the class check rejects below %.4f, not screen.min_fidelity=%g (the %g quantile of those; "
+                    "more real defects per class make the check stricter; screen.fidelity_quantile=null keeps %g)",
+                    len(held), sorted(held)[len(held) // 2], threshold, spec.screen.min_fidelity,
+                    spec.screen.fidelity_quantile, spec.screen.min_fidelity)
+    return screen
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,15 @@ def fidelity(model: torch.nn.Module, image: np.ndarray, box: list[int], class_id
     return float(torch.softmax(model(window), 1)[0, class_id])
 
 
+def fidelity_threshold(min_fidelity: float, quantile: float | None, held_out: tuple[float, ...]) -> float:
+    """The class check's threshold: min_fidelity, lowered to the `quantile` of the classifier's probabilities
+    of the right class on the user's held-out defects, so that a classifier that misreads real defects it did not
+    learn from (few defects per class) rejects a sample only when it reads it worse than those; None: min_fidelity."""
+    if quantile is None or not held_out:
+        return min_fidelity
+    return min(min_fidelity, float(np.quantile(np.asarray(held_out), quantile)))
+
+
 def failed_checks(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -> list[str]:
     """The checks (a subset of REASONS) a sample fails; empty when it passes."""
     reasons = []

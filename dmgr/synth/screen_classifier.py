@@ -1,6 +1,8 @@
 """The quality screen's patch classifier, trained on the user's own data: the local model's training patches
 (DATA_ROOT/local/<class>/NAME.png, one label per class) plus clean windows cut from the defect-free images
-(one more label, `clean`). Its record also holds each class's plausible mask area, from the training masks.
+(one more label, `clean`). Its record also holds each class's plausible mask area, from the training masks, and
+its probability of the right class on each held-out user defect (`held_out_fidelity`: how well it reads defects it
+did not learn from, which calibrates the screen's class check).
 
 Cached under a name that hashes every input of it (the patches' and images' contents, the geometry its clean
 windows are cut with, the classes and the training settings), so the synthesis job and
@@ -29,8 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from dmgr.data.dataset import mask_path
 from dmgr.images import decode_mask, from_uint8, list_images, load_rgb, resize_center_crop
-from dmgr.models.classifier import PatchClassifier, Patches, accuracy, train_classifier
+from dmgr.models.classifier import PatchClassifier, Patches, accuracy, predict, train_classifier
 from dmgr.schema import STRICT_SECTION, Count
+from dmgr.shards.atomic import write_json_atomic
 from dmgr.synth.backgrounds import Backgrounds
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class ScreenClassifier:
     area_ranges: dict[str, tuple[float, float]]  # per class, at the window size
     record: dict
     digest: str = ""  # sha256 of the weights file
+    held_out_fidelity: tuple[float, ...] = ()  # its probability of the right class on each held-out user defect
 
 
 def class_files(data_root: Path, classes: tuple[str, ...]) -> dict[str, list[Path]]:
@@ -136,6 +140,14 @@ def user_patches(
     return Patches(x[~held], empty, y[~held]), Patches(x[held], empty, y[held])
 
 
+def own_class_probabilities(model: PatchClassifier, patches: Patches, classes: int) -> list[float]:
+    """The model's probability of each defect patch's own label (clean patches left out), rounded to 6 places."""
+    defects = patches.labels < classes
+    logits, _ = predict(model, patches.images[defects])
+    chosen = torch.softmax(logits, 1).gather(1, patches.labels[defects][:, None])[:, 0]
+    return [round(float(p), 6) for p in chosen]
+
+
 def classifier_key(data: str, backgrounds: Backgrounds, classes: tuple[str, ...],
                    settings: ScreenClassifierSettings) -> str:
     """A digest of every input of the classifier: its training patches (`data`), the defect-free images and
@@ -194,6 +206,10 @@ def load_screen_classifier(
     if cached is not None:
         model, record = cached
         log.info("screen classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
+        if "held_out_fidelity" not in record:  # an entry written without it: computed once and kept
+            _, held = user_patches(data_root, classes, backgrounds, settings)
+            record = {**record, "held_out_fidelity": own_class_probabilities(model, held, len(classes))}
+            write_json_atomic(path.with_suffix(".json"), record)
     else:
         start = time.perf_counter()
         train, held = user_patches(data_root, classes, backgrounds, settings)
@@ -210,18 +226,18 @@ def load_screen_classifier(
             "patches": {"train": len(train.labels), "held_out": len(held.labels)},
             "train_accuracy": accuracy(model, train),
             "validation_accuracy": accuracy(model, held),
+            "held_out_fidelity": own_class_probabilities(model, held, len(classes)),
             "area_ranges": area_ranges(data_root, classes, settings.window, settings.area_quantile),
             "train_seconds": round(time.perf_counter() - start, 1),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # several workers may train it at once
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        meta = path.with_name(f"{path.stem}.json.tmp-{os.getpid()}")
-        meta.write_text(json.dumps(record, indent=1))
-        meta.replace(path.with_suffix(".json"))
+        write_json_atomic(path.with_suffix(".json"), record)
         tmp.replace(path)  # the weights last: a present .safetensors always has its record
         log.info("screen classifier trained in %.0f s: held-out accuracy %.3f -> %s",
                  record["train_seconds"], record["validation_accuracy"], path)
     ranges = _area_ranges(record)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ScreenClassifier(model.eval(), tuple(classes), ranges, record, digest)
+    return ScreenClassifier(model.eval(), tuple(classes), ranges, record, digest, tuple(record["held_out_fidelity"]))
+

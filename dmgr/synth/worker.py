@@ -103,7 +103,8 @@ def made_with(spec: RunSpec, engine: Engine) -> dict:
 
 
 def _screened(engine: Engine, spec: RunSpec, attempt: Attempt) -> Screened:
-    return Screened(*screen_scores(engine.screen, attempt, spec.dataset.window_size, spec.screen.thresholds()))
+    thresholds = spec.screen.thresholds(engine.screen.held_out_fidelity)
+    return Screened(*screen_scores(engine.screen, attempt, spec.dataset.window_size, thresholds))
 
 
 def made_seeds(engine: Engine, spec: RunSpec, plans: list[SamplePlan]) -> list[Outcome]:
