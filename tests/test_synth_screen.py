@@ -425,6 +425,41 @@ def test_the_class_check_is_lowered_to_what_the_classifier_reads_of_unseen_user_
     assert fidelity_threshold(0.5, None, held) == 0.5 and fidelity_threshold(0.5, 0.1, ()) == 0.5
 
 
+def test_the_screen_check_reads_unseen_defects_as_the_job_does(setup, tmp_path):
+    """`python -m dmgr.eval screen`: per class, the share of real defects the fixed and the calibrated class check
+    pass, from the classifier's own probabilities; on the benchmark's TEST-stream defects too."""
+    import subprocess
+    import sys
+
+    from dmgr.synth.screen_classifier import ScreenClassifierSettings, load_screen_classifier
+
+    backgrounds = scan_backgrounds(setup["boards"], 64, 16, 5)
+    settings = ScreenClassifierSettings(steps=3, area_quantile=0)
+    screen = load_screen_classifier(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
+    weights = tmp_path / f"screen-classifier-{screen.record['key']}.safetensors"
+    done = subprocess.run([sys.executable, "-m", "dmgr.eval", "screen", "--quiet", "--classifier", str(weights),
+                           "--data-root", str(setup["data"]), "--out", str(tmp_path / "check")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "check" / "screen-check.json").read_text())
+    probs, labels = _held_out_reading(screen, setup["data"], backgrounds, replace(settings, validation_every=1))
+    threshold = fidelity_threshold(0.5, 0.1, screen.held_out_fidelity)
+    assert report["held_out_defects"] == 6 and report["calibrated_threshold"] == pytest.approx(threshold)
+    for k, name in enumerate(CLASSES):
+        mine = np.array([p for p, label in zip(probs, labels) if label == k])
+        row = report["classes"][name]
+        assert row["defects"] == len(mine) == 4
+        assert row["pass_fixed"] == pytest.approx(np.mean(mine >= 0.5), abs=1e-4)
+        assert row["pass_calibrated"] == pytest.approx(np.mean(mine >= threshold), abs=1e-4)
+    assert report["all"]["defects"] == 24
+    done = subprocess.run([sys.executable, "-m", "dmgr.eval", "screen", "--quiet", "--classifier", str(weights),
+                           "--test-defects", "12", "--out", str(tmp_path / "test")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "test" / "screen-check.json").read_text())
+    assert report["all"]["defects"] == 12 and all(row["defects"] == 2 for row in report["classes"].values())
+
+
 def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
     from dmgr.synth.engine import load_screen
     from dmgr.synth.screen_ahead import main

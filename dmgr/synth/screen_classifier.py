@@ -85,7 +85,8 @@ def data_digest(data_root: Path, classes: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def _patch(path: Path, window: int, nearest: bool = False) -> np.ndarray:
+def read_patch(path: Path, window: int, nearest: bool = False) -> np.ndarray:
+    """A patch (or, `nearest`, its mask) as (window, window[, 3]) uint8, resized and centre-cropped to the window."""
     img = decode_mask(path.read_bytes()) if nearest else load_rgb(path)
     if img.size != (window, window):
         img = resize_center_crop(img, window, nearest=nearest)
@@ -96,7 +97,7 @@ def area_ranges(data_root: Path, classes: tuple[str, ...], window: int, q: float
     """Per class, the [q, 1 - q] quantiles of its training masks' areas (pixels at the window size)."""
     ranges = {}
     for c, paths in class_files(data_root, classes).items():
-        areas = np.array([(_patch(mask_path(p), window, nearest=True) > 0).sum() for p in paths], dtype=np.float64)
+        areas = np.array([(read_patch(mask_path(p), window, nearest=True) > 0).sum() for p in paths], dtype=np.float64)
         ranges[c] = (float(np.quantile(areas, q)), float(np.quantile(areas, 1 - q)))
     return ranges
 
@@ -119,23 +120,40 @@ def clean_windows(backgrounds: Backgrounds, window: int, per_image: int, seed: i
     return np.stack(out)
 
 
+def defect_patches(data_root: Path, classes: tuple[str, ...], window: int) -> Patches:
+    """Every training patch of the classes, labels 0..C-1."""
+    images, labels = [], []
+    for k, paths in enumerate(class_files(data_root, classes).values()):
+        images += [read_patch(p, window) for p in paths]
+        labels += [k] * len(paths)
+    return Patches(from_uint8(np.stack(images)), torch.zeros(0), torch.tensor(labels))
+
+
+def held_out(labels: torch.Tensor, every: int) -> torch.Tensor:
+    """The held-out slice: every `every`-th patch of each label, its first included."""
+    rank = torch.zeros(len(labels), dtype=torch.long)
+    for k in labels.unique():
+        idx = (labels == k).nonzero()[:, 0]
+        rank[idx] = torch.arange(len(idx))
+    return rank % every == 0
+
+
+def held_out_defects(data_root: Path, classes: tuple[str, ...], settings: ScreenClassifierSettings) -> Patches:
+    """The defect patches the classifier is not trained on (its held-out slice without the clean windows)."""
+    defects = defect_patches(data_root, classes, settings.window)
+    held = held_out(defects.labels, settings.validation_every)
+    return Patches(defects.images[held], defects.masks, defects.labels[held])
+
+
 def user_patches(
     data_root: Path, classes: tuple[str, ...], backgrounds: Backgrounds, settings: ScreenClassifierSettings
 ) -> tuple[Patches, Patches]:
     """(train, held-out) patches: labels 0..C-1 the classes, C clean."""
-    images, labels = [], []
-    for k, paths in enumerate(class_files(data_root, classes).values()):
-        images += [_patch(p, settings.window) for p in paths]
-        labels += [k] * len(paths)
-    clean = clean_windows(backgrounds, settings.window, settings.clean_per_image, settings.seed)
-    images += list(clean)
-    labels += [len(classes)] * len(clean)
-    x, y = from_uint8(np.stack(images)), torch.tensor(labels)
-    rank = torch.zeros(len(y), dtype=torch.long)
-    for k in range(len(classes) + 1):
-        idx = (y == k).nonzero()[:, 0]
-        rank[idx] = torch.arange(len(idx))
-    held = rank % settings.validation_every == 0
+    defects = defect_patches(data_root, classes, settings.window)
+    clean = from_uint8(clean_windows(backgrounds, settings.window, settings.clean_per_image, settings.seed))
+    x = torch.cat([defects.images, clean])
+    y = torch.cat([defects.labels, torch.full((len(clean),), len(classes))])
+    held = held_out(y, settings.validation_every)
     empty = torch.zeros(0)
     return Patches(x[~held], empty, y[~held]), Patches(x[held], empty, y[held])
 
@@ -207,7 +225,7 @@ def load_screen_classifier(
         model, record = cached
         log.info("screen classifier %s (held-out accuracy %.3f)", path, record["validation_accuracy"])
         if "held_out_fidelity" not in record:  # an entry written without it: computed once and kept
-            _, held = user_patches(data_root, classes, backgrounds, settings)
+            held = held_out_defects(data_root, classes, settings)
             record = {**record, "held_out_fidelity": own_class_probabilities(model, held, len(classes))}
             write_json_atomic(path.with_suffix(".json"), record)
     else:

@@ -1,0 +1,99 @@
+"""How the quality screen's classifier reads real defects it did not learn from.
+
+    python -m dmgr.eval screen --classifier outputs/screen-cache/screen-classifier-<key>.safetensors \
+        --data-root data/held-back                  # your own defects the screen never saw
+    python -m dmgr.eval screen --classifier ... --test-defects 240      # the benchmark's TEST-stream defects
+
+Each defect patch under DATA_ROOT/local/<class>/ (the layout `dmgr.data.prepare` writes) is read as the job
+reads a sample's window, and scored with the classifier's probability of its class. Reported per class and in
+all: the share that passes the fixed class check (`screen.min_fidelity`) and the calibrated one (that
+threshold lowered to the `screen.fidelity_quantile` quantile of the classifier's held-out defects, its cache
+record's `held_out_fidelity`): the share of real defects the screen would let through. Written to
+OUT/screen-check.json (default: beside the classifier).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from dmgr.data.defects import CLASS_NAMES
+from dmgr.data.export import TEST_OFFSET, Defect, write_patches
+from dmgr.images import from_uint8
+from dmgr.models.classifier import PatchClassifier, Patches
+from dmgr.shards.manifest import write_json_atomic
+from dmgr.synth.screen import fidelity_threshold
+from dmgr.synth.screen_classifier import (
+    ScreenClassifierSettings,
+    class_files,
+    held_out_defects,
+    own_class_probabilities,
+    read_patch,
+)
+
+
+def load_classifier(path: Path) -> tuple[PatchClassifier, dict]:
+    """The screen classifier at `path` (a cache entry) and its record (path with .json)."""
+    record = json.loads(Path(path).with_suffix(".json").read_text())
+    model = PatchClassifier(len(record["classes"]))
+    model.load_state_dict(load_file(path))
+    return model.eval(), record
+
+
+def test_patches(root: Path, count: int, size: int = 64) -> Path:
+    """root/local/: the patches of `count` defects of the held-out TEST stream (boards TEST_OFFSET + i, class
+    i % 6), cut as the local model's training patches are; written once."""
+    if not (root / "local" / "labels.json").exists():
+        write_patches(root, [Defect(TEST_OFFSET + i, i % len(CLASS_NAMES), i) for i in range(count)], size,
+                      progress=False)
+    return root
+
+
+def check(classifier: Path, data_root: Path, min_fidelity: float = 0.5, quantile: float | None = 0.1) -> dict:
+    """Per class and in all: defects, the median probability of their class, and the shares passing the fixed
+    and the calibrated class check."""
+    model, record = load_classifier(classifier)
+    classes = tuple(record["classes"][:-1])
+    window = record["settings"]["window"]
+    held = record.get("held_out_fidelity")
+    if held is None:  # an entry no job has loaded since: read its held-out defects as the job would
+        settings = ScreenClassifierSettings(**record["settings"])
+        held = own_class_probabilities(model, held_out_defects(Path(record["data_root"]), classes, settings),
+                                       len(classes))
+    calibrated = fidelity_threshold(min_fidelity, quantile, tuple(held))
+    per_class, every = {}, []
+    for k, (name, paths) in enumerate(class_files(data_root, classes).items()):
+        if not paths:
+            continue
+        patches = Patches(from_uint8(np.stack([read_patch(p, window) for p in paths])), torch.zeros(0),
+                          torch.full((len(paths),), k))
+        probs = np.array(own_class_probabilities(model, patches, len(classes)))
+        every.append(probs)
+        per_class[name] = _shares(probs, min_fidelity, calibrated)
+    if not every:
+        raise FileNotFoundError(f"{data_root}/local: no defect patches of the classifier's classes {classes}")
+    return {"classifier": str(classifier), "data_root": str(data_root), "held_out_defects": len(held),
+            "min_fidelity": min_fidelity, "calibrated_threshold": calibrated,
+            "all": _shares(np.concatenate(every), min_fidelity, calibrated), "classes": per_class}
+
+
+def _shares(probs: np.ndarray, fixed: float, calibrated: float) -> dict:
+    return {"defects": int(len(probs)), "median": round(float(np.median(probs)), 4),
+            "pass_fixed": round(float(np.mean(probs >= fixed)), 4),
+            "pass_calibrated": round(float(np.mean(probs >= calibrated)), 4)}
+
+
+def run(classifier: Path, data_root: Path | None, test_defects: int | None, out: Path | None,
+        min_fidelity: float = 0.5, quantile: float | None = 0.1) -> dict:
+    """`check` on DATA_ROOT, or on `test_defects` TEST-stream defects (written under OUT/test-patches)."""
+    out = Path(out) if out is not None else Path(classifier).parent
+    if data_root is None:
+        data_root = test_patches(out / f"test-patches-{test_defects}", test_defects)
+    report = check(Path(classifier), Path(data_root), min_fidelity, quantile)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "screen-check.json", report)
+    return report
