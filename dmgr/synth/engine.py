@@ -5,6 +5,7 @@ job, writing it dmgr.synth.record's."""
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,7 +132,7 @@ def load_screen(spec: RunSpec) -> object | None:
         log.warning("screen: its classifier reads the user's %d held-out defects at a median %.3f of their class, so "
                     "the class check rejects below %.4f, not screen.min_fidelity=%g (the %g quantile of those; "
                     "more real defects per class make the check stricter; screen.fidelity_quantile=null keeps %g)",
-                    len(held), sorted(held)[len(held) // 2], threshold, spec.screen.min_fidelity,
+                    len(held), statistics.median(held), threshold, spec.screen.min_fidelity,
                     spec.screen.fidelity_quantile, spec.screen.min_fidelity)
     return screen
 
