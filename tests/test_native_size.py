@@ -376,8 +376,9 @@ def test_the_gate_scores_native_frames_against_the_decoded_input(inputs, scale):
     spec = images_spec(inputs, f"dataset.scale={scale}")
     sample = make(spec, [plan_sample(3, spec.dataset, spec.backgrounds)])[0]
     screen = SimpleNamespace(model=classifier, classes=list(spec.dataset.classes),
-                           area_ranges={c: (0, 1e9) for c in spec.dataset.classes})
-    scores, _ = screen_scores(screen, sample["attempt"], spec.dataset.window_size, spec.screen.thresholds())
+                           area_ranges={c: (0, 1e9) for c in spec.dataset.classes}, held_out_fidelity=())
+    thresholds = spec.screen.thresholds(screen.held_out_fidelity)
+    scores, _ = screen_scores(screen, sample["attempt"], spec.dataset.window_size, thresholds)
     assert scores["changed_outside"] == 0 and scores["mask_outside"] == 0
     assert scores["mask_area"] == [sample["json"]["mask_area"]] and seen == [(16, 16)]
 
