@@ -44,7 +44,7 @@ def load_classifier(path: Path) -> tuple[PatchClassifier, dict]:
     return model.eval(), record
 
 
-def test_patches(root: Path, count: int, size: int = 64) -> Path:
+def stream_patches(root: Path, count: int, size: int = 64) -> Path:
     """root/local/: the patches of `count` defects of the held-out TEST stream (boards TEST_OFFSET + i, class
     i % 6), cut as the local model's training patches are; written once."""
     if not (root / "local" / "labels.json").exists():
@@ -92,7 +92,7 @@ def run(classifier: Path, data_root: Path | None, test_defects: int | None, out:
     """`check` on DATA_ROOT, or on `test_defects` TEST-stream defects (written under OUT/test-patches)."""
     out = Path(out) if out is not None else Path(classifier).parent
     if data_root is None:
-        data_root = test_patches(out / f"test-patches-{test_defects}", test_defects)
+        data_root = stream_patches(out / f"test-patches-{test_defects}", test_defects)
     report = check(Path(classifier), Path(data_root), min_fidelity, quantile)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "screen-check.json", report)
