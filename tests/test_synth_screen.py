@@ -426,8 +426,8 @@ def test_the_class_check_is_lowered_to_what_the_classifier_reads_of_unseen_user_
 
 
 def test_the_screen_check_reads_unseen_defects_as_the_job_does(setup, tmp_path):
-    """`python -m dmgr.eval screen`: per class, the share of real defects the fixed and the calibrated class check
-    pass, from the classifier's own probabilities; on the benchmark's TEST-stream defects too."""
+    """`python -m dmgr.synth.screen_check`: per class, the share of real defects the fixed and the calibrated class
+    check pass, from the classifier's own probabilities; on the benchmark's TEST-stream defects too."""
     import subprocess
     import sys
 
@@ -437,7 +437,7 @@ def test_the_screen_check_reads_unseen_defects_as_the_job_does(setup, tmp_path):
     settings = ScreenClassifierSettings(steps=3, area_quantile=0)
     screen = load_screen_classifier(setup["data"], CLASSES, backgrounds, settings, tmp_path, progress=False)
     weights = tmp_path / f"screen-classifier-{screen.record['key']}.safetensors"
-    done = subprocess.run([sys.executable, "-m", "dmgr.eval", "screen", "--quiet", "--classifier", str(weights),
+    done = subprocess.run([sys.executable, "-m", "dmgr.synth.screen_check", "--classifier", str(weights),
                            "--data-root", str(setup["data"]), "--out", str(tmp_path / "check")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -452,7 +452,7 @@ def test_the_screen_check_reads_unseen_defects_as_the_job_does(setup, tmp_path):
         assert row["pass_fixed"] == pytest.approx(np.mean(mine >= 0.5), abs=1e-4)
         assert row["pass_calibrated"] == pytest.approx(np.mean(mine >= threshold), abs=1e-4)
     assert report["all"]["defects"] == 24
-    done = subprocess.run([sys.executable, "-m", "dmgr.eval", "screen", "--quiet", "--classifier", str(weights),
+    done = subprocess.run([sys.executable, "-m", "dmgr.synth.screen_check", "--classifier", str(weights),
                            "--test-defects", "12", "--out", str(tmp_path / "test")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -11,8 +11,6 @@ python -m dmgr.eval downstream --task classes --run real=outputs/<run> -> OUT/do
                                                                AP and IoU of a 7-class segmenter per source
 python -m dmgr.eval models --local CKPT --data-root DATA_ROOT -> CKPT's folder/models-check/: per class, samples
                                                                beside their nearest training patches; memorisation
-python -m dmgr.eval screen --classifier CKPT --data-root DATA  -> CKPT's folder/screen-check.json: how the quality
-                                                               screen reads real defects it did not learn from
 """
 
 from __future__ import annotations
@@ -162,17 +160,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=int, default=16, help="samples per class")
     c.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
     c.add_argument("--device", default="cpu", help="cpu or cuda")
-    sc = sub.add_parser("screen", parents=[common], help="how the quality screen's classifier reads real defects "
-                        "it did not learn from (dmgr/eval/screen_check.py)")
-    sc.add_argument("--classifier", type=Path, required=True,
-                    help="the screen classifier: screen.cache_dir/screen-classifier-<key>.safetensors")
-    unseen = sc.add_mutually_exclusive_group(required=True)
-    unseen.add_argument("--data-root", type=Path, help="a data root of defects it never saw (local/<class>/)")
-    unseen.add_argument("--test-defects", type=int, help="that many defects of the benchmark's held-out TEST stream")
-    sc.add_argument("--min-fidelity", type=float, default=0.5, help="the job's screen.min_fidelity")
-    sc.add_argument("--fidelity-quantile", type=lambda v: None if v == "null" else float(v), default=0.1,
-                    help="the job's screen.fidelity_quantile (null: the fixed check only)")
-    sc.add_argument("--out", type=Path, default=None, help="report folder (default: the classifier's folder)")
     curve = sub.add_parser("curve", parents=[common], help="the few-defect curve: every source learns from the same "
                            "N real defects per class (dmgr/eval/fewshot.py)")
     fewshot.add_arguments(curve)
@@ -283,15 +270,6 @@ def _main(argv: list[str] | None) -> None:
 
         report = check_models(args.local, args.data_root, args.out, args.n, args.steps, device=args.device)
         print(report["verdict"])
-        return
-    if args.command == "screen":
-        from dmgr.eval.screen_check import run as check_screen
-
-        if args.test_defects is not None and args.test_defects < 1:
-            parser().error(f"--test-defects must be >= 1, got {args.test_defects}")
-        report = check_screen(args.classifier, args.data_root, args.test_defects, args.out, args.min_fidelity,
-                              args.fidelity_quantile)
-        print(json.dumps(report, indent=1))
         return
     command = "python -m dmgr.eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.command == "yolo":

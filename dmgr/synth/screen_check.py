@@ -1,8 +1,8 @@
 """How the quality screen's classifier reads real defects it did not learn from.
 
-    python -m dmgr.eval screen --classifier outputs/screen-cache/screen-classifier-<key>.safetensors \
+    python -m dmgr.synth.screen_check --classifier outputs/screen-cache/screen-classifier-<key>.safetensors \
         --data-root data/held-back                  # your own defects the screen never saw
-    python -m dmgr.eval screen --classifier ... --test-defects 240      # the benchmark's TEST-stream defects
+    python -m dmgr.synth.screen_check --classifier ... --test-defects 240      # the benchmark's TEST-stream defects
 
 Each defect patch under DATA_ROOT/local/<class>/ (the layout `dmgr.data.prepare` writes) is read as the job
 reads a sample's window, and scored with the classifier's probability of its class. Reported per class and in
@@ -14,7 +14,9 @@ OUT/screen-check.json (default: beside the classifier).
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,30 @@ def run(classifier: Path, data_root: Path | None, test_defects: int | None, out:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "screen-check.json", report)
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dmgr.synth.screen_check", description=__doc__.splitlines()[0])
+    p.add_argument("--classifier", type=Path, required=True,
+                   help="the screen classifier: screen.cache_dir/screen-classifier-<key>.safetensors")
+    unseen = p.add_mutually_exclusive_group(required=True)
+    unseen.add_argument("--data-root", type=Path, help="a data root of defects it never saw (local/<class>/)")
+    unseen.add_argument("--test-defects", type=int, help="that many defects of the benchmark's held-out TEST stream")
+    p.add_argument("--min-fidelity", type=float, default=0.5, help="the job's screen.min_fidelity")
+    p.add_argument("--fidelity-quantile", type=lambda v: None if v == "null" else float(v), default=0.1,
+                   help="the job's screen.fidelity_quantile (null: the fixed check only)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: the classifier's folder)")
+    args = p.parse_args(argv)
+    if args.test_defects is not None and args.test_defects < 1:
+        p.error(f"--test-defects must be >= 1, got {args.test_defects}")
+    try:
+        report = run(args.classifier, args.data_root, args.test_defects, args.out, args.min_fidelity,
+                     args.fidelity_quantile)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"dmgr.synth.screen_check: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
