@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from dmgr.cli import program
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.export import TEST_OFFSET, Defect, write_patches
 from dmgr.images import from_uint8
@@ -102,7 +103,8 @@ def run(classifier: Path, data_root: Path | None, test_defects: int | None, out:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dmgr.synth.screen_check", description=__doc__.splitlines()[0])
+    prog = program("dmgr.synth.screen_check")
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--classifier", type=Path, required=True,
                    help="the screen classifier: screen.cache_dir/screen-classifier-<key>.safetensors")
     unseen = p.add_mutually_exclusive_group(required=True)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         report = run(args.classifier, args.data_root, args.test_defects, args.out, args.min_fidelity,
                      args.fidelity_quantile)
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"dmgr.synth.screen_check: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(report, indent=1))
 
