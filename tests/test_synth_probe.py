@@ -43,7 +43,8 @@ def setup(tmp_path_factory):
 def screened(setup, out: Path, cache: Path, *more: str) -> list[str]:
     return [*IMAGES, f"dataset.images={setup['boards']}", "seeds=0-3", "samples_per_shard=2", "batch_size=2",
             f"out_dir={out}", "screen.enabled=true", f"screen.data_root={setup['data']}", f"screen.cache_dir={cache}",
-            "screen.classifier_steps=3", "screen.area_quantile=0", "screen.min_fidelity=0", *more]
+            "screen.classifier_steps=3", "screen.area_quantile=0", "screen.min_fidelity=0",
+            "screen.min_class_margin=null", *more]
 
 
 # -- 3.1 the classifier's key covers every input; the run identity holds it ---------------------------------

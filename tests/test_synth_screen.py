@@ -3,8 +3,9 @@ the manifest's reject rates, and a screen that rejects nothing changing nothing 
 and the run identity, which holds the screen's settings).
 
 The job tests use the tiny random models and a screen classifier trained 3 steps on tiny random patches: the
-fidelity scores are meaningless there, so fidelity is switched off (min_fidelity=0) and the rejections are
-driven by the seam score, a deterministic function of the pixels; the classifier is tested on its own below.
+fidelity scores are meaningless there, so the class check is switched off (min_fidelity=0,
+min_class_margin=null) and the rejections are driven by the seam score, a deterministic function of the pixels;
+the classifier is tested on its own below.
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ def setup(tmp_path_factory):
             "cache": base / "cache", "base": base}
 
 
+CLASS_CHECK_OFF = ("screen.min_fidelity=0", "screen.min_class_margin=null")
+
+
 def job(setup, out: Path, *more: str, screen: bool = True) -> list[str]:
     args = [*IMAGES, f"dataset.images={setup['boards']}", "seeds=0-3", "samples_per_shard=2", "batch_size=2",
             "extras.input=true", f"out_dir={out}"]
     if screen:
         args += ["screen.enabled=true", f"screen.data_root={setup['data']}", f"screen.cache_dir={setup['cache']}",
-                 "screen.classifier_steps=3", "screen.area_quantile=0", "screen.min_fidelity=0",
+                 "screen.classifier_steps=3", "screen.area_quantile=0", *CLASS_CHECK_OFF,
                  "screen.max_seam=1000000.0"]
     return [*args, *more]
 
@@ -352,6 +356,7 @@ def test_gate_settings_are_checked_in_one_line(setup, tmp_path):
         ([*images, *on, "screen.on_exhausted=drop"], "screen.on_exhausted='drop': allowed: best, flag, skip"),
         ([*images, *on, "screen.min_fidelity=2"], "screen.min_fidelity=2: a number in [0, 1]"),
         ([*images, *on, "screen.fidelity_quantile=1.5"], "screen.fidelity_quantile=1.5: a number in [0, 1], or null"),
+        ([*images, *on, "screen.min_class_margin=2"], "screen.min_class_margin=2: a number in [-1, 1], or null"),
         ([*images, "screen.enabled=true", f"screen.data_root={tmp_path}"], "screen.data_root="),
         ([*images, "+screen.threshold=1"], "screen.threshold=1: unknown setting"),
     ]
@@ -372,6 +377,9 @@ def test_identity_ignores_a_disabled_gate_and_holds_an_enabled_one(setup, tmp_pa
     assert screened != today and spec_of([*on, "screen.max_seam=2.5"]).identity != screened
     fixed = spec_of([*on, "screen.fidelity_quantile=null"])
     assert fixed.identity != screened and "fidelity_quantile" not in fixed.identity_inputs["screen"]
+    unranked = spec_of([*on, "screen.min_class_margin=null"])
+    assert unranked.identity != screened and "min_class_margin" not in unranked.identity_inputs["screen"]
+    assert spec_of([*on, "screen.min_class_margin=0.2"]).identity != screened
     assert spec_of([*on, f"screen.cache_dir={tmp_path}"]).identity == screened  # where it is cached is no matter
 
 
@@ -388,7 +396,7 @@ def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
     assert all((a == b).all() for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     # its probability of the right class on each of the 6 held-out defects (one per class), as the model reads them
-    held = [p for p, label in zip(*_held_out_reading(first, setup["data"], backgrounds, settings)) if label < 6]
+    held = [p for p, label in zip(*_held_out_reading(first, setup["data"], backgrounds, settings)[:2]) if label < 6]
     assert len(first.held_out_fidelity) == 6 and np.allclose(first.held_out_fidelity, held, atol=1e-5)
     # an entry written without it gains it on load, once, with the same values
     path = tmp_path / f"screen-classifier-{first.record['key']}.json"
@@ -405,14 +413,43 @@ def test_classifier_is_trained_cached_and_keyed_by_its_inputs(setup, tmp_path):
     assert changed.area_ranges["spur"] == (80.0, 256.0)
 
 
-def _held_out_reading(screen, data, backgrounds, settings) -> tuple[list[float], list[int]]:
-    """The screen model's probability of each held-out patch's label, one patch at a time, and the labels."""
+def _held_out_reading(screen, data, backgrounds, settings) -> tuple[list[float], list[int], list[float]]:
+    """The screen model's probability of each held-out patch's label, one patch at a time, the labels, and each
+    defect patch's margin: its label's probability less the highest other defect class's (nan for clean)."""
     from dmgr.synth.screen_classifier import user_patches
 
     _, held = user_patches(data, CLASSES, backgrounds, settings)
     with torch.no_grad():
-        probs = [float(torch.softmax(screen.model(x[None]), 1)[0, y]) for x, y in zip(held.images, held.labels)]
-    return probs, held.labels.tolist()
+        every = [torch.softmax(screen.model(x[None]), 1)[0].numpy() for x in held.images]
+    labels = held.labels.tolist()
+    margins = [q[y] - np.delete(q[:len(CLASSES)], y).max() if y < len(CLASSES) else np.nan
+               for q, y in zip(every, labels)]
+    return [float(q[y]) for q, y in zip(every, labels)], labels, margins
+
+
+def test_the_class_margin_rejects_a_window_read_as_another_defect_class():
+    from dmgr.synth.screen import class_margin
+
+    probs = torch.tensor([0.10, 0.30, 0.05, 0.05, 0.05, 0.05, 0.40])  # 6 classes + clean: class 0 beaten by 1
+    assert class_margin(probs, 0, 6) == pytest.approx(-0.2) and class_margin(probs, 1, 6) == pytest.approx(0.2)
+    thresholds = {"min_fidelity": 0.05, "min_class_margin": 0.0, "max_mask_outside": 0, "max_changed_outside": 0,
+                  "max_seam": 4.0}
+    scores = {"fidelity": [0.10], "class_margin": [-0.2], "mask_area": [16], "mask_outside": 0,
+              "changed_outside": 0, "seam": 1.0}
+    assert failed_checks(scores, [(5, 20)], thresholds) == ["fidelity"]
+    assert failed_checks({**scores, "class_margin": [0.0]}, [(5, 20)], thresholds) == []  # clean reads higher
+    assert failed_checks(scores, [(5, 20)], {**thresholds, "min_class_margin": None}) == []
+    assert failed_checks(scores, [(5, 20)], {**thresholds, "min_class_margin": -0.3}) == []
+    # at a threshold of 0.5 or more the margin (at 0) rejects nothing the threshold passes: no other label can
+    # read higher than a probability of at least a half
+    g, confident = torch.Generator().manual_seed(0), 0
+    for _ in range(2000):
+        q = torch.softmax(torch.randn(7, generator=g) * 4, 0)
+        k = int(torch.randint(6, (1,), generator=g))
+        if q[k] >= 0.5:
+            confident += 1
+            assert round(class_margin(q, k, 6), 6) >= 0
+    assert confident > 100
 
 
 def test_the_class_check_is_lowered_to_what_the_classifier_reads_of_unseen_user_defects():
@@ -426,8 +463,9 @@ def test_the_class_check_is_lowered_to_what_the_classifier_reads_of_unseen_user_
 
 
 def test_the_screen_check_reads_unseen_defects_as_the_job_does(setup, tmp_path):
-    """`python -m dmgr.synth.screen_check`: per class, the share of real defects the fixed and the calibrated class
-    check pass, from the classifier's own probabilities; on the benchmark's TEST-stream defects too."""
+    """`python -m dmgr.synth.screen_check`: per class, the share of real defects the fixed class check, the class
+    margin and the job's calibrated class check (threshold and margin) pass, from the classifier's own
+    probabilities; without the margin (null); on the benchmark's TEST-stream defects too."""
     import subprocess
     import sys
 
@@ -442,16 +480,26 @@ def test_the_screen_check_reads_unseen_defects_as_the_job_does(setup, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "check" / "screen-check.json").read_text())
-    probs, labels = _held_out_reading(screen, setup["data"], backgrounds, replace(settings, validation_every=1))
+    probs, labels, margins = _held_out_reading(screen, setup["data"], backgrounds,
+                                               replace(settings, validation_every=1))
     threshold = fidelity_threshold(0.5, 0.1, screen.held_out_fidelity)
     assert report["held_out_defects"] == 6 and report["calibrated_threshold"] == pytest.approx(threshold)
     for k, name in enumerate(CLASSES):
         mine = np.array([p for p, label in zip(probs, labels) if label == k])
+        margin = np.array([m for m, label in zip(margins, labels) if label == k])
         row = report["classes"][name]
         assert row["defects"] == len(mine) == 4
         assert row["pass_fixed"] == pytest.approx(np.mean(mine >= 0.5), abs=1e-4)
-        assert row["pass_calibrated"] == pytest.approx(np.mean(mine >= threshold), abs=1e-4)
+        assert row["pass_margin"] == pytest.approx(np.mean(margin >= 0), abs=1e-4)
+        assert row["pass_calibrated"] == pytest.approx(np.mean((mine >= threshold) & (margin >= 0)), abs=1e-4)
     assert report["all"]["defects"] == 24
+    done = subprocess.run([sys.executable, "-m", "dmgr.synth.screen_check", "--classifier", str(weights),
+                           "--data-root", str(setup["data"]), "--min-class-margin", "null",
+                           "--out", str(tmp_path / "no-margin")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "no-margin" / "screen-check.json").read_text())
+    assert report["all"]["pass_margin"] == 1 and report["all"]["pass_calibrated"] == pytest.approx(
+        np.mean(np.array(probs)[np.array(labels) < len(CLASSES)] >= threshold), abs=1e-4)
     done = subprocess.run([sys.executable, "-m", "dmgr.synth.screen_check", "--classifier", str(weights),
                            "--test-defects", "12", "--out", str(tmp_path / "test")], capture_output=True, text=True,
                           timeout=300)
@@ -477,8 +525,9 @@ def test_classifier_command_trains_the_model_the_job_loads(setup, tmp_path):
 
 
 def test_the_default_screens_every_seed_with_four_attempts_on_the_20_step_walk(setup, tmp_path):
-    """The default job: the screen on with its class check (min_fidelity 0.5), 4 attempts in all (an empty mask
-    6), the inpaint walk at 20 steps; every seed is written, accepted or flagged after its attempts."""
+    """The default job: the screen on with its class check (min_fidelity 0.5, calibrated; class margin 0), 4
+    attempts in all (an empty mask 6), the inpaint walk at 20 steps; every seed is written, accepted or flagged
+    after its attempts."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="synth")
     spec = spec_of(["dataset.source=images", f"dataset.images={setup['boards']}", f"out_dir={tmp_path / 'r'}",
@@ -488,7 +537,7 @@ def test_the_default_screens_every_seed_with_four_attempts_on_the_20_step_walk(s
     assert cfg.schedule.name == "inpaint20" and cfg.schedule.respacing == "20"
     assert (cfg.schedule.T_s, cfg.schedule.T_e, cfg.schedule.lr_xt) == (12, 3, 0.5)
     assert not cfg.schedule.reanchor and not cfg.schedule.time_travel
-    defaults = [o for o in job(setup, tmp_path / "faithful") if o != "screen.min_fidelity=0"]  # the tiny models
+    defaults = [o for o in job(setup, tmp_path / "faithful") if o not in CLASS_CHECK_OFF]  # the tiny models
     run_synth(defaults)
     samples = read_samples(tmp_path / "faithful")
     assert len(samples) == 4
@@ -498,12 +547,15 @@ def test_the_default_screens_every_seed_with_four_attempts_on_the_20_step_walk(s
     held = record["held_out_fidelity"]
     threshold = min(0.5, float(np.quantile(held, 0.1)))
     assert len(held) == run["screen"]["held_out_defects"] > 0 and run["screen"]["min_fidelity"] == threshold
+    assert run["screen"]["min_class_margin"] == 0.0
     for sample in samples.values():
         screen = sample["json"]["screen"]
         assert screen["attempt"] < screen["attempts"] <= 6 and len(screen["rejected"]) < screen["attempts"]
         empty = sample["json"].get("empty_mask", {})
         assert screen["accepted"] or (screen.get("flagged") and screen["attempts"] >= 4) or empty.get("flagged")
         assert sample["json"]["mask_area"] > 0 or empty.get("flagged")
-        assert screen["accepted"] == (min(screen["scores"]["fidelity"]) >= threshold)
+        scores = screen["scores"]
+        assert len(scores["class_margin"]) == len(scores["fidelity"]) and -1 <= min(scores["class_margin"]) <= 1
+        assert screen["accepted"] == (min(scores["fidelity"]) >= threshold and min(scores["class_margin"]) >= 0)
     summary = manifest(tmp_path / "faithful")["metrics"]["screen"]
     assert summary["seeds"] == 4 and summary["images_generated"] <= 24

@@ -82,9 +82,10 @@ def screen_record(spec: RunSpec, screen) -> dict:
     """The manifest's account of the screen's classifier: its held-out user defects, how it read them, and the
     class check's threshold they set (docs/evaluation.md "Quality screen")."""
     held = screen.held_out_fidelity
+    thresholds = spec.screen.thresholds(held)
     return {"classifier": screen.record["key"], "held_out_defects": len(held),
             "held_out_fidelity_median": statistics.median(held) if held else None,
-            "min_fidelity": spec.screen.thresholds(held)["min_fidelity"]}
+            "min_fidelity": thresholds["min_fidelity"], "min_class_margin": thresholds["min_class_margin"]}
 
 
 def _run_record(path: Path) -> dict:

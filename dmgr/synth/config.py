@@ -301,6 +301,9 @@ class ScreenSettings:
     fidelity_quantile: Fraction | None = 0.1  # the class check's threshold is at most this quantile of the
     #   classifier's probability of the right class on the user's held-out defects (with few defects per class it
     #   misreads real ones; docs/evaluation.md "Quality screen"); null: min_fidelity as given
+    min_class_margin: Annotated[float, Field(ge=-1, le=1)] | None = 0.0  # per defect: the requested class's
+    #   probability less the highest other defect class's (clean left out); 0: no other defect class may read
+    #   higher, which the class check only adds once its threshold is below 0.5; null: not checked
     area_quantile: Annotated[float, Field(ge=0, le=0.5)] = ScreenClassifierSettings.area_quantile  # per defect:
     #   mask area within the [q, 1-q] quantiles of the class's training masks
     max_mask_outside: Count(0) = 0  # mask pixels outside the defect windows
@@ -317,6 +320,7 @@ class ScreenSettings:
         from dmgr.synth.screen import fidelity_threshold  # local import keeps config import light
 
         return {"min_fidelity": fidelity_threshold(self.min_fidelity, self.fidelity_quantile, held_out_fidelity),
+                "min_class_margin": self.min_class_margin,
                 "max_mask_outside": self.max_mask_outside, "max_changed_outside": self.max_changed_outside,
                 "max_seam": self.max_seam}
 
@@ -540,8 +544,9 @@ def identity_inputs(resolved: dict, model: ModelSpec, images_digest: str | None)
     screen = kept.pop("screen", None)
     if screen and screen.get("enabled"):  # off, the screen's settings stay out of the identity
         kept["screen"] = {k: v for k, v in screen.items() if k not in ("data_root", "cache_dir")}
-        if kept["screen"].get("fidelity_quantile") is None:  # the fixed class check: runs made before it resume
-            kept["screen"].pop("fidelity_quantile", None)
+        for key in ("fidelity_quantile", "min_class_margin"):  # null: runs made before the setting resume
+            if kept["screen"].get(key) is None:
+                kept["screen"].pop(key, None)
     performance = kept.pop("performance", None)
     if performance and performance != dataclasses.asdict(PerformanceSettings()):
         kept["performance"] = performance  # at its defaults left out: shards made without it still resume

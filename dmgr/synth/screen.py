@@ -3,6 +3,8 @@ summary of the reject counts that the shard records sum.
 
 Scores (docs/evaluation.md "Quality screen"):
   fidelity        per defect: the screen classifier's probability of the requested class on the defect window
+  class_margin    per defect: that probability less the highest probability of another defect class (clean
+                  left out): negative when the classifier reads the window as another defect class
   mask_area       per defect: mask pixels, against the class's plausible range from the user's training masks
   mask_outside    mask pixels outside every defect window (the windows lie inside the ROI by construction)
   changed_outside pixels that differ from the input outside the mask (the real-image path promises 0)
@@ -53,16 +55,23 @@ def seam_z(image: np.ndarray, given: np.ndarray, mask: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def fidelity(model: torch.nn.Module, image: np.ndarray, box: list[int], class_id: int,
-             size: int | None = None) -> float:
-    """The classifier's probability of `class_id` on the window `box` of the (H, W, 3) uint8 image, resized
+def class_probabilities(model: torch.nn.Module, image: np.ndarray, box: list[int],
+                        size: int | None = None) -> torch.Tensor:
+    """The classifier's probabilities (every label) on the window `box` of the (H, W, 3) uint8 image, resized
     to `size` model pixels when given and different (dataset.scale != 1). One window per call, so the score
     never depends on how samples were batched."""
     x0, y0, x1, y1 = box
     window = from_uint8(np.ascontiguousarray(image[None, y0:y1, x0:x1]))
     if size is not None and window.shape[-2:] != (size, size):
         window = F.interpolate(window, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return float(torch.softmax(model(window), 1)[0, class_id])
+    return torch.softmax(model(window), 1)[0]
+
+
+def class_margin(probs: torch.Tensor, class_id: int, classes: int) -> float:
+    """probs[class_id] less the highest probability of another of the first `classes` labels (the defect
+    classes; the clean label after them is left out)."""
+    others = torch.cat([probs[:class_id], probs[class_id + 1:classes]])
+    return float(probs[class_id] - others.max()) if len(others) else float(probs[class_id])
 
 
 def fidelity_threshold(min_fidelity: float, quantile: float | None, held_out: tuple[float, ...]) -> float:
@@ -75,9 +84,13 @@ def fidelity_threshold(min_fidelity: float, quantile: float | None, held_out: tu
 
 
 def failed_checks(scores: dict, ranges: list[tuple[float, float]], thresholds: dict) -> list[str]:
-    """The checks (a subset of REASONS) a sample fails; empty when it passes."""
+    """The checks (a subset of REASONS) a sample fails; empty when it passes. The class check ("fidelity")
+    fails on a defect whose class probability is below min_fidelity or, when min_class_margin is set, whose
+    class margin is below it."""
     reasons = []
-    if any(p < thresholds["min_fidelity"] for p in scores["fidelity"]):
+    margin = thresholds.get("min_class_margin")
+    if any(p < thresholds["min_fidelity"] for p in scores["fidelity"]) or (
+            margin is not None and any(m < margin for m in scores.get("class_margin", ()))):
         reasons.append("fidelity")
     if any(not lo <= a <= hi for a, (lo, hi) in zip(scores["mask_area"], ranges)):
         reasons.append("area")
@@ -101,9 +114,11 @@ def screen_scores(classifier, attempt, window_size: int, thresholds: dict) -> tu
     image, given = three_channels(attempt.image), three_channels(attempt.given)
     model, classes = classifier.model, classifier.classes
     defects = attempt.defects
+    ids = [classes.index(d.defect.class_name) for d in defects]
+    probs = [class_probabilities(model, image, d.window_box, window_size) for d in defects]
     scores = {
-        "fidelity": [round(fidelity(model, image, d.window_box, classes.index(d.defect.class_name), window_size), 6)
-                     for d in defects],
+        "fidelity": [round(float(p[k]), 6) for p, k in zip(probs, ids)],
+        "class_margin": [round(class_margin(p, k, len(classes)), 6) for p, k in zip(probs, ids)],
         "mask_area": [d.mask_area for d in defects],
         "mask_outside": mask_outside(attempt.mask, [d.window_box for d in defects]),
         "changed_outside": changed_outside(image, given, attempt.mask),
