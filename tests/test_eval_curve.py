@@ -37,7 +37,8 @@ def curve(tmp_path_factory) -> Path:
                "--include-flagged", "--no-balance",
                "--local-steps", "2", "--pretrain-steps", "2", "--seeds", "0", "--jobs", "1", "--segment-steps", "3",
                "--test-defective", "12",
-               "--test-clean", "6", "--out", str(out),
+               "--test-clean", "6", "--judge-steps", "3", "--judge-boards", "2", "--cache", str(out / "judge-cache"),
+               "--out", str(out),
                *(f"--synth-arg={a}" for a in [*SYNTH, f"screen.cache_dir={out / 'screen-cache'}"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DMGR_NO_PROGRESS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -63,6 +64,32 @@ def test_the_curve_writes_every_row_its_table_and_its_picture(curve):
     assert all(c["samples"] == 16 and 0 <= c["copies"] <= 16 for c in checked["classes"].values())
     assert (curve / f"N{N}" / MODEL / "local" / "models-check" / "models.json").is_file()
     assert f"| {N} | " in table.split("## The local models")[1]
+
+
+def test_the_independent_judge_reads_each_dmgr_rows_samples(curve):
+    """curve.json's `samples`: per DMGR row, the judge's reading of exactly the samples that row trains on,
+    as `dmgr.eval.samples.class_reading` gives it for the judge cached under --cache; in the table too."""
+    from dataclasses import replace
+
+    from dmgr.eval.classifier import ClassifierSettings, load_or_train
+    from dmgr.eval.samples import class_reading
+    from dmgr.sampler import crop_windows
+
+    results = json.loads((curve / "curve.json").read_text())["samples"][str(N)]
+    assert set(results) == {f"dmgr-{N}x2", f"dmgr-{N}x4"}
+    judges = list((curve / "judge-cache").glob("judge-*.safetensors"))
+    assert len(judges) == 1
+    judge, record = load_or_train(replace(ClassifierSettings(), steps=3, per_class=2), curve / "judge-cache", False)
+    assert judges[0].name == f"judge-{ClassifierSettings(**record['settings']).key()}.safetensors"
+    runs = fewshot.synth_runs(curve / f"N{N}" / MODEL)
+    for m in (2, 4):
+        synth = [read_run(r) for r in runs]
+        windows = torch.cat([crop_windows(s.images, s.windows, s.window_size) for s in synth])[:m]
+        expected = class_reading(judge, windows, torch.cat([s.classes for s in synth])[:m])
+        assert results[f"dmgr-{N}x{m}"] == expected and expected["samples"] == m
+        assert 0 <= expected["class_accuracy"] <= 1 and 0 <= expected["read_as_clean"] <= 1
+    assert f"| {N} | dmgr-{N}x4 | 4 | {results[f'dmgr-{N}x4']['class_accuracy']:.3f} |" in (
+        curve / "curve.md").read_text().split("read by the independent judge")[1]
 
 
 def test_with_include_flagged_a_larger_m_adds_a_run_and_reads_both(curve):

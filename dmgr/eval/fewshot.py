@@ -39,15 +39,18 @@ from typing import Literal
 import torch
 from PIL import Image, ImageDraw
 
-from dmgr import DEMO_DATA
+from dmgr import DEMO_DATA, EVAL_CACHE
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.export import Defect, export_global, local_defects, write_patches
 from dmgr.eval import models
+from dmgr.eval.classifier import ClassifierSettings, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, concat, run_benchmark
 from dmgr.eval.real import USER, Boards, boards_of
+from dmgr.eval.samples import class_reading
 from dmgr.eval.shards import read_run, sample_metas
 from dmgr.eval.sources import cut_paste
 from dmgr.export.common import is_flagged
+from dmgr.sampler import crop_windows
 from dmgr.schema import STRICT_SECTION, Count, build
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class CurveSettings:
     device: str = "cpu"
     synth_args: tuple[str, ...] = ()  # extra Hydra overrides of every synthesis run
     downstream: DownstreamSettings = field(default_factory=DownstreamSettings)
+    judge: ClassifierSettings = field(default_factory=ClassifierSettings)  # the independent classifier that reads
+    #   each DMGR row's samples (its image_size and window are the downstream's)
 
 
 def user_defects(per_class: int) -> list[Defect]:
@@ -295,6 +300,17 @@ def read_chosen(chosen: dict[Path, list[int]]) -> Boards:
     return concat(*parts)
 
 
+def judge_chosen(chosen: dict[Path, list[int]], judge) -> dict:
+    """The independent judge's reading of the chosen samples' defect windows (`samples.class_reading`)."""
+    windows, classes = [], []
+    for run, seeds in chosen.items():
+        synth, wanted = read_run(run, include_flagged=True), set(seeds)
+        keep = torch.tensor([seed in wanted for seed in synth.seeds])
+        windows.append(crop_windows(synth.images[keep], synth.windows[keep], synth.window_size))
+        classes.append(synth.classes[keep])
+    return class_reading(judge, torch.cat(windows), torch.cat(classes))
+
+
 def read_pairs(runs: list[Path], pairs: int, include_flagged: bool, balance: bool) -> Boards:
     """DMGR-N x M: the samples `choose` picks, all M of them."""
     chosen = choose(runs, pairs, include_flagged, balance)
@@ -338,9 +354,10 @@ def sources_for(n: int | str, runs: list[Path], settings: CurveSettings) -> dict
     return sources
 
 
-def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) -> dict:
-    """Every step of every N (cached, resumable), then every segmenter; returns (and writes to OUT/curve.json)
-    per task, per N, per source: pairs and mean/std of each score."""
+def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable, judge_cache: Path = EVAL_CACHE) -> dict:
+    """Every step of every N (cached, resumable), the independent judge's reading of each DMGR row's samples, then
+    every segmenter; returns (and writes to OUT/curve.json) per task, per N, per source: pairs and mean/std of
+    each score."""
     out = Path(out)
     backgrounds = write_backgrounds(out, settings)
     size = settings.downstream.image_size
@@ -368,6 +385,16 @@ def run_curve(settings: CurveSettings, out: Path, python: str = sys.executable) 
             "model": str(root.relative_to(out)), "seeds": seed_range(runs[-1])[1], "written": len(written),
             "accepted": sum(not is_flagged(meta) for meta in written)}
         per_n[n] = runs
+    judge = None
+    for n, runs in per_n.items():
+        for m in settings.pairs:
+            chosen = choose(runs, m, settings.include_flagged, settings.balance)
+            if chosen:
+                judge = judge or load_or_train(replace(settings.judge, image_size=size,
+                                                       window=settings.downstream.window), judge_cache, False)[0]
+                label = DEMO_PER_CLASS if n == DEMO else n
+                results.setdefault("samples", {}).setdefault(str(n), {})[f"dmgr-{label}x{m}"] = judge_chosen(
+                    chosen, judge)
     for task in settings.tasks:
         segment = replace(settings.downstream.segment, task=task, device=settings.device)
         downstream = replace(settings.downstream, seeds=settings.seeds, segment=segment)
@@ -412,6 +439,18 @@ def write_report(out: Path, results: dict, command: str) -> dict[str, Path]:
                   "|---|---|---|---|"]
         lines += [f"| {n} | {name} | {pairs} | {mean:.3f} ± {std:.3f} |"
                   for n, name, pairs, mean, std in curve_rows(results, task)]
+        lines.append("")
+    if results.get("samples"):
+        lines += ["## DMGR's samples, read by the independent judge", "",
+                  "Per DMGR row: the share of its samples' defect windows the judge (another network, trained on a "
+                  "board stream no other part reads) reads as their class and as clean, and its weakest class.", "",
+                  "| N per class | source | samples | read as their class | read as clean | weakest class |",
+                  "|---|---|---|---|---|---|"]
+        for n, rows in results["samples"].items():
+            for name, r in rows.items():
+                weakest = min(r["classes"], key=r["classes"].get)
+                lines.append(f"| {n} | {name} | {r['samples']} | {r['class_accuracy']:.3f} | "
+                             f"{r['read_as_clean']:.3f} | {weakest} {r['classes'][weakest]:.2f} |")
         lines.append("")
     if results.get("models"):
         lines += ["## The local models (`python -m dmgr.eval models`)", "",
@@ -493,6 +532,9 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--tasks", type=lambda v: tuple(v.split(",")), default=d.tasks, help="binary,classes")
     c.add_argument("--seeds", type=_numbers, default=d.seeds, help="segmenter seeds")
     c.add_argument("--segment-steps", type=int, default=d.downstream.segment.steps)
+    c.add_argument("--judge-steps", type=int, default=d.judge.steps,
+                   help="training steps of the independent judge that reads the DMGR rows' samples (cached in --cache)")
+    c.add_argument("--judge-boards", type=int, default=d.judge.per_class, help="its JUDGE-stream boards per class")
     c.add_argument("--test-defective", type=int, default=d.downstream.test_defective)
     c.add_argument("--test-clean", type=int, default=d.downstream.test_clean)
     c.add_argument("--jobs", type=int, default=d.jobs, help="segmenters trained at once (one thread each)")
@@ -511,11 +553,11 @@ def settings_from_args(args: argparse.Namespace) -> CurveSettings:
         local_steps=args.local_steps,
         pretrain_steps=args.pretrain_steps,
         tasks=args.tasks, seeds=args.seeds, jobs=args.jobs, device=args.device, synth_args=tuple(args.synth_arg),
-        downstream=downstream))
+        downstream=downstream, judge={"steps": args.judge_steps, "per_class": args.judge_boards}))
 
 
 def curve_command(args: argparse.Namespace, command: str) -> dict[str, Path]:
     settings = settings_from_args(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_curve(settings, args.out)
+    results = run_curve(settings, args.out, judge_cache=args.cache)
     return write_report(args.out, results, command)

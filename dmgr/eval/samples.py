@@ -146,6 +146,16 @@ def quality_block(sets: dict) -> dict[str, float]:
     return {key: sets["dmgr"][key] for key in QUALITY_KEYS}
 
 
+def class_reading(judge: JudgeNet, windows: torch.Tensor, classes: torch.Tensor) -> dict:
+    """How the judge reads samples' defect windows (N, 3, w, w) of the given classes (N,): the share it reads as
+    their own class, the share it reads as clean, and per class the share read as that class."""
+    read = predict(judge, windows)[0].argmax(1)
+    per_class = {name: round(float((read[classes == k] == k).float().mean()), 4)
+                 for k, name in enumerate(CLASS_NAMES) if (classes == k).any()}
+    return {"samples": len(read), "class_accuracy": round(float((read == classes).float().mean()), 4),
+            "read_as_clean": round(float((read == len(CLASS_NAMES)).float().mean()), 4), "classes": per_class}
+
+
 def screen_agreement(judge: JudgeNet, screen: torch.nn.Module, synth: SynthSet) -> dict:
     """How often the judge and the run's screen classifier read a synthesised window as the same label (six
     classes + clean), and each one's class accuracy there: the judge is independent, the screen selected."""
