@@ -43,7 +43,7 @@ from dmgr import DEMO_DATA, EVAL_CACHE
 from dmgr.data.defects import CLASS_NAMES
 from dmgr.data.export import Defect, export_global, local_defects, write_patches
 from dmgr.eval import models
-from dmgr.eval.classifier import ClassifierSettings, load_or_train
+from dmgr.eval.classifier import ClassifierSettings, JudgeNet, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, concat, run_benchmark
 from dmgr.eval.real import USER, Boards, boards_of
 from dmgr.eval.samples import class_reading
@@ -300,7 +300,7 @@ def read_chosen(chosen: dict[Path, list[int]]) -> Boards:
     return concat(*parts)
 
 
-def judge_chosen(chosen: dict[Path, list[int]], judge) -> dict:
+def judge_chosen(chosen: dict[Path, list[int]], judge: JudgeNet) -> dict:
     """The independent judge's reading of the chosen samples' defect windows (`samples.class_reading`)."""
     windows, classes = [], []
     for run, seeds in chosen.items():
