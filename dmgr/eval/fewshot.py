@@ -30,7 +30,7 @@ import logging
 import math
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -47,7 +47,7 @@ from dmgr.eval.classifier import ClassifierSettings, JudgeNet, load_or_train
 from dmgr.eval.downstream import DownstreamSettings, concat, run_benchmark
 from dmgr.eval.real import USER, Boards, boards_of
 from dmgr.eval.samples import class_reading
-from dmgr.eval.shards import read_run, sample_metas
+from dmgr.eval.shards import SynthSet, read_run, sample_metas
 from dmgr.eval.sources import cut_paste
 from dmgr.export.common import is_flagged
 from dmgr.sampler import crop_windows
@@ -290,22 +290,23 @@ def choose(runs: list[Path], pairs: int, include_flagged: bool, balance: bool) -
     return chosen
 
 
-def read_chosen(chosen: dict[Path, list[int]]) -> Boards:
-    """The chosen samples' boards, in seed order, read through webdataset."""
-    parts = []
+def chosen_samples(chosen: dict[Path, list[int]]) -> Iterator[tuple[SynthSet, torch.Tensor]]:
+    """Per run, its samples read through webdataset (in seed order) and the mask of the chosen ones."""
     for run, seeds in chosen.items():
         synth, wanted = read_run(run, include_flagged=True), set(seeds)
-        keep = torch.tensor([seed in wanted for seed in synth.seeds])
-        parts.append(Boards(synth.images[keep], synth.masks[keep], synth.classes[keep]))
-    return concat(*parts)
+        yield synth, torch.tensor([seed in wanted for seed in synth.seeds])
+
+
+def read_chosen(chosen: dict[Path, list[int]]) -> Boards:
+    """The chosen samples' boards, in seed order."""
+    return concat(*(Boards(synth.images[keep], synth.masks[keep], synth.classes[keep])
+                    for synth, keep in chosen_samples(chosen)))
 
 
 def judge_chosen(chosen: dict[Path, list[int]], judge: JudgeNet) -> dict:
     """The independent judge's reading of the chosen samples' defect windows (`samples.class_reading`)."""
     windows, classes = [], []
-    for run, seeds in chosen.items():
-        synth, wanted = read_run(run, include_flagged=True), set(seeds)
-        keep = torch.tensor([seed in wanted for seed in synth.seeds])
+    for synth, keep in chosen_samples(chosen):
         windows.append(crop_windows(synth.images[keep], synth.windows[keep], synth.window_size))
         classes.append(synth.classes[keep])
     return class_reading(judge, torch.cat(windows), torch.cat(classes))
