@@ -7,6 +7,7 @@ the run wrote them, for the no-rectification paste baseline (`extras.paste`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,18 @@ class RealFeatures:
     diversity: dict[str, float]  # per class, of patches_b
 
 
+def class_shares(predictions: torch.Tensor, classes: torch.Tensor) -> dict:
+    """The judge's labels (N,) of windows meant to hold `classes` (N,): the share read as their class, the share
+    read as clean, and per class the share read as that class (nan for a class with no window)."""
+    return {
+        "class_accuracy": float((predictions == classes).float().mean()),
+        "classified_clean": float((predictions == CLEAN).float().mean()),
+        "per_class_accuracy": {
+            name: float((predictions[classes == c] == c).float().mean()) if (classes == c).any() else float("nan")
+            for c, name in enumerate(CLASS_NAMES)},
+    }
+
+
 def score_images(
     classifier: JudgeNet,
     images: torch.Tensor,
@@ -80,16 +93,10 @@ def score_images(
     logits, features = predict(classifier, crop_windows(images, windows, window))
     predictions = logits.argmax(1)
     _, background = predict(classifier, outside_tiles(images, windows, window))
-    per_class_accuracy = {
-        name: float((predictions[classes == c] == c).float().mean()) if (classes == c).any() else float("nan")
-        for c, name in enumerate(CLASS_NAMES)
-    }
     diversity = _diversity(features, classes)
     return {
         "count": len(images),
-        "class_accuracy": float((predictions == classes).float().mean()),
-        "classified_clean": float((predictions == CLEAN).float().mean()),
-        "per_class_accuracy": per_class_accuracy,
+        **class_shares(predictions, classes),
         "confusion": confusion_matrix(classes, predictions, len(CLASS_NAMES), len(CLASS_NAMES) + 1).tolist(),
         "kid_defect": kid(features, real.defects)["mean"],
         "kid_background": kid(background, real.background)["mean"],
@@ -149,11 +156,10 @@ def quality_block(sets: dict) -> dict[str, float]:
 def class_reading(judge: JudgeNet, windows: torch.Tensor, classes: torch.Tensor) -> dict:
     """How the judge reads samples' defect windows (N, 3, w, w) of the given classes (N,): the share it reads as
     their own class, the share it reads as clean, and per class the share read as that class."""
-    read = predict(judge, windows)[0].argmax(1)
-    per_class = {name: round(float((read[classes == k] == k).float().mean()), 4)
-                 for k, name in enumerate(CLASS_NAMES) if (classes == k).any()}
-    return {"samples": len(read), "class_accuracy": round(float((read == classes).float().mean()), 4),
-            "read_as_clean": round(float((read == len(CLASS_NAMES)).float().mean()), 4), "classes": per_class}
+    shares = class_shares(predict(judge, windows)[0].argmax(1), classes)
+    return {"samples": len(windows), "class_accuracy": round(shares["class_accuracy"], 4),
+            "read_as_clean": round(shares["classified_clean"], 4),
+            "classes": {name: round(v, 4) for name, v in shares["per_class_accuracy"].items() if not math.isnan(v)}}
 
 
 def screen_agreement(judge: JudgeNet, screen: torch.nn.Module, synth: SynthSet) -> dict:
