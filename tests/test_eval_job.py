@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -233,15 +234,43 @@ def test_mask_areas_per_class_against_real_defects(real_image_run, tmp_path):
     result = run_eval(["masks", str(real_image_run), "--out", str(tmp_path), "--real-per-class", "12"])
     table = json.loads((tmp_path / "mask-areas.json").read_text())
     by_class: dict[str, list[int]] = {}
+    contrast: dict[str, list[float]] = {}
     for sample in read_samples(real_image_run).values():
-        mask = sample["mask.png"].convert("L")
-        by_class.setdefault(sample["json"]["class_name"], []).append(sum(v > 127 for v in mask.getdata()))
+        mask = np.asarray(sample["mask.png"].convert("L")) > 127
+        name = sample["json"]["class_name"]
+        by_class.setdefault(name, []).append(int(mask.sum()))
+        # the frame it went into: board i, saved by the fixture as i.png
+        frame = make_board(int(sample["json"]["background"]["image"].removesuffix(".png")), 64).image
+        change = np.abs(np.asarray(sample["png"].convert("RGB"), dtype=np.float64) - frame).mean(-1)
+        contrast.setdefault(name, []).append(float(change[mask].mean()))
     assert set(table) == set(by_class)
     for name, areas in by_class.items():
         assert table[name]["run"]["n"] == len(areas)
         assert table[name]["run"]["mean"] == pytest.approx(sum(areas) / len(areas))
         assert table[name]["real"]["n"] == 12 and 3 < table[name]["real"]["mean"] < 40  # defects of a 64 px board
-    assert "| class | run n |" in result.stdout
+        assert table[name]["run_contrast"]["mean"] == pytest.approx(np.mean(contrast[name]))
+        assert table[name]["real_contrast"]["n"] == 12 and 10 < table[name]["real_contrast"]["mean"] < 150
+    assert "| class | run n |" in result.stdout and "Contrast: the mean change under the mask" in result.stdout
+
+
+def test_contrast_needs_real_frames(eval_run):
+    from dmgr.eval.mask_areas import compare_areas, run_contrast
+
+    assert run_contrast(eval_run) == {}  # generated boards: no frame to compare with
+    assert all("run_contrast" not in row for row in compare_areas(eval_run, 64, 2).values())
+
+
+def test_contrast_of_real_defects_is_their_change_from_the_clean_board():
+    from dmgr.data.defects import CLASS_NAMES, add_defect
+    from dmgr.eval.mask_areas import real_contrast
+    from dmgr.eval.real import VALIDATION
+
+    contrast = real_contrast(2, 64)
+    assert {name: len(v) for name, v in contrast.items()} == {name: 2 for name in CLASS_NAMES}
+    board = make_board(VALIDATION + 7, 64)
+    image, mask, _ = add_defect(board, 7 % 6, 7)
+    expected = np.abs(image.astype(float) - board.image).mean(-1)[mask].mean()
+    assert contrast[CLASS_NAMES[1]][1] == pytest.approx(expected) and expected > 0
 
 
 def test_downstream_benchmark_on_a_native_size_run_trains_and_tests_on_its_panels(panel_run, tmp_path):
