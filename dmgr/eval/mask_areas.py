@@ -17,7 +17,7 @@ import numpy as np
 
 from dmgr.data.board import make_board
 from dmgr.data.defects import CLASS_NAMES, add_defect
-from dmgr.eval.real import VALIDATION, defective_boards
+from dmgr.eval.real import VALIDATION
 from dmgr.eval.shards import shard_paths
 from dmgr.images import decode_rgb
 
@@ -70,22 +70,27 @@ def run_contrast(run_dir: str | Path) -> dict[str, list[float]]:
     return contrast
 
 
-def real_contrast(per_class: int, size: int) -> dict[str, list[float]]:
-    """The contrast of real defects (the validation boards `real_areas` reads): |the board with its defect - the
-    same board clean| over the defect's mask."""
+def real_measures(per_class: int, size: int) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """Mask areas and contrasts of real defects, by class: the validation boards VALIDATION + i with one defect
+    each (class i % 6, defect seed i; exact masks), the contrast |the board with its defect - the same board
+    clean| over the defect's mask."""
+    areas: dict[str, list[int]] = {name: [] for name in CLASS_NAMES}
     contrast: dict[str, list[float]] = {name: [] for name in CLASS_NAMES}
     for i in range(per_class * len(CLASS_NAMES)):
         board = make_board(VALIDATION + i, size)
         image, mask, _ = add_defect(board, i % len(CLASS_NAMES), i)
-        change = np.abs(image.astype(np.float64) - board.image).mean(-1)
-        contrast[CLASS_NAMES[i % len(CLASS_NAMES)]].append(float(change[mask].mean()))
-    return contrast
+        name = CLASS_NAMES[i % len(CLASS_NAMES)]
+        areas[name].append(int(mask.sum()))
+        contrast[name].append(float(np.abs(image.astype(np.float64) - board.image).mean(-1)[mask].mean()))
+    return areas, contrast
 
 
 def real_areas(per_class: int, size: int) -> dict[str, list[int]]:
-    boards = defective_boards(VALIDATION, per_class * len(CLASS_NAMES), size)
-    counts = boards.masks.flatten(1).sum(1)
-    return {name: counts[boards.classes == k].tolist() for k, name in enumerate(CLASS_NAMES)}
+    return real_measures(per_class, size)[0]
+
+
+def real_contrast(per_class: int, size: int) -> dict[str, list[float]]:
+    return real_measures(per_class, size)[1]
 
 
 def _stats(values: list[float]) -> dict:
@@ -105,9 +110,8 @@ def _stats(values: list[float]) -> dict:
 def compare_areas(run_dir: str | Path, size: int, per_class: int = REAL_PER_CLASS) -> dict:
     """Per class of the run: its mask areas and real ones (`run`, `real`), and with real frames the contrasts
     (`run_contrast`, `real_contrast`)."""
-    synth, real = run_areas(run_dir), real_areas(per_class, size)
-    contrast = run_contrast(run_dir)
-    real_c = real_contrast(per_class, size) if contrast else {}
+    synth, contrast = run_areas(run_dir), run_contrast(run_dir)
+    real, real_c = real_measures(per_class, size)
     table = {name: {"run": _stats(synth.get(name, [])), "real": _stats(real[name])} for name in CLASS_NAMES
              if name in synth}
     for name in table:
