@@ -262,10 +262,10 @@ def test_contrast_needs_real_frames(eval_run):
 
 def test_contrast_of_real_defects_is_their_change_from_the_clean_board():
     from dmgr.data.defects import CLASS_NAMES, add_defect
-    from dmgr.eval.mask_areas import real_contrast
+    from dmgr.eval.mask_areas import real_measures
     from dmgr.eval.real import VALIDATION
 
-    contrast = real_contrast(2, 64)
+    contrast = real_measures(2, 64)[1]
     assert {name: len(v) for name, v in contrast.items()} == {name: 2 for name in CLASS_NAMES}
     board = make_board(VALIDATION + 7, 64)
     image, mask, _ = add_defect(board, 7 % 6, 7)
@@ -298,7 +298,7 @@ def test_downstream_benchmark_on_a_native_size_run_trains_and_tests_on_its_panel
 def test_metrics_of_a_panel_run_read_real_defects_at_the_runs_pixel_scale(panel_run, tmp_path):
     """The classifier and the real mask areas use boards of the model's size, not of the panel's width: the
     demo's layout and defects scale with the board, so 96 px boards would hold larger defects than the run's."""
-    from dmgr.eval.mask_areas import real_areas
+    from dmgr.eval.mask_areas import real_measures
     from dmgr.eval.shards import first_sample, geometry
 
     sample = first_sample(panel_run)
@@ -306,7 +306,7 @@ def test_metrics_of_a_panel_run_read_real_defects_at_the_runs_pixel_scale(panel_
     assert geometry(sample) == (64, sample["json"]["window_box"][2] - sample["json"]["window_box"][0])
     run_eval(["masks", str(panel_run), "--out", str(tmp_path), "--real-per-class", "6"])
     table = json.loads((tmp_path / "mask-areas.json").read_text())
-    at_scale = real_areas(6, 64)
+    at_scale = real_measures(6, 64)[0]
     for name, row in table.items():
         assert row["real"]["mean"] == pytest.approx(sum(at_scale[name]) / 6)
     cache = tmp_path / "cache"

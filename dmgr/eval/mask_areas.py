@@ -85,14 +85,6 @@ def real_measures(per_class: int, size: int) -> tuple[dict[str, list[int]], dict
     return areas, contrast
 
 
-def real_areas(per_class: int, size: int) -> dict[str, list[int]]:
-    return real_measures(per_class, size)[0]
-
-
-def real_contrast(per_class: int, size: int) -> dict[str, list[float]]:
-    return real_measures(per_class, size)[1]
-
-
 def _stats(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
